@@ -1,0 +1,167 @@
+"""One streaming pass over a corpus: for each batch, each condition runs one forward
+pass whose hooks reduce the attention scores to sufficient statistics on the fly.
+
+Nothing of the size of the corpus' patterns is ever kept, so memory does not grow
+with the number of prompts, and runs over disjoint prompts merge by addition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import ContextManager
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from rope_leak.engine.accumulate import LayerAccumulator
+from rope_leak.engine.pairs import PairDesign, PairSpec
+from rope_leak.engine.statistics import (
+    TARGETS,
+    ConditionStatistics,
+    PositionZeroStatistics,
+    RunStatistics,
+)
+from rope_leak.interventions.mask import bidirectional, causal
+
+Condition = Callable[[HookedTransformer], ContextManager]
+"""A condition is a callable ``model -> context manager`` (an intervention)."""
+
+DEFAULT_CONDITIONS: dict[str, Condition] = {"causal": causal, "bidirectional": bidirectional}
+DEFAULT_BUCKETS = 32
+
+
+class ConditionRun:
+    """Hooks and accumulators of one condition."""
+
+    def __init__(
+        self, model: HookedTransformer, design: PairDesign, targets: tuple[str, ...], n_buckets: int
+    ) -> None:
+        self.model = model
+        self.acc = LayerAccumulator(
+            design, model.cfg.n_layers, model.cfg.n_heads, n_buckets, targets, model.cfg.device
+        )
+        self.position_zero = PositionZeroStatistics()
+        self._prompt_ids: Tensor | None = None
+        self._resid0: list[Tensor] = []
+        self._other_norm: list[Tensor] = []
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        n_layers = self.model.cfg.n_layers
+        hooks: list[tuple[str, Callable]] = []
+        for layer in range(n_layers):
+            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", self._scores_hook(layer)))
+            hooks.append((f"blocks.{layer}.hook_resid_pre", self._resid_hook))
+        hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", self._resid_hook))
+        return hooks
+
+    def _scores_hook(self, layer: int) -> Callable:
+        def hook(scores: Tensor, hook) -> None:
+            self.acc.add_layer(layer, scores.detach(), self._prompt_ids)
+
+        return hook
+
+    def _resid_hook(self, resid: Tensor, hook) -> None:
+        resid = resid.detach().float()
+        self._resid0.append(resid[:, 0])
+        self._other_norm.append(resid[:, 1:].norm(dim=-1).mean(-1))
+
+    def run_batch(self, tokens: Int[Tensor, "batch pos"], prompt_ids: Int[Tensor, "batch"]) -> None:
+        self._prompt_ids = prompt_ids.to(self.model.cfg.device)
+        self._resid0, self._other_norm = [], []
+        with torch.no_grad(), self.model.hooks(fwd_hooks=self.hooks()):
+            self.model(tokens.to(self.model.cfg.device), return_type=None)
+        self.acc.add_prompts(self._prompt_ids)
+        self.position_zero.add(
+            torch.stack(self._resid0, 1).cpu().numpy(),
+            torch.stack(self._other_norm, 1).cpu().numpy(),
+        )
+
+    def statistics(self, name: str) -> ConditionStatistics:
+        return ConditionStatistics(
+            name, self.acc.to_statistics(), self.acc.sink_sum.cpu().numpy(), self.position_zero
+        )
+
+
+def check_tokens(model: HookedTransformer, tokens: Tensor) -> Tensor:
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+        raise ValueError(
+            "tokens must be a 2-D integer tensor [prompt, pos]. Fix: build them with "
+            "rope_leak.corpus.load_corpus(...).tokens."
+        )
+    if tokens.shape[1] < 3:
+        raise ValueError(f"prompts of {tokens.shape[1]} tokens are too short: use n >= 3.")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ValueError(
+            f"prompts of {tokens.shape[1]} tokens exceed the model's context of "
+            f"{model.cfg.n_ctx}. Fix: use n <= {model.cfg.n_ctx}."
+        )
+    if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
+        raise ValueError(f"token ids must lie in 0..{model.cfg.d_vocab - 1}.")
+    return tokens.long()
+
+
+def run_statistics(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "prompt pos"],
+    *,
+    conditions: Mapping[str, Condition] | None = None,
+    targets: Iterable[str] = TARGETS,
+    spec: PairSpec = PairSpec(),
+    batch_size: int = 8,
+    n_buckets: int = DEFAULT_BUCKETS,
+    prompt_ids: Iterable[int] | None = None,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> RunStatistics:
+    """Stream ``tokens`` through ``model`` under each condition and accumulate statistics.
+
+    Args:
+        conditions: ``{name: model -> context manager}``; default causal and bidirectional.
+        targets: responses to accumulate (see :data:`TARGETS`).
+        spec: which (query, key) pairs are scored.
+        prompt_ids: global index of each prompt (for shards; default ``0..P-1``). A prompt's
+            index fixes its fold (parity) and bucket, so shards merge exactly.
+    """
+    tokens = check_tokens(model, tokens)
+    conditions = dict(DEFAULT_CONDITIONS if conditions is None else conditions)
+    if not conditions:
+        raise ValueError("no conditions to run.")
+    ids = torch.arange(len(tokens)) if prompt_ids is None else torch.as_tensor(list(prompt_ids))
+    if len(ids) != len(tokens):
+        raise ValueError(f"{len(ids)} prompt ids for {len(tokens)} prompts.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    design = PairDesign(spec, tokens.shape[1])
+    targets = tuple(targets)
+    runs = {name: ConditionRun(model, design, targets, n_buckets) for name in conditions}
+    starts = range(0, len(tokens), batch_size)
+    bar = tqdm(total=len(tokens) * len(conditions), disable=not progress,
+               desc="forward passes", unit="prompt")
+    with bar:
+        for start in starts:
+            batch, batch_ids = tokens[start:start + batch_size], ids[start:start + batch_size]
+            for name, condition in conditions.items():
+                bar.set_postfix_str(name)
+                with condition(model):
+                    runs[name].run_batch(batch, batch_ids)
+                bar.update(len(batch))
+    return RunStatistics(
+        {name: run.statistics(name) for name, run in runs.items()},
+        dict(metadata or {}),
+        sorted(int(i) for i in ids),
+    )
+
+
+@contextlib.contextmanager
+def no_condition(model: HookedTransformer):
+    yield model
+
+
+def prompt_folds(prompt_ids: Iterable[int]) -> np.ndarray:
+    """The cross-fitting fold of each prompt: even prompts fold 0, odd prompts fold 1."""
+    return np.asarray(list(prompt_ids)) % 2

@@ -1,0 +1,271 @@
+"""Sufficient statistics of a streaming run: everything the fits need, nothing more.
+
+Per condition and target, and per prompt *bucket* (prompt ``k`` goes to bucket
+``k % n_buckets``; fold = bucket parity, so the two folds are the even and odd
+prompts):
+
+* ``xty[g, l, h, :]`` = ``X^T y`` summed over the bucket's prompts (sums of ``y`` by
+  offset, by query and by key over the scored cells);
+* ``sumsq[g, l, h]`` = sum of ``y^2`` over the scored cells;
+* ``count[g]`` = number of prompts.
+
+Per fold: ``cell_sum[f, l, h, c]`` (for the cell-mean ceiling ``M_cell`` and residual
+maps). Memory is independent of the number of prompts; runs over disjoint prompts
+merge by addition, exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rope_leak.cache import atomic_path
+from rope_leak.engine.pairs import PairDesign, PairSpec
+
+TARGETS = ("pattern", "log_pattern", "scores", "neg_log_z")
+"""Responses the engine can accumulate. ``neg_log_z`` is ``-log Z_i`` broadcast over
+the row's keys, the causal denominator's part of ``log_pattern = scores - log Z_i``."""
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CellStatistics:
+    """Sufficient statistics of one target under one condition."""
+
+    design: PairDesign
+    n_layers: int
+    n_heads: int
+    n_buckets: int
+    xty: np.ndarray = field(default=None)  # [bucket, layer, head, column]
+    sumsq: np.ndarray = field(default=None)  # [bucket, layer, head]
+    count: np.ndarray = field(default=None)  # [bucket]
+    cell_sum: np.ndarray = field(default=None)  # [fold, layer, head, cell]
+
+    def __post_init__(self) -> None:
+        if self.n_buckets < 2 or self.n_buckets % 2:
+            raise ValueError(f"n_buckets must be even and >= 2, got {self.n_buckets}.")
+        shape = (self.n_buckets, self.n_layers, self.n_heads)
+        if self.xty is None:
+            self.xty = np.zeros(shape + (self.design.n_columns,))
+            self.sumsq = np.zeros(shape)
+            self.count = np.zeros(self.n_buckets, dtype=np.int64)
+            self.cell_sum = np.zeros((2, self.n_layers, self.n_heads, self.design.n_cells))
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.count.sum())
+
+    @property
+    def fold_count(self) -> np.ndarray:
+        return np.array([self.count[0::2].sum(), self.count[1::2].sum()])
+
+    def compatible(self, other: CellStatistics) -> bool:
+        return (
+            self.design.spec == other.design.spec
+            and self.design.n_tokens == other.design.n_tokens
+            and (self.n_layers, self.n_heads, self.n_buckets)
+            == (other.n_layers, other.n_heads, other.n_buckets)
+        )
+
+    def merge(self, other: CellStatistics) -> CellStatistics:
+        if not self.compatible(other):
+            raise ValueError(
+                "cannot merge statistics of different settings (pairs, sequence length, "
+                "model shape or bucket count). Fix: merge only runs made with the same settings."
+            )
+        return CellStatistics(
+            self.design, self.n_layers, self.n_heads, self.n_buckets,
+            xty=self.xty + other.xty, sumsq=self.sumsq + other.sumsq,
+            count=self.count + other.count, cell_sum=self.cell_sum + other.cell_sum,
+        )
+
+
+@dataclass
+class PositionZeroStatistics:
+    """Cross-prompt spread of the residual stream at position 0, layer by layer.
+
+    Deviations are taken from a reference (the first prompt seen), so prompts with an
+    identical position-0 stream give a spread of exactly 0 (no cancellation error).
+    """
+
+    reference: np.ndarray | None = None  # [layer + 1, d_model]
+    dev_sum: np.ndarray | None = None
+    dev_sumsq: np.ndarray | None = None
+    max_abs_dev: np.ndarray | None = None  # [layer + 1]
+    norm_sum: np.ndarray | None = None  # [layer + 1] sum of |resid_0|
+    other_norm_sum: np.ndarray | None = None  # [layer + 1] sum of mean |resid_i|, i >= 1
+    count: int = 0
+
+    def add(self, resid0: np.ndarray, other_norm: np.ndarray) -> None:
+        """``resid0``: ``[prompt, layer + 1, d_model]``; ``other_norm``: ``[prompt, layer + 1]``."""
+        resid0 = resid0.astype(np.float64)
+        if self.reference is None:
+            self.reference = resid0[0].copy()
+            self.dev_sum = np.zeros_like(self.reference)
+            self.dev_sumsq = np.zeros_like(self.reference)
+            self.max_abs_dev = np.zeros(resid0.shape[1])
+            self.norm_sum = np.zeros(resid0.shape[1])
+            self.other_norm_sum = np.zeros(resid0.shape[1])
+        dev = resid0 - self.reference
+        self.dev_sum += dev.sum(0)
+        self.dev_sumsq += (dev**2).sum(0)
+        self.max_abs_dev = np.maximum(self.max_abs_dev, np.abs(dev).max(axis=(0, 2)))
+        self.norm_sum += np.linalg.norm(resid0, axis=-1).sum(0)
+        self.other_norm_sum += other_norm.astype(np.float64).sum(0)
+        self.count += resid0.shape[0]
+
+    def merge(self, other: PositionZeroStatistics) -> PositionZeroStatistics:
+        if other.reference is None:
+            return self
+        if self.reference is None:
+            return other
+        shift = self.reference - other.reference  # re-express other's deviations
+        out = PositionZeroStatistics(
+            reference=self.reference.copy(),
+            dev_sum=self.dev_sum + other.dev_sum - other.count * shift,
+            dev_sumsq=self.dev_sumsq + other.dev_sumsq - 2 * shift * other.dev_sum
+            + other.count * shift**2,
+            max_abs_dev=np.maximum(
+                self.max_abs_dev,
+                other.max_abs_dev + np.abs(shift).max(axis=-1),  # an upper bound
+            ),
+            norm_sum=self.norm_sum + other.norm_sum,
+            other_norm_sum=self.other_norm_sum + other.other_norm_sum,
+            count=self.count + other.count,
+        )
+        if not np.any(shift):
+            out.max_abs_dev = np.maximum(self.max_abs_dev, other.max_abs_dev)
+        return out
+
+    def std(self) -> np.ndarray:
+        """Cross-prompt std per layer, root-mean over the model dimension: ``[layer + 1]``."""
+        if self.count < 2:
+            return np.full(0 if self.reference is None else len(self.reference), np.nan)
+        mean = self.dev_sum / self.count
+        var = np.clip(self.dev_sumsq / self.count - mean**2, 0.0, None)
+        var[self.dev_sumsq == 0] = 0.0  # exactly identical streams: exactly zero
+        return np.sqrt(var.mean(-1) * self.count / (self.count - 1))
+
+
+@dataclass
+class ConditionStatistics:
+    """Everything one condition (e.g. ``causal``, ``bidirectional``) accumulated."""
+
+    condition: str
+    targets: dict[str, CellStatistics]
+    sink_sum: np.ndarray  # [bucket, layer, head]: sum over prompts of mean_{i>=1} A[i, 0]
+    position_zero: PositionZeroStatistics
+
+    def merge(self, other: ConditionStatistics) -> ConditionStatistics:
+        if self.condition != other.condition or set(self.targets) != set(other.targets):
+            raise ValueError("cannot merge statistics of different conditions or targets.")
+        return ConditionStatistics(
+            self.condition,
+            {t: s.merge(other.targets[t]) for t, s in self.targets.items()},
+            self.sink_sum + other.sink_sum,
+            self.position_zero.merge(other.position_zero),
+        )
+
+    @property
+    def n_prompts(self) -> int:
+        return next(iter(self.targets.values())).n_prompts
+
+
+@dataclass
+class RunStatistics:
+    """All conditions of one run, with the metadata needed to merge and trace it."""
+
+    conditions: dict[str, ConditionStatistics]
+    metadata: dict = field(default_factory=dict)
+    prompts_done: list[int] = field(default_factory=list)
+
+    def merge(self, other: RunStatistics) -> RunStatistics:
+        overlap = set(self.prompts_done) & set(other.prompts_done)
+        if overlap:
+            raise ValueError(
+                f"the two runs share {len(overlap)} prompts (e.g. {sorted(overlap)[:5]}): "
+                "merging would count them twice. Fix: merge shards of disjoint prompts."
+            )
+        if set(self.conditions) != set(other.conditions):
+            raise ValueError("cannot merge runs with different conditions.")
+        return RunStatistics(
+            {c: s.merge(other.conditions[c]) for c, s in self.conditions.items()},
+            dict(self.metadata),
+            sorted(self.prompts_done + other.prompts_done),
+        )
+
+    # -- persistence ---------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write to one ``.npz`` file, atomically."""
+        arrays: dict[str, np.ndarray] = {}
+        header = {
+            "format_version": FORMAT_VERSION,
+            "metadata": self.metadata,
+            "prompts_done": self.prompts_done,
+            "conditions": {},
+        }
+        for cname, cond in self.conditions.items():
+            first = next(iter(cond.targets.values()))
+            header["conditions"][cname] = {
+                "targets": list(cond.targets),
+                "spec": first.design.spec.to_dict(),
+                "n_tokens": first.design.n_tokens,
+                "shape": [first.n_layers, first.n_heads, first.n_buckets],
+                "position_zero_count": cond.position_zero.count,
+            }
+            for tname, st in cond.targets.items():
+                for key in ("xty", "sumsq", "count", "cell_sum"):
+                    arrays[f"{cname}/{tname}/{key}"] = getattr(st, key)
+            arrays[f"{cname}/sink_sum"] = cond.sink_sum
+            pz = cond.position_zero
+            if pz.reference is not None:
+                for key in ("reference", "dev_sum", "dev_sumsq", "max_abs_dev", "norm_sum",
+                            "other_norm_sum"):
+                    arrays[f"{cname}/position_zero/{key}"] = getattr(pz, key)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with atomic_path(path) as tmp:
+            with zipfile.ZipFile(tmp, "w") as archive:
+                archive.writestr("header.json", json.dumps(header, sort_keys=True))
+                archive.writestr("arrays.npz", buffer.getvalue())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunStatistics:
+        path = Path(path)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                header = json.loads(archive.read("header.json"))
+                arrays = np.load(io.BytesIO(archive.read("arrays.npz")))
+                arrays = {k: arrays[k] for k in arrays.files}
+        except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, FileNotFoundError) as err:
+            raise ValueError(
+                f"{path} is not a rope_leak statistics file ({err}). Fix: pass a file written "
+                "by `rope-leak analyze --shard` or RunStatistics.save."
+            ) from err
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has format {header.get('format_version')}, expected {FORMAT_VERSION}.")
+        conditions = {}
+        for cname, info in header["conditions"].items():
+            design = PairDesign(PairSpec(**info["spec"]), info["n_tokens"])
+            n_layers, n_heads, n_buckets = info["shape"]
+            targets = {
+                t: CellStatistics(
+                    design, n_layers, n_heads, n_buckets,
+                    **{k: arrays[f"{cname}/{t}/{k}"] for k in ("xty", "sumsq", "count", "cell_sum")},
+                )
+                for t in info["targets"]
+            }
+            pz = PositionZeroStatistics(count=info["position_zero_count"])
+            if f"{cname}/position_zero/reference" in arrays:
+                for key in ("reference", "dev_sum", "dev_sumsq", "max_abs_dev", "norm_sum",
+                            "other_norm_sum"):
+                    setattr(pz, key, arrays[f"{cname}/position_zero/{key}"])
+            conditions[cname] = ConditionStatistics(cname, targets, arrays[f"{cname}/sink_sum"], pz)
+        return cls(conditions, header["metadata"], header["prompts_done"])
