@@ -48,7 +48,7 @@ def test_stratified_all_documents_used(bpe_tokenizer, make_documents):
     corpus = make_chunks(docs, bpe_tokenizer, n_prompts=25, n_tokens=32, seed=1)
     counts = Counter(corpus.doc_ids)
     assert len(counts) == 10 and set(counts.values()) <= {2, 3}
-    assert len(set(zip(corpus.doc_ids, corpus.starts))) == 25  # no window twice
+    assert len(set(zip(corpus.doc_ids, corpus.starts, strict=True))) == 25  # no window twice
 
 
 def test_short_documents_are_skipped_not_fatal(bpe_tokenizer, make_documents):
@@ -87,7 +87,9 @@ def test_chunks_are_contiguous_spans_of_their_document(bpe_tokenizer, make_docum
     by_id = {d.doc_id: d for d in docs}
     skip = 0 if bos is None else 1
     window = 48 - skip
-    for row, doc_id, start in zip(corpus.tokens.tolist(), corpus.doc_ids, corpus.starts):
+    for row, doc_id, start in zip(
+        corpus.tokens.tolist(), corpus.doc_ids, corpus.starts, strict=True
+    ):
         text = by_id[doc_id].text
         ids = bpe_tokenizer(text, add_special_tokens=False)["input_ids"]  # independent call
         assert start % window == 0  # non-overlapping windows
@@ -232,15 +234,25 @@ def test_load_corpus_bos_follows_default_prepend_bos(bpe_tokenizer, make_documen
 
 def test_load_corpus_rejects_tokenizer_vocab_mismatch(bpe_tokenizer, make_documents):
     with pytest.raises(CorpusError, match=r"outside the model's vocabulary.*Fix"):
-        load_corpus(fake_model(bpe_tokenizer, d_vocab=50), make_documents(4), n_prompts=4, n_tokens=16)
+        load_corpus(
+            fake_model(bpe_tokenizer, d_vocab=50), make_documents(4), n_prompts=4, n_tokens=16
+        )
 
 
 def test_load_corpus_tokenizerless_hooked_transformer(tmp_path, synthetic_text):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=1, d_model=16, n_ctx=32, d_head=8, n_heads=2, d_vocab=61, act_fn="relu",
-        attn_only=True, positional_embedding_type="rotary", rotary_dim=8,
+        n_layers=1,
+        d_model=16,
+        n_ctx=32,
+        d_head=8,
+        n_heads=2,
+        d_vocab=61,
+        act_fn="relu",
+        attn_only=True,
+        positional_embedding_type="rotary",
+        rotary_dim=8,
     )
     model = HookedTransformer(cfg)
     assert model.tokenizer is None

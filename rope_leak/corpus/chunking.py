@@ -101,7 +101,10 @@ class Corpus:
             "chunks": [
                 {"doc_id": d, "start": s, **({"title": t} if t is not None else {})}
                 for d, s, t in zip(
-                    self.doc_ids, self.starts, self.titles or [None] * len(self.doc_ids)
+                    self.doc_ids,
+                    self.starts,
+                    self.titles or [None] * len(self.doc_ids),
+                    strict=True,
                 )
             ],
         }

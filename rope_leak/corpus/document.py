@@ -26,4 +26,6 @@ class Document:
 
     @classmethod
     def from_dict(cls, record: dict) -> Document:
-        return cls(doc_id=int(record["doc_id"]), title=str(record["title"]), text=str(record["text"]))
+        return cls(
+            doc_id=int(record["doc_id"]), title=str(record["title"]), text=str(record["text"])
+        )

@@ -83,9 +83,7 @@ def _read_file(file: Path) -> list[tuple[str, str]]:
         sections = [s.strip() for s in text.split("\f")]
         named = len([s for s in sections if s]) > 1
         return [
-            (f"{file.name}#{k}" if named else file.name, s)
-            for k, s in enumerate(sections)
-            if s
+            (f"{file.name}#{k}" if named else file.name, s) for k, s in enumerate(sections) if s
         ]
     return _parse_jsonl(file, text)
 

@@ -69,16 +69,38 @@ WIKIPEDIA_ATTRIBUTION = (
 )
 
 _TAIL_SECTIONS = (
-    "see also", "references", "external links", "further reading", "notes",
-    "bibliography", "sources", "footnotes", "citations", "notes and references",
+    "see also",
+    "references",
+    "external links",
+    "further reading",
+    "notes",
+    "bibliography",
+    "sources",
+    "footnotes",
+    "citations",
+    "notes and references",
 )
 _TAIL_RE = re.compile(
     r"^==+\s*(" + "|".join(re.escape(s) for s in _TAIL_SECTIONS) + r")\s*==+\s*$",
     re.IGNORECASE | re.MULTILINE,
 )
 _DROP_TAGS = {
-    "ref", "references", "table", "gallery", "math", "timeline", "imagemap", "score",
-    "syntaxhighlight", "source", "chem", "ce", "graph", "templatedata", "hiero", "code",
+    "ref",
+    "references",
+    "table",
+    "gallery",
+    "math",
+    "timeline",
+    "imagemap",
+    "score",
+    "syntaxhighlight",
+    "source",
+    "chem",
+    "ce",
+    "graph",
+    "templatedata",
+    "hiero",
+    "code",
 }
 _LINK_NAMESPACES = {"file", "image", "category", "media"}
 _INTERLANG_RE = re.compile(r"^:?[a-z]{2,3}(-[a-z]+)?:")
