@@ -1,0 +1,75 @@
+"""Shared pytest fixtures. Each package keeps its fixtures in its own marked block."""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------------------
+# BEGIN corpus fixtures (rope_leak.corpus)
+# ---------------------------------------------------------------------------------------
+import numpy as np
+import pytest
+
+_CORPUS_WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from "
+    "at which but have an had they you were their one all we can her has there been if "
+    "more when will would who so no river mountain city language history music science "
+    "king war water light energy field theory number system model attention position"
+).split()
+
+
+def corpus_text(n_words: int, seed: int) -> str:
+    """Deterministic ASCII pseudo-English of ``n_words`` words with sentence breaks."""
+    rng = np.random.default_rng(seed)
+    words = rng.choice(_CORPUS_WORDS, size=n_words)
+    out = []
+    for k, word in enumerate(words):
+        out.append(word.capitalize() if k % 12 == 0 else word)
+        if k % 12 == 11:
+            out[-1] += "."
+    return " ".join(out) + "."
+
+
+@pytest.fixture(scope="session")
+def synthetic_text():
+    """``synthetic_text(n_words, seed)`` -> deterministic ASCII pseudo-English."""
+    return corpus_text
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A tiny byte-level BPE ``PreTrainedTokenizerFast`` (vocab ~400, BOS ``<bos>``=0).
+
+    Trained in-process on synthetic text (no hub access); any text tokenises.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<bos>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator([corpus_text(3000, seed) for seed in range(3)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>")
+
+
+@pytest.fixture
+def make_documents():
+    """``make_documents(n_docs, n_words=400, seed=0)`` -> list of ``Document``."""
+    from rope_leak.corpus import Document
+
+    def make(n_docs: int, n_words: int = 400, seed: int = 0):
+        return [
+            Document(doc_id=100 + i, title=f"doc{i}", text=corpus_text(n_words, seed * 1000 + i))
+            for i in range(n_docs)
+        ]
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------
+# END corpus fixtures
+# ---------------------------------------------------------------------------------------
