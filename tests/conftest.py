@@ -3,6 +3,32 @@
 from __future__ import annotations
 
 # ---------------------------------------------------------------------------------------
+# BEGIN engine fixtures (tiny random RoPE model and BOS-prefixed random prompts)
+# ---------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A 2-layer random-weight RoPE HookedTransformer (Llama-like), deterministic."""
+    from rope_leak.models import tiny_rope_model
+
+    return tiny_rope_model(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=64, d_vocab=50, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens():
+    """12 prompts of 16 tokens, token 0 (BOS) at position 0."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 50, (12, 16), generator=gen)
+    tokens[:, 0] = 0
+    return tokens
+
+
+# END engine fixtures
+
+# ---------------------------------------------------------------------------------------
 # BEGIN corpus fixtures (rope_leak.corpus)
 # ---------------------------------------------------------------------------------------
 import numpy as np
