@@ -20,6 +20,7 @@ Face model for the same weights, the independent reference used by the tests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.pretrained import weight_conversions as tl_conv
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from rope_leak.cache import atomic_path, cache_dir, file_lock, sha256_file
@@ -403,8 +404,6 @@ def _weights_sha256(folder: Path) -> str | None:
         return None
     if len(files) == 1:
         return sha256_file(files[0])
-    import hashlib
-
     lines = "".join(f"{p.name} {sha256_file(p)}\n" for p in files)
     return hashlib.sha256(lines.encode()).hexdigest()
 
