@@ -121,15 +121,24 @@ def permutation_null(
         sumsq = stats.sumsq[f::2].sum(0)
         sst.append(sumsq - total**2 / (n_fold[f] * design.n_cells))
     cells_t = np.ascontiguousarray(stats.cell_sum.reshape(2 * n_l * n_h, design.n_cells).T)
-    cols = design.cell_columns  # [cell, 3]
+    # Offset sums are invariant under within-diagonal permutations: only the query and
+    # key columns of X^T c need recomputing.
+    n_off = len(design.offsets)
+    qk_rows = (design.cell_columns[:, 1:] - n_off).T.ravel()  # [2 * cell]
+    all_cols = np.arange(design.n_cells)
+    z_off = w[:n_off].T @ sp.csr_matrix(
+        (np.ones(design.n_cells), (design.cell_columns[:, 0], all_cols)),
+        shape=(n_off, design.n_cells),
+    ).dot(cells_t)  # [rank, 2 * layer * head]
+    w_qk_t = np.ascontiguousarray(w[n_off:].T)
 
     def share(perm: np.ndarray) -> np.ndarray:
-        # u'[col] = sum_k X[k, col] * S[perm[k]]
+        # (X^T c')[col] = sum_k X[k, col] * S[perm[k]], query and key columns only
         a = sp.csr_matrix(
-            (np.ones(3 * design.n_cells), (cols.T.ravel(), np.tile(perm, 3))),
-            shape=(design.n_columns, design.n_cells),
+            (np.ones(2 * design.n_cells), (qk_rows, np.tile(perm, 2))),
+            shape=(design.n_columns - n_off, design.n_cells),
         )
-        z = (w.T @ (a @ cells_t)).T.reshape(2, n_l, n_h, -1)
+        z = (z_off + w_qk_t @ (a @ cells_t)).T.reshape(2, n_l, n_h, -1)
         out = 0.0
         for fa, fb in ((0, 1), (1, 0)):
             na, nb = n_fold[fa], n_fold[fb]
