@@ -118,6 +118,18 @@ class BucketProjection:
             out = out + _safe_ratio(num, self._sst(tb, sb, nb))
         return out / 2
 
+    def in_sample_share(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """Plug-in share ``N ||D c̄||² / SST`` over all (weighted) prompts, ``[B, layer,
+        head]``: ``fit_shares(...).share_in_sample``, the population share of the
+        bootstrap world (biased up by ``tr(DΣ) / N`` in the real one)."""
+        weights = self._weights(weights)
+        flat = self.z.reshape(self.n_buckets, -1)
+        zsum = (weights @ flat).reshape((weights.shape[0],) + self.z.shape[1:])
+        n = weights @ self.count
+        total = np.einsum("bg,glh->blh", weights, self.total)
+        sumsq = np.einsum("bg,glh->blh", weights, self.sumsq)
+        return _safe_ratio((zsum * zsum).sum(-1) / n[:, None, None], self._sst(total, sumsq, n))
+
     def debiased_share(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Unbiased-numerator share ``[B, layer, head]`` (see :mod:`rope_leak.stats.debias`).
 
