@@ -70,11 +70,13 @@ def population_share(mean: np.ndarray, sigma: float) -> np.ndarray:
     onehot = lambda v: (v[:, None] == np.unique(v)[None]).astype(float)  # noqa: E731
     x_rel = onehot(qi - kj)
     x_abs = np.hstack([x_rel, onehot(qi), onehot(kj)])
+    def rss(x, mu):
+        return ((mu - x @ np.linalg.lstsq(x, mu, rcond=None)[0]) ** 2).sum()
+
     out = []
     for mu in mean[:, qi, kj]:
-        rss = lambda x: ((mu - x @ np.linalg.lstsq(x, mu, rcond=None)[0]) ** 2).sum()  # noqa: E731
         sst = ((mu - mu.mean()) ** 2).sum() + len(mu) * sigma**2
-        out.append((rss(x_rel) - rss(x_abs)) / sst)
+        out.append((rss(x_rel, mu) - rss(x_abs, mu)) / sst)
     return np.array(out)
 
 

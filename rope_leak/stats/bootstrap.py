@@ -40,8 +40,8 @@ the population share: do not read them as confidence intervals for ``dR2``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 
