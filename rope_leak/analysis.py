@@ -149,7 +149,10 @@ class Analysis:
         table["sink_score_ci_high"] = inf.sink.high.ravel()
         table["sink_score_bidirectional"] = self.sink_scores("bidirectional").ravel()
         table["sink_head"] = table["sink_score"] > self.sink_threshold
-        table["additivity_violated"] = self.decomposition().additivity_violated().ravel()
+        # Flagged when the debiased L_mask is negative beyond its CI; the cross-fitted
+        # L_mask < 0 alone is often noise (see ``crossfit_L_mask_negative``).
+        table["additivity_violated"] = (inf.mask.high < 0).ravel()
+        table["crossfit_L_mask_negative"] = self.decomposition().additivity_violated().ravel()
         return table
 
     def layers(self, target: str | None = None) -> pd.DataFrame:
@@ -172,17 +175,36 @@ class Analysis:
         return table
 
     def top_heads(self, k: int = 10) -> pd.DataFrame:
-        col = f"{self.target}_L_total"
-        cols = ["label", col, f"{self.target}_L_resid", f"{self.target}_L_mask",
-                "L_total_debiased", "L_total_ci_low", "L_total_ci_high", "L_total_qvalue", "sink_score"]
+        col = "L_total_debiased"
+        cols = ["label", "L_total_debiased", "L_total_ci_low", "L_total_ci_high", "L_total_qvalue",
+                "L_resid_debiased", "L_mask_debiased", f"{self.target}_L_total", "sink_score"]
         return self.heads().nlargest(k, col)[cols].reset_index(drop=True)
 
     def summary(self) -> dict:
-        out = {"target": self.target, "n_prompts": self.n_prompts}
-        out.update(self.decomposition().summary())
-        out["by_target"] = {t: self.decomposition(t).summary() for t in self.targets}
+        """Headline numbers. The components and composition are the *debiased* estimates with
+        bootstrap CIs (robust at realistic prompt counts); the cross-fitted shares of the
+        definition are under ``crossfit`` (means are sensitive to near-constant heads, so
+        medians are given too)."""
+        inf = self.inference().summary()
+        out = {"target": self.target, "n_prompts": self.n_prompts, "estimator": inf["share_estimator"]}
+        for key in ("composition", "L_total", "L_resid", "L_mask"):
+            name = key if key == "composition" else f"{key}_mean"
+            out[key] = inf[name]
+            out[f"{key}_ci"] = inf[f"{name}_ci"]
+        out["composition_aggregation"] = (
+            "sum over heads of L_mask / sum over heads of (L_mask + L_resid), debiased shares"
+        )
+        out["ci_level"] = inf["level"]
+        out["heads_significant_total"] = inf["heads_significant_total"]
+        out["heads_significant_resid"] = inf["heads_significant_resid"]
+        out["fdr_level"] = inf["fdr_level"]
+        dec = self.decomposition()
+        out["heads_additivity_violated"] = int((self.inference().mask.high < 0).sum())
+        out["additivity_violated"] = bool(out["L_mask_ci"][1] < 0)
+        out["crossfit"] = {t: self.decomposition(t).summary() for t in self.targets}
+        out["crossfit"][self.target]["L_total_median"] = float(np.median(dec.total))
+        out["crossfit"][self.target]["L_resid_median"] = float(np.median(dec.resid))
         out["ablation_free_split"] = self.split().summary()
-        out["inference"] = self.inference().summary()
         out["top_heads"] = self.top_heads(5)["label"].tolist()
         out["sink_heads"] = [head_label(l, h) for l, h in self.sink_heads()]
         pz = self.position_zero()

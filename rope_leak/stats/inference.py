@@ -42,6 +42,7 @@ class DecompositionInference:
     mask: Interval
     layer_composition: Interval  # [layer]
     composition: Interval  # scalar arrays
+    means: Interval  # [3]: model means of L_total, L_resid, L_mask
     pvalue_total: np.ndarray
     qvalue_total: np.ndarray
     significant_total: np.ndarray
@@ -61,9 +62,14 @@ class DecompositionInference:
             "n_boot": self.n_boot,
             "composition": float(self.composition.estimate),
             "composition_ci": [float(self.composition.low), float(self.composition.high)],
-            "L_total_mean": float(self.total.estimate.mean()),
-            "L_resid_mean": float(self.resid.estimate.mean()),
-            "L_mask_mean": float(self.mask.estimate.mean()),
+            **{
+                f"{name}_mean": float(self.means.estimate[k])
+                for k, name in enumerate(("L_total", "L_resid", "L_mask"))
+            },
+            **{
+                f"{name}_mean_ci": [float(self.means.low[k]), float(self.means.high[k])]
+                for k, name in enumerate(("L_total", "L_resid", "L_mask"))
+            },
             "heads_significant_total": int(self.significant_total.sum()),
             "heads_significant_resid": int(self.significant_resid.sum()),
         }
@@ -91,6 +97,9 @@ def decomposition_inference(
         lambda s: np.concatenate([
             _composition(s["causal"], s["bidirectional"], (1, 2))[:, None],
             _composition(s["causal"], s["bidirectional"], 2),
+            s["causal"].mean((1, 2))[:, None],
+            s["bidirectional"].mean((1, 2))[:, None],
+            (s["causal"] - s["bidirectional"]).mean((1, 2))[:, None],
         ], 1),
         n_boot=n_boot, seed=seed, level=level,
     )
@@ -101,8 +110,9 @@ def decomposition_inference(
     fdr_resid = benjamini_hochberg(null_resid.pvalues, fdr_level)
     return DecompositionInference(
         total=parts[0], resid=parts[1], mask=parts[2],
-        layer_composition=Interval(compositions.estimate[1:], compositions.ci_low[1:], compositions.ci_high[1:]),
+        layer_composition=Interval(*(a[1:-3] for a in (compositions.estimate, compositions.ci_low, compositions.ci_high))),
         composition=Interval(compositions.estimate[0], compositions.ci_low[0], compositions.ci_high[0]),
+        means=Interval(*(a[-3:] for a in (compositions.estimate, compositions.ci_low, compositions.ci_high))),
         pvalue_total=null_total.pvalues, qvalue_total=fdr_total.qvalues,
         significant_total=fdr_total.significant,
         pvalue_resid=null_resid.pvalues, qvalue_resid=fdr_resid.qvalues,
