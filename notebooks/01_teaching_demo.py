@@ -146,7 +146,7 @@ for name, a in analyses.items():
     pz = a.position_zero()
     causal_std, bidir_std = np.array(pz["causal"]["std"]), np.array(pz["bidirectional"]["std"])
     assert (causal_std == 0).all(), f"{name}: position 0 differs across prompts under the causal mask"
-    print(f"STEP 3 [{name}]: max cross-prompt std at position 0: causal = {causal_std.max()!r}, "
+    print(f"STEP 3 [{name}]: max cross-prompt std at position 0: causal = {float(causal_std.max())!r}, "
           f"bidirectional = {bidir_std.max():.3g}")
 plots.position_zero_trajectory(analyses["tiny"]).show()
 
