@@ -9,6 +9,7 @@ DataFrames and whose ``save(out_dir)`` writes ``results.json``, ``heads.csv``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from rope_leak.engine.statistics import TARGETS, RunStatistics
 from rope_leak.metrics.decomposition import Decomposition
 from rope_leak.metrics.shares import ShareFit, fit_shares
 from rope_leak.metrics.sinks import SINK_THRESHOLD, position_zero_profile, sink_heads, sink_scores
+from rope_leak.metrics.split import AblationFreeSplit, ablation_free_split
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")
 CONDITIONS = ("causal", "bidirectional")
@@ -72,6 +74,14 @@ class Analysis:
         target = target or self.target
         return Decomposition.from_fits(self.fits["causal", target], self.fits["bidirectional", target])
 
+    @cached_property
+    def _split(self) -> AblationFreeSplit:
+        return ablation_free_split(self.statistics.conditions["causal"])
+
+    def split(self) -> AblationFreeSplit:
+        """The ablation-free split of the causal run (see :mod:`rope_leak.metrics.split`)."""
+        return self._split
+
     def sink_scores(self, condition: str = "causal") -> np.ndarray:
         return sink_scores(self.statistics.conditions[condition])
 
@@ -102,6 +112,11 @@ class Analysis:
                 table[f"{prefix}_r2_abs"] = fit.r2_abs.ravel()
                 if fit.r2_cell is not None:
                     table[f"{prefix}_r2_cell"] = fit.r2_cell.ravel()
+        split = self.split()
+        table["split_ss_log_pattern"] = split.log_pattern.ravel()
+        table["split_ss_scores"] = split.scores.ravel()
+        table["split_ss_denominator"] = split.denominator.ravel()
+        table["split_ss_cross"] = split.cross.ravel()
         table["sink_score"] = self.sink_scores("causal").ravel()
         table["sink_score_bidirectional"] = self.sink_scores("bidirectional").ravel()
         table["sink_head"] = table["sink_score"] > self.sink_threshold
@@ -112,6 +127,11 @@ class Analysis:
         table = self.decomposition(target).layer_table()
         table.insert(1, "target", target or self.target)
         table["sink_heads"] = (self.sink_scores() > self.sink_threshold).sum(1)
+        split = self.split()
+        table["split_ss_scores"] = split.scores.sum(1)
+        table["split_ss_denominator"] = split.denominator.sum(1)
+        table["split_ss_cross"] = split.cross.sum(1)
+        table["split_composition"] = split.layer_composition()
         return table
 
     def top_heads(self, k: int = 10) -> pd.DataFrame:
@@ -123,6 +143,7 @@ class Analysis:
         out = {"target": self.target, "n_prompts": self.n_prompts}
         out.update(self.decomposition().summary())
         out["by_target"] = {t: self.decomposition(t).summary() for t in self.targets}
+        out["ablation_free_split"] = self.split().summary()
         out["top_heads"] = self.top_heads(5)["label"].tolist()
         out["sink_heads"] = [head_label(l, h) for l, h in self.sink_heads()]
         pz = self.position_zero()
