@@ -11,7 +11,7 @@ import plotly.io as pio
 
 from rope_leak.analysis import Analysis
 from rope_leak.cache import atomic_write_text
-from rope_leak.plots import all_figures
+from rope_leak.plots import all_figures, top_heads_figure
 
 CAPTIONS = {
     "shares": "Each cell is one head. L_total is its absolute-position share under the causal "
@@ -23,6 +23,9 @@ CAPTIONS = {
     "targets": "The same decomposition for each response: the pattern A, log A and the pre-softmax "
                "scores s. The causal-mask part lives in the softmax denominator, so it should be near "
                "zero for the scores, whose absolute position can only come from the residual stream.",
+    "intervals": "The 20 heads with the largest L_total and their confidence intervals (error bars), "
+                 "as supplied to the report (e.g. a bootstrap over prompts). An interval that reaches 0 "
+                 "means the head's absolute-position share is not distinguishable from none.",
     "sinks": "Mean attention each head puts on key 0 (queries i ≥ 1), under the causal mask and under "
              "the bidirectional ablation, on one 0–1 scale. Heads above the threshold are attention sinks.",
     "position_zero": "Left: how much the residual stream at position 0 varies across prompts, layer by "
@@ -35,6 +38,7 @@ TITLES = {
     "shares": "Absolute-position share per head",
     "composition": "Causal mask vs residual stream, by layer",
     "targets": "Pattern, log pattern and scores",
+    "intervals": "Uncertainty of the top heads",
     "sinks": "Attention sinks",
     "position_zero": "The position-0 trajectory",
 }
@@ -82,6 +86,11 @@ def _top_heads_table(analysis: Analysis, intervals: pd.DataFrame | None, k: int 
               for lo, hi in zip(table.pop("ci_low"), table.pop("ci_high"))]
         table.insert(pos, "95% CI", ci)
     return table.reset_index(drop=True)
+
+
+def _level_text(intervals: pd.DataFrame) -> str:
+    level = intervals.attrs.get("level")
+    return f"{level:.0%}" if isinstance(level, float) else "confidence"
 
 
 def _sink_heads_html(analysis: Analysis) -> str:
@@ -148,6 +157,12 @@ def write_report(
             shown in the summary's top-heads table.
     """
     figures = all_figures(analysis)
+    if intervals is not None and {"ci_low", "ci_high"} <= set(intervals):
+        top = _top_heads_table(analysis, None, k=20)[["label"]].merge(intervals, on="label")
+        top["L_total"] = top["label"].map(analysis.heads().set_index("label")[f"{analysis.target}_L_total"])
+        figures["intervals"] = top_heads_figure(
+            top, "L_total", ci=("ci_low", "ci_high"),
+            title=f"Top heads by L_total with {_level_text(intervals)} intervals (target {analysis.target})")
     sections = []
     for index, (key, fig) in enumerate(figures.items()):
         div = pio.to_html(fig, full_html=False, include_plotlyjs=(index == 0), div_id=f"fig-{key}")

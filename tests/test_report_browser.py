@@ -113,7 +113,8 @@ def test_report_renders_without_script_errors(tiny_analysis, tmp_path):
 
     assert probe_errors(dom) is None, f"script errors in the report: {probe_errors(dom)}"
     assert not console_errors(stderr), "\n".join(console_errors(stderr))
-    n_figures = len(all_figures(tiny_analysis))
+    n_figures = html_text.count('class="plotly-graph-div"')
+    assert n_figures == len(all_figures(tiny_analysis)) + 1  # + the intervals figure
     loaded = re.search(r'id="__loaded" data-plots="(\d+)"', dom)
     assert loaded, "the page's load event never fired"
     assert int(loaded.group(1)) == n_figures
@@ -124,5 +125,8 @@ def test_report_renders_without_script_errors(tiny_analysis, tmp_path):
     # summary at the top, with the CI column and sink heads section, before the first figure
     assert dom.index("Summary") < dom.index('class="plot-container')
     assert "95% CI" in dom and "Sink heads" in dom
+    assert 'id="fig-intervals"' in dom
+    # every figure section carries a sentence saying what it shows
+    assert dom.count('class="caption"') == n_figures
     # readable head labels in the tables and hover data
     assert re.search(r"L\dH\d", dom)
