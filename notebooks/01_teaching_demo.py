@@ -90,8 +90,9 @@ step1 = pd.DataFrame(rows).set_index("model")
 step1
 
 # %%
-print("STEP 1: scores are relative (spread ~ float rounding), patterns are not:",
-      {k: f"{v:.2g}" for k, v in step1.iloc[0].items()})
+for name, row in step1.iterrows():
+    print(f"STEP 1 [{name}]: scores are relative (spread ~ float rounding), patterns are not:",
+          {k: f"{v:.2g}" for k, v in row.items()})
 _, pattern = explore.repeated_token_scores(tiny, token_id=int(tiny_tokens[0, 1]), n=32, layer=0, head=0)
 plots.offset_profiles(pattern, title="Tiny model, layer 0 head 0, one token repeated: "
                       "the scores at a fixed offset are constant, the attention is not").show()
@@ -126,6 +127,10 @@ plots.offset_profiles(A, title="Purely relative logits under a causal mask: A[i,
 
 # %%
 analyses = {name: analyze(model, tokens, progress=False) for name, (model, tokens) in runs.items()}
+for name, a in analyses.items():
+    if a.n_prompts < 32:
+        print(f"note [{name}]: only {a.n_prompts} prompts. Cross-fitted shares are biased low with few "
+              "prompts (M_abs has ~2n more parameters than M_rel); use >= 64 prompts for numbers to quote.")
 by_target = pd.DataFrame([
     {"model": name, "target": t, **{k: v for k, v in a.decomposition(t).summary().items() if isinstance(v, float)}}
     for name, a in analyses.items() for t in a.targets
@@ -161,7 +166,8 @@ plots.position_zero_trajectory(analyses["tiny"]).show()
 
 # %%
 for name, a in analyses.items():
-    print(f"STEP 4 [{name}]: sink heads = {a.summary()['sink_heads'] or 'none'}; "
+    sinks = a.summary()["sink_heads"]
+    print(f"STEP 4 [{name}]: {len(sinks)} sink heads {', '.join(sinks[:12])}{' ...' if len(sinks) > 12 else ''}; "
           f"largest sink score {a.sink_scores().max():.3f}")
 last = list(analyses)[-1]
 plots.sink_map(analyses[last]).show()

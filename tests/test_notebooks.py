@@ -34,7 +34,7 @@ TIMEOUT = 600  # per cell
 
 # Output that each notebook must print (key results, in the small configuration).
 EXPECTED = {
-    "01_teaching_demo.py": ["STEP 1:", "STEP 2:", "STEP 3 [tiny]: max cross-prompt std at position 0: causal = 0.0,",
+    "01_teaching_demo.py": ["STEP 1 [tiny]:", "STEP 2:", "STEP 3 [tiny]: max cross-prompt std at position 0: causal = 0.0,",
                             "STEP 4 [tiny]", "STEP 5 [tiny]: composition"],
     "02_head_explorer.py": ["HEAD: L", "HEAD RESULT:", "position-0 patch: sink score"],
     "03_reproduction.py": ["Table 1.", "Table 2.", "Table 3.", "Table 4.", "mean embedding", "REPORT:"],
