@@ -5,11 +5,13 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import plotly.io as pio
 
 from rope_leak.analysis import Analysis
 from rope_leak.cache import atomic_write_text
-from rope_leak.plots import all_figures
+from rope_leak.plots import all_figures, top_heads_figure
 
 CAPTIONS = {
     "shares": "Each cell is one head. L_total is its absolute-position share under the causal "
@@ -18,7 +20,14 @@ CAPTIONS = {
               "scale for the three panels.",
     "composition": "Mean components per layer (bars) and the layer's composition, the fraction of its "
                    "absolute-position share that the causal mask creates (line, right axis).",
-    "sinks": "Mean attention each head puts on key 0. Heads above the threshold are attention sinks.",
+    "targets": "The same decomposition for each response: the pattern A, log A and the pre-softmax "
+               "scores s. The causal-mask part lives in the softmax denominator, so it should be near "
+               "zero for the scores, whose absolute position can only come from the residual stream.",
+    "intervals": "The 20 heads with the largest L_total and their confidence intervals (error bars), "
+                 "as supplied to the report (e.g. a bootstrap over prompts). An interval that reaches 0 "
+                 "means the head's absolute-position share is not distinguishable from none.",
+    "sinks": "Mean attention each head puts on key 0 (queries i ≥ 1), under the causal mask and under "
+             "the bidirectional ablation, on one 0–1 scale. Heads above the threshold are attention sinks.",
     "position_zero": "Left: how much the residual stream at position 0 varies across prompts, layer by "
                      "layer. With the same token at position 0 it is exactly 0 under the causal mask "
                      "(position 0 only sees itself) and not under the bidirectional ablation. Right: its "
@@ -28,6 +37,8 @@ CAPTIONS = {
 TITLES = {
     "shares": "Absolute-position share per head",
     "composition": "Causal mask vs residual stream, by layer",
+    "targets": "Pattern, log pattern and scores",
+    "intervals": "Uncertainty of the top heads",
     "sinks": "Attention sinks",
     "position_zero": "The position-0 trajectory",
 }
@@ -36,6 +47,7 @@ STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}.note{color:#555;font-size:.95em}.flag{color:#b00}
+.caption{color:#333;font-size:.95em;max-width:60em}.headline{font-size:1.1em;max-width:60em}
 """
 
 
@@ -47,25 +59,86 @@ def _fmt(value, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
-def summary_html(analysis: Analysis) -> str:
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+INTERVAL_COLUMNS = ("ci_low", "ci_high", "p_value", "q_value")
+
+
+def _top_heads_table(analysis: Analysis, intervals: pd.DataFrame | None, k: int = 10) -> pd.DataFrame:
+    """Top heads by L_total, with CI / p / q columns when they are available: from
+    ``intervals`` (columns ``label`` and any of ``ci_low, ci_high, p_value, q_value`` for
+    the headline L_total), or from ``{target}_L_total_ci_low/_ci_high`` columns of
+    ``analysis.heads()``."""
+    heads = analysis.heads()
+    col = f"{analysis.target}_L_total"
+    top = heads.nlargest(k, col)
+    keep = ["label", col, f"{analysis.target}_L_resid", f"{analysis.target}_L_mask", "sink_score"]
+    table = top[keep].copy()
+    if intervals is not None:
+        extra = [c for c in INTERVAL_COLUMNS if c in intervals]
+        table = table.merge(intervals[["label", *extra]], on="label", how="left")
+    else:
+        for suffix in CI_SUFFIXES:
+            if col + suffix in heads:
+                table[suffix.lstrip("_")] = top[col + suffix].to_numpy()
+    if "ci_low" in table and "ci_high" in table:
+        pos = table.columns.get_loc(col) + 1
+        ci = [f"[{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) and np.isfinite(hi) else "n/a"
+              for lo, hi in zip(table.pop("ci_low"), table.pop("ci_high"))]
+        table.insert(pos, "95% CI", ci)
+    return table.reset_index(drop=True)
+
+
+def _level_text(intervals: pd.DataFrame) -> str:
+    level = intervals.attrs.get("level")
+    return f"{level:.0%}" if isinstance(level, float) else "confidence"
+
+
+def _sink_heads_html(analysis: Analysis) -> str:
+    heads = analysis.heads()
+    sinks = heads[heads["sink_head"]].sort_values("sink_score", ascending=False)
+    if sinks.empty:
+        return f"<p>No head has a sink score above {analysis.sink_threshold}.</p>"
+    items = ", ".join(f"{html.escape(l)} ({v:.2f})" for l, v in zip(sinks["label"], sinks["sink_score"]))
+    return (f"<p><b>{len(sinks)} sink heads</b> (sink score &gt; {analysis.sink_threshold}, "
+            f"mean attention to key 0): {items}</p>")
+
+
+def summary_html(analysis: Analysis, intervals: pd.DataFrame | None = None) -> str:
     s = analysis.summary()
+    comp = s["composition"]
+    comp_text = "n/a" if not np.isfinite(comp) else f"{comp:.0%}"
+    headline = (f"<p class='headline'>Under the model's causal mask, the absolute-position share of "
+                f"<b>{html.escape(s['target'])}</b> averages <b>{s['L_total']:.4f}</b> (ΔR²) per head; "
+                f"the causal mask accounts for <b>{comp_text}</b> of it and the residual stream for the rest "
+                f"(mean L_mask {s['L_mask']:.4f}, L_resid {s['L_resid']:.4f}; {s['n_prompts']} prompts).</p>")
     rows = [
         ("target", s["target"]), ("prompts", s["n_prompts"]),
         ("mean L_total (causal)", s["L_total"]), ("mean L_resid (bidirectional)", s["L_resid"]),
         ("mean L_mask", s["L_mask"]), ("composition (mask share)", s["composition"]),
-        ("sink heads", ", ".join(s["sink_heads"]) or "none"),
+        ("sink heads", len(s["sink_heads"])),
         ("heads with L_mask < 0 (additivity violated)", s["heads_additivity_violated"]),
+        ("max cross-prompt std at position 0 (causal)", s["position_zero_max_std"].get("causal")),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
-    top = analysis.top_heads(10)
-    top_html = top.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0)
+    by_target = pd.DataFrame([{"target": t, **{k: v for k, v in d.items() if isinstance(v, float)}}
+                              for t, d in s["by_target"].items()])
+    by_target_html = by_target.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0)
+    top = _top_heads_table(analysis, intervals)
+    top_html = top.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0, na_rep="n/a")
+    ci_note = ("" if "95% CI" in top else
+               "<p class='note'>No confidence intervals in this run (pass <code>intervals=</code> to "
+               "<code>write_report</code>, e.g. from a bootstrap over prompts).</p>")
     warn = ""
     if s["additivity_violated"]:
         warn = ("<p class='flag'>Additivity violated: the bidirectional ablation raised the mean "
                 "share (L_mask &lt; 0). Read the decomposition with care.</p>")
-    return (f"<h2>Summary</h2><table>{body}</table>{warn}"
-            f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}.</p>"
-            f"<h3>Top heads by L_total</h3>{top_html}")
+    return (f"<section id='summary'><h2>Summary</h2>{headline}<table>{body}</table>{warn}"
+            f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}. ΔR² = "
+            f"R²(M_abs) − R²(M_rel), cross-fitted over two halves of the prompts; 0 means offset alone "
+            f"explains the head's {html.escape(s['target'])} as well as absolute position does.</p>"
+            f"<h3>Top heads by L_total</h3>{top_html}{ci_note}"
+            f"<h3>Sink heads</h3>{_sink_heads_html(analysis)}"
+            f"<h3>By target</h3>{by_target_html}</section>")
 
 
 def write_report(
@@ -74,12 +147,27 @@ def write_report(
     *,
     provenance: dict | None = None,
     run_info: dict | None = None,
+    intervals: pd.DataFrame | None = None,
 ) -> Path:
+    """Write a self-contained HTML report (opens offline: plotly.js is inlined once).
+
+    Args:
+        intervals: optional per-head table for the headline ``L_total`` with a ``label``
+            column (``L12H3``) and any of ``ci_low``, ``ci_high``, ``p_value``, ``q_value``;
+            shown in the summary's top-heads table.
+    """
     figures = all_figures(analysis)
+    if intervals is not None and {"ci_low", "ci_high"} <= set(intervals):
+        top = _top_heads_table(analysis, None, k=20)[["label"]].merge(intervals, on="label")
+        top["L_total"] = top["label"].map(analysis.heads().set_index("label")[f"{analysis.target}_L_total"])
+        figures["intervals"] = top_heads_figure(
+            top, "L_total", ci=("ci_low", "ci_high"),
+            title=f"Top heads by L_total with {_level_text(intervals)} intervals (target {analysis.target})")
     sections = []
     for index, (key, fig) in enumerate(figures.items()):
         div = pio.to_html(fig, full_html=False, include_plotlyjs=(index == 0), div_id=f"fig-{key}")
-        sections.append(f"<h2>{TITLES[key]}</h2><p class='note'>{CAPTIONS[key]}</p>{div}")
+        sections.append(f"<section id='section-{key}'><h2>{TITLES[key]}</h2>"
+                        f"<p class='caption'>{CAPTIONS[key]}</p>{div}</section>")
     model_name = html.escape(str((provenance or {}).get("model", {}).get("name", "model")))
     footer = ""
     if provenance:
@@ -93,5 +181,5 @@ def write_report(
         footer += f"<p class='note'>Run time: {run_info['seconds']:.0f} s.</p>"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rope_leak report: {model_name}</title>"
             f"<style>{STYLE}</style></head><body><h1>rope_leak: where does absolute position come from? "
-            f"({model_name})</h1>{summary_html(analysis)}{''.join(sections)}{footer}</body></html>")
+            f"({model_name})</h1>{summary_html(analysis, intervals)}{''.join(sections)}{footer}</body></html>")
     return atomic_write_text(path, page)
