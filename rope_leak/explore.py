@@ -291,19 +291,3 @@ def bos_interventions(
     return table
 
 
-def share_intervals(analysis, n_boot: int = 500, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Bootstrap interval (over prompt buckets, percentile) of every head's ``L_total``
-    (the cross-fitted share under the causal mask), as the ``intervals`` table that
-    :func:`rope_leak.report.write_report` takes: ``label, estimate, ci_low, ci_high``."""
-    from rope_leak.analysis import head_label
-    from rope_leak.stats import bootstrap_shares
-
-    stats = analysis.statistics.conditions["causal"].targets[analysis.target]
-    boot = bootstrap_shares(stats, n_boot=n_boot, seed=seed, level=level, share="crossfit", method="percentile")
-    n_layers, n_heads = boot.estimate.shape
-    table = pd.DataFrame({
-        "label": [head_label(l, h) for l in range(n_layers) for h in range(n_heads)],
-        "estimate": boot.estimate.ravel(), "ci_low": boot.ci_low.ravel(), "ci_high": boot.ci_high.ravel(),
-    })
-    table.attrs["level"] = float(level)
-    return table

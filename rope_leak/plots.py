@@ -174,7 +174,7 @@ def pattern_figure(patterns: dict[str, np.ndarray], title: str, zmax: float | No
     zmax = zmax if zmax is not None else max(float(np.nanmax(v)) for v in values)
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, shared_yaxes=True,
                         horizontal_spacing=0.05)
-    for col, (name, z) in enumerate(zip(names, values), start=1):
+    for col, z in enumerate(values, start=1):
         fig.add_trace(_grid_heatmap(z, zmin=0, zmax=zmax, colorscale="Viridis", name="A[i,j]",
                                     unit="attention<br>weight", showscale=col == len(names)), row=1, col=col)
         fig.update_xaxes(title_text="key position j", row=1, col=col)

@@ -24,7 +24,7 @@ CAPTIONS = {
                "scores s. The causal-mask part lives in the softmax denominator, so it should be near "
                "zero for the scores, whose absolute position can only come from the residual stream.",
     "intervals": "The 20 heads with the largest L_total and their confidence intervals (error bars), "
-                 "as supplied to the report (e.g. a bootstrap over prompts). An interval that reaches 0 "
+                 "(bootstrap over prompt buckets, debiased share). An interval that reaches 0 "
                  "means the head's absolute-position share is not distinguishable from none.",
     "sinks": "Mean attention each head puts on key 0 (queries i ≥ 1), under the causal mask and under "
              "the bidirectional ablation, on one 0–1 scale. Heads above the threshold are attention sinks.",
@@ -59,38 +59,20 @@ def _fmt(value, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
-CI_SUFFIXES = ("_ci_low", "_ci_high")
-INTERVAL_COLUMNS = ("ci_low", "ci_high", "p_value", "q_value")
+def _top_heads_table(analysis: Analysis, k: int = 10) -> pd.DataFrame:
+    """Top heads by the debiased L_total, with its CI, BH q-value and the components."""
+    return analysis.top_heads(k).rename(columns={
+        "L_total_debiased": "L_total", "L_total_ci_low": "ci_low", "L_total_ci_high": "ci_high",
+        "L_resid_debiased": "L_resid", "L_mask_debiased": "L_mask", "L_total_qvalue": "q (BH)",
+        f"{analysis.target}_L_total": "L_total (cross-fitted)",
+    })
 
 
-def _top_heads_table(analysis: Analysis, intervals: pd.DataFrame | None, k: int = 10) -> pd.DataFrame:
-    """Top heads by L_total, with CI / p / q columns when they are available: from
-    ``intervals`` (columns ``label`` and any of ``ci_low, ci_high, p_value, q_value`` for
-    the headline L_total), or from ``{target}_L_total_ci_low/_ci_high`` columns of
-    ``analysis.heads()``."""
-    heads = analysis.heads()
-    col = f"{analysis.target}_L_total"
-    top = heads.nlargest(k, col)
-    keep = ["label", col, f"{analysis.target}_L_resid", f"{analysis.target}_L_mask", "sink_score"]
-    table = top[keep].copy()
-    if intervals is not None:
-        extra = [c for c in INTERVAL_COLUMNS if c in intervals]
-        table = table.merge(intervals[["label", *extra]], on="label", how="left")
-    else:
-        for suffix in CI_SUFFIXES:
-            if col + suffix in heads:
-                table[suffix.lstrip("_")] = top[col + suffix].to_numpy()
-    if "ci_low" in table and "ci_high" in table:
-        pos = table.columns.get_loc(col) + 1
-        ci = [f"[{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) and np.isfinite(hi) else "n/a"
-              for lo, hi in zip(table.pop("ci_low"), table.pop("ci_high"))]
-        table.insert(pos, "95% CI", ci)
-    return table.reset_index(drop=True)
-
-
-def _level_text(intervals: pd.DataFrame) -> str:
-    level = intervals.attrs.get("level")
-    return f"{level:.0%}" if isinstance(level, float) else "confidence"
+def _with_ci_column(table: pd.DataFrame, level: float) -> pd.DataFrame:
+    table = table.copy()
+    ci = [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in zip(table.pop("ci_low"), table.pop("ci_high"))]
+    table.insert(table.columns.get_loc("L_total") + 1, f"{level:.0%} CI", ci)
+    return table
 
 
 def _sink_heads_html(analysis: Analysis) -> str:
@@ -103,42 +85,56 @@ def _sink_heads_html(analysis: Analysis) -> str:
             f"mean attention to key 0): {items}</p>")
 
 
-def summary_html(analysis: Analysis, intervals: pd.DataFrame | None = None) -> str:
+def _ci(values) -> str:
+    return f"[{values[0]:.4f}, {values[1]:.4f}]"
+
+
+def summary_html(analysis: Analysis) -> str:
     s = analysis.summary()
     comp = s["composition"]
     comp_text = "n/a" if not np.isfinite(comp) else f"{comp:.0%}"
-    headline = (f"<p class='headline'>Under the model's causal mask, the absolute-position share of "
-                f"<b>{html.escape(s['target'])}</b> averages <b>{s['L_total']:.4f}</b> (ΔR²) per head; "
-                f"the causal mask accounts for <b>{comp_text}</b> of it and the residual stream for the rest "
-                f"(mean L_mask {s['L_mask']:.4f}, L_resid {s['L_resid']:.4f}; {s['n_prompts']} prompts).</p>")
+    level = f"{s['ci_level']:.0%}"
+    headline = (
+        f"<p class='headline'>Under the model's causal mask, the absolute-position share of "
+        f"<b>{html.escape(s['target'])}</b> averages <b>{s['L_total']:.4f}</b> {_ci(s['L_total_ci'])} "
+        f"(ΔR², debiased, {level} CI) per head; the causal mask accounts for <b>{comp_text}</b> "
+        f"{_ci(s['composition_ci'])} of it and the residual stream for the rest "
+        f"(mean L_mask {s['L_mask']:.4f}, L_resid {s['L_resid']:.4f}; {s['n_prompts']} prompts).</p>")
+    split = s["ablation_free_split"]
     rows = [
         ("target", s["target"]), ("prompts", s["n_prompts"]),
-        ("mean L_total (causal)", s["L_total"]), ("mean L_resid (bidirectional)", s["L_resid"]),
-        ("mean L_mask", s["L_mask"]), ("composition (mask share)", s["composition"]),
+        (f"mean L_total (causal) [{level} CI]", f"{s['L_total']:.4f} {_ci(s['L_total_ci'])}"),
+        (f"mean L_resid (bidirectional) [{level} CI]", f"{s['L_resid']:.4f} {_ci(s['L_resid_ci'])}"),
+        (f"mean L_mask [{level} CI]", f"{s['L_mask']:.4f} {_ci(s['L_mask_ci'])}"),
+        (f"composition (mask share) [{level} CI]", f"{comp:.3f} {_ci(s['composition_ci'])}"),
+        ("ablation-free split: composition SS(−log Z) / (SS(−log Z) + SS(scores))", split["composition"]),
+        (f"heads with L_total > 0 (BH q < {s['fdr_level']})", s["heads_significant_total"]),
+        (f"heads with L_resid > 0 (BH q < {s['fdr_level']})", s["heads_significant_resid"]),
         ("sink heads", len(s["sink_heads"])),
-        ("heads with L_mask < 0 (additivity violated)", s["heads_additivity_violated"]),
+        ("heads with L_mask < 0 beyond their CI (additivity violated)", s["heads_additivity_violated"]),
         ("max cross-prompt std at position 0 (causal)", s["position_zero_max_std"].get("causal")),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
-    by_target = pd.DataFrame([{"target": t, **{k: v for k, v in d.items() if isinstance(v, float)}}
-                              for t, d in s["by_target"].items()])
-    by_target_html = by_target.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0)
-    top = _top_heads_table(analysis, intervals)
-    top_html = top.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0, na_rep="n/a")
-    ci_note = ("" if "95% CI" in top else
-               "<p class='note'>No confidence intervals in this run (pass <code>intervals=</code> to "
-               "<code>write_report</code>, e.g. from a bootstrap over prompts).</p>")
+    crossfit = pd.DataFrame([{"target": t, **{k: v for k, v in d.items() if isinstance(v, float)}}
+                             for t, d in s["crossfit"].items()])
+    crossfit_html = crossfit.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0)
+    top_html = _with_ci_column(_top_heads_table(analysis), s["ci_level"]).to_html(index=False, float_format=lambda x: f"{x:.4f}",
+                                                  border=0, na_rep="n/a")
     warn = ""
     if s["additivity_violated"]:
         warn = ("<p class='flag'>Additivity violated: the bidirectional ablation raised the mean "
-                "share (L_mask &lt; 0). Read the decomposition with care.</p>")
+                "share (L_mask &lt; 0 beyond its CI). Read the ablation-based decomposition with care "
+                "and compare the ablation-free split.</p>")
     return (f"<section id='summary'><h2>Summary</h2>{headline}<table>{body}</table>{warn}"
             f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}. ΔR² = "
-            f"R²(M_abs) − R²(M_rel), cross-fitted over two halves of the prompts; 0 means offset alone "
-            f"explains the head's {html.escape(s['target'])} as well as absolute position does.</p>"
-            f"<h3>Top heads by L_total</h3>{top_html}{ci_note}"
+            f"R²(M_abs) − R²(M_rel): 0 means offset alone explains the head's "
+            f"{html.escape(s['target'])} as well as absolute position does. Debiased shares are "
+            f"unbiased for the population share; the cross-fitted shares of the definition are biased "
+            f"low at small prompt counts (table below). CIs: bootstrap over prompt buckets; "
+            f"q: sign-flip null, Benjamini–Hochberg across heads.</p>"
+            f"<h3>Top heads by L_total</h3>{top_html}"
             f"<h3>Sink heads</h3>{_sink_heads_html(analysis)}"
-            f"<h3>By target</h3>{by_target_html}</section>")
+            f"<h3>Cross-fitted shares by target (the definition; means over heads)</h3>{crossfit_html}</section>")
 
 
 def write_report(
@@ -147,22 +143,13 @@ def write_report(
     *,
     provenance: dict | None = None,
     run_info: dict | None = None,
-    intervals: pd.DataFrame | None = None,
 ) -> Path:
-    """Write a self-contained HTML report (opens offline: plotly.js is inlined once).
-
-    Args:
-        intervals: optional per-head table for the headline ``L_total`` with a ``label``
-            column (``L12H3``) and any of ``ci_low``, ``ci_high``, ``p_value``, ``q_value``;
-            shown in the summary's top-heads table.
-    """
+    """Write a self-contained HTML report (opens offline: plotly.js is inlined once)."""
     figures = all_figures(analysis)
-    if intervals is not None and {"ci_low", "ci_high"} <= set(intervals):
-        top = _top_heads_table(analysis, None, k=20)[["label"]].merge(intervals, on="label")
-        top["L_total"] = top["label"].map(analysis.heads().set_index("label")[f"{analysis.target}_L_total"])
-        figures["intervals"] = top_heads_figure(
-            top, "L_total", ci=("ci_low", "ci_high"),
-            title=f"Top heads by L_total with {_level_text(intervals)} intervals (target {analysis.target})")
+    figures["intervals"] = top_heads_figure(
+        _top_heads_table(analysis, k=20), "L_total", ci=("ci_low", "ci_high"),
+        title=f"Top heads by L_total (debiased) with {analysis.inference().level:.0%} CIs "
+              f"(target {analysis.target})")
     sections = []
     for index, (key, fig) in enumerate(figures.items()):
         div = pio.to_html(fig, full_html=False, include_plotlyjs=(index == 0), div_id=f"fig-{key}")
@@ -181,5 +168,5 @@ def write_report(
         footer += f"<p class='note'>Run time: {run_info['seconds']:.0f} s.</p>"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rope_leak report: {model_name}</title>"
             f"<style>{STYLE}</style></head><body><h1>rope_leak: where does absolute position come from? "
-            f"({model_name})</h1>{summary_html(analysis, intervals)}{''.join(sections)}{footer}</body></html>")
+            f"({model_name})</h1>{summary_html(analysis)}{''.join(sections)}{footer}</body></html>")
     return atomic_write_text(path, page)

@@ -46,7 +46,14 @@ def test_analysis_tables_are_consistent(tiny_model, tiny_tokens):
     np.testing.assert_allclose(layers["L_total"], heads.groupby("layer")["pattern_L_total"].mean())
     summary = analysis.summary()
     dec = analysis.decomposition()
-    assert summary["composition"] == pytest.approx(dec.mask.sum() / (dec.mask.sum() + dec.resid.sum()))
+    crossfit = summary["crossfit"]["pattern"]["composition"]
+    assert crossfit == pytest.approx(dec.mask.sum() / (dec.mask.sum() + dec.resid.sum()))
+    # The headline composition is that of the debiased shares, inside its own CI.
+    total, resid = heads["L_total_debiased"].sum(), heads["L_resid_debiased"].sum()
+    assert summary["composition"] == pytest.approx((total - resid) / total)
+    low, high = summary["composition_ci"]
+    assert low <= summary["composition"] <= high
+    np.testing.assert_allclose(heads["L_mask_debiased"], heads["L_total_debiased"] - heads["L_resid_debiased"])
     assert summary["position_zero_max_std"]["causal"] == 0.0
     assert summary["position_zero_max_std"]["bidirectional"] > 0.0
 

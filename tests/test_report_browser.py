@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 
-import pandas as pd
 import pytest
 
 from rope_leak.analysis import analyze
@@ -102,11 +101,7 @@ def test_probe_catches_a_script_error(tmp_path):
 
 
 def test_report_renders_without_script_errors(tiny_analysis, tmp_path):
-    heads = tiny_analysis.heads()
-    col = f"{tiny_analysis.target}_L_total"
-    intervals = pd.DataFrame({"label": heads["label"], "ci_low": heads[col] - 0.01,
-                              "ci_high": heads[col] + 0.01, "q_value": 0.2})
-    path = write_report(tiny_analysis, tmp_path / "report.html", intervals=intervals)
+    path = write_report(tiny_analysis, tmp_path / "report.html")
     html_text = path.read_text(encoding="utf-8")
     assert not re.search(r"<script[^>]+src=", html_text), "the report must not load scripts from elsewhere"
     dom, stderr = render(path, tmp_path)
