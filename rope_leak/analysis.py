@@ -79,20 +79,61 @@ class Analysis:
 
     @cached_property
     def _split(self) -> AblationFreeSplit:
-        return ablation_free_split(self.statistics.conditions["causal"])
+        return ablation_free_split(self.statistics.conditions["causal"], n_boot=self.n_boot, seed=self.seed)
 
     @cached_property
-    def _inference(self) -> DecompositionInference:
-        conditions = self.statistics.conditions
-        return decomposition_inference(
-            conditions["causal"], conditions["bidirectional"], self.target,
-            n_boot=self.n_boot, seed=self.seed,
-        )
+    def _inferences(self) -> dict[str, DecompositionInference]:
+        return {}
 
-    def inference(self) -> DecompositionInference:
+    def inference(self, target: str | None = None) -> DecompositionInference:
         """Debiased components with bootstrap CIs, sign-flip p-values and BH q-values
-        for the headline target (see :mod:`rope_leak.stats.inference`)."""
-        return self._inference
+        (see :mod:`rope_leak.stats.inference`); default: the headline target."""
+        target = target or self.target
+        if target not in self._inferences:
+            conditions = self.statistics.conditions
+            self._inferences[target] = decomposition_inference(
+                conditions["causal"], conditions["bidirectional"], target,
+                n_boot=self.n_boot, seed=self.seed,
+            )
+        return self._inferences[target]
+
+    def diagnostics(self) -> pd.DataFrame:
+        """Where the decomposition should not be read at face value, with the reason.
+
+        * a head whose debiased ``L_mask`` is negative beyond its CI (the bidirectional
+          swap raised its share: additivity violated);
+        * a layer (or the model) where the ablation-based composition of ``log_pattern``
+          and the ablation-free split's composition have disjoint CIs (the two
+          decompositions disagree). Both are about ``log_pattern``, so they are comparable.
+        Nothing is clipped; the rows only point at what to read with care.
+        """
+        rows = []
+        inf = self.inference()
+        for layer, head in zip(*np.nonzero(inf.mask.high < 0)):
+            rows.append({
+                "scope": "head", "where": head_label(layer, head), "issue": "additivity violated",
+                "reason": (f"debiased L_mask = {inf.mask.estimate[layer, head]:.4f} with CI "
+                           f"[{inf.mask.low[layer, head]:.4f}, {inf.mask.high[layer, head]:.4f}] < 0: "
+                           "the bidirectional swap raised this head's share"),
+            })
+        ablation, split = self.inference("log_pattern"), self.split()
+        layer_ci = split.layer_composition_ci
+        scopes = [("model", "model", ablation.composition, split.composition(), split.composition_ci)]
+        if layer_ci is not None:
+            comp = split.layer_composition()
+            for layer in range(self.n_layers):
+                abl = ablation.layer_composition[layer]
+                scopes.append(("layer", f"L{layer}", abl, comp[layer], tuple(layer_ci[layer])))
+        for scope, where, abl, split_value, split_ci in scopes:
+            low, high = float(abl.low), float(abl.high)
+            if high < split_ci[0] or low > split_ci[1]:
+                rows.append({
+                    "scope": scope, "where": where, "issue": "decompositions disagree",
+                    "reason": (f"log_pattern composition: ablation {float(abl.estimate):.3f} "
+                               f"[{low:.3f}, {high:.3f}] vs ablation-free split {split_value:.3f} "
+                               f"[{split_ci[0]:.3f}, {split_ci[1]:.3f}]"),
+                })
+        return pd.DataFrame(rows, columns=["scope", "where", "issue", "reason"])
 
     def split(self) -> AblationFreeSplit:
         """The ablation-free split of the causal run (see :mod:`rope_leak.metrics.split`)."""
@@ -129,10 +170,10 @@ class Analysis:
                 if fit.r2_cell is not None:
                     table[f"{prefix}_r2_cell"] = fit.r2_cell.ravel()
         split = self.split()
-        table["split_ss_log_pattern"] = split.log_pattern.ravel()
-        table["split_ss_scores"] = split.scores.ravel()
-        table["split_ss_denominator"] = split.denominator.ravel()
-        table["split_ss_cross"] = split.cross.ravel()
+        table["split_log_pattern"] = split.log_pattern.ravel()
+        table["split_resid"] = split.scores.ravel()
+        table["split_mask"] = split.denominator.ravel()
+        table["split_cross"] = split.cross.ravel()
         inf = self.inference()
         for name, part in (("L_total", inf.total), ("L_resid", inf.resid), ("L_mask", inf.mask)):
             table[f"{name}_debiased"] = part.estimate.ravel()
@@ -168,10 +209,13 @@ class Analysis:
             table["L_resid_debiased"] = inf.resid.estimate.mean(1)
             table["L_mask_debiased"] = inf.mask.estimate.mean(1)
         split = self.split()
-        table["split_ss_scores"] = split.scores.sum(1)
-        table["split_ss_denominator"] = split.denominator.sum(1)
-        table["split_ss_cross"] = split.cross.sum(1)
+        table["split_resid"] = split.scores.mean(1)
+        table["split_mask"] = split.denominator.mean(1)
+        table["split_cross"] = split.cross.mean(1)
         table["split_composition"] = split.layer_composition()
+        if split.layer_composition_ci is not None:
+            table["split_composition_ci_low"] = split.layer_composition_ci[:, 0]
+            table["split_composition_ci_high"] = split.layer_composition_ci[:, 1]
         return table
 
     def top_heads(self, k: int = 10) -> pd.DataFrame:
@@ -205,6 +249,12 @@ class Analysis:
         out["crossfit"][self.target]["L_total_median"] = float(np.median(dec.total))
         out["crossfit"][self.target]["L_resid_median"] = float(np.median(dec.resid))
         out["ablation_free_split"] = self.split().summary()
+        log_inf = self.inference("log_pattern")
+        out["ablation_free_split"]["ablation_composition_log_pattern"] = float(log_inf.composition.estimate)
+        out["ablation_free_split"]["ablation_composition_log_pattern_ci"] = [
+            float(log_inf.composition.low), float(log_inf.composition.high)]
+        diagnostics = self.diagnostics()
+        out["diagnostics"] = diagnostics.groupby("issue").size().to_dict() if len(diagnostics) else {}
         out["top_heads"] = self.top_heads(5)["label"].tolist()
         out["sink_heads"] = [head_label(l, h) for l, h in self.sink_heads()]
         pz = self.position_zero()

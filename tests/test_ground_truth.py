@@ -65,13 +65,16 @@ def hand_set_model(planted: float, seed: int = 0):
     return model, scores
 
 
-def absolute_ss(values: np.ndarray) -> float:
-    """``||(H_abs - H_rel) y||^2`` over the causal pairs, by numpy least squares."""
+def absolute_ss(values: np.ndarray, per: np.ndarray | None = None) -> float:
+    """``||(H_abs - H_rel) y||^2`` over the causal pairs, by numpy least squares, as a
+    fraction of the total sum of squares of ``per`` (default ``values``) over those pairs."""
     design = PairDesign(PairSpec(), N)
     X = design.design_matrix()
     y = values[design.cells]
     fit = lambda Xm: Xm @ np.linalg.lstsq(Xm, y, rcond=None)[0]  # noqa: E731
-    return float(((fit(X) - fit(X[:, design.relative_columns])) ** 2).sum())
+    reference = (values if per is None else per)[design.cells]
+    total = ((reference - reference.mean()) ** 2).sum()
+    return float(((fit(X) - fit(X[:, design.relative_columns])) ** 2).sum() / total)
 
 
 def causal_log_pattern(scores: np.ndarray) -> np.ndarray:
@@ -98,19 +101,24 @@ def test_purely_relative_logits_all_absolute_position_from_the_mask(tokens):
     # Ablation-free split: all of log A's absolute SS is the denominator's.
     split = analysis.split()
     assert split.scores[0, 0] == pytest.approx(0, abs=1e-6)
-    assert split.denominator[0, 0] == pytest.approx(absolute_ss(causal_log_pattern(scores)), rel=1e-4)
+    log_a = causal_log_pattern(scores)
+    assert split.denominator[0, 0] == pytest.approx(absolute_ss(log_a), rel=1e-4)
+    # In share units the log_pattern term is the debiased causal share of log_pattern.
+    assert split.log_pattern[0, 0] == pytest.approx(
+        analysis.inference("log_pattern").total.estimate[0, 0], rel=1e-6)
     assert split.composition() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_planted_residual_stream_signal_is_recovered(tokens):
     model, scores = hand_set_model(planted=0.8)
-    truth_scores = absolute_ss(scores)
-    assert truth_scores > 1.0  # the planted signal is large by construction
+    log_a = causal_log_pattern(scores)
+    truth_scores = absolute_ss(scores, per=log_a)
+    assert truth_scores > 0.05  # the planted signal is large by construction
     analysis = analyze(model, tokens, progress=False)
     split = analysis.split()
     # Both prompt halves are identical here, so the cross-fitted SS is the exact SS.
     assert split.scores[0, 0] == pytest.approx(truth_scores, rel=1e-4)
-    assert split.log_pattern[0, 0] == pytest.approx(absolute_ss(causal_log_pattern(scores)), rel=1e-4)
+    assert split.log_pattern[0, 0] == pytest.approx(absolute_ss(log_a), rel=1e-4)
     assert split.identity_error < 1e-6
     # The planted signal survives the mask swap: the ablation sees it as residual stream.
     dec = analysis.decomposition("pattern")

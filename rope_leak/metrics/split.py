@@ -1,16 +1,19 @@
 """The ablation-free split: no mask swap, the model stays in distribution.
 
-Since ``log A_ij = s_ij - log Z_i``, and the projection ``P = H_abs - H_rel`` onto what
-needs absolute position is linear, the absolute-position part of ``log_pattern`` is
-the sum of that of the scores (which RoPE lets carry absolute position only through
-the residual stream) and that of ``-log Z_i`` (the causal softmax denominator):
+Since ``log A_ij = s_ij - log Z_i`` and the projection ``D = H_abs - H_rel`` onto what
+needs absolute position is linear, the absolute-position part of ``log_pattern`` is the
+sum of that of the scores (which RoPE lets carry absolute position only through the
+residual stream) and that of ``-log Z_i`` (the causal softmax denominator):
 
-    SS(log A) = SS(s) + SS(-log Z) + 2 <P s, P (-log Z)>
+    SS(log A) = SS(s) + SS(-log Z) + 2 <D s, D (-log Z)>
 
-Each sum of squares is cross-fitted: ``SS(y) = <P ybar_even, P ybar_odd>`` (cell means
-of the two prompt halves), whose noise terms are independent, so it estimates the
-population ``||P mu||^2`` without the upward bias of an in-sample sum of squares. The
-bilinear form keeps the identity exact; it is checked numerically on every run.
+Each term is the per-prompt population quantity ``<D mu_a, D mu_b>`` (``mu`` = expected
+cell values), estimated without the upward bias of an in-sample sum of squares by a
+U-statistic over pairs of distinct prompt buckets (their noise is independent):
+``sum_{g != g'} <z_g^a, z_g'^b> / (N^2 - sum_g N_g^2)``, with ``z_g`` a bucket's
+absolute-position coordinates (:class:`rope_leak.stats.projection.BucketProjection`).
+The form is bilinear, so the identity holds exactly (checked on every run), and bucket
+weights give bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -19,40 +22,52 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rope_leak.engine.statistics import CellStatistics, ConditionStatistics
-from rope_leak.metrics.shares import absolute_projection
+from rope_leak.engine.statistics import ConditionStatistics
+from rope_leak.stats.bootstrap import bucket_weights
+from rope_leak.stats.projection import BucketProjection
 
 SPLIT_TARGETS = ("log_pattern", "scores", "neg_log_z")
 
 
-def _fold_projections(stats: CellStatistics) -> tuple[np.ndarray, np.ndarray]:
-    counts = stats.fold_count
-    if counts.min() < 1:
-        raise ValueError("the ablation-free split needs prompts in both folds (>= 2 prompts).")
-    means = [stats.cell_sum[f] / counts[f] for f in (0, 1)]
-    return tuple(absolute_projection(stats.design, m) for m in means)
-
-
-def _cross(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Symmetrised cross-fold inner product ``(<a_0, b_1> + <a_1, b_0>) / 2``."""
-    return 0.5 * ((a[0] * b[1]).sum(-1) + (a[1] * b[0]).sum(-1))
+def _pair_products(a: BucketProjection, b: BucketProjection, weights: np.ndarray) -> np.ndarray:
+    """U-statistic of ``<D mu_a, D mu_b>`` per head, for bucket weights ``[B, bucket]``."""
+    flat = lambda p: p.z.reshape(p.n_buckets, -1)  # noqa: E731
+    shape = (weights.shape[0],) + a.z.shape[1:3]
+    sum_a = (weights @ flat(a)).reshape(shape + (-1,))
+    sum_b = (weights @ flat(b)).reshape(shape + (-1,))
+    # Copies of a bucket in a bootstrap draw never pair with each other: their noise is
+    # shared, and pairing them would bring back the bias the U-statistic removes.
+    self_terms = np.einsum("bg,glh->blh", weights**2, (a.z * b.z).sum(-1))
+    n = weights @ a.count
+    pairs = n**2 - weights**2 @ a.count**2
+    if np.any(pairs <= 0):
+        raise ValueError(
+            "the ablation-free split needs prompts in at least two buckets. Fix: use at least "
+            "4 prompts (64 recommended)."
+        )
+    return ((sum_a * sum_b).sum(-1) - self_terms) / pairs[:, None, None]
 
 
 @dataclass
 class AblationFreeSplit:
-    """Absolute-position sums of squares per head, ``[layer, head]`` (cross-fitted)."""
+    """Absolute-position sums of squares per head, ``[layer, head]``, per prompt, debiased,
+    as fractions of the head's total ``log_pattern`` SS (the units of the share:
+    ``log_pattern`` equals the debiased causal share of ``log_pattern``; ``scores`` is
+    the residual-stream part, ``denominator`` the causal-mask part)."""
 
     log_pattern: np.ndarray
     scores: np.ndarray  # residual-stream part
     denominator: np.ndarray  # causal-mask part (-log Z_i)
-    cross: np.ndarray  # 2 <P s, P (-log Z)>
-    n_cells: int
+    cross: np.ndarray  # 2 <D s, D (-log Z)>
+    composition_ci: tuple[float, float] = (float("nan"), float("nan"))
+    layer_composition_ci: np.ndarray | None = None  # [layer, 2]
+    level: float = 0.95
 
     @property
     def identity_error(self) -> float:
-        """Largest ``|SS(log A) - SS(s) - SS(-log Z) - cross|`` relative to ``SS(log A)``."""
-        gap = np.abs(self.log_pattern - self.scores - self.denominator - self.cross)
-        scale = np.abs(self.log_pattern).max()
+        """Largest ``|SS(log A) - SS(s) - SS(-log Z) - cross|`` relative to ``max |SS(log A)|``."""
+        gap = np.nan_to_num(np.abs(self.log_pattern - self.scores - self.denominator - self.cross))
+        scale = np.nanmax(np.abs(self.log_pattern))
         return float(gap.max() / scale) if scale > 0 else float(gap.max())
 
     def fractions(self) -> dict[str, np.ndarray]:
@@ -65,43 +80,70 @@ class AblationFreeSplit:
             }
 
     @staticmethod
-    def composition_of(denominator: np.ndarray, scores: np.ndarray) -> float:
+    def composition_of(denominator: np.ndarray, scores: np.ndarray, axis=None) -> np.ndarray:
         """Mask share of the two pure parts, ``sum SS(-log Z) / sum (SS(-log Z) + SS(s))``
         over heads (the cross term is reported beside it, not apportioned)."""
-        total = float(np.nansum(denominator) + np.nansum(scores))
-        return float(np.nansum(denominator)) / total if total != 0 else float("nan")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.nansum(denominator, axis) / (np.nansum(denominator, axis) + np.nansum(scores, axis))
 
     def composition(self) -> float:
-        return self.composition_of(self.denominator, self.scores)
+        return float(self.composition_of(self.denominator, self.scores))
 
     def layer_composition(self) -> np.ndarray:
-        return np.array([self.composition_of(d, s) for d, s in zip(self.denominator, self.scores)])
+        return self.composition_of(self.denominator, self.scores, axis=1)
 
     def summary(self) -> dict:
         return {
-            "ss_log_pattern": float(self.log_pattern.sum()),
-            "ss_scores": float(self.scores.sum()),
-            "ss_denominator": float(self.denominator.sum()),
-            "ss_cross": float(self.cross.sum()),
+            "log_pattern_mean": float(np.nanmean(self.log_pattern)),
+            "resid_mean": float(np.nanmean(self.scores)),
+            "mask_mean": float(np.nanmean(self.denominator)),
+            "cross_mean": float(np.nanmean(self.cross)),
             "composition": self.composition(),
+            "composition_ci": [float(c) for c in self.composition_ci],
             "composition_aggregation": "sum over heads of SS(-log Z) / sum of (SS(-log Z) + SS(scores))",
             "identity_max_relative_error": self.identity_error,
         }
 
 
-def ablation_free_split(stats: ConditionStatistics) -> AblationFreeSplit:
-    """Split the causal run's ``log_pattern`` absolute-position SS into its two sources."""
+def _split_terms(projections: dict[str, BucketProjection], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The four terms, each divided by the head's per-prompt total SS of ``log_pattern``:
+    in the units of the share (``log_pattern`` term = its debiased ``L_total``)."""
+    log_a, s, z = (projections[t] for t in SPLIT_TARGETS)
+    sst = log_a.per_prompt_sst(weights)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(sst > 0, 1.0 / np.where(sst > 0, sst, 1.0), np.nan)
+    return {
+        "log_pattern": _pair_products(log_a, log_a, weights) * scale,
+        "scores": _pair_products(s, s, weights) * scale,
+        "denominator": _pair_products(z, z, weights) * scale,
+        "cross": (_pair_products(s, z, weights) + _pair_products(z, s, weights)) * scale,
+    }
+
+
+def ablation_free_split(
+    stats: ConditionStatistics, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> AblationFreeSplit:
+    """Split the causal run's ``log_pattern`` absolute-position SS into its two sources,
+    with percentile bootstrap intervals (over prompt buckets) of the compositions."""
     missing = [t for t in SPLIT_TARGETS if t not in stats.targets]
     if missing:
         raise ValueError(
             f"the ablation-free split needs targets {SPLIT_TARGETS}; missing {missing}. "
             "Fix: accumulate all targets (the default of run_statistics)."
         )
-    log_a, s, z = (_fold_projections(stats.targets[t]) for t in SPLIT_TARGETS)
-    return AblationFreeSplit(
-        log_pattern=_cross(log_a, log_a),
-        scores=_cross(s, s),
-        denominator=_cross(z, z),
-        cross=_cross(s, z) + _cross(z, s),
-        n_cells=stats.targets["scores"].design.n_cells,
-    )
+    projections = {t: BucketProjection.from_statistics(stats.targets[t]) for t in SPLIT_TARGETS}
+    count = stats.targets["scores"].count
+    point = {k: v[0] for k, v in _split_terms(projections, np.ones((1, len(count)))).items()}
+    split = AblationFreeSplit(**point, level=level)
+    if n_boot > 0:
+        weights = bucket_weights(count, n_boot, np.random.default_rng(seed))
+        model, layers = [], []
+        for start in range(0, n_boot, 100):
+            terms = _split_terms(projections, weights[start:start + 100])
+            model.append(AblationFreeSplit.composition_of(terms["denominator"], terms["scores"], (1, 2)))
+            layers.append(AblationFreeSplit.composition_of(terms["denominator"], terms["scores"], 2))
+        alpha = (1 - level) / 2
+        model_q = np.nanquantile(np.concatenate(model), [alpha, 1 - alpha])
+        split.composition_ci = (float(model_q[0]), float(model_q[1]))
+        split.layer_composition_ci = np.nanquantile(np.concatenate(layers), [alpha, 1 - alpha], axis=0).T
+    return split

@@ -32,6 +32,9 @@ class Interval:
     low: np.ndarray
     high: np.ndarray
 
+    def __getitem__(self, index) -> Interval:
+        return Interval(self.estimate[index], self.low[index], self.high[index])
+
 
 @dataclass
 class DecompositionInference:

@@ -144,10 +144,16 @@ class BucketProjection:
         pairs = n**2 - weights @ self.count**2
         if np.any(pairs <= 0):
             raise ValueError("the debiased share needs prompts in at least two buckets.")
+        return _safe_ratio(cross / pairs[:, None, None], self.per_prompt_sst(weights))
+
+    def per_prompt_sst(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """Total sum of squares over the scored cells per prompt, ``[B, layer, head]``:
+        the denominator of the debiased share."""
+        weights = self._weights(weights)
+        n = weights @ self.count
         total = np.einsum("bg,glh->blh", weights, self.total)
         sumsq = np.einsum("bg,glh->blh", weights, self.sumsq)
-        per_prompt_sst = self._sst(total, sumsq, n) / n[:, None, None]
-        return _safe_ratio(cross / pairs[:, None, None], per_prompt_sst)
+        return self._sst(total, sumsq, n) / n[:, None, None]
 
     def _weights(self, weights):
         if weights is None:
