@@ -248,10 +248,40 @@ def interventions_figure(table) -> go.Figure:
     return fig
 
 
+def decompositions_by_layer(analysis: Analysis) -> go.Figure:
+    """Per-layer composition of ``log_pattern`` by the two decompositions, with CIs."""
+    ablation = analysis.inference("log_pattern").layer_composition
+    split = analysis.split()
+    layers = list(range(analysis.n_layers))
+    fig = go.Figure()
+
+    def band(estimate, low, high, name):
+        fig.add_scatter(
+            x=layers, y=estimate, mode="lines+markers", name=name,
+            error_y=dict(type="data", symmetric=False, array=np.asarray(high) - estimate,
+                         arrayminus=estimate - np.asarray(low)),
+            hovertemplate="layer %{x}<br>" + name + " = %{y:.3f}<extra></extra>",
+        )
+
+    band(ablation.estimate, ablation.low, ablation.high, "ablation: L_mask / L_total")
+    split_ci = split.layer_composition_ci
+    comp = split.layer_composition()
+    if split_ci is None:
+        split_ci = np.stack([comp, comp], 1)
+    band(comp, split_ci[:, 0], split_ci[:, 1], "ablation-free: SS(−log Z) / (SS(−log Z) + SS(s))")
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    fig.add_hline(y=1, line_dash="dot", line_color="grey")
+    fig.update_layout(title="Causal-mask share of log A's absolute position, by layer: the two decompositions",
+                      xaxis_title="layer", yaxis_title="composition (fraction from the causal mask)",
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
 def all_figures(analysis: Analysis) -> dict[str, go.Figure]:
     return {
         "shares": share_heatmaps(analysis),
         "composition": layer_composition(analysis),
+        "decompositions": decompositions_by_layer(analysis),
         "targets": target_comparison(analysis),
         "sinks": sink_map(analysis),
         "position_zero": position_zero_trajectory(analysis),

@@ -14,6 +14,11 @@ from rope_leak.cache import atomic_write_text
 from rope_leak.plots import all_figures, top_heads_figure
 
 CAPTIONS = {
+    "decompositions": "Two ways to split log A's absolute position, layer by layer, with 95% CIs. The "
+                      "ablation swaps the causal mask for a bidirectional one (out of distribution); the "
+                      "ablation-free split uses log A = s − log Z and attributes the scores' part to the "
+                      "residual stream and −log Z's to the mask, in distribution. Where the bands do not "
+                      "overlap the decompositions disagree (listed under Diagnostics).",
     "shares": "Each cell is one head. L_total is its absolute-position share under the causal "
               "mask, L_resid under a bidirectional mask (same weights, same causal pairs scored), "
               "L_mask their difference: the part the causal softmax denominator creates. One colour "
@@ -35,6 +40,7 @@ CAPTIONS = {
 }
 
 TITLES = {
+    "decompositions": "Ablation vs ablation-free split",
     "shares": "Absolute-position share per head",
     "composition": "Causal mask vs residual stream, by layer",
     "targets": "Pattern, log pattern and scores",
@@ -73,6 +79,16 @@ def _with_ci_column(table: pd.DataFrame, level: float) -> pd.DataFrame:
     ci = [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in zip(table.pop("ci_low"), table.pop("ci_high"))]
     table.insert(table.columns.get_loc("L_total") + 1, f"{level:.0%} CI", ci)
     return table
+
+
+def _diagnostics_html(analysis: Analysis, limit: int = 40) -> str:
+    table = analysis.diagnostics()
+    if table.empty:
+        return "<p>No head or layer is flagged.</p>"
+    counts = ", ".join(f"{n} × {html.escape(issue)}" for issue, n in table["issue"].value_counts().items())
+    shown = table.head(limit).to_html(index=False, border=0)
+    more = f"<p class='note'>{len(table) - limit} more rows in results.json.</p>" if len(table) > limit else ""
+    return f"<p>{counts}. Nothing is clipped; these rows say where to read with care.</p>{shown}{more}"
 
 
 def _sink_heads_html(analysis: Analysis) -> str:
@@ -133,6 +149,7 @@ def summary_html(analysis: Analysis) -> str:
             f"low at small prompt counts (table below). CIs: bootstrap over prompt buckets; "
             f"q: sign-flip null, Benjamini–Hochberg across heads.</p>"
             f"<h3>Top heads by L_total</h3>{top_html}"
+            f"<h3>Diagnostics</h3>{_diagnostics_html(analysis)}"
             f"<h3>Sink heads</h3>{_sink_heads_html(analysis)}"
             f"<h3>Cross-fitted shares by target (the definition; means over heads)</h3>{crossfit_html}</section>")
 

@@ -82,6 +82,7 @@ def results_dict(analysis: Analysis, provenance: dict | None = None) -> dict:
         "layers": {t: analysis.layers(t).to_dict(orient="list") for t in analysis.targets},
         "heads": heads.to_dict(orient="list"),
         "position_zero": analysis.position_zero(),
+        "diagnostics": analysis.diagnostics().to_dict(orient="records"),
     })
 
 
