@@ -247,7 +247,7 @@ def summarize_model(
     row["additivity_violated"] = s["additivity_violated"]
     row["sink_heads"] = int((sink > sink_threshold).sum())
     if weights is not None:
-        boot_sinks = [int(((np.einsum("g,glh->lh", w, c.sink_sum) / (w @ c.count)) > sink_threshold).sum())
+        boot_sinks = [int(((np.einsum("g,glh->lh", w, c.sink_sum) / (w @ cs.count)) > sink_threshold).sum())
                       for w in weights]
         row["sink_heads_ci_low"], row["sink_heads_ci_high"] = percentile_interval(np.array(boot_sinks), level)
     else:
