@@ -35,12 +35,23 @@ Tables = tuple[Float[Tensor, "rows rotary_dim"], Float[Tensor, "rows rotary_dim"
 
 def rotary_modules(model: HookedTransformer) -> list:
     """The attention modules of ``model`` that carry rotary tables, in layer order."""
+    from rope_leak.models.bridge import is_bridge
+
+    if is_bridge(model):
+        raise ValueError(
+            "RoPE controls act on HookedTransformer rotary tables; a TransformerBridge takes "
+            "cos/sin from the Hugging Face rotary_emb module. Fix: convert the model with "
+            "rope_leak.models.hooked_from_hf."
+        )
     if model.cfg.positional_embedding_type != "rotary":
         raise ValueError(
             f"the model uses {model.cfg.positional_embedding_type!r} position embeddings; "
             "RoPE controls need a rotary model."
         )
-    return [block.attn for block in model.blocks if hasattr(block.attn, "rotary_sin")]
+    attns = [block.attn for block in model.blocks if hasattr(block.attn, "rotary_sin")]
+    if not attns:
+        raise ValueError("the model has no attention module with rotary tables.")
+    return attns
 
 
 def is_local(attn) -> bool:
