@@ -295,7 +295,12 @@ def compare_models(
     rows, layer_tables, info = [], [], {}
     import time
 
-    for ms in parsed:
+    first_seen = {ms.name: k for k, ms in reversed(list(enumerate(parsed)))}
+    # process variants of one base model together (one load), report in the given order
+    order = sorted(range(len(parsed)), key=lambda k: (first_seen[parsed[k].name], k))
+    results: dict[int, tuple[dict, pd.DataFrame, dict]] = {}
+    for k in order:
+        ms = parsed[k]
         if ms.name not in loaded:
             loaded.clear()  # keep one model in memory at a time
             log(f"loading {ms.name} ...")
@@ -309,8 +314,13 @@ def compare_models(
                                progress=progress)
         result = summarize_model(stats, ms.spec, target=target, n_boot=n_boot, seed=seed)
         result.row["seconds"] = time.perf_counter() - started
-        rows.append(result.row)
-        layer_tables.append(result.layers)
-        info[ms.spec] = {**result.extra, "seconds": result.row["seconds"],
-                         "variant": ms.variant, "variant_value": ms.value, "base_model": ms.name}
+        results[k] = (result.row, result.layers, {
+            **result.extra, "seconds": result.row["seconds"], "variant": ms.variant,
+            "variant_value": ms.value, "base_model": ms.name,
+            "tokens_shape": list(tokens.shape)})
+    for k, ms in enumerate(parsed):
+        row, layer_table, extra = results[k]
+        rows.append(row)
+        layer_tables.append(layer_table)
+        info[ms.spec] = extra
     return pd.DataFrame(rows), pd.concat(layer_tables, ignore_index=True), info
