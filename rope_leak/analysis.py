@@ -23,6 +23,7 @@ from rope_leak.metrics.decomposition import Decomposition
 from rope_leak.metrics.shares import ShareFit, fit_shares
 from rope_leak.metrics.sinks import SINK_THRESHOLD, position_zero_profile, sink_heads, sink_scores
 from rope_leak.metrics.split import AblationFreeSplit, ablation_free_split
+from rope_leak.stats.inference import DecompositionInference, decomposition_inference
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")
 CONDITIONS = ("causal", "bidirectional")
@@ -40,6 +41,8 @@ class Analysis:
     target: str = "pattern"
     sink_threshold: float = SINK_THRESHOLD
     fits: dict[tuple[str, str], ShareFit] = field(default_factory=dict)
+    n_boot: int = 1000
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.target not in REPORTED_TARGETS:
@@ -77,6 +80,19 @@ class Analysis:
     @cached_property
     def _split(self) -> AblationFreeSplit:
         return ablation_free_split(self.statistics.conditions["causal"])
+
+    @cached_property
+    def _inference(self) -> DecompositionInference:
+        conditions = self.statistics.conditions
+        return decomposition_inference(
+            conditions["causal"], conditions["bidirectional"], self.target,
+            n_boot=self.n_boot, seed=self.seed,
+        )
+
+    def inference(self) -> DecompositionInference:
+        """Debiased components with bootstrap CIs, sign-flip p-values and BH q-values
+        for the headline target (see :mod:`rope_leak.stats.inference`)."""
+        return self._inference
 
     def split(self) -> AblationFreeSplit:
         """The ablation-free split of the causal run (see :mod:`rope_leak.metrics.split`)."""
@@ -117,7 +133,20 @@ class Analysis:
         table["split_ss_scores"] = split.scores.ravel()
         table["split_ss_denominator"] = split.denominator.ravel()
         table["split_ss_cross"] = split.cross.ravel()
+        inf = self.inference()
+        for name, part in (("L_total", inf.total), ("L_resid", inf.resid), ("L_mask", inf.mask)):
+            table[f"{name}_debiased"] = part.estimate.ravel()
+            table[f"{name}_ci_low"] = part.low.ravel()
+            table[f"{name}_ci_high"] = part.high.ravel()
+        table["L_total_pvalue"] = inf.pvalue_total.ravel()
+        table["L_total_qvalue"] = inf.qvalue_total.ravel()
+        table["L_total_significant"] = inf.significant_total.ravel()
+        table["L_resid_pvalue"] = inf.pvalue_resid.ravel()
+        table["L_resid_qvalue"] = inf.qvalue_resid.ravel()
+        table["L_resid_significant"] = inf.significant_resid.ravel()
         table["sink_score"] = self.sink_scores("causal").ravel()
+        table["sink_score_ci_low"] = inf.sink.low.ravel()
+        table["sink_score_ci_high"] = inf.sink.high.ravel()
         table["sink_score_bidirectional"] = self.sink_scores("bidirectional").ravel()
         table["sink_head"] = table["sink_score"] > self.sink_threshold
         table["additivity_violated"] = self.decomposition().additivity_violated().ravel()
@@ -127,6 +156,14 @@ class Analysis:
         table = self.decomposition(target).layer_table()
         table.insert(1, "target", target or self.target)
         table["sink_heads"] = (self.sink_scores() > self.sink_threshold).sum(1)
+        if (target or self.target) == self.target:
+            inf = self.inference()
+            table["composition_debiased"] = inf.layer_composition.estimate
+            table["composition_ci_low"] = inf.layer_composition.low
+            table["composition_ci_high"] = inf.layer_composition.high
+            table["L_total_debiased"] = inf.total.estimate.mean(1)
+            table["L_resid_debiased"] = inf.resid.estimate.mean(1)
+            table["L_mask_debiased"] = inf.mask.estimate.mean(1)
         split = self.split()
         table["split_ss_scores"] = split.scores.sum(1)
         table["split_ss_denominator"] = split.denominator.sum(1)
@@ -136,7 +173,8 @@ class Analysis:
 
     def top_heads(self, k: int = 10) -> pd.DataFrame:
         col = f"{self.target}_L_total"
-        cols = ["label", col, f"{self.target}_L_resid", f"{self.target}_L_mask", "sink_score"]
+        cols = ["label", col, f"{self.target}_L_resid", f"{self.target}_L_mask",
+                "L_total_debiased", "L_total_ci_low", "L_total_ci_high", "L_total_qvalue", "sink_score"]
         return self.heads().nlargest(k, col)[cols].reset_index(drop=True)
 
     def summary(self) -> dict:
@@ -144,6 +182,7 @@ class Analysis:
         out.update(self.decomposition().summary())
         out["by_target"] = {t: self.decomposition(t).summary() for t in self.targets}
         out["ablation_free_split"] = self.split().summary()
+        out["inference"] = self.inference().summary()
         out["top_heads"] = self.top_heads(5)["label"].tolist()
         out["sink_heads"] = [head_label(l, h) for l, h in self.sink_heads()]
         pz = self.position_zero()
@@ -160,6 +199,8 @@ def analyze(
     batch_size: int = 8,
     n_buckets: int = DEFAULT_BUCKETS,
     sink_threshold: float = SINK_THRESHOLD,
+    n_boot: int = 1000,
+    seed: int = 0,
     progress: bool = True,
     prompt_ids=None,
     metadata: dict | None = None,
@@ -180,4 +221,4 @@ def analyze(
         model, tokens, targets=TARGETS, spec=spec, batch_size=batch_size, n_buckets=n_buckets,
         progress=progress, prompt_ids=prompt_ids, metadata=metadata,
     )
-    return Analysis(stats, target=target, sink_threshold=sink_threshold)
+    return Analysis(stats, target=target, sink_threshold=sink_threshold, n_boot=n_boot, seed=seed)
