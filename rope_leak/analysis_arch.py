@@ -44,12 +44,10 @@ from rope_leak.interventions.rope import identity_rope, rope_base, rope_scaling,
 from rope_leak.metrics.decomposition import Decomposition
 from rope_leak.metrics.depth import (
     CI_LEVEL,
-    bootstrap_decompositions,
-    bootstrap_interval,
-    bucket_weights,
-    depth_slopes,
+    depth_slope,
     layer_profile,
     percentile_interval,
+    slopes_over_depth,
 )
 from rope_leak.metrics.shares import fit_shares
 from rope_leak.metrics.sinks import SINK_THRESHOLD
@@ -115,9 +113,13 @@ def controls_table(
             "L_total", "L_resid", "L_mask", "composition", "heads_additivity_violated",
             "additivity_violated")}}
         if n_boot:
-            reps, _ = bootstrap_decompositions(c, b, n_boot, seed)
-            row["composition_ci_low"], row["composition_ci_high"] = bootstrap_interval(
-                reps, Decomposition.composition)
+            from rope_leak.stats import bootstrap_statistic
+
+            boot = bootstrap_statistic({"causal": c, "bidirectional": b}, _model_statistics,
+                                       n_boot=n_boot, seed=seed, share="crossfit",
+                                       method="percentile")
+            row["composition_ci_low"], row["composition_ci_high"] = (
+                float(boot.ci_low[3]), float(boot.ci_high[3]))
         rows.append(row)
     table = pd.DataFrame(rows)
     real = table.loc[table["control"] == "real", "composition"].iloc[0]
@@ -211,6 +213,23 @@ class ModelComparison:
     extra: dict = field(default_factory=dict)
 
 
+STAT_NAMES = ("L_total", "L_mask", "L_resid", "composition",
+              "depth_slope_L_resid", "depth_slope_L_mask", "depth_slope_L_total")
+
+
+def _model_statistics(shares: dict[str, np.ndarray]) -> np.ndarray:
+    """``{"causal", "bidirectional": [B, layer, head]}`` -> ``[B, len(STAT_NAMES)]``."""
+    total, resid = shares["causal"], shares["bidirectional"]
+    mask = total - resid
+    with np.errstate(divide="ignore", invalid="ignore"):
+        composition = mask.sum((1, 2)) / (mask.sum((1, 2)) + resid.sum((1, 2)))
+    return np.stack([
+        total.mean((1, 2)), mask.mean((1, 2)), resid.mean((1, 2)), composition,
+        slopes_over_depth(resid.mean(2)), slopes_over_depth(mask.mean(2)),
+        slopes_over_depth(total.mean(2)),
+    ], axis=1)
+
+
 def summarize_model(
     stats: RunStatistics,
     spec: str,
@@ -221,53 +240,79 @@ def summarize_model(
     sink_threshold: float = SINK_THRESHOLD,
     level: float = CI_LEVEL,
 ) -> ModelComparison:
-    """Components, composition, sink heads and depth slopes of one model, with CIs
-    (percentile intervals over a bucket bootstrap of prompts; t interval for slopes too).
+    """Components, composition, sink heads and depth slopes of one model, with CIs.
+
+    Headline numbers (``L_total``, ``L_mask``, ``L_resid``, ``composition``,
+    ``depth_slope_*``) are computed from the *debiased* shares of
+    :mod:`rope_leak.stats` (the cross-fitted share is biased low at small prompt
+    counts); their ``*_ci_low`` / ``*_ci_high`` are the pivotal ("basic") cluster-bootstrap
+    intervals over prompt buckets with one joint resample for both masks
+    (:func:`rope_leak.stats.bootstrap_statistic`). The cross-fitted values (what
+    :class:`~rope_leak.metrics.decomposition.Decomposition` holds) are kept as
+    ``*_crossfit``. Depth slopes also carry the ``linregress`` t interval over layers
+    (``*_t_low`` / ``*_t_high``). ``sink_heads`` counts heads with sink score above the
+    threshold; its interval is a percentile interval over the same kind of resample.
     """
+    from rope_leak.stats import bootstrap_statistic, bucket_weights
+    from rope_leak.stats.projection import BucketProjection
+
     c = stats.conditions["causal"]
     b = stats.conditions["bidirectional"]
     cs, bs = c.targets[target], b.targets[target]
-    dec = Decomposition(fit_shares(cs).share, fit_shares(bs).share)
-    reps, weights = bootstrap_decompositions(cs, bs, n_boot, seed) if n_boot else ([], None)
-    s = dec.summary()
-    sink = c.sink_sum.sum(0) / c.n_prompts
+    crossfit = Decomposition(fit_shares(cs).share, fit_shares(bs).share)
+    debiased = Decomposition(BucketProjection.from_statistics(cs).debiased_share(None)[0],
+                             BucketProjection.from_statistics(bs).debiased_share(None)[0])
+    point = _model_statistics({"causal": debiased.total[None], "bidirectional": debiased.resid[None]})[0]
+    cross = _model_statistics({"causal": crossfit.total[None], "bidirectional": crossfit.resid[None]})[0]
+    if n_boot:
+        boot = bootstrap_statistic({"causal": cs, "bidirectional": bs}, _model_statistics,
+                                   n_boot=n_boot, seed=seed, level=level, share="debiased",
+                                   method="basic")
+        low, high = boot.ci_low, boot.ci_high
+    else:
+        low = high = np.full(len(STAT_NAMES), np.nan)
     row: dict = {"model": spec, "target": target, "n_prompts": c.n_prompts,
-                 "n_layers": dec.total.shape[0], "n_heads": dec.total.shape[1]}
-    stat_fns: dict[str, Callable[[Decomposition], float]] = {
-        "L_total": lambda d: float(np.nanmean(d.total)),
-        "L_mask": lambda d: float(np.nanmean(d.mask)),
-        "L_resid": lambda d: float(np.nanmean(d.resid)),
-        "composition": Decomposition.composition,
-    }
-    for name, fn in stat_fns.items():
-        row[name] = fn(dec)
-        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = (
-            bootstrap_interval(reps, fn, level) if reps else (np.nan, np.nan))
-    row["heads_additivity_violated"] = s["heads_additivity_violated"]
-    row["additivity_violated"] = s["additivity_violated"]
+                 "n_tokens": int(cs.design.n_tokens) if hasattr(cs.design, "n_tokens") else None,
+                 "n_layers": crossfit.total.shape[0], "n_heads": crossfit.total.shape[1]}
+    for k, name in enumerate(STAT_NAMES):
+        row[name] = float(point[k])
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low[k]), float(high[k])
+    for k, name in enumerate(STAT_NAMES):
+        row[f"{name}_crossfit"] = float(cross[k])
+    slopes = {}
+    for name in ("L_resid", "L_mask", "L_total"):
+        fit = depth_slope(layer_profile(debiased)[name].to_numpy(), level)
+        row[f"depth_slope_{name}_t_low"], row[f"depth_slope_{name}_t_high"] = fit.ci_low, fit.ci_high
+        slopes[name] = fit.to_dict()
+    violated = crossfit.additivity_violated()
+    row["heads_additivity_violated"] = int(violated.sum())
+    row["additivity_violated"] = bool(point[1] < 0)
+    sink = c.sink_sum.sum(0) / c.n_prompts
     row["sink_heads"] = int((sink > sink_threshold).sum())
-    if weights is not None:
-        boot_sinks = [int(((np.einsum("g,glh->lh", w, c.sink_sum) / (w @ cs.count)) > sink_threshold).sum())
-                      for w in weights]
-        row["sink_heads_ci_low"], row["sink_heads_ci_high"] = percentile_interval(np.array(boot_sinks), level)
+    if n_boot:
+        weights = bucket_weights(cs.count, n_boot, np.random.default_rng(seed + 1))
+        boot_sinks = (np.einsum("bg,glh->blh", weights, c.sink_sum)
+                      / (weights @ cs.count)[:, None, None] > sink_threshold).sum((1, 2))
+        row["sink_heads_ci_low"], row["sink_heads_ci_high"] = percentile_interval(boot_sinks, level)
     else:
         row["sink_heads_ci_low"] = row["sink_heads_ci_high"] = np.nan
-    slopes = depth_slopes(dec, reps, level)
-    for name, fit in slopes.items():
-        key = f"depth_slope_{name}"
-        row[key] = fit.slope
-        row[f"{key}_ci_low"], row[f"{key}_ci_high"] = fit.ci_low, fit.ci_high
-        row[f"{key}_boot_low"], row[f"{key}_boot_high"] = fit.boot_low, fit.boot_high
     row["n_boot"] = n_boot
-    layers = layer_profile(dec)
+    layers = layer_profile(debiased)
     layers.insert(0, "model", spec)
-    if reps:
-        for name in ("L_resid", "L_mask"):
-            values = np.array([layer_profile(r)[name].to_numpy() for r in reps])
-            layers[f"{name}_ci_low"] = np.nanquantile(values, 0.5 - level / 2, axis=0)
-            layers[f"{name}_ci_high"] = np.nanquantile(values, 0.5 + level / 2, axis=0)
+    cross_layers = layer_profile(crossfit)
+    for name in ("L_total", "L_resid", "L_mask"):
+        layers[f"{name}_crossfit"] = cross_layers[name]
+    if n_boot:
+        per_layer = bootstrap_statistic(
+            {"causal": cs, "bidirectional": bs},
+            lambda sh: np.stack([sh["bidirectional"].mean(2),
+                                 (sh["causal"] - sh["bidirectional"]).mean(2)], axis=1),
+            n_boot=n_boot, seed=seed, level=level, share="debiased", method="basic")
+        for k, name in enumerate(("L_resid", "L_mask")):
+            layers[f"{name}_ci_low"] = per_layer.ci_low[k]
+            layers[f"{name}_ci_high"] = per_layer.ci_high[k]
     layers["sink_heads"] = (sink > sink_threshold).sum(1)
-    return ModelComparison(row, layers, {"slopes": {k: v.to_dict() for k, v in slopes.items()}})
+    return ModelComparison(row, layers, {"slopes_t": slopes})
 
 
 def compare_models(

@@ -22,12 +22,7 @@ import torch
 
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.metrics.decomposition import Decomposition
-from rope_leak.metrics.depth import (
-    bootstrap_decompositions,
-    bucket_weights,
-    depth_slope,
-    layer_profile,
-)
+from rope_leak.metrics.depth import depth_slope, slopes_over_depth
 
 N = 12
 WINDOW = 4
@@ -152,29 +147,31 @@ def test_depth_slope_closed_form():
     assert f2.ci_low < f2.slope < f2.ci_high
 
 
-def test_bucket_weights_keep_folds_and_skip_empty_buckets():
-    count = np.array([1, 1, 1, 1, 1, 0, 0, 0])
-    w = bucket_weights(count, 50, seed=1)
-    assert (w[:, count == 0] == 0).all()
-    assert (w[:, 0::2].sum(1) == 3).all() and (w[:, 1::2].sum(1) == 2).all()
+def test_vectorised_slopes_match_linregress():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(5, 7))
+    np.testing.assert_allclose(slopes_over_depth(y), [depth_slope(r).slope for r in y], atol=1e-12)
 
 
-def test_bootstrap_decompositions_and_profile(tiny_model, tiny_tokens):
+def test_summarize_model_on_tiny(tiny_model, tiny_tokens):
+    from rope_leak.analysis_arch import STAT_NAMES, summarize_model
     from rope_leak.engine.run import run_statistics
 
     stats = run_statistics(tiny_model, tiny_tokens, targets=("pattern",), n_buckets=4, progress=False)
+    result = summarize_model(stats, "tiny", n_boot=50)
+    row = result.row
+    for name in STAT_NAMES:
+        assert np.isfinite(row[name]) and row[f"{name}_ci_low"] <= row[f"{name}_ci_high"], name
+    assert row["L_mask"] == pytest.approx(row["L_total"] - row["L_resid"])
     c = stats.conditions["causal"].targets["pattern"]
     b = stats.conditions["bidirectional"].targets["pattern"]
-    reps, weights = bootstrap_decompositions(c, b, n_boot=5)
-    assert len(reps) == 5 and weights.shape == (5, 4)
-    profile = layer_profile(reps[0])
-    assert list(profile.columns) == ["layer", "relative_depth", "L_total", "L_resid", "L_mask"]
-    ones = np.ones(4)
     from rope_leak.metrics.shares import fit_shares
 
-    np.testing.assert_allclose(fit_shares(c, ones).share, fit_shares(c).share, atol=1e-12)
     dec = Decomposition(fit_shares(c).share, fit_shares(b).share)
-    np.testing.assert_allclose(layer_profile(dec)["L_mask"], dec.mask.mean(1))
+    assert row["L_total_crossfit"] == pytest.approx(dec.total.mean())
+    assert row["composition_crossfit"] == pytest.approx(dec.composition())
+    assert list(result.layers["layer"]) == [0, 1]
+    assert {"L_resid_ci_low", "L_mask_ci_high", "L_resid_crossfit"} <= set(result.layers.columns)
 
 
 # ------------------------------------------------------------------ compare CLI
@@ -228,7 +225,7 @@ def test_compare_cli_on_tiny_hf_folders(tiny_folders, compare_corpus, tmp_path):
     assert len(table) == 3 and table["model"].iloc[2].endswith("+ntk4")
     for col in ("L_total", "L_mask", "L_resid", "composition", "sink_heads", "depth_slope_L_resid",
                 "L_total_ci_low", "L_total_ci_high", "composition_ci_low", "depth_slope_L_resid_ci_low",
-                "depth_slope_L_resid_boot_low", "sink_heads_ci_low"):
+                "depth_slope_L_resid_t_low", "sink_heads_ci_low", "L_total_crossfit"):
         assert col in table, col
     np.testing.assert_allclose(table["L_mask"], table["L_total"] - table["L_resid"], atol=1e-12)
     assert (table["L_total_ci_low"] <= table["L_total_ci_high"]).all()
