@@ -3,7 +3,9 @@ same tiny random Hugging Face model gives the same per-head shares.
 
 Tolerance: the two run the same float32 arithmetic in a different order (HF eager
 attention vs TransformerLens' einsums), so logits differ by ~1e-6; shares are smooth
-functions of the patterns, measured to agree to ~1e-6. Asserted: 1e-4 absolute.
+functions of the patterns. Measured max |difference| (8 prompts x 12 tokens): logits
+2e-7 (Llama) and 7e-7 (Gemma 3); per-head shares 1.6e-7 (L_total) and 3.1e-5 (L_resid,
+Llama; 2e-7 Gemma 3). Asserted: 1e-4 absolute.
 """
 
 from __future__ import annotations
