@@ -227,3 +227,13 @@ def test_rope_controls_table(tiny_model, tiny_tokens):
     # identity RoPE: every logit is position-free, so under the bidirectional mask only
     # the residual stream can carry position.
     assert np.isfinite(table.set_index("control").loc["identity", "L_resid"])
+
+
+def test_controls_report_section(tiny_model, tiny_tokens):
+    from rope_leak.analysis_arch import rope_controls
+    from rope_leak.plots_arch import controls_section
+
+    table = rope_controls(tiny_model, tiny_tokens, n_buckets=4, n_boot=20, progress=False)
+    assert (table["composition_ci_low"] <= table["composition_ci_high"]).all()
+    html = controls_section(table, include_plotlyjs=False)
+    assert html.startswith("<section>") and "additivity" in html.lower() and "scrambled" in html
