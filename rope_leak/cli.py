@@ -58,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
     _add_run_arguments(analyze)
+    compare = sub.add_parser(
+        "compare",
+        help="compare models: L_total, L_mask, L_resid, composition, sink heads, depth slope (with CIs)",
+        description=(
+            "Run the same corpus through each model and write comparison.csv, "
+            "comparison_layers.csv, comparison.json and comparison.html into --out. A model "
+            "spec is NAME[+VARIANT]: NAME as for 'analyze --model'; VARIANT applies a RoPE "
+            "change at inference to global layers: ntk<F> (NTK-by-parts, factor F, "
+            "original context = cfg.n_ctx), linear<F> (position interpolation), base<B> "
+            "(RoPE base B). Example: rope-leak compare smollm2-135m gemma3-270m smollm2-135m+ntk4"
+        ),
+    )
+    compare.add_argument("models", nargs="+", metavar="MODEL", help="model specs (NAME[+VARIANT])")
+    compare.add_argument("--n-boot", type=int, default=200,
+                         help="bootstrap resamples of prompt buckets for CIs (0: none; default 200)")
+    _add_run_arguments(compare)
+    compare.set_defaults(out="rope_leak_compare")
     return parser
 
 
@@ -102,7 +119,87 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"analyze": run_analyze}
+def run_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from rope_leak.analysis_arch import compare_models, parse_model_spec
+    from rope_leak.cache import atomic_write_text
+    from rope_leak.corpus import load_corpus
+    from rope_leak.models import load_model
+    from rope_leak.plots_arch import comparison_html
+
+    from pathlib import Path
+
+    for model_spec in args.models:
+        parse_model_spec(model_spec)  # fail on a bad spec before any loading
+    out = Path(args.out)
+    files = ("comparison.csv", "comparison_layers.csv", "comparison.json", "comparison.html")
+    if out.exists() and not args.overwrite and any((out / f).exists() for f in files):
+        raise FileExistsError(f"{out} already holds comparison results. Fix: pass --overwrite "
+                              "or choose another --out.")
+    if args.n_boot < 0:
+        raise ValueError(f"--n-boot must be >= 0, got {args.n_boot}.")
+    spec = PairSpec(include_sink=args.include_sink, min_query=args.min_query, max_query=args.max_query)
+    settings = {
+        "models": list(args.models), "corpus": args.corpus, "prompts": args.prompts,
+        "tokens": args.tokens, "seed": args.seed, "target": args.target, "pairs": spec.to_dict(),
+        "dtype": args.dtype, "n_boot": args.n_boot, "batch_size": args.batch_size,
+    }
+    corpora: dict[str, dict] = {}
+
+    def load(name: str):
+        return load_model(name, device=args.device, dtype=DTYPES[args.dtype])
+
+    def tokens_for(model):
+        corpus = load_corpus(model, args.corpus, n_prompts=args.prompts, n_tokens=args.tokens,
+                             seed=args.seed)
+        corpora[str(model.cfg.model_name)] = corpus.to_dict()
+        return corpus.tokens
+
+    started = time.perf_counter()
+    table, layers, info = compare_models(
+        args.models, load=load, tokens_for=tokens_for, target=args.target, spec=spec,
+        batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
+        progress=not args.no_progress, log=lambda msg: print(f"rope-leak: {msg}", file=sys.stderr),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
+    atomic_write_text(out / "comparison_layers.csv", layers.to_csv(index=False))
+    payload = {"settings": settings, "models": table.to_dict(orient="records"), "details": info,
+               "corpora": corpora,
+               "ci": "95% percentile intervals over a bootstrap of prompt buckets within "
+                     "cross-fitting folds; depth_slope_*_ci_*: t interval of the linregress slope "
+                     "over layers, depth_slope_*_boot_*: bootstrap interval",
+               "seconds": time.perf_counter() - started}
+    atomic_write_text(out / "comparison.json",
+                      json.dumps(_clean(payload), indent=2, sort_keys=True, allow_nan=False))
+    atomic_write_text(out / "comparison.html", comparison_html(table, layers, settings))
+    cols = ["model", "L_total", "L_mask", "L_resid", "composition", "sink_heads", "depth_slope_L_resid"]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"wrote {out}/comparison.html in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _clean(value):
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+COMMANDS = {"analyze": run_analyze, "compare": run_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -125,3 +125,24 @@ def make_documents():
 # ---------------------------------------------------------------------------------------
 # END corpus fixtures
 # ---------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------
+# BEGIN arch fixtures (tiny random Gemma 3: local + global layers, window 4)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_hf():
+    from rope_leak.models.gemma3 import tiny_gemma3_hf
+
+    return tiny_gemma3_hf(n_layers=4, sliding_window=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_hooked(tiny_gemma_hf):
+    from rope_leak.models import hooked_from_hf
+
+    return hooked_from_hf(tiny_gemma_hf)
+
+
+# END arch fixtures

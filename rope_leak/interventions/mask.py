@@ -78,6 +78,12 @@ def bidirectional(
     """
     if window not in WINDOW_MODES:
         raise ValueError(f"window={window!r} is not one of {WINDOW_MODES}.")
+    from rope_leak.models.bridge import bridge_bidirectional, is_bridge
+
+    if is_bridge(model):  # TransformerBridge: swap the HF mask instead (same semantics)
+        with bridge_bidirectional(model, layers=layers, heads=heads, window=window):
+            yield model
+        return
     if heads is not None:
         layer_heads = {layer: sorted({int(h) for h in hs}) for layer, hs in heads.items()}
         chosen = _check_layers(model, layer_heads)

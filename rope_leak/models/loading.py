@@ -445,6 +445,10 @@ def _tl_config_dict(hf_config: Any, architecture: str, tl_config_name: str | Non
     """TransformerLens config dict for ``hf_config``, never guessing from a path."""
     if tl_config_name is not None:
         return dict(tl_loading.convert_hf_model_config(tl_config_name))
+    if architecture == "Gemma3ForCausalLM":
+        from rope_leak.models.gemma3 import gemma3_cfg_dict
+
+        return gemma3_cfg_dict(getattr(hf_config, "text_config", hf_config))
     if architecture in _NAME_ONLY_CONFIG:
         raise UnsupportedModelError(
             f"TransformerLens 3.9 builds {architecture} configs only from official names "
