@@ -284,6 +284,14 @@ def analyze(
     """
     if target not in REPORTED_TARGETS:
         raise ValueError(f"target must be one of {REPORTED_TARGETS}, got {target!r}.")
+    window = getattr(model.cfg, "window_size", None)
+    local = any(getattr(block.attn, "attn_type", "global") == "local" for block in model.blocks)
+    if local and window is not None and tokens.shape[1] > window:
+        raise ValueError(
+            f"prompts of {tokens.shape[1]} tokens are longer than the sliding window ({window}) of "
+            "the model's local layers: pairs outside the window have no score, which the share fits "
+            f"do not support yet. Fix: use n <= {window}."
+        )
     if len(tokens) < 4:
         raise ValueError(
             f"{len(tokens)} prompts are too few to cross-fit over two halves of the prompts. "
