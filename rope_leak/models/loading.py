@@ -517,8 +517,28 @@ def _original_bos_token_id(tokenizer: Any, hf_config: Any) -> int | None:
     return int(bos) if isinstance(bos, int) else None
 
 
+#: What ``rope_leak_source["sha256"]`` is the hash of, by kind of source.
+SHA256_OF = {"zoo": "gguf file", "gguf": "gguf file", "hf_folder": "weight files",
+             "official": "parameters", "hf_hub": "parameters", "tiny": "parameters"}
+
+
+def parameters_sha256(model: torch.nn.Module) -> str:
+    """sha256 of every parameter (sorted by name; name, dtype, shape and raw bytes), so a
+    model without a weight file (hub download, tiny test model) is still identified."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        tensor = param.detach().cpu().contiguous()
+        digest.update(f"{name} {str(tensor.dtype)} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _attach_provenance(model: HookedTransformer, name: str, kind: str, sha: str | None) -> None:
     model.cfg.model_name = name
+    model.rope_leak_sha256_of = SHA256_OF[kind]  # type: ignore[attr-defined]
+    if sha is None:  # hub downloads, folders without weight files: hash the parameters
+        sha = parameters_sha256(model)
+        model.rope_leak_sha256_of = "parameters"  # type: ignore[attr-defined]
     model.rope_leak_source = {"name": name, "kind": kind, "sha256": sha}  # type: ignore[attr-defined]
 
 
