@@ -348,6 +348,12 @@ def analyze(
     check_bos(model, tokens, on_missing_bos)
     if prompt_ids is not None:
         prompt_ids = [int(i) for i in prompt_ids]  # an iterator is read twice below
+        if len({i % 2 for i in prompt_ids}) < 2:
+            raise ValueError(
+                f"all {len(prompt_ids)} prompt ids have the same parity, so every prompt falls "
+                "in one cross-fitting fold (a prompt's fold is its global index mod 2). Fix: "
+                "pass prompt ids of both parities, e.g. the default 0..P-1."
+            )
     stats = run_statistics(
         model, tokens, targets=TARGETS, spec=spec, batch_size=batch_size, n_buckets=n_buckets,
         progress=progress, prompt_ids=prompt_ids, metadata=metadata,

