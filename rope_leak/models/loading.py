@@ -38,7 +38,13 @@ from transformer_lens.pretrained import weight_conversions as tl_conv
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from rope_leak.cache import atomic_path, cache_dir, file_lock, sha256_file
+from rope_leak.cache import (
+    atomic_path,
+    cache_dir,
+    file_lock,
+    remove_stale_temporaries,
+    sha256_file,
+)
 from rope_leak.models.errors import UnknownModelError, UnsupportedModelError
 from rope_leak.models.zoo import ZOO, ZooEntry, get_entry
 
@@ -351,6 +357,7 @@ def _ensure_converted_folder(
     with file_lock(folder):
         if _folder_complete(folder, sha):
             return folder  # another process converted it while we waited
+        remove_stale_temporaries(folder)  # left by a process killed while converting
         if folder.exists():
             logger.warning("rope_leak: %s is incomplete or stale; converting again.", folder)
             shutil.rmtree(folder)
@@ -521,8 +528,28 @@ def _original_bos_token_id(tokenizer: Any, hf_config: Any) -> int | None:
     return int(bos) if isinstance(bos, int) else None
 
 
+#: What ``rope_leak_source["sha256"]`` is the hash of, by kind of source.
+SHA256_OF = {"zoo": "gguf file", "gguf": "gguf file", "hf_folder": "weight files",
+             "official": "parameters", "hf_hub": "parameters", "tiny": "parameters"}
+
+
+def parameters_sha256(model: torch.nn.Module) -> str:
+    """sha256 of every parameter (sorted by name; name, dtype, shape and raw bytes), so a
+    model without a weight file (hub download, tiny test model) is still identified."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        tensor = param.detach().cpu().contiguous()
+        digest.update(f"{name} {str(tensor.dtype)} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _attach_provenance(model: HookedTransformer, name: str, kind: str, sha: str | None) -> None:
     model.cfg.model_name = name
+    model.rope_leak_sha256_of = SHA256_OF[kind]  # type: ignore[attr-defined]
+    if sha is None:  # hub downloads, folders without weight files: hash the parameters
+        sha = parameters_sha256(model)
+        model.rope_leak_sha256_of = "parameters"  # type: ignore[attr-defined]
     model.rope_leak_source = {"name": name, "kind": kind, "sha256": sha}  # type: ignore[attr-defined]
 
 

