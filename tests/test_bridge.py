@@ -85,13 +85,12 @@ def test_per_head_swap_agrees(pair, tokens):
 def test_same_per_head_shares(pair, tokens):
     """The full analysis (engine, fits, decomposition, sinks) on both models."""
     name, _, hooked, bridge = pair
-    # tokens stay within the local window of 4 for gemma? No: n = 12 > 4; only the
-    # 'pattern' target is compared there (log_pattern / scores are -inf outside the
-    # window on both models).
+    # For gemma3, n = 12 > window 4: both analyses score only pairs inside the window.
     a = analyze(hooked, tokens, progress=False, n_buckets=4)
     b = analyze(bridge, tokens, progress=False, n_buckets=4)
-    targets = ["pattern"] if name == "gemma3" else ["pattern", "log_pattern", "scores"]
-    for target in targets:
+    assert a.statistics.conditions["causal"].targets["pattern"].design.spec.max_offset == (
+        4 if name == "gemma3" else None)
+    for target in ["pattern", "log_pattern", "scores"]:
         da, db = a.decomposition(target), b.decomposition(target)
         np.testing.assert_allclose(db.total, da.total, atol=SHARE_TOL, rtol=0)
         np.testing.assert_allclose(db.resid, da.resid, atol=SHARE_TOL, rtol=0)

@@ -23,11 +23,14 @@ class PairSpec:
         include_sink: include key 0 (the sink column). Excluded by default.
         min_query: smallest query position scored.
         max_query: score only queries ``i < max_query`` ("early queries"); None = all.
+        max_offset: score only pairs with ``i - j < max_offset`` (set to the sliding
+            window when a model's local layers cannot see further); None = all.
     """
 
     include_sink: bool = False
     min_query: int = 1
     max_query: int | None = None
+    max_offset: int | None = None
 
     def __post_init__(self) -> None:
         if self.min_query < 0:
@@ -42,13 +45,17 @@ class PairSpec:
                 "--max-query or lower --min-query."
             )
 
+        if self.max_offset is not None and self.max_offset < 1:
+            raise ValueError(f"max_offset must be >= 1, got {self.max_offset}.")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def label(self) -> str:
         upper = "n" if self.max_query is None else str(self.max_query)
         keys = "0" if self.include_sink else "1"
-        return f"{self.min_query}<=i<{upper},{keys}<=j<=i"
+        window = "" if self.max_offset is None else f",i-j<{self.max_offset}"
+        return f"{self.min_query}<=i<{upper},{keys}<=j<=i{window}"
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,8 @@ class PairDesign:
         first_key = 0 if self.spec.include_sink else 1
         queries, keys = [], []
         for i in range(max(self.spec.min_query, 0), upper):
-            js = np.arange(first_key, i + 1)
+            lowest = first_key if self.spec.max_offset is None else max(first_key, i - self.spec.max_offset + 1)
+            js = np.arange(lowest, i + 1)
             queries.append(np.full(js.shape, i))
             keys.append(js)
         if not queries or sum(len(k) for k in keys) == 0:
