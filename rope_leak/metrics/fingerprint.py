@@ -33,9 +33,10 @@ from transformer_lens import HookedTransformer
 from rope_leak.interventions.position_zero_patch import resid_pre_name
 
 ALPHAS = tuple(10.0 ** np.arange(-3, 6))
-CONSTANT_TOLERANCE = 1e-7
-"""A feature whose cross-prompt std is below this times (its mean magnitude + 1) is treated
-as constant (float rounding is not content)."""
+CONSTANT_TOLERANCE = 1e-5
+"""A feature whose cross-prompt std is below this times the features' overall RMS is
+treated as constant: float32 rounding (prompts run in batches of different shapes differ
+by ~1e-7 relative) is not content."""
 
 
 @dataclass
@@ -59,7 +60,11 @@ class Fingerprint:
     def spread(self) -> pd.DataFrame:
         """Per head: cross-prompt std (root-mean over d_model) and largest deviation from the
         first prompt, of the fingerprint ``f`` and of ``written``; the cosine between the
-        most different ``written`` vectors."""
+        most different ``written`` vectors.
+
+        Within one batch the deviation is exactly 0 when all prompts share the position-0
+        token; across batches of different sizes float32 matmuls may round differently
+        (``fingerprint_relative_deviation`` ~1e-7)."""
         rows = []
         for k, (layer, head) in enumerate(self.heads):
             f, w = self.value[:, k], self.written[:, k]
@@ -68,6 +73,8 @@ class Fingerprint:
                 "layer": layer, "head": head, "label": f"L{layer}H{head}",
                 "fingerprint_std": float(np.sqrt(f.var(0, ddof=1).mean())) if len(f) > 1 else np.nan,
                 "fingerprint_max_abs_deviation": float(np.abs(f - f[:1]).max()),
+                "fingerprint_relative_deviation":
+                    float(np.abs(f - f[:1]).max() / max(np.linalg.norm(f, axis=-1).mean(), 1e-30)),
                 "written_std": float(np.sqrt(w.var(0, ddof=1).mean())) if len(w) > 1 else np.nan,
                 "written_min_cosine": float((wn @ wn.T).min()),
                 "attention0_mean": float(self.attention0[:, k].mean()),
@@ -226,7 +233,8 @@ def _cv_predictions(X: np.ndarray, Y: np.ndarray, folds: np.ndarray) -> tuple[np
         train, test = folds != fold, folds == fold
         x_mean, y_mean = X[train].mean(0), Y[train].mean(0)
         x_std = X[train].std(0)
-        keep = x_std > CONSTANT_TOLERANCE * (np.abs(x_mean) + 1.0)
+        scale = float(np.sqrt((X[train] ** 2).mean()))
+        keep = x_std > CONSTANT_TOLERANCE * scale
         used = max(used, int(keep.sum()))
         if not keep.any():
             pred[test] = y_mean
