@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from functools import partial
-from typing import ContextManager
 
 import numpy as np
 import pandas as pd

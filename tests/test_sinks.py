@@ -225,16 +225,29 @@ def test_real_trajectory_by_token(real_model, real_tokens):
     assert (traj.between_token_distance()["relative_min_distance"] > 0.01).all()
 
 
-@pytest.mark.real_model
-def test_real_fingerprint_constant_and_undecodable(real_model, real_tokens):
-    from rope_leak.metrics.bos import default_replacement_token
+@pytest.fixture(scope="module")
+def real_document_corpus(real_model):
+    """24 prompts of 64 tokens from the 4 longest Wikipedia articles (6 per article)."""
+    from rope_leak.corpus import load_corpus
+    from rope_leak.corpus.wikipedia import wikipedia_documents
 
-    reading = sink_reading(real_model, real_tokens[:4], source_token_id=default_replacement_token(real_tokens))
+    documents = sorted(wikipedia_documents(), key=lambda d: len(d.text))[-4:]
+    return load_corpus(real_model, documents, n_prompts=24, n_tokens=64, seed=0)
+
+
+@pytest.mark.real_model
+def test_real_fingerprint_constant_and_undecodable(real_model, real_document_corpus):
+    from rope_leak.metrics.bos import default_replacement_token
+    from rope_leak.sink_analysis import content_targets
+
+    tokens = real_document_corpus.tokens
+    reading = sink_reading(real_model, tokens[:4], source_token_id=default_replacement_token(tokens))
     heads = reading.heads()
     assert heads, "SmolLM2 should have sink-reading heads"
-    fp = fingerprint(real_model, real_tokens, heads, batch_size=8)
+    fp = fingerprint(real_model, tokens, heads, batch_size=8)
     assert (fp.spread()["fingerprint_relative_deviation"] < 1e-5).all()
-    targets, _ = bag_of_tokens(real_tokens, k=20)
+    targets, kind = content_targets(tokens, real_document_corpus.doc_ids)
+    assert kind == "document"
     table = probe_table(fp, targets, kinds=("fingerprint", "control_resid"), n_permutations=30).set_index("features")
     assert table.loc["fingerprint", "p_value"] >= 0.05 and table.loc["fingerprint", "r2"] <= 0
     assert table.loc["control_resid", "p_value"] < 0.05 and table.loc["control_resid", "r2"] > 0

@@ -17,13 +17,20 @@ on the same prompts and early-query pairs (default ``PairSpec(max_query=32)``):
   closed system); under the bidirectional ablation it also cuts what position 0 would
   otherwise absorb from later positions.
 
-Reported, per replacement, aggregated as the mean over all heads (ratio of means):
+Reported, per replacement, aggregated over all heads by ``aggregate`` (default the mean,
+so the fractions are ratios of means, as in :class:`~rope_leak.metrics.decomposition.Decomposition`;
+``"median"`` resists heads whose cross-fitted R² explodes because a replacement leaves
+their pattern nearly constant):
 
 * ``resid_removed_fraction = 1 - L_resid(replacement) / L_resid(baseline)``
 * ``leakage_relative = L_total(replacement) / L_total(baseline)``
 
 with percentile-bootstrap CIs from a paired bootstrap over prompt buckets (the same
 resampled prompts for every condition; buckets resampled within each cross-fitting fold).
+
+Small samples: cross-fitted shares are biased low (DESIGN.md §2) and with few prompts per
+fold both the shares and the ratios above are unstable (with 8 SmolLM2 prompts the
+baseline ``L_resid`` came out negative). Use P >= 64 for numbers to report.
 """
 
 from __future__ import annotations
@@ -88,9 +95,12 @@ class BosInterventions:
     target: str = "pattern"
     n_boot: int = 200
     seed: int = 0
+    aggregate: str = "mean"
     shares: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> [layer, head]
 
     def __post_init__(self) -> None:
+        if self.aggregate not in ("mean", "median"):
+            raise ValueError(f"aggregate must be 'mean' or 'median', got {self.aggregate!r}.")
         for name, cond in self.statistics.conditions.items():
             self.shares[name] = fit_shares(cond.targets[self.target]).share
 
@@ -109,12 +119,13 @@ class BosInterventions:
         return out
 
     def _summaries(self, shares: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-        base_total = np.nanmean(shares["baseline/causal"])
-        base_resid = np.nanmean(shares["baseline/bidirectional"])
+        agg = np.nanmean if self.aggregate == "mean" else np.nanmedian
+        base_total = agg(shares["baseline/causal"])
+        base_resid = agg(shares["baseline/bidirectional"])
         rows = {}
         for name in ["baseline", *self.replacements]:
-            total = np.nanmean(shares[f"{name}/causal"])
-            resid = np.nanmean(shares[f"{name}/bidirectional"])
+            total = agg(shares[f"{name}/causal"])
+            resid = agg(shares[f"{name}/bidirectional"])
             rows[name] = {
                 "L_total": total, "L_resid": resid, "L_mask": total - resid,
                 "leakage_relative": total / base_total if base_total != 0 else np.nan,
@@ -144,6 +155,7 @@ class BosInterventions:
         table = pd.DataFrame(rows)
         table["n_prompts"] = self.statistics.conditions["baseline/causal"].n_prompts
         table["token_id"] = self.token_id
+        table["aggregate"] = self.aggregate
         return table
 
     def head_table(self) -> pd.DataFrame:
@@ -169,6 +181,7 @@ def bos_interventions(
     batch_size: int = 8,
     n_buckets: int = DEFAULT_BUCKETS,
     seed: int = 0,
+    aggregate: str = "mean",
     progress: bool = False,
 ) -> BosInterventions:
     """Run baseline and every replacement under the causal and bidirectional masks
@@ -192,4 +205,5 @@ def bos_interventions(
     stats = run_statistics(model, tokens, conditions=conditions, targets=(target,), spec=spec,
                            batch_size=batch_size, n_buckets=n_buckets, progress=progress,
                            metadata={"replacements": replacements, "token_id": token_id})
-    return BosInterventions(stats, replacements, token_id, target=target, n_boot=n_boot, seed=seed)
+    return BosInterventions(stats, replacements, token_id, target=target, n_boot=n_boot, seed=seed,
+                            aggregate=aggregate)

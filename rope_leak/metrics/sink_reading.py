@@ -83,7 +83,7 @@ class SinkReading:
     def heads(self, threshold: float | None = None) -> list[tuple[int, int]]:
         """``(layer, head)`` of every sink-reading head."""
         t = self.threshold if threshold is None else threshold
-        return [(int(l), int(h)) for l, h in zip(*np.nonzero(self.relative_change > t))]
+        return [(int(l), int(h)) for l, h in zip(*np.nonzero(self.relative_change > t), strict=True)]
 
     def is_reading(self, threshold: float | None = None) -> np.ndarray:
         return self.relative_change > (self.threshold if threshold is None else threshold)
@@ -112,7 +112,7 @@ class SinkReading:
         layers, heads = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
         table = pd.DataFrame({
             "layer": layers.ravel(), "head": heads.ravel(),
-            "label": [f"L{l}H{h}" for l, h in zip(layers.ravel(), heads.ravel())],
+            "label": [f"L{l}H{h}" for l, h in zip(layers.ravel(), heads.ravel(), strict=True)],
             "relative_change": self.relative_change.ravel(),
             "key0_fraction": self.key0_fraction.ravel(),
             "sink_reading": self.is_reading().ravel(),

@@ -11,8 +11,8 @@ the spread becomes non-zero.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import ContextManager
 
 import numpy as np
 import pandas as pd
