@@ -175,7 +175,10 @@ def test_real_bos_interventions_change_the_residual_component(real_model):
                                n_boot=50, n_buckets=8)
     # 8 prompts are far too few for the fractions themselves (cross-fitted shares are
     # biased low); check what holds at any sample size
-    np.testing.assert_allclose(result.shares["replace_all/causal"], result.shares["token/causal"], atol=1e-4)
+    # equal up to float rounding (the pinned trajectory comes from a one-token pass), which
+    # heads with a nearly constant pattern amplify: relative tolerance as well
+    np.testing.assert_allclose(result.shares["replace_all/causal"], result.shares["token/causal"],
+                               atol=1e-4, rtol=1e-3)
     base = result.shares["baseline/bidirectional"]
     for replacement in ("token", "zeros", "replace_all"):
         assert np.abs(result.shares[f"{replacement}/bidirectional"] - base).max() > 1e-3
