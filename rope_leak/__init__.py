@@ -1,3 +1,36 @@
-"""rope_leak: where does absolute position come from in RoPE language models?"""
+"""rope_leak: where does absolute position come from in RoPE language models?
+
+The top-level names are the ones a session needs::
+
+    model = load_model("smollm2-135m")
+    corpus = load_corpus(model, "wikipedia", n_prompts=64, n_tokens=256)
+    analysis = analyze(model, corpus.tokens)
+"""
 
 __version__ = "0.1.0"
+
+from rope_leak.analysis import Analysis, analyze
+from rope_leak.corpus import Corpus, load_corpus
+from rope_leak.engine.pairs import PairSpec
+from rope_leak.engine.run import run_statistics
+from rope_leak.engine.statistics import RunStatistics
+from rope_leak.interventions.mask import bidirectional
+from rope_leak.interventions.position_zero import replace_position_zero
+from rope_leak.models import load_hf_model, load_model, tiny_rope_model
+from rope_leak.results import save_analysis
+
+__all__ = [
+    "Analysis",
+    "Corpus",
+    "PairSpec",
+    "RunStatistics",
+    "analyze",
+    "bidirectional",
+    "load_corpus",
+    "load_hf_model",
+    "load_model",
+    "replace_position_zero",
+    "run_statistics",
+    "save_analysis",
+    "tiny_rope_model",
+]

@@ -9,6 +9,7 @@ DataFrames and whose ``save(out_dir)`` writes ``results.json``, ``heads.csv``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,8 @@ from rope_leak.engine.statistics import TARGETS, RunStatistics
 from rope_leak.metrics.decomposition import Decomposition
 from rope_leak.metrics.shares import ShareFit, fit_shares
 from rope_leak.metrics.sinks import SINK_THRESHOLD, position_zero_profile, sink_heads, sink_scores
+from rope_leak.metrics.split import AblationFreeSplit, ablation_free_split
+from rope_leak.stats.inference import DecompositionInference, decomposition_inference
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")
 CONDITIONS = ("causal", "bidirectional")
@@ -38,6 +41,8 @@ class Analysis:
     target: str = "pattern"
     sink_threshold: float = SINK_THRESHOLD
     fits: dict[tuple[str, str], ShareFit] = field(default_factory=dict)
+    n_boot: int = 1000
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.target not in REPORTED_TARGETS:
@@ -72,6 +77,68 @@ class Analysis:
         target = target or self.target
         return Decomposition.from_fits(self.fits["causal", target], self.fits["bidirectional", target])
 
+    @cached_property
+    def _split(self) -> AblationFreeSplit:
+        return ablation_free_split(self.statistics.conditions["causal"], n_boot=self.n_boot, seed=self.seed)
+
+    @cached_property
+    def _inferences(self) -> dict[str, DecompositionInference]:
+        return {}
+
+    def inference(self, target: str | None = None) -> DecompositionInference:
+        """Debiased components with bootstrap CIs, sign-flip p-values and BH q-values
+        (see :mod:`rope_leak.stats.inference`); default: the headline target."""
+        target = target or self.target
+        if target not in self._inferences:
+            conditions = self.statistics.conditions
+            self._inferences[target] = decomposition_inference(
+                conditions["causal"], conditions["bidirectional"], target,
+                n_boot=self.n_boot, seed=self.seed,
+            )
+        return self._inferences[target]
+
+    def diagnostics(self) -> pd.DataFrame:
+        """Where the decomposition should not be read at face value, with the reason.
+
+        * a head whose debiased ``L_mask`` is negative beyond its CI (the bidirectional
+          swap raised its share: additivity violated);
+        * a layer (or the model) where the ablation-based composition of ``log_pattern``
+          and the ablation-free split's composition have disjoint CIs (the two
+          decompositions disagree). Both are about ``log_pattern``, so they are comparable.
+        Nothing is clipped; the rows only point at what to read with care.
+        """
+        rows = []
+        inf = self.inference()
+        for layer, head in zip(*np.nonzero(inf.mask.high < 0)):
+            rows.append({
+                "scope": "head", "where": head_label(layer, head), "issue": "additivity violated",
+                "reason": (f"debiased L_mask = {inf.mask.estimate[layer, head]:.4f} with CI "
+                           f"[{inf.mask.low[layer, head]:.4f}, {inf.mask.high[layer, head]:.4f}] < 0: "
+                           "the bidirectional swap raised this head's share"),
+            })
+        ablation, split = self.inference("log_pattern"), self.split()
+        layer_ci = split.layer_composition_ci
+        scopes = [("model", "model", ablation.composition, split.composition(), split.composition_ci)]
+        if layer_ci is not None:
+            comp = split.layer_composition()
+            for layer in range(self.n_layers):
+                abl = ablation.layer_composition[layer]
+                scopes.append(("layer", f"L{layer}", abl, comp[layer], tuple(layer_ci[layer])))
+        for scope, where, abl, split_value, split_ci in scopes:
+            low, high = float(abl.low), float(abl.high)
+            if high < split_ci[0] or low > split_ci[1]:
+                rows.append({
+                    "scope": scope, "where": where, "issue": "decompositions disagree",
+                    "reason": (f"log_pattern composition: ablation {float(abl.estimate):.3f} "
+                               f"[{low:.3f}, {high:.3f}] vs ablation-free split {split_value:.3f} "
+                               f"[{split_ci[0]:.3f}, {split_ci[1]:.3f}]"),
+                })
+        return pd.DataFrame(rows, columns=["scope", "where", "issue", "reason"])
+
+    def split(self) -> AblationFreeSplit:
+        """The ablation-free split of the causal run (see :mod:`rope_leak.metrics.split`)."""
+        return self._split
+
     def sink_scores(self, condition: str = "causal") -> np.ndarray:
         return sink_scores(self.statistics.conditions[condition])
 
@@ -102,27 +169,92 @@ class Analysis:
                 table[f"{prefix}_r2_abs"] = fit.r2_abs.ravel()
                 if fit.r2_cell is not None:
                     table[f"{prefix}_r2_cell"] = fit.r2_cell.ravel()
+        split = self.split()
+        table["split_log_pattern"] = split.log_pattern.ravel()
+        table["split_resid"] = split.scores.ravel()
+        table["split_mask"] = split.denominator.ravel()
+        table["split_cross"] = split.cross.ravel()
+        inf = self.inference()
+        for name, part in (("L_total", inf.total), ("L_resid", inf.resid), ("L_mask", inf.mask)):
+            table[f"{name}_debiased"] = part.estimate.ravel()
+            table[f"{name}_ci_low"] = part.low.ravel()
+            table[f"{name}_ci_high"] = part.high.ravel()
+        table["L_total_pvalue"] = inf.pvalue_total.ravel()
+        table["L_total_qvalue"] = inf.qvalue_total.ravel()
+        table["L_total_significant"] = inf.significant_total.ravel()
+        table["L_resid_pvalue"] = inf.pvalue_resid.ravel()
+        table["L_resid_qvalue"] = inf.qvalue_resid.ravel()
+        table["L_resid_significant"] = inf.significant_resid.ravel()
         table["sink_score"] = self.sink_scores("causal").ravel()
+        table["sink_score_ci_low"] = inf.sink.low.ravel()
+        table["sink_score_ci_high"] = inf.sink.high.ravel()
         table["sink_score_bidirectional"] = self.sink_scores("bidirectional").ravel()
         table["sink_head"] = table["sink_score"] > self.sink_threshold
-        table["additivity_violated"] = self.decomposition().additivity_violated().ravel()
+        # Flagged when the debiased L_mask is negative beyond its CI; the cross-fitted
+        # L_mask < 0 alone is often noise (see ``crossfit_L_mask_negative``).
+        table["additivity_violated"] = (inf.mask.high < 0).ravel()
+        table["crossfit_L_mask_negative"] = self.decomposition().additivity_violated().ravel()
         return table
 
     def layers(self, target: str | None = None) -> pd.DataFrame:
         table = self.decomposition(target).layer_table()
         table.insert(1, "target", target or self.target)
         table["sink_heads"] = (self.sink_scores() > self.sink_threshold).sum(1)
+        if (target or self.target) == self.target:
+            inf = self.inference()
+            table["composition_debiased"] = inf.layer_composition.estimate
+            table["composition_ci_low"] = inf.layer_composition.low
+            table["composition_ci_high"] = inf.layer_composition.high
+            table["L_total_debiased"] = inf.total.estimate.mean(1)
+            table["L_resid_debiased"] = inf.resid.estimate.mean(1)
+            table["L_mask_debiased"] = inf.mask.estimate.mean(1)
+        split = self.split()
+        table["split_resid"] = split.scores.mean(1)
+        table["split_mask"] = split.denominator.mean(1)
+        table["split_cross"] = split.cross.mean(1)
+        table["split_composition"] = split.layer_composition()
+        if split.layer_composition_ci is not None:
+            table["split_composition_ci_low"] = split.layer_composition_ci[:, 0]
+            table["split_composition_ci_high"] = split.layer_composition_ci[:, 1]
         return table
 
     def top_heads(self, k: int = 10) -> pd.DataFrame:
-        col = f"{self.target}_L_total"
-        cols = ["label", col, f"{self.target}_L_resid", f"{self.target}_L_mask", "sink_score"]
+        col = "L_total_debiased"
+        cols = ["label", "L_total_debiased", "L_total_ci_low", "L_total_ci_high", "L_total_qvalue",
+                "L_resid_debiased", "L_mask_debiased", f"{self.target}_L_total", "sink_score"]
         return self.heads().nlargest(k, col)[cols].reset_index(drop=True)
 
     def summary(self) -> dict:
-        out = {"target": self.target, "n_prompts": self.n_prompts}
-        out.update(self.decomposition().summary())
-        out["by_target"] = {t: self.decomposition(t).summary() for t in self.targets}
+        """Headline numbers. The components and composition are the *debiased* estimates with
+        bootstrap CIs (robust at realistic prompt counts); the cross-fitted shares of the
+        definition are under ``crossfit`` (means are sensitive to near-constant heads, so
+        medians are given too)."""
+        inf = self.inference().summary()
+        out = {"target": self.target, "n_prompts": self.n_prompts, "estimator": inf["share_estimator"]}
+        for key in ("composition", "L_total", "L_resid", "L_mask"):
+            name = key if key == "composition" else f"{key}_mean"
+            out[key] = inf[name]
+            out[f"{key}_ci"] = inf[f"{name}_ci"]
+        out["composition_aggregation"] = (
+            "sum over heads of L_mask / sum over heads of (L_mask + L_resid), debiased shares"
+        )
+        out["ci_level"] = inf["level"]
+        out["heads_significant_total"] = inf["heads_significant_total"]
+        out["heads_significant_resid"] = inf["heads_significant_resid"]
+        out["fdr_level"] = inf["fdr_level"]
+        dec = self.decomposition()
+        out["heads_additivity_violated"] = int((self.inference().mask.high < 0).sum())
+        out["additivity_violated"] = bool(out["L_mask_ci"][1] < 0)
+        out["crossfit"] = {t: self.decomposition(t).summary() for t in self.targets}
+        out["crossfit"][self.target]["L_total_median"] = float(np.median(dec.total))
+        out["crossfit"][self.target]["L_resid_median"] = float(np.median(dec.resid))
+        out["ablation_free_split"] = self.split().summary()
+        log_inf = self.inference("log_pattern")
+        out["ablation_free_split"]["ablation_composition_log_pattern"] = float(log_inf.composition.estimate)
+        out["ablation_free_split"]["ablation_composition_log_pattern_ci"] = [
+            float(log_inf.composition.low), float(log_inf.composition.high)]
+        diagnostics = self.diagnostics()
+        out["diagnostics"] = diagnostics.groupby("issue").size().to_dict() if len(diagnostics) else {}
         out["top_heads"] = self.top_heads(5)["label"].tolist()
         out["sink_heads"] = [head_label(l, h) for l, h in self.sink_heads()]
         pz = self.position_zero()
@@ -139,6 +271,8 @@ def analyze(
     batch_size: int = 8,
     n_buckets: int = DEFAULT_BUCKETS,
     sink_threshold: float = SINK_THRESHOLD,
+    n_boot: int = 1000,
+    seed: int = 0,
     progress: bool = True,
     prompt_ids=None,
     metadata: dict | None = None,
@@ -159,4 +293,4 @@ def analyze(
         model, tokens, targets=TARGETS, spec=spec, batch_size=batch_size, n_buckets=n_buckets,
         progress=progress, prompt_ids=prompt_ids, metadata=metadata,
     )
-    return Analysis(stats, target=target, sink_threshold=sink_threshold)
+    return Analysis(stats, target=target, sink_threshold=sink_threshold, n_boot=n_boot, seed=seed)

@@ -117,9 +117,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
                         overwrite=args.overwrite)
     s = analysis.summary()
-    print(f"composition (mask share) = {s['composition']:.3f}; mean L_total = {s['L_total']:.4f}, "
-          f"L_resid = {s['L_resid']:.4f}, L_mask = {s['L_mask']:.4f}; top heads: "
-          f"{', '.join(s['top_heads'])}")
+    ci = lambda key: f"[{s[key + '_ci'][0]:.3f}, {s[key + '_ci'][1]:.3f}]"  # noqa: E731
+    print(f"composition (mask share) = {s['composition']:.3f} {ci('composition')}; "
+          f"mean L_total = {s['L_total']:.4f} {ci('L_total')}, L_resid = {s['L_resid']:.4f} "
+          f"{ci('L_resid')}, L_mask = {s['L_mask']:.4f} {ci('L_mask')} (debiased, "
+          f"{s['ci_level']:.0%} CIs); top heads: {', '.join(s['top_heads'])}")
     print(f"wrote {out}/report.html in {finished - started:.0f} s")
     return 0
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import plotly.io as pio
 
 from rope_leak.analysis import Analysis
 from rope_leak.cache import atomic_write_text
-from rope_leak.plots import all_figures
+from rope_leak.plots import all_figures, top_heads_figure
 
 CAPTIONS = {
     "shares": "Each cell is one head. L_total is its absolute-position share under the causal "
@@ -18,7 +20,14 @@ CAPTIONS = {
               "scale for the three panels.",
     "composition": "Mean components per layer (bars) and the layer's composition, the fraction of its "
                    "absolute-position share that the causal mask creates (line, right axis).",
-    "sinks": "Mean attention each head puts on key 0. Heads above the threshold are attention sinks.",
+    "targets": "The same decomposition for each response: the pattern A, log A and the pre-softmax "
+               "scores s. The causal-mask part lives in the softmax denominator, so it should be near "
+               "zero for the scores, whose absolute position can only come from the residual stream.",
+    "intervals": "The 20 heads with the largest L_total and their confidence intervals (error bars), "
+                 "(bootstrap over prompt buckets, debiased share). An interval that reaches 0 "
+                 "means the head's absolute-position share is not distinguishable from none.",
+    "sinks": "Mean attention each head puts on key 0 (queries i ≥ 1), under the causal mask and under "
+             "the bidirectional ablation, on one 0–1 scale. Heads above the threshold are attention sinks.",
     "position_zero": "Left: how much the residual stream at position 0 varies across prompts, layer by "
                      "layer. With the same token at position 0 it is exactly 0 under the causal mask "
                      "(position 0 only sees itself) and not under the bidirectional ablation. Right: its "
@@ -28,6 +37,8 @@ CAPTIONS = {
 TITLES = {
     "shares": "Absolute-position share per head",
     "composition": "Causal mask vs residual stream, by layer",
+    "targets": "Pattern, log pattern and scores",
+    "intervals": "Uncertainty of the top heads",
     "sinks": "Attention sinks",
     "position_zero": "The position-0 trajectory",
 }
@@ -36,6 +47,7 @@ STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}.note{color:#555;font-size:.95em}.flag{color:#b00}
+.caption{color:#333;font-size:.95em;max-width:60em}.headline{font-size:1.1em;max-width:60em}
 """
 
 
@@ -47,25 +59,82 @@ def _fmt(value, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
+def _top_heads_table(analysis: Analysis, k: int = 10) -> pd.DataFrame:
+    """Top heads by the debiased L_total, with its CI, BH q-value and the components."""
+    return analysis.top_heads(k).rename(columns={
+        "L_total_debiased": "L_total", "L_total_ci_low": "ci_low", "L_total_ci_high": "ci_high",
+        "L_resid_debiased": "L_resid", "L_mask_debiased": "L_mask", "L_total_qvalue": "q (BH)",
+        f"{analysis.target}_L_total": "L_total (cross-fitted)",
+    })
+
+
+def _with_ci_column(table: pd.DataFrame, level: float) -> pd.DataFrame:
+    table = table.copy()
+    ci = [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in zip(table.pop("ci_low"), table.pop("ci_high"))]
+    table.insert(table.columns.get_loc("L_total") + 1, f"{level:.0%} CI", ci)
+    return table
+
+
+def _sink_heads_html(analysis: Analysis) -> str:
+    heads = analysis.heads()
+    sinks = heads[heads["sink_head"]].sort_values("sink_score", ascending=False)
+    if sinks.empty:
+        return f"<p>No head has a sink score above {analysis.sink_threshold}.</p>"
+    items = ", ".join(f"{html.escape(l)} ({v:.2f})" for l, v in zip(sinks["label"], sinks["sink_score"]))
+    return (f"<p><b>{len(sinks)} sink heads</b> (sink score &gt; {analysis.sink_threshold}, "
+            f"mean attention to key 0): {items}</p>")
+
+
+def _ci(values) -> str:
+    return f"[{values[0]:.4f}, {values[1]:.4f}]"
+
+
 def summary_html(analysis: Analysis) -> str:
     s = analysis.summary()
+    comp = s["composition"]
+    comp_text = "n/a" if not np.isfinite(comp) else f"{comp:.0%}"
+    level = f"{s['ci_level']:.0%}"
+    headline = (
+        f"<p class='headline'>Under the model's causal mask, the absolute-position share of "
+        f"<b>{html.escape(s['target'])}</b> averages <b>{s['L_total']:.4f}</b> {_ci(s['L_total_ci'])} "
+        f"(ΔR², debiased, {level} CI) per head; the causal mask accounts for <b>{comp_text}</b> "
+        f"{_ci(s['composition_ci'])} of it and the residual stream for the rest "
+        f"(mean L_mask {s['L_mask']:.4f}, L_resid {s['L_resid']:.4f}; {s['n_prompts']} prompts).</p>")
+    split = s["ablation_free_split"]
     rows = [
         ("target", s["target"]), ("prompts", s["n_prompts"]),
-        ("mean L_total (causal)", s["L_total"]), ("mean L_resid (bidirectional)", s["L_resid"]),
-        ("mean L_mask", s["L_mask"]), ("composition (mask share)", s["composition"]),
-        ("sink heads", ", ".join(s["sink_heads"]) or "none"),
-        ("heads with L_mask < 0 (additivity violated)", s["heads_additivity_violated"]),
+        (f"mean L_total (causal) [{level} CI]", f"{s['L_total']:.4f} {_ci(s['L_total_ci'])}"),
+        (f"mean L_resid (bidirectional) [{level} CI]", f"{s['L_resid']:.4f} {_ci(s['L_resid_ci'])}"),
+        (f"mean L_mask [{level} CI]", f"{s['L_mask']:.4f} {_ci(s['L_mask_ci'])}"),
+        (f"composition (mask share) [{level} CI]", f"{comp:.3f} {_ci(s['composition_ci'])}"),
+        ("ablation-free split: composition SS(−log Z) / (SS(−log Z) + SS(scores))", split["composition"]),
+        (f"heads with L_total > 0 (BH q < {s['fdr_level']})", s["heads_significant_total"]),
+        (f"heads with L_resid > 0 (BH q < {s['fdr_level']})", s["heads_significant_resid"]),
+        ("sink heads", len(s["sink_heads"])),
+        ("heads with L_mask < 0 beyond their CI (additivity violated)", s["heads_additivity_violated"]),
+        ("max cross-prompt std at position 0 (causal)", s["position_zero_max_std"].get("causal")),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
-    top = analysis.top_heads(10)
-    top_html = top.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0)
+    crossfit = pd.DataFrame([{"target": t, **{k: v for k, v in d.items() if isinstance(v, float)}}
+                             for t, d in s["crossfit"].items()])
+    crossfit_html = crossfit.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0)
+    top_html = _with_ci_column(_top_heads_table(analysis), s["ci_level"]).to_html(index=False, float_format=lambda x: f"{x:.4f}",
+                                                  border=0, na_rep="n/a")
     warn = ""
     if s["additivity_violated"]:
         warn = ("<p class='flag'>Additivity violated: the bidirectional ablation raised the mean "
-                "share (L_mask &lt; 0). Read the decomposition with care.</p>")
-    return (f"<h2>Summary</h2><table>{body}</table>{warn}"
-            f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}.</p>"
-            f"<h3>Top heads by L_total</h3>{top_html}")
+                "share (L_mask &lt; 0 beyond its CI). Read the ablation-based decomposition with care "
+                "and compare the ablation-free split.</p>")
+    return (f"<section id='summary'><h2>Summary</h2>{headline}<table>{body}</table>{warn}"
+            f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}. ΔR² = "
+            f"R²(M_abs) − R²(M_rel): 0 means offset alone explains the head's "
+            f"{html.escape(s['target'])} as well as absolute position does. Debiased shares are "
+            f"unbiased for the population share; the cross-fitted shares of the definition are biased "
+            f"low at small prompt counts (table below). CIs: bootstrap over prompt buckets; "
+            f"q: sign-flip null, Benjamini–Hochberg across heads.</p>"
+            f"<h3>Top heads by L_total</h3>{top_html}"
+            f"<h3>Sink heads</h3>{_sink_heads_html(analysis)}"
+            f"<h3>Cross-fitted shares by target (the definition; means over heads)</h3>{crossfit_html}</section>")
 
 
 def write_report(
@@ -75,11 +144,17 @@ def write_report(
     provenance: dict | None = None,
     run_info: dict | None = None,
 ) -> Path:
+    """Write a self-contained HTML report (opens offline: plotly.js is inlined once)."""
     figures = all_figures(analysis)
+    figures["intervals"] = top_heads_figure(
+        _top_heads_table(analysis, k=20), "L_total", ci=("ci_low", "ci_high"),
+        title=f"Top heads by L_total (debiased) with {analysis.inference().level:.0%} CIs "
+              f"(target {analysis.target})")
     sections = []
     for index, (key, fig) in enumerate(figures.items()):
         div = pio.to_html(fig, full_html=False, include_plotlyjs=(index == 0), div_id=f"fig-{key}")
-        sections.append(f"<h2>{TITLES[key]}</h2><p class='note'>{CAPTIONS[key]}</p>{div}")
+        sections.append(f"<section id='section-{key}'><h2>{TITLES[key]}</h2>"
+                        f"<p class='caption'>{CAPTIONS[key]}</p>{div}</section>")
     model_name = html.escape(str((provenance or {}).get("model", {}).get("name", "model")))
     footer = ""
     if provenance:

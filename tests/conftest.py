@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+import torch
+
 # ---------------------------------------------------------------------------------------
 # BEGIN engine fixtures (tiny random RoPE model and BOS-prefixed random prompts)
 # ---------------------------------------------------------------------------------------
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +59,6 @@ def real_hf_model():
 # ---------------------------------------------------------------------------------------
 # BEGIN corpus fixtures (rope_leak.corpus)
 # ---------------------------------------------------------------------------------------
-import numpy as np
-import pytest
 
 _CORPUS_WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from "

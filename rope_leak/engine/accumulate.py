@@ -76,7 +76,7 @@ class LayerAccumulator:
         self.sink_sum = torch.zeros(shape, **f64)
         self.count = torch.zeros(n_buckets, dtype=torch.long, device=device)
 
-    def add_prompts(self, prompt_ids: Int[Tensor, "batch"]) -> None:
+    def add_prompts(self, prompt_ids: Int[Tensor, " batch"]) -> None:
         buckets = prompt_ids % self.n_buckets
         self.count.index_add_(0, buckets.to(self.count.device), torch.ones_like(buckets))
 
@@ -85,7 +85,7 @@ class LayerAccumulator:
         store[:, layer].index_add_(0, index, values.double())
 
     def add_layer(
-        self, layer: int, scores: Float[Tensor, "batch head q k"], prompt_ids: Int[Tensor, "batch"]
+        self, layer: int, scores: Float[Tensor, "batch head q k"], prompt_ids: Int[Tensor, " batch"]
     ) -> None:
         scores = scores.float()
         log_z = torch.logsumexp(scores, dim=-1)  # [batch, head, q]

@@ -70,7 +70,7 @@ class ConditionRun:
         self._resid0.append(resid[:, 0])
         self._other_norm.append(resid[:, 1:].norm(dim=-1).mean(-1))
 
-    def run_batch(self, tokens: Int[Tensor, "batch pos"], prompt_ids: Int[Tensor, "batch"]) -> None:
+    def run_batch(self, tokens: Int[Tensor, "batch pos"], prompt_ids: Int[Tensor, " batch"]) -> None:
         self._prompt_ids = prompt_ids.to(self.model.cfg.device)
         self._resid0, self._other_norm = [], []
         with torch.no_grad(), self.model.hooks(fwd_hooks=self.hooks()):

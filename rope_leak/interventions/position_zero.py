@@ -24,7 +24,7 @@ def _embed_rows(model: HookedTransformer, token_ids: Tensor) -> Float[Tensor, "n
         return model.embed(token_ids[None, :])[0]
 
 
-def mean_embedding(model: HookedTransformer, chunk: int = 8192) -> Float[Tensor, "d_model"]:
+def mean_embedding(model: HookedTransformer, chunk: int = 8192) -> Float[Tensor, " d_model"]:
     total = None
     with torch.no_grad():
         for start in range(0, model.cfg.d_vocab, chunk):

@@ -61,8 +61,8 @@ def _fold_sums(stats: CellStatistics, weights: np.ndarray | None):
     for fold in (0, 1):
         wf = w[fold::2]
         out.append((
-            np.einsum("g,glhc->lhc", wf, stats.xty[fold::2]),
-            np.einsum("g,glh->lh", wf, stats.sumsq[fold::2]),
+            np.tensordot(wf, stats.xty[fold::2], axes=1),
+            np.tensordot(wf, stats.sumsq[fold::2], axes=1),
             float(wf @ stats.count[fold::2]),
         ))
     return out
@@ -77,8 +77,8 @@ def _relative_beta(design: PairDesign, xty_mean: np.ndarray) -> np.ndarray:
 
 
 def _sse(beta, xty, sumsq, n, gram):
-    quad = np.einsum("lhc,cd,lhd->lh", beta, gram, beta)
-    return sumsq - 2 * np.einsum("lhc,lhc->lh", beta, xty) + n * quad
+    quad = ((beta @ gram) * beta).sum(-1)
+    return sumsq - 2 * (beta * xty).sum(-1) + n * quad
 
 
 def _sst(design: PairDesign, xty, sumsq, n):

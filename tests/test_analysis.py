@@ -1,0 +1,112 @@
+"""The analysis, its files and the CLI, end to end on tiny models and on the real one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rope_leak.analysis import analyze
+from rope_leak.cli import main
+from rope_leak.corpus import load_corpus
+from rope_leak.results import OutputExistsError, save_analysis
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face folder (no tokenizer: byte fallback)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1)
+    folder = tmp_path_factory.mktemp("cli") / "tiny_rope_lm"
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory, synthetic_text):
+    folder = tmp_path_factory.mktemp("texts")
+    for k in range(6):
+        (folder / f"doc{k}.txt").write_text(synthetic_text(600, seed=k))
+    return folder
+
+
+def test_analysis_tables_are_consistent(tiny_model, tiny_tokens):
+    analysis = analyze(tiny_model, tiny_tokens, progress=False, batch_size=5)
+    heads = analysis.heads()
+    assert len(heads) == 2 * 4 and heads["label"].iloc[5] == "L1H1"
+    np.testing.assert_allclose(heads["pattern_L_mask"], heads["pattern_L_total"] - heads["pattern_L_resid"])
+    layers = analysis.layers()
+    np.testing.assert_allclose(layers["L_total"], heads.groupby("layer")["pattern_L_total"].mean())
+    summary = analysis.summary()
+    dec = analysis.decomposition()
+    crossfit = summary["crossfit"]["pattern"]["composition"]
+    assert crossfit == pytest.approx(dec.mask.sum() / (dec.mask.sum() + dec.resid.sum()))
+    # The headline composition is that of the debiased shares, inside its own CI.
+    total, resid = heads["L_total_debiased"].sum(), heads["L_resid_debiased"].sum()
+    assert summary["composition"] == pytest.approx((total - resid) / total)
+    low, high = summary["composition_ci"]
+    assert low <= summary["composition"] <= high
+    np.testing.assert_allclose(heads["L_mask_debiased"], heads["L_total_debiased"] - heads["L_resid_debiased"])
+    # The ablation-free split's log_pattern term is, by construction, log_pattern's debiased
+    # causal share; its parts add up to it.
+    split = analysis.split()
+    np.testing.assert_allclose(split.log_pattern, analysis.inference("log_pattern").total.estimate, rtol=1e-6)
+    assert split.identity_error < 1e-5
+    assert summary["position_zero_max_std"]["causal"] == 0.0
+    assert summary["position_zero_max_std"]["bidirectional"] > 0.0
+
+
+def test_too_few_prompts_is_a_clear_error(tiny_model, tiny_tokens):
+    with pytest.raises(ValueError, match="at least 4 prompts"):
+        analyze(tiny_model, tiny_tokens[:3], progress=False)
+
+
+def test_cli_writes_results_reproducibly(tiny_folder, text_corpus, tmp_path):
+    args = ["analyze", "--model", str(tiny_folder), "--corpus", str(text_corpus), "--prompts", "8",
+            "--tokens", "32", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    for name in ("results.json", "heads.csv", "layers.csv", "report.html", "statistics.npz"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    first = (tmp_path / "a" / "results.json").read_bytes()
+    assert first == (tmp_path / "b" / "results.json").read_bytes()
+    results = json.loads(first)
+    assert results["provenance"]["settings"]["prompts"] == 8
+    assert {"rope_leak", "torch", "transformer-lens"} <= set(results["provenance"]["versions"])
+    assert results["provenance"]["corpus"]["sha256"]
+    heads = pd.read_csv(tmp_path / "a" / "heads.csv")
+    assert list(heads["label"][:2]) == ["L0H0", "L0H1"]
+    # An existing output folder is never silently overwritten.
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    assert (tmp_path / "a" / "results.json").read_bytes() == first
+    assert main(args + ["--out", str(tmp_path / "a"), "--overwrite"]) == 0
+
+
+def test_save_refuses_existing_results(tiny_model, tiny_tokens, tmp_path):
+    analysis = analyze(tiny_model, tiny_tokens, progress=False)
+    save_analysis(analysis, tmp_path, report=False)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_analysis(analysis, tmp_path, report=False)
+
+
+@pytest.mark.real_model
+def test_real_model_analysis(real_model):
+    corpus = load_corpus(real_model, "wikipedia", n_prompts=8, n_tokens=48, seed=0)
+    assert (corpus.tokens[:, 0] == 1).all()
+    analysis = analyze(real_model, corpus.tokens, progress=False)
+    heads = analysis.heads()
+    assert len(heads) == 30 * 9
+    assert np.isfinite(heads["pattern_L_total"]).all()
+    # Position 0 holds the same BOS in every prompt: a closed system under the causal mask.
+    pz = analysis.position_zero()
+    assert max(pz["causal"]["std"]) == 0.0
+    assert min(pz["bidirectional"]["std"][1:]) > 0.0
+    # SmolLM2 has strong attention sinks.
+    assert len(analysis.sink_heads()) > 10
