@@ -127,6 +127,22 @@ def test_bos_table_has_every_replacement_with_cis(bos_result):
     assert (table["n_prompts"] == 8).all()
 
 
+def test_bos_estimators_agree_with_the_share_fits(bos_result):
+    from rope_leak.metrics.bos import BosInterventions
+    from rope_leak.stats.debias import debiased_share
+
+    for name, cond in bos_result.statistics.conditions.items():
+        np.testing.assert_allclose(bos_result.shares[name], debiased_share(cond.targets["pattern"]))
+    crossfit = BosInterventions(bos_result.statistics, bos_result.replacements, bos_result.token_id,
+                                n_boot=5, estimator="crossfit")
+    for name, cond in bos_result.statistics.conditions.items():
+        np.testing.assert_allclose(crossfit.shares[name], fit_shares(cond.targets["pattern"]).share, rtol=1e-5,
+                                   atol=1e-10)
+    assert (crossfit.table()["estimator"] == "crossfit").all()
+    with pytest.raises(ValueError, match="estimator"):
+        BosInterventions(bos_result.statistics, [], 0, estimator="bogus")
+
+
 def test_bos_median_aggregate(tiny_model, prompts, bos_result):
     from rope_leak.metrics.bos import BosInterventions
 

@@ -28,9 +28,11 @@ their pattern nearly constant):
 with percentile-bootstrap CIs from a paired bootstrap over prompt buckets (the same
 resampled prompts for every condition; buckets resampled within each cross-fitting fold).
 
-Small samples: cross-fitted shares are biased low (DESIGN.md §2) and with few prompts per
-fold both the shares and the ratios above are unstable (with 8 SmolLM2 prompts the
-baseline ``L_resid`` came out negative). Use P >= 64 for numbers to report.
+Shares: ``estimator="debiased"`` (default; :func:`rope_leak.stats.debias.debiased_share`,
+unbiased numerator) or ``"crossfit"`` (:func:`rope_leak.metrics.shares.fit_shares`).
+Small samples: cross-fitted shares are biased low (DESIGN.md §2) — with 8 SmolLM2 prompts
+the cross-fitted baseline ``L_resid`` came out negative — and with few prompts per fold
+the ratios above are unstable either way. Use P >= 64 for numbers to report.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ from rope_leak.engine.statistics import RunStatistics
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.interventions.position_zero_patch import replace_all_position_zero
-from rope_leak.metrics.shares import fit_shares
+from rope_leak.stats.bootstrap import bucket_weights
+from rope_leak.stats.projection import BucketProjection
+
+ESTIMATORS = ("debiased", "crossfit")
 
 REPLACEMENTS = ("token", "mean", "zeros", "noise", "replace_all")
 EARLY_QUERIES = PairSpec(max_query=32)
@@ -96,27 +101,24 @@ class BosInterventions:
     n_boot: int = 200
     seed: int = 0
     aggregate: str = "mean"
+    estimator: str = "debiased"
     shares: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> [layer, head]
 
     def __post_init__(self) -> None:
         if self.aggregate not in ("mean", "median"):
             raise ValueError(f"aggregate must be 'mean' or 'median', got {self.aggregate!r}.")
-        for name, cond in self.statistics.conditions.items():
-            self.shares[name] = fit_shares(cond.targets[self.target]).share
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}.")
+        self._projections = {name: BucketProjection.from_statistics(cond.targets[self.target])
+                             for name, cond in self.statistics.conditions.items()}
+        for name, projection in self._projections.items():
+            self.shares[name] = self._share(projection, None)[0]
 
-    def _boot_weights(self) -> list[np.ndarray]:
-        stats = next(iter(self.statistics.conditions.values())).targets[self.target]
-        count = stats.count
-        rng = np.random.default_rng(self.seed)
-        out = []
-        for _ in range(self.n_boot):
-            w = np.zeros(stats.n_buckets)
-            for fold in (0, 1):
-                filled = np.nonzero(count[fold::2] > 0)[0] * 2 + fold
-                draws = rng.choice(filled, size=len(filled), replace=True)
-                np.add.at(w, draws, 1.0)
-            out.append(w)
-        return out
+    def _share(self, projection: BucketProjection, weights: np.ndarray | None) -> np.ndarray:
+        """``[n_weights, layer, head]`` shares under bucket weights (None: all prompts once)."""
+        if self.estimator == "debiased":
+            return projection.debiased_share(weights)
+        return projection.crossfit_share(weights)
 
     def _summaries(self, shares: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         agg = np.nanmean if self.aggregate == "mean" else np.nanmedian
@@ -137,10 +139,12 @@ class BosInterventions:
         """One row per replacement (and the baseline): point estimates and bootstrap CIs."""
         point = self._summaries(self.shares)
         boots = []
-        for w in self._boot_weights():
-            shares = {name: fit_shares(c.targets[self.target], weights=w).share
-                      for name, c in self.statistics.conditions.items()}
-            boots.append(self._summaries(shares))
+        if self.n_boot > 0:
+            count = next(iter(self.statistics.conditions.values())).targets[self.target].count
+            weights = bucket_weights(count, self.n_boot, np.random.default_rng(self.seed))
+            samples = {name: self._share(p, weights) for name, p in self._projections.items()}
+            boots = [self._summaries({name: v[b] for name, v in samples.items()})
+                     for b in range(self.n_boot)]
         alpha = (1 - confidence) / 2
         rows = []
         for name, values in point.items():
@@ -156,6 +160,7 @@ class BosInterventions:
         table["n_prompts"] = self.statistics.conditions["baseline/causal"].n_prompts
         table["token_id"] = self.token_id
         table["aggregate"] = self.aggregate
+        table["estimator"] = self.estimator
         return table
 
     def head_table(self) -> pd.DataFrame:
@@ -182,6 +187,7 @@ def bos_interventions(
     n_buckets: int = DEFAULT_BUCKETS,
     seed: int = 0,
     aggregate: str = "mean",
+    estimator: str = "debiased",
     progress: bool = False,
 ) -> BosInterventions:
     """Run baseline and every replacement under the causal and bidirectional masks
@@ -206,4 +212,4 @@ def bos_interventions(
                            batch_size=batch_size, n_buckets=n_buckets, progress=progress,
                            metadata={"replacements": replacements, "token_id": token_id})
     return BosInterventions(stats, replacements, token_id, target=target, n_boot=n_boot, seed=seed,
-                            aggregate=aggregate)
+                            aggregate=aggregate, estimator=estimator)
