@@ -48,3 +48,18 @@ def test_cli_has_sinks_command():
     assert args.command == "sinks" and args.prompts == 8 and args.no_bos and args.documents == 4
     assert cli.COMMANDS["sinks"] is cli.run_sinks
     assert cli.build_parser().parse_args(["sinks"]).prompts == 32
+
+
+def test_patching_and_bos_figures(tiny_model):
+    from rope_leak import patching, plots_sinks
+    from rope_leak.metrics.bos import bos_interventions
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 50, (8, 12), generator=gen)
+    tokens[:, 0] = 0
+    result = patching.mask_swap_by_layer(tiny_model, tokens, n_buckets=8)
+    fig = plots_sinks.patching_heatmap(result, "L1")
+    assert fig.data[0].z.shape == (2, 4)
+    table = bos_interventions(tiny_model, tokens, replacements=("zeros",), n_boot=5, n_buckets=8).table()
+    assert len(plots_sinks.bos_interventions_figure(table).data) == 2
+    assert plots_sinks.bos_table_figure(table).data[0].type == "table"
