@@ -128,9 +128,10 @@ def fingerprint(
     control_layer = max(l for l, _ in heads) if control_layer is None else int(control_layer)
     layers = sorted({l for l, _ in heads})
     out = {"value": [], "att": [], "cvalue": [], "cresid": []}
+    store: dict = {}  # filled by the hooks, emptied for every batch
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(model.cfg.device)
-        store: dict = {}
+        store.clear()
 
         def hooks_for(layer: int):
             hs = [h for l, h in heads if l == layer]

@@ -177,15 +177,19 @@ def sink_reading(
         )
     n_layers = model.cfg.n_layers
     diff, base, frac = [], [], []
+    # filled by the hooks, emptied for every batch
+    resid_pre: dict[int, Tensor] = {}
+    z_clean: dict[int, Tensor] = {}
+    values: dict[int, Tensor] = {}
+    fractions: dict[int, Tensor] = {}
+    captured: dict[str, Tensor] = {}
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(model.cfg.device)
         source_tokens = batch.clone()
         source_tokens[:, 0] = int(source_token_id)
         source = record_position_zero(model, source_tokens)  # [layer+1, batch, d_model]
-        resid_pre: dict[int, Tensor] = {}
-        z_clean: dict[int, Tensor] = {}
-        values: dict[int, Tensor] = {}
-        fractions: dict[int, Tensor] = {}
+        for store in (resid_pre, z_clean, values, fractions, captured):
+            store.clear()
 
         def make_hooks(layer: int):
             W_O = model.blocks[layer].attn.W_O.detach()
@@ -219,7 +223,7 @@ def sink_reading(
                 block = model.blocks[layer]
                 patched_input = resid_pre[layer].clone()
                 patched_input[:, 0] = source[layer].to(patched_input)
-                captured = {}
+                captured.clear()
 
                 def grab_z(z, hook):
                     captured["z"] = z.detach()
