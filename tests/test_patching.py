@@ -123,6 +123,8 @@ def test_bos_table_has_every_replacement_with_cis(bos_result):
         assert (table[f"{metric}_low"] <= table[f"{metric}_high"]).all()
         assert np.isfinite(table[[f"{metric}_low", f"{metric}_high"]].to_numpy()).all()
     assert (table.loc[list(REPLACEMENTS), "L_resid_high"] > table.loc[list(REPLACEMENTS), "L_resid_low"]).all()
+    # the debiased share's pivotal interval is centred on the estimate's scale: it covers it
+    assert ((table["L_resid_low"] <= table["L_resid"]) & (table["L_resid"] <= table["L_resid_high"])).all()
     np.testing.assert_allclose(table["L_mask"], table["L_total"] - table["L_resid"])
     assert (table["n_prompts"] == 8).all()
 

@@ -25,8 +25,9 @@ their pattern nearly constant):
 * ``resid_removed_fraction = 1 - L_resid(replacement) / L_resid(baseline)``
 * ``leakage_relative = L_total(replacement) / L_total(baseline)``
 
-with percentile-bootstrap CIs from a paired bootstrap over prompt buckets (the same
-resampled prompts for every condition; buckets resampled within each cross-fitting fold).
+with bootstrap CIs from a paired bootstrap over prompt buckets (the same resampled prompts
+for every condition; buckets resampled within each cross-fitting fold; pivotal "basic"
+intervals by default, see :mod:`rope_leak.stats.bootstrap`).
 
 Shares: ``estimator="debiased"`` (default; :func:`rope_leak.stats.debias.debiased_share`,
 unbiased numerator) or ``"crossfit"`` (:func:`rope_leak.metrics.shares.fit_shares`).
@@ -53,7 +54,7 @@ from rope_leak.engine.statistics import RunStatistics
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.interventions.position_zero_patch import replace_all_position_zero
-from rope_leak.stats.bootstrap import bucket_weights
+from rope_leak.stats.bootstrap import bootstrap_statistic
 from rope_leak.stats.projection import BucketProjection
 
 ESTIMATORS = ("debiased", "crossfit")
@@ -120,47 +121,53 @@ class BosInterventions:
             return projection.debiased_share(weights)
         return projection.crossfit_share(weights)
 
-    def _summaries(self, shares: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-        agg = np.nanmean if self.aggregate == "mean" else np.nanmedian
-        base_total = agg(shares["baseline/causal"])
-        base_resid = agg(shares["baseline/bidirectional"])
-        rows = {}
-        for name in ["baseline", *self.replacements]:
-            total = agg(shares[f"{name}/causal"])
-            resid = agg(shares[f"{name}/bidirectional"])
-            rows[name] = {
-                "L_total": total, "L_resid": resid, "L_mask": total - resid,
-                "leakage_relative": total / base_total if base_total != 0 else np.nan,
-                "resid_removed_fraction": 1 - resid / base_resid if base_resid != 0 else np.nan,
-            }
-        return rows
+    METRICS = ("L_total", "L_resid", "L_mask", "leakage_relative", "resid_removed_fraction")
 
-    def table(self, confidence: float = 0.95) -> pd.DataFrame:
-        """One row per replacement (and the baseline): point estimates and bootstrap CIs."""
-        point = self._summaries(self.shares)
-        boots = []
+    def _summary_array(self, shares: dict[str, np.ndarray]) -> np.ndarray:
+        """``{condition: [B, layer, head]}`` -> ``[B, row, metric]`` (rows: baseline, then
+        the replacements; metrics: :attr:`METRICS`)."""
+        agg = np.nanmean if self.aggregate == "mean" else np.nanmedian
+        with np.errstate(divide="ignore", invalid="ignore"):
+            base_total = agg(shares["baseline/causal"], axis=(-2, -1))
+            base_resid = agg(shares["baseline/bidirectional"], axis=(-2, -1))
+            rows = []
+            for name in ["baseline", *self.replacements]:
+                total = agg(shares[f"{name}/causal"], axis=(-2, -1))
+                resid = agg(shares[f"{name}/bidirectional"], axis=(-2, -1))
+                rows.append(np.stack([total, resid, total - resid, total / base_total,
+                                      1 - resid / base_resid], -1))
+        return np.stack(rows, 1)
+
+    def table(self, confidence: float = 0.95, method: str = "basic") -> pd.DataFrame:
+        """One row per replacement (and the baseline): point estimates and bootstrap CIs.
+
+        CIs: :func:`rope_leak.stats.bootstrap.bootstrap_statistic` — one bucket resample
+        shared by every condition (paired), ``method="basic"`` (pivotal; the one valid for
+        the debiased share) or ``"percentile"``.
+        """
+        rows = ["baseline", *self.replacements]
         if self.n_boot > 0:
-            count = next(iter(self.statistics.conditions.values())).targets[self.target].count
-            weights = bucket_weights(count, self.n_boot, np.random.default_rng(self.seed))
-            samples = {name: self._share(p, weights) for name, p in self._projections.items()}
-            boots = [self._summaries({name: v[b] for name, v in samples.items()})
-                     for b in range(self.n_boot)]
-        alpha = (1 - confidence) / 2
-        rows = []
-        for name, values in point.items():
-            row = {"replacement": name}
-            for metric, value in values.items():
-                row[metric] = float(value)
-                if boots:
-                    samples = np.array([b[name][metric] for b in boots], dtype=float)
-                    low, high = np.nanquantile(samples, [alpha, 1 - alpha])
-                    row[f"{metric}_low"], row[f"{metric}_high"] = float(low), float(high)
-            rows.append(row)
-        table = pd.DataFrame(rows)
+            stats = {name: cond.targets[self.target] for name, cond in self.statistics.conditions.items()}
+            result = bootstrap_statistic(stats, self._summary_array, n_boot=self.n_boot, seed=self.seed,
+                                         level=confidence, share=self.estimator, method=method)
+            point, low, high = result.estimate, result.ci_low, result.ci_high
+        else:
+            point = self._summary_array({k: v[None] for k, v in self.shares.items()})[0]
+            low = high = None
+        records = []
+        for r, name in enumerate(rows):
+            record = {"replacement": name}
+            for m, metric in enumerate(self.METRICS):
+                record[metric] = float(point[r, m])
+                if low is not None:
+                    record[f"{metric}_low"], record[f"{metric}_high"] = float(low[r, m]), float(high[r, m])
+            records.append(record)
+        table = pd.DataFrame(records)
         table["n_prompts"] = self.statistics.conditions["baseline/causal"].n_prompts
         table["token_id"] = self.token_id
         table["aggregate"] = self.aggregate
         table["estimator"] = self.estimator
+        table["ci_method"] = method if low is not None else None
         return table
 
     def head_table(self) -> pd.DataFrame:
