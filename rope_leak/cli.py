@@ -75,6 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
                          help="bootstrap resamples of prompt buckets for CIs (0: none; default 200)")
     _add_run_arguments(compare)
     compare.set_defaults(out="rope_leak_compare")
+    sinks = sub.add_parser("sinks", help="sink heads, position-0 trajectory, sink-reading heads, "
+                           "fingerprint probe, BOS interventions")
+    sinks.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
+    _add_run_arguments(sinks)
+    sinks.set_defaults(prompts=32)
+    sinks.add_argument("--sink-threshold", type=float, default=0.3,
+                       help="sink score threshold (mean A[i,0] over i >= 1; default 0.3)")
+    sinks.add_argument("--reading-threshold", type=float, default=0.1,
+                       help="relative output change that makes a head sink-reading (default 0.1)")
+    sinks.add_argument("--source-token", type=int, default=None,
+                       help="other position-0 token for patching/replacements (default: most common token)")
+    sinks.add_argument("--reading-prompts", type=_positive_int, default=8,
+                       help="prompts used for sink reading (default 8)")
+    sinks.add_argument("--early-queries", type=_positive_int, default=32,
+                       help="BOS interventions score queries i < this (default 32)")
+    sinks.add_argument("--documents", type=_positive_int, default=None,
+                       help="draw the prompts from only this many documents (the longest), so the "
+                            "fingerprint probe can predict which document a prompt comes from")
+    sinks.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
+    sinks.add_argument("--permutations", type=int, default=100,
+                       help="permutations of the probe's null (default 100)")
+    sinks.add_argument("--no-bos", action="store_true", help="skip the BOS interventions")
+    sinks.add_argument("--no-probe", action="store_true", help="skip the fingerprint probe")
     return parser
 
 
@@ -199,7 +223,52 @@ def _clean(value):
     return str(value)
 
 
-COMMANDS = {"analyze": run_analyze, "compare": run_compare}
+def run_sinks(args: argparse.Namespace) -> int:
+    from rope_leak.corpus import load_corpus
+    from rope_leak.models import load_model
+    from rope_leak.sink_analysis import analyze_sinks, save_sinks
+
+    out = args.out
+    started = time.perf_counter()
+    print(f"rope-leak: loading {args.model} ...", file=sys.stderr)
+    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    source = args.corpus
+    if args.documents is not None:
+        if args.corpus != "wikipedia":
+            raise ValueError("--documents works with --corpus wikipedia only. Fix: drop --documents.")
+        from rope_leak.corpus.wikipedia import wikipedia_documents
+
+        documents = sorted(wikipedia_documents(), key=lambda d: len(d.text))
+        source = documents[-args.documents:]
+    corpus = load_corpus(model, source, n_prompts=args.prompts, n_tokens=args.tokens, seed=args.seed)
+    result = analyze_sinks(
+        model, corpus.tokens, doc_ids=corpus.doc_ids, sink_threshold=args.sink_threshold,
+        reading_threshold=args.reading_threshold, source_token_id=args.source_token,
+        reading_prompts=args.reading_prompts, early_queries=args.early_queries, bos=not args.no_bos,
+        probe=not args.no_probe, n_boot=args.bootstrap, n_permutations=args.permutations,
+        batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    provenance = {"model": dict(getattr(model, "rope_leak_source", {"name": args.model})),
+                  "corpus": corpus.to_dict(),
+                  "settings": {k: v for k, v in vars(args).items() if k != "func"}}
+    save_sinks(result, out, provenance=provenance, overwrite=args.overwrite)
+    summary = result.summary()
+    print(f"sink heads (> {args.sink_threshold}): {len(summary['sink_heads'])}; sink-reading heads "
+          f"(> {args.reading_threshold}): {len(summary['sink_reading']['sink_reading_heads'])}; "
+          f"max within-token std of the position-0 trajectory: "
+          f"{summary['trajectory']['max_within_token_deviation']:.3g}")
+    table = result.bos_table()
+    if table is not None:
+        for row in table.to_dict(orient="records")[1:]:
+            print(f"  {row['replacement']:>12}: L_resid removed {row['resid_removed_fraction']:+.3f} "
+                  f"[{row.get('resid_removed_fraction_low', float('nan')):+.3f}, "
+                  f"{row.get('resid_removed_fraction_high', float('nan')):+.3f}], "
+                  f"leakage {row['leakage_relative']:.3f}")
+    print(f"wrote {out}/sinks.json in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+COMMANDS = {"analyze": run_analyze, "compare": run_compare, "sinks": run_sinks}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,132 @@
+"""The position-0 trajectory: position 0's residual stream through the layers, grouped
+by the token that sits at position 0.
+
+Under the causal mask position 0 attends only to itself, so its trajectory is a
+function of its token alone: prompts sharing the position-0 token have *identical*
+trajectories (cross-prompt spread exactly 0), prompts with different tokens have
+different ones. Under the bidirectional ablation position 0 sees the whole prompt and
+the spread becomes non-zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rope_leak.interventions.position_zero_patch import record_position_zero
+
+
+@dataclass
+class Trajectories:
+    """``resid[p, d, :]`` = residual stream at position 0 of prompt ``p`` at depth ``d``
+    (``hook_resid_pre`` of layer ``d``; the last depth is the final ``hook_resid_post``)."""
+
+    resid: np.ndarray  # [prompt, depth, d_model], float64
+    position_zero_tokens: np.ndarray  # [prompt]
+    condition: str = "causal"
+
+    @property
+    def n_depths(self) -> int:
+        return self.resid.shape[1]
+
+    def groups(self) -> dict[int, np.ndarray]:
+        return {int(t): np.nonzero(self.position_zero_tokens == t)[0]
+                for t in np.unique(self.position_zero_tokens)}
+
+    def within_token_spread(self) -> pd.DataFrame:
+        """Per position-0 token and depth: the number of prompts, the largest absolute
+        deviation from the group's first prompt (exactly 0 when all are identical) and
+        the cross-prompt std (root-mean over the model dimension)."""
+        rows = []
+        for token, idx in self.groups().items():
+            group = self.resid[idx]
+            dev = np.abs(group - group[:1]).max(axis=(0, 2))
+            std = np.full(self.n_depths, np.nan)
+            if len(idx) > 1:
+                std = np.sqrt((group.std(0, ddof=1) ** 2).mean(-1))
+                std[dev == 0] = 0.0
+            for depth in range(self.n_depths):
+                rows.append({"token": token, "depth": depth, "n_prompts": len(idx),
+                             "max_abs_deviation": float(dev[depth]), "std": float(std[depth])})
+        return pd.DataFrame(rows)
+
+    def max_within_token_deviation(self) -> float:
+        return float(self.within_token_spread()["max_abs_deviation"].max())
+
+    def between_token_distance(self) -> pd.DataFrame:
+        """Per depth: the smallest and mean distance between the trajectories of two
+        different position-0 tokens (first prompt of each group), relative to the mean
+        norm of the position-0 stream at that depth."""
+        groups = self.groups()
+        reps = np.stack([self.resid[idx[0]] for idx in groups.values()])  # [token, depth, d]
+        rows = []
+        for depth in range(self.n_depths):
+            x = reps[:, depth]
+            norm = float(np.linalg.norm(x, axis=-1).mean())
+            dists = [np.linalg.norm(x[a] - x[b]) for a in range(len(x)) for b in range(a + 1, len(x))]
+            rows.append({
+                "depth": depth,
+                "min_distance": float(min(dists)) if dists else np.nan,
+                "mean_distance": float(np.mean(dists)) if dists else np.nan,
+                "relative_min_distance": float(min(dists)) / norm if dists and norm > 0 else np.nan,
+                "mean_norm": norm,
+            })
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict:
+        spread = self.within_token_spread()
+        return {
+            "condition": self.condition,
+            "tokens": sorted(self.groups()),
+            "max_within_token_deviation": float(spread["max_abs_deviation"].max()),
+            "within_token_std": spread.groupby("depth")["std"].max().tolist(),
+            "between_token_relative_min_distance":
+                self.between_token_distance()["relative_min_distance"].tolist(),
+        }
+
+
+def position_zero_trajectories(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "prompt pos"],
+    position_zero_tokens: Sequence[int] | Tensor | None = None,
+    *,
+    condition: Callable[[HookedTransformer], ContextManager] | None = None,
+    condition_name: str | None = None,
+    batch_size: int = 8,
+) -> Trajectories:
+    """Record the position-0 trajectory of every prompt.
+
+    Args:
+        position_zero_tokens: token to put at position 0 of each prompt (``[prompt]``);
+            default: keep the prompts' own position-0 tokens.
+        condition: an intervention (``model -> context manager``), e.g.
+            ``rope_leak.interventions.mask.bidirectional``; default: the causal model.
+    """
+    tokens = tokens.clone().long()
+    if position_zero_tokens is not None:
+        pz = torch.as_tensor(position_zero_tokens).long()
+        if pz.shape != (len(tokens),):
+            raise ValueError(
+                f"position_zero_tokens has shape {tuple(pz.shape)}; expected ({len(tokens)},), "
+                "one token per prompt."
+            )
+        tokens[:, 0] = pz
+    rows = []
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start:start + batch_size]
+        if condition is None:
+            rows.append(record_position_zero(model, batch))
+        else:
+            with condition(model):
+                rows.append(record_position_zero(model, batch))
+    resid = torch.cat(rows, 1).permute(1, 0, 2).double().numpy()
+    name = condition_name or ("causal" if condition is None else getattr(condition, "__name__", "condition"))
+    return Trajectories(resid, tokens[:, 0].numpy().copy(), name)

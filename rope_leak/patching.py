@@ -1,0 +1,274 @@
+"""Per-head patching helpers, in the style of ``transformer_lens.patching``, whose metric
+is every head's absolute-position share (DESIGN.md §2).
+
+Each helper runs a *target* condition (default: the model's own causal mask) with one
+intervention at one site, re-fits every head's share, and returns a
+:class:`PatchingResult` whose ``effect[s]`` is the ``[layer, head]`` table
+``share(patched at site s) - share(target)``:
+
+* :func:`mask_swap_by_layer` — bidirectional mask in one layer only;
+* :func:`mask_swap_by_head` — bidirectional mask in one head only;
+* :func:`patch_head_output` — one head's output (``blocks.{l}.attn.hook_z[:, :, h]``, all
+  positions) taken from a run under a *source* condition;
+* :func:`patch_position_zero_resid` — position 0 of ``blocks.{l}.hook_resid_pre`` taken from
+  a run under a source condition (e.g. another position-0 token).
+
+Heads upstream of the site are untouched, so their effect is exactly 0; the tests rely
+on it. Costs one forward pass per site and batch (plus one source run per batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rope_leak.engine.pairs import PairDesign, PairSpec
+from rope_leak.engine.run import DEFAULT_BUCKETS, ConditionRun, check_tokens
+from rope_leak.interventions.mask import bidirectional, causal
+from rope_leak.interventions.position_zero_patch import resid_pre_name
+from rope_leak.metrics.shares import fit_shares
+
+Condition = Callable[[HookedTransformer], ContextManager]
+BatchCondition = Callable[[HookedTransformer, Tensor], ContextManager]
+"""``(model, batch_tokens) -> context manager``: a condition that may depend on the batch
+(e.g. patches recorded from a source run on the same batch)."""
+
+
+@dataclass
+class PatchingResult:
+    """Shares of the target run and of each patched run.
+
+    Attributes:
+        sources: label of each patch site (``"L3"``, ``"L3H1"``, ...).
+        baseline: ``[layer, head]`` share under the target condition.
+        patched: ``[site, layer, head]`` share with the site patched.
+    """
+
+    sources: list[str]
+    baseline: np.ndarray
+    patched: np.ndarray
+    target: str
+    kind: str
+
+    @property
+    def effect(self) -> np.ndarray:
+        """``[site, layer, head]``: ``patched - baseline``."""
+        return self.patched - self.baseline[None]
+
+    def table(self, source: str | int = 0) -> pd.DataFrame:
+        """The ``[layer, head]`` effect table of one site (rows = layers, columns = heads)."""
+        index = self.sources.index(source) if isinstance(source, str) else int(source)
+        effect = self.effect[index]
+        return pd.DataFrame(effect, index=pd.Index(range(effect.shape[0]), name="layer"),
+                            columns=pd.Index(range(effect.shape[1]), name="head"))
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: one row per (site, layer, head)."""
+        n_sites, n_layers, n_heads = self.patched.shape
+        s, l, h = np.meshgrid(np.arange(n_sites), np.arange(n_layers), np.arange(n_heads), indexing="ij")
+        return pd.DataFrame({
+            "kind": self.kind, "source": np.array(self.sources)[s.ravel()],
+            "layer": l.ravel(), "head": h.ravel(),
+            "baseline_share": np.broadcast_to(self.baseline, self.patched.shape).ravel(),
+            "patched_share": self.patched.ravel(), "effect": self.effect.ravel(),
+        })
+
+
+def _as_batch_condition(condition: Condition) -> BatchCondition:
+    return lambda model, batch: condition(model)
+
+
+def run_batch_conditions(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "prompt pos"],
+    conditions: Mapping[str, BatchCondition],
+    *,
+    target: str = "pattern",
+    spec: PairSpec = PairSpec(),
+    batch_size: int = 8,
+    n_buckets: int = DEFAULT_BUCKETS,
+) -> dict[str, np.ndarray]:
+    """Stream ``tokens`` under batch-aware conditions; return each condition's share
+    ``[layer, head]`` for ``target`` (cross-fitted, as in :func:`fit_shares`)."""
+    tokens = check_tokens(model, tokens)
+    if len(tokens) < 4:
+        raise ValueError(
+            f"{len(tokens)} prompts are too few to cross-fit. Fix: use at least 4 prompts."
+        )
+    design = PairDesign(spec, tokens.shape[1])
+    runs = {name: ConditionRun(model, design, (target,), n_buckets) for name in conditions}
+    ids = torch.arange(len(tokens))
+    for start in range(0, len(tokens), batch_size):
+        batch, batch_ids = tokens[start:start + batch_size], ids[start:start + batch_size]
+        for name, condition in conditions.items():
+            with condition(model, batch):
+                runs[name].run_batch(batch, batch_ids)
+    return {name: fit_shares(run.statistics(name).targets[target]).share for name, run in runs.items()}
+
+
+def _finish(shares: dict[str, np.ndarray], sources: list[str], target: str, kind: str) -> PatchingResult:
+    return PatchingResult(
+        sources=sources, baseline=shares["__target__"],
+        patched=np.stack([shares[s] for s in sources]), target=target, kind=kind,
+    )
+
+
+@contextlib.contextmanager
+def _stack(*managers: ContextManager):
+    with contextlib.ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield
+
+
+def _check_head(model: HookedTransformer, layer: int, head: int) -> None:
+    if not (0 <= layer < model.cfg.n_layers and 0 <= head < model.cfg.n_heads):
+        raise ValueError(
+            f"head L{layer}H{head} does not exist: the model has layers 0..{model.cfg.n_layers - 1} "
+            f"and heads 0..{model.cfg.n_heads - 1}."
+        )
+
+
+def mask_swap_by_layer(
+    model: HookedTransformer, tokens: Tensor, layers: Iterable[int] | None = None, *,
+    target: str = "pattern", spec: PairSpec = PairSpec(), batch_size: int = 8,
+    n_buckets: int = DEFAULT_BUCKETS,
+) -> PatchingResult:
+    """Swap the causal mask for a bidirectional one in one layer at a time."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else [int(l) for l in layers]
+    conditions: dict[str, BatchCondition] = {"__target__": _as_batch_condition(causal)}
+    for layer in layers:
+        conditions[f"L{layer}"] = _as_batch_condition(partial(bidirectional, layers=[layer]))
+    shares = run_batch_conditions(model, tokens, conditions, target=target, spec=spec,
+                                  batch_size=batch_size, n_buckets=n_buckets)
+    return _finish(shares, [f"L{l}" for l in layers], target, "mask_swap_layer")
+
+
+def mask_swap_by_head(
+    model: HookedTransformer, tokens: Tensor, heads: Iterable[tuple[int, int]] | None = None, *,
+    target: str = "pattern", spec: PairSpec = PairSpec(), batch_size: int = 8,
+    n_buckets: int = DEFAULT_BUCKETS,
+) -> PatchingResult:
+    """Swap the mask of one head at a time (the other heads of its layer stay causal)."""
+    if heads is None:
+        heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    heads = [(int(l), int(h)) for l, h in heads]
+    conditions: dict[str, BatchCondition] = {"__target__": _as_batch_condition(causal)}
+    for layer, head in heads:
+        _check_head(model, layer, head)
+        conditions[f"L{layer}H{head}"] = _as_batch_condition(partial(bidirectional, heads={layer: [head]}))
+    shares = run_batch_conditions(model, tokens, conditions, target=target, spec=spec,
+                                  batch_size=batch_size, n_buckets=n_buckets)
+    return _finish(shares, [f"L{l}H{h}" for l, h in heads], target, "mask_swap_head")
+
+
+class _SourceCache:
+    """Activations of the source run on the current batch, recorded once per batch."""
+
+    def __init__(self, source: Condition, names: list[str]) -> None:
+        self.source, self.names = source, names
+        self._key: tuple | None = None
+        self.values: dict[str, Tensor] = {}
+
+    def get(self, model: HookedTransformer, batch: Tensor) -> dict[str, Tensor]:
+        key = (batch.data_ptr(), tuple(batch.shape), int(batch.sum()))
+        if key != self._key:
+            store: dict[str, Tensor] = {}
+
+            def grab(act, hook):
+                store[hook.name] = act.detach().clone()
+
+            with torch.no_grad(), self.source(model), model.hooks(
+                fwd_hooks=[(name, grab) for name in self.names]
+            ):
+                model(batch.to(model.cfg.device), return_type=None)
+            self._key, self.values = key, store
+        return self.values
+
+
+def patch_head_output(
+    model: HookedTransformer, tokens: Tensor, heads: Iterable[tuple[int, int]], *,
+    source: Condition = bidirectional, target_condition: Condition = causal,
+    target: str = "pattern", spec: PairSpec = PairSpec(), batch_size: int = 8,
+    n_buckets: int = DEFAULT_BUCKETS,
+) -> PatchingResult:
+    """Run ``target_condition`` with one head's output (``hook_z``, every position) taken
+    from a ``source`` run on the same prompts; one site per head in ``heads``."""
+    heads = [(int(l), int(h)) for l, h in heads]
+    for layer, head in heads:
+        _check_head(model, layer, head)
+    cache = _SourceCache(source, sorted({f"blocks.{l}.attn.hook_z" for l, _ in heads}))
+    conditions: dict[str, BatchCondition] = {"__target__": _as_batch_condition(target_condition)}
+
+    def site(layer: int, head: int) -> BatchCondition:
+        name = f"blocks.{layer}.attn.hook_z"
+
+        def condition(model: HookedTransformer, batch: Tensor) -> ContextManager:
+            values = cache.get(model, batch)[name]
+
+            def hook(z, hook):
+                z = z.clone()
+                z[:, :, head] = values[:, :, head].to(z)
+                return z
+
+            return _stack(target_condition(model), model.hooks(fwd_hooks=[(name, hook)]))
+
+        return condition
+
+    for layer, head in heads:
+        conditions[f"L{layer}H{head}"] = site(layer, head)
+    shares = run_batch_conditions(model, tokens, conditions, target=target, spec=spec,
+                                  batch_size=batch_size, n_buckets=n_buckets)
+    return _finish(shares, [f"L{l}H{h}" for l, h in heads], target, "head_output")
+
+
+def patch_position_zero_resid(
+    model: HookedTransformer, tokens: Tensor, layers: Iterable[int] | None = None, *,
+    source: Condition, target_condition: Condition = causal,
+    target: str = "pattern", spec: PairSpec = PairSpec(), batch_size: int = 8,
+    n_buckets: int = DEFAULT_BUCKETS,
+) -> PatchingResult:
+    """Run ``target_condition`` with position 0 of ``blocks.{l}.hook_resid_pre`` taken from
+    a ``source`` run on the same prompts (e.g. ``partial(replace_position_zero,
+    replacement="token", token_id=t)``); one site per layer, plus the site ``"all"``
+    when ``layers`` is None (every layer patched at once)."""
+    chosen = list(range(model.cfg.n_layers)) if layers is None else [int(l) for l in layers]
+    for layer in chosen:
+        if not 0 <= layer < model.cfg.n_layers:
+            raise ValueError(f"layer {layer} does not exist (0..{model.cfg.n_layers - 1}).")
+    cache = _SourceCache(source, [resid_pre_name(l) for l in range(model.cfg.n_layers)])
+    conditions: dict[str, BatchCondition] = {"__target__": _as_batch_condition(target_condition)}
+
+    def site(site_layers: list[int]) -> BatchCondition:
+        def condition(model: HookedTransformer, batch: Tensor) -> ContextManager:
+            values = cache.get(model, batch)
+
+            def hook(resid, hook):
+                resid = resid.clone()
+                resid[:, 0] = values[hook.name][:, 0].to(resid)
+                return resid
+
+            return _stack(target_condition(model),
+                          model.hooks(fwd_hooks=[(resid_pre_name(l), hook) for l in site_layers]))
+
+        return condition
+
+    sources = [f"L{l}" for l in chosen]
+    for layer in chosen:
+        conditions[f"L{layer}"] = site([layer])
+    if layers is None:
+        conditions["all"] = site(chosen)
+        sources.append("all")
+    shares = run_batch_conditions(model, tokens, conditions, target=target, spec=spec,
+                                  batch_size=batch_size, n_buckets=n_buckets)
+    return _finish(shares, sources, target, "position_zero_resid")

@@ -1,0 +1,65 @@
+"""The sinks orchestrator, its files, figures and CLI wiring (tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rope_leak import cli
+from rope_leak.sink_analysis import SINK_FILES, analyze_sinks, content_targets, save_sinks
+
+
+def test_analyze_and_save_sinks(tiny_model, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 50, (12, 16), generator=gen)
+    tokens[:, 0] = 0
+    doc_ids = [i % 3 for i in range(12)]
+    result = analyze_sinks(tiny_model, tokens, doc_ids=doc_ids, n_boot=10, n_permutations=10,
+                           early_queries=8)
+    summary = result.summary()
+    assert summary["trajectory"]["max_within_token_deviation"] == 0
+    assert summary["settings"]["probe_target"] == "document"
+    assert [r["replacement"] for r in summary["bos_interventions"]][0] == "baseline"
+    heads = result.heads()
+    assert {"sink_score", "sink_head", "relative_change", "key0_fraction"} <= set(heads.columns)
+    out = save_sinks(result, tmp_path / "out")
+    assert all((out / name).exists() for name in SINK_FILES)
+    payload = json.loads((out / "sinks.json").read_text())
+    assert payload["sink_reading"]["threshold"] == 0.1
+    with pytest.raises(FileExistsError):
+        save_sinks(result, out)
+    save_sinks(result, out, overwrite=True)
+    assert "Sink-reading heads" in (out / "sinks.html").read_text()
+
+
+def test_content_targets_fall_back_to_bag_of_tokens():
+    tokens = torch.tensor([[0, 1, 2, 2], [0, 3, 3, 1], [0, 1, 1, 1]])
+    targets, kind = content_targets(tokens, doc_ids=[5, 6, 7])
+    assert kind == "bag_of_tokens" and targets.shape[0] == 3
+    targets, kind = content_targets(tokens, doc_ids=[5, 5, 7])
+    assert kind == "document" and np.array_equal(targets[:, 0], [1, 1, 0])
+
+
+def test_cli_has_sinks_command():
+    args = cli.build_parser().parse_args(["sinks", "--prompts", "8", "--documents", "4", "--no-bos"])
+    assert args.command == "sinks" and args.prompts == 8 and args.no_bos and args.documents == 4
+    assert cli.COMMANDS["sinks"] is cli.run_sinks
+    assert cli.build_parser().parse_args(["sinks"]).prompts == 32
+
+
+def test_patching_and_bos_figures(tiny_model):
+    from rope_leak import patching, plots_sinks
+    from rope_leak.metrics.bos import bos_interventions
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 50, (8, 12), generator=gen)
+    tokens[:, 0] = 0
+    result = patching.mask_swap_by_layer(tiny_model, tokens, n_buckets=8)
+    fig = plots_sinks.patching_heatmap(result, "L1")
+    assert fig.data[0].z.shape == (2, 4)
+    table = bos_interventions(tiny_model, tokens, replacements=("zeros",), n_boot=5, n_buckets=8).table()
+    assert len(plots_sinks.bos_interventions_figure(table).data) == 2
+    assert plots_sinks.bos_table_figure(table).data[0].type == "table"
