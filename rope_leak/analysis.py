@@ -23,10 +23,10 @@ from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import DEFAULT_BUCKETS, run_statistics
 from rope_leak.engine.statistics import TARGETS, RunStatistics
 from rope_leak.metrics.decomposition import Decomposition
-from rope_leak.models.bridge import is_bridge, layer_kinds, window_size
 from rope_leak.metrics.shares import ShareFit, fit_shares
 from rope_leak.metrics.sinks import SINK_THRESHOLD, position_zero_profile, sink_heads, sink_scores
 from rope_leak.metrics.split import AblationFreeSplit, ablation_free_split
+from rope_leak.models.bridge import is_bridge, layer_kinds, window_size
 from rope_leak.stats.inference import DecompositionInference, decomposition_inference
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")

@@ -145,14 +145,13 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from rope_leak.analysis_arch import compare_models, parse_model_spec
     from rope_leak.cache import atomic_write_text
     from rope_leak.corpus import load_corpus
     from rope_leak.models import load_model
     from rope_leak.plots_arch import comparison_html
-
-    from pathlib import Path
 
     for model_spec in args.models:
         parse_model_spec(model_spec)  # fail on a bad spec before any loading
