@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
     _add_run_arguments(analyze)
+    analyze.add_argument("--no-sinks", action="store_true",
+                         help="skip the sink analysis (sink reading, position-0 trajectories, "
+                              "fingerprint probe, BOS interventions) and its report sections")
+    analyze.add_argument("--sink-prompts", type=_positive_int, default=16,
+                         help="prompts used by the sink analysis, the first of the corpus (default 16)")
     compare = sub.add_parser(
         "compare",
         help="compare models: L_total, L_mask, L_resid, composition, sink heads, depth slope (with CIs)",
@@ -106,9 +111,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     from rope_leak.analysis import analyze
     from rope_leak.corpus import load_corpus
     from rope_leak.models import load_model
-    from rope_leak.results import check_output_dir, save_analysis
+    from rope_leak.results import RESULT_FILES, check_output_dir, save_analysis
 
-    check_output_dir(args.out, args.overwrite)  # fail before the long run, not after
+    from rope_leak.sink_analysis import SINK_FILES
+
+    # Fail before the long run, not after.
+    check_output_dir(args.out, args.overwrite, RESULT_FILES + (() if args.no_sinks else SINK_FILES))
     spec = PairSpec(include_sink=args.include_sink, min_query=args.min_query, max_query=args.max_query)
     started = time.perf_counter()
     print(f"rope-leak: loading {args.model} ...", file=sys.stderr)
@@ -118,10 +126,20 @@ def run_analyze(args: argparse.Namespace) -> int:
     settings = {
         "model": args.model, "corpus": args.corpus, "prompts": args.prompts, "tokens": args.tokens,
         "seed": args.seed, "target": args.target, "pairs": spec.to_dict(), "dtype": args.dtype,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size, "no_sinks": args.no_sinks, "sink_prompts": args.sink_prompts,
     }
     analysis = analyze(model, corpus.tokens, target=args.target, spec=spec, batch_size=args.batch_size,
                        progress=not args.no_progress, metadata={"settings": settings})
+    sinks, sections = None, ()
+    if not args.no_sinks:
+        from rope_leak.plots_sinks import sections_html
+        from rope_leak.sink_analysis import analyze_sinks
+
+        count = min(args.sink_prompts, len(corpus.tokens))
+        print(f"rope-leak: sink analysis on {count} prompts ...", file=sys.stderr)
+        sinks = analyze_sinks(model, corpus.tokens[:count], doc_ids=corpus.doc_ids[:count],
+                              batch_size=args.batch_size, progress=not args.no_progress)
+        sections = (sections_html(sinks, include_plotlyjs=False),)
     finished = time.perf_counter()
     provenance = {
         "model": dict(getattr(model, "rope_leak_source", {"name": args.model})),
@@ -132,7 +150,11 @@ def run_analyze(args: argparse.Namespace) -> int:
                 "analysis_seconds": finished - loaded, "device": args.device,
                 "threads": torch.get_num_threads()}
     out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, extra_sections=sections)
+    if sinks is not None:
+        from rope_leak.sink_analysis import save_sinks
+
+        save_sinks(sinks, out, provenance=provenance, overwrite=True)
     s = analysis.summary()
     ci = lambda key: f"[{s[key + '_ci'][0]:.3f}, {s[key + '_ci'][1]:.3f}]"  # noqa: E731
     print(f"composition (mask share) = {s['composition']:.3f} {ci('composition')}; "

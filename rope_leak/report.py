@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +161,12 @@ def write_report(
     *,
     provenance: dict | None = None,
     run_info: dict | None = None,
+    extra_sections: Sequence[str] = (),
 ) -> Path:
-    """Write a self-contained HTML report (opens offline: plotly.js is inlined once)."""
+    """Write a self-contained HTML report (opens offline: plotly.js is inlined once).
+
+    ``extra_sections``: more HTML sections (e.g. :func:`rope_leak.plots_sinks.sections_html`
+    with ``include_plotlyjs=False``), placed after the analysis' own figures."""
     figures = all_figures(analysis)
     figures["intervals"] = top_heads_figure(
         _top_heads_table(analysis, k=20), "L_total", ci=("ci_low", "ci_high"),
@@ -185,5 +190,5 @@ def write_report(
         footer += f"<p class='note'>Run time: {run_info['seconds']:.0f} s.</p>"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rope_leak report: {model_name}</title>"
             f"<style>{STYLE}</style></head><body><h1>rope_leak: where does absolute position come from? "
-            f"({model_name})</h1>{summary_html(analysis)}{''.join(sections)}{footer}</body></html>")
+            f"({model_name})</h1>{summary_html(analysis)}{''.join(sections)}{''.join(extra_sections)}{footer}</body></html>")
     return atomic_write_text(path, page)

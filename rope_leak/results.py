@@ -10,6 +10,7 @@ inside the output folder and only renamed into place once all of them are comple
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 import math
 import os
 import platform
@@ -64,11 +65,12 @@ def to_jsonable(value):
     return value
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+def check_output_dir(out_dir: str | Path, overwrite: bool = False, files: Sequence[str] = RESULT_FILES) -> Path:
+    """Make ``out_dir`` if needed; refuse (unless ``overwrite``) when it holds any of ``files``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file. Fix: name a folder.")
-    existing = [name for name in RESULT_FILES if (out / name).exists()]
+    existing = [name for name in files if (out / name).exists()]
     if existing and not overwrite:
         raise OutputExistsError(
             f"{out} already holds results ({', '.join(existing)}). Fix: choose another --out "
@@ -112,6 +114,7 @@ def save_analysis(
     run_info: dict | None = None,
     overwrite: bool = False,
     report: bool = True,
+    extra_sections: Sequence[str] = (),
 ) -> Path:
     """Write every result file of ``analysis`` into ``out_dir``.
 
@@ -139,7 +142,7 @@ def save_analysis(
             from rope_leak.report import write_report
 
             write_report(analysis, staging / "report.html", provenance=payload["provenance"],
-                         run_info=run_info)
+                         run_info=run_info, extra_sections=extra_sections)
         atomic_write_text(staging / "results.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
         written = sorted(p.name for p in staging.iterdir())
         for name in written:
