@@ -141,6 +141,8 @@ REVIEWED_WRITES = {
     ("rope_leak/cache.py", "with archive.open(member) as src, open(out, \"wb\") as dst:"),
     ("rope_leak/models/zoo.py", "with open(out, \"wb\") as dst:"),
     ("rope_leak/models/loading.py", "hf_model.save_pretrained(tmp)"),
+    # A private, fresh tempfile.mkdtemp folder that nothing else reads while it is written.
+    ("rope_leak/models/bridge.py", "fast.save_pretrained(folder)"),
     ("rope_leak/models/loading.py", "tokenizer.save_pretrained(tmp)"),
     ("rope_leak/models/loading.py",
      "(tmp / _MARKER).write_text(json.dumps(marker, indent=2), encoding=\"utf-8\")"),
