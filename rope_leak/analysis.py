@@ -163,11 +163,15 @@ def analyze(
     progress: bool = True,
     prompt_ids=None,
     metadata: dict | None = None,
+    checkpoint=None,
+    checkpoint_every: int = 0,
+    checkpoint_seconds: float = 0.0,
 ) -> Analysis:
     """Run the full decomposition of ``model`` on ``tokens`` (``[prompt, pos]``).
 
     One forward pass per batch and condition (causal, bidirectional) accumulates all
-    targets at once; see :func:`rope_leak.engine.run.run_statistics`.
+    targets at once; see :func:`rope_leak.engine.run.run_statistics` (also for
+    ``prompt_ids`` and the resumable ``checkpoint``).
     """
     if target not in REPORTED_TARGETS:
         raise ValueError(f"target must be one of {REPORTED_TARGETS}, got {target!r}.")
@@ -178,6 +182,7 @@ def analyze(
         )
     stats = run_statistics(
         model, tokens, targets=TARGETS, spec=spec, batch_size=batch_size, n_buckets=n_buckets,
-        progress=progress, prompt_ids=prompt_ids, metadata=metadata,
+        progress=progress, prompt_ids=prompt_ids, metadata=metadata, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
     )
     return Analysis(stats, target=target, sink_threshold=sink_threshold)
