@@ -47,8 +47,9 @@ def text_corpus(tmp_path_factory, synthetic_text):
     return folder
 
 
-def cli(*args, check=True, **kwargs):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def cli(*args, check=True, env_extra=None, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-m", "rope_leak.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, **kwargs)
     if check and proc.returncode != 0:
@@ -188,10 +189,12 @@ def test_torchrun_example_two_ranks_gloo(tiny_folder, text_corpus, tmp_path):
     common = ["--model", tiny_folder, "--corpus", text_corpus, "--prompts", 8, "--tokens", 24,
               "--batch-size", 2, "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=0",
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2",
                            str(ROOT / "examples" / "torchrun_shards.py"), *map(str, common),
                            "--out", str(tmp_path / "dist")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cli("analyze", *common, "--out", tmp_path / "single")
+    # same thread count as the ranks: float32 forward passes depend on it
+    cli("analyze", *common, "--out", tmp_path / "single", env_extra={"OMP_NUM_THREADS": "1"})
     compare_results(tmp_path / "single" / "results.json", tmp_path / "dist" / "results.json")
+    assert (tmp_path / "dist" / "report.html").exists()
