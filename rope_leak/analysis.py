@@ -395,11 +395,15 @@ def analyze(
     prompt_ids=None,
     metadata: dict | None = None,
     on_missing_bos: str = "error",
+    checkpoint=None,
+    checkpoint_every: int = 0,
+    checkpoint_seconds: float = 0.0,
 ) -> Analysis:
     """Run the full decomposition of ``model`` on ``tokens`` (``[prompt, pos]``).
 
     One forward pass per batch and condition (causal, bidirectional) accumulates all
-    targets at once; see :func:`rope_leak.engine.run.run_statistics`.
+    targets at once; see :func:`rope_leak.engine.run.run_statistics` (also for
+    ``prompt_ids`` and the resumable ``checkpoint``).
 
     ``on_missing_bos``: what to do when the model expects a BOS at position 0 and some
     prompts lack it (see :func:`check_bos`): ``"error"`` (default, :class:`MissingBOSError`),
@@ -429,7 +433,8 @@ def analyze(
             )
     stats = run_statistics(
         model, tokens, targets=TARGETS, spec=spec, batch_size=batch_size, n_buckets=n_buckets,
-        progress=progress, prompt_ids=prompt_ids, metadata=metadata,
+        progress=progress, prompt_ids=prompt_ids, metadata=metadata, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
     )
     inputs = {
         "model": model_fingerprint(model),

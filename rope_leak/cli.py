@@ -2,6 +2,10 @@
 
 Every run writes into ``--out``: ``results.json``, ``heads.csv``, ``layers.csv``,
 ``statistics.npz``, ``report.html`` and ``run_info.json`` (timings).
+``analyze --shard k/N`` writes only ``statistics.npz`` and ``shard.json``;
+``rope-leak merge SHARD_DIR... --out DIR`` turns finished shards into the full results.
+A long ``analyze`` checkpoints into ``--out`` and, rerun with the same arguments after
+an interruption, resumes from there.
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="permutations of the probe's null (default 100)")
     sinks.add_argument("--no-bos", action="store_true", help="skip the BOS interventions")
     sinks.add_argument("--no-probe", action="store_true", help="skip the fingerprint probe")
+    _add_scale_arguments(analyze)
+    _add_merge_parser(sub)
     return parser
 
 
@@ -112,11 +118,16 @@ def run_analyze(args: argparse.Namespace) -> int:
     from rope_leak.corpus import load_corpus
     from rope_leak.models import load_model
     from rope_leak.results import RESULT_FILES, check_output_dir, save_analysis
-
+    from rope_leak.scale import CHECKPOINT_FILE, check_shard_output, parse_shard
     from rope_leak.sink_analysis import SINK_FILES
 
-    # Fail before the long run, not after.
-    check_output_dir(args.out, args.overwrite, RESULT_FILES + (() if args.no_sinks else SINK_FILES))
+    shard = parse_shard(getattr(args, "shard", None))
+    if shard is None:
+        # Fail before the long run, not after.
+        check_output_dir(args.out, args.overwrite, RESULT_FILES + (() if args.no_sinks else SINK_FILES))
+    else:
+        check_shard_output(args.out, args.overwrite)
+    checkpoint = _checkpoint_path(args, CHECKPOINT_FILE)
     spec = PairSpec(include_sink=args.include_sink, min_query=args.min_query, max_query=args.max_query)
     started = time.perf_counter()
     print(f"rope-leak: loading {args.model} ...", file=sys.stderr)
@@ -128,8 +139,16 @@ def run_analyze(args: argparse.Namespace) -> int:
         "seed": args.seed, "target": args.target, "pairs": spec.to_dict(), "dtype": args.dtype,
         "batch_size": args.batch_size, "no_sinks": args.no_sinks, "sink_prompts": args.sink_prompts,
     }
+    provenance = {
+        "model": dict(getattr(model, "rope_leak_source", {"name": args.model})),
+        "corpus": corpus.to_dict(),
+        "settings": settings,
+    }
+    resume = _resume_options(args, checkpoint)
+    if shard is not None:
+        return _run_shard(args, model, corpus, spec, settings, provenance, shard, resume)
     analysis = analyze(model, corpus.tokens, target=args.target, spec=spec, batch_size=args.batch_size,
-                       progress=not args.no_progress, metadata={"settings": settings})
+                       progress=not args.no_progress, metadata={"settings": settings}, **resume)
     sinks, sections = None, ()
     if not args.no_sinks:
         from rope_leak.plots_sinks import sections_html
@@ -141,11 +160,6 @@ def run_analyze(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, progress=not args.no_progress)
         sections = (sections_html(sinks, include_plotlyjs=False),)
     finished = time.perf_counter()
-    provenance = {
-        "model": dict(getattr(model, "rope_leak_source", {"name": args.model})),
-        "corpus": corpus.to_dict(),
-        "settings": settings,
-    }
     run_info = {"seconds": finished - started, "load_seconds": loaded - started,
                 "analysis_seconds": finished - loaded, "device": args.device,
                 "threads": torch.get_num_threads()}
@@ -155,6 +169,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         from rope_leak.sink_analysis import save_sinks
 
         save_sinks(sinks, out, provenance=provenance, overwrite=True)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # the results are written: nothing to resume
     s = analysis.summary()
     ci = lambda key: f"[{s[key + '_ci'][0]:.3f}, {s[key + '_ci'][1]:.3f}]"  # noqa: E731
     print(f"composition (mask share) = {s['composition']:.3f} {ci('composition')}; "
@@ -289,7 +305,93 @@ def run_sinks(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"analyze": run_analyze, "compare": run_compare, "sinks": run_sinks}
+# --------------------------------------------------------------------------------------
+# Scale out and resume: `analyze --shard k/N`, checkpoints, `merge` (rope_leak.scale)
+# --------------------------------------------------------------------------------------
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scale out and resume")
+    group.add_argument("--shard", default=None, metavar="k/N",
+                       help="run only shard k of N (contiguous whole batches, global prompt "
+                            "indices) and write its statistics.npz + shard.json, no report; "
+                            "combine the shards with `rope-leak merge`")
+    group.add_argument("--checkpoint-minutes", type=_nonnegative_float, default=10.0,
+                       help="save resumable statistics to --out/checkpoint.npz at most this often "
+                            "(default 10; 0 = only with --checkpoint-every). Rerun the same "
+                            "command after an interruption to resume.")
+    group.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                       help="also checkpoint after every K batches (default 0: off)")
+
+
+def _checkpoint_path(args: argparse.Namespace, name: str):
+    from pathlib import Path
+
+    if getattr(args, "checkpoint_minutes", 0) or getattr(args, "checkpoint_every", 0):
+        return Path(args.out) / name
+    return None
+
+
+def _resume_options(args: argparse.Namespace, checkpoint) -> dict:
+    if checkpoint is None:
+        return {}
+    if checkpoint.exists():
+        print(f"rope-leak: resuming from {checkpoint}", file=sys.stderr)
+    return {"checkpoint": checkpoint, "checkpoint_every": getattr(args, "checkpoint_every", 0),
+            "checkpoint_seconds": 60.0 * getattr(args, "checkpoint_minutes", 0.0)}
+
+
+def _run_shard(args, model, corpus, spec, settings, provenance, shard, resume) -> int:
+    from rope_leak.engine.run import run_statistics
+    from rope_leak.scale import shard_prompts, write_shard
+
+    prompts = shard_prompts(len(corpus.tokens), args.batch_size, shard)
+    started = time.perf_counter()
+    stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=spec,
+                           batch_size=args.batch_size, prompt_ids=prompts,
+                           progress=not args.no_progress, metadata={"settings": settings}, **resume)
+    out = write_shard(stats, args.out, shard=shard, n_prompts=len(corpus.tokens), provenance=provenance)
+    if resume:
+        resume["checkpoint"].unlink(missing_ok=True)
+    print(f"wrote shard {shard[0]}/{shard[1]} (prompts {prompts.start}..{prompts.stop - 1}) to {out} "
+          f"in {time.perf_counter() - started:.0f} s; combine with `rope-leak merge`")
+    return 0
+
+
+def _add_merge_parser(sub) -> None:
+    merge = sub.add_parser("merge", help="combine `analyze --shard` outputs into the full results")
+    merge.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="--out folders of the shards")
+    merge.add_argument("--out", required=True, help="output folder for the merged results")
+    merge.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    merge.add_argument("--no-report", action="store_true", help="skip report.html")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from rope_leak.analysis import Analysis
+    from rope_leak.results import check_output_dir, save_analysis
+    from rope_leak.scale import load_shards
+
+    check_output_dir(args.out, args.overwrite)
+    started = time.perf_counter()
+    stats, provenance = load_shards(args.shards)
+    analysis = Analysis(stats, target=provenance["settings"]["target"])
+    run_info = {"merged_shards": [str(s) for s in args.shards],
+                "merge_seconds": time.perf_counter() - started}
+    out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
+                        overwrite=args.overwrite, report=not args.no_report)
+    print(f"merged {len(args.shards)} shards ({analysis.n_prompts} prompts) into {out}")
+    return 0
+
+
+COMMANDS = {"analyze": run_analyze, "compare": run_compare, "sinks": run_sinks, "merge": run_merge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

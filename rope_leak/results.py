@@ -10,12 +10,12 @@ inside the output folder and only renamed into place once all of them are comple
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 import math
 import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 

@@ -7,11 +7,12 @@ with the number of prompts, and runs over disjoint prompts merge by addition.
 
 from __future__ import annotations
 
-import contextlib
+import json
+import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import ContextManager
+from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
 
-import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -81,6 +82,17 @@ class ConditionRun:
             torch.stack(self._other_norm, 1).cpu().numpy(),
         )
 
+    def restore(self, saved: ConditionStatistics) -> None:
+        """Continue from statistics saved by an earlier (interrupted) run."""
+        acc = self.acc
+        for target in acc.targets:
+            st = saved.targets[target]
+            for key in ("xty", "sumsq", "cell_sum"):
+                getattr(acc, key)[target].copy_(torch.from_numpy(getattr(st, key)))
+        acc.count.copy_(torch.from_numpy(next(iter(saved.targets.values())).count))
+        acc.sink_sum.copy_(torch.from_numpy(saved.sink_sum))
+        self.position_zero = saved.position_zero
+
     def statistics(self, name: str) -> ConditionStatistics:
         return ConditionStatistics(
             name, self.acc.to_statistics(), self.acc.sink_sum.cpu().numpy(), self.position_zero
@@ -117,6 +129,9 @@ def run_statistics(
     prompt_ids: Iterable[int] | None = None,
     progress: bool = True,
     metadata: dict | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 0,
+    checkpoint_seconds: float = 0.0,
 ) -> RunStatistics:
     """Stream ``tokens`` through ``model`` under each condition and accumulate statistics.
 
@@ -126,6 +141,13 @@ def run_statistics(
         spec: which (query, key) pairs are scored.
         prompt_ids: global index of each prompt (for shards; default ``0..P-1``). A prompt's
             index fixes its fold (parity) and bucket, so shards merge exactly.
+        checkpoint: a file to resume from when it exists (after checking that it was
+            written by a run with the same metadata, conditions, targets, pairs and prompts),
+            and to save the statistics to, atomically, after every ``checkpoint_every``
+            batches, or once ``checkpoint_seconds`` have passed since the last save
+            (0: never). Checkpoints fall between whole batches. A resumed run skips the batches already done and ends with
+            statistics identical to an uninterrupted run's (same batches, same order of
+            float64 additions). The caller removes the file once its results are written.
     """
     tokens = check_tokens(model, tokens)
     conditions = dict(DEFAULT_CONDITIONS if conditions is None else conditions)
@@ -139,29 +161,67 @@ def run_statistics(
     design = PairDesign(spec, tokens.shape[1])
     targets = tuple(targets)
     runs = {name: ConditionRun(model, design, targets, n_buckets) for name in conditions}
-    starts = range(0, len(tokens), batch_size)
+    starts = list(range(0, len(tokens), batch_size))
+    done: set[int] = set()
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = RunStatistics.load(checkpoint)
+        _check_resumable(saved, checkpoint, dict(metadata or {}), runs, design, targets, n_buckets,
+                         ids, batch_size)
+        for name, run in runs.items():
+            run.restore(saved.conditions[name])
+        done = set(saved.prompts_done)
+
+    def snapshot(prompts: Iterable[int]) -> RunStatistics:
+        return RunStatistics(
+            {name: run.statistics(name) for name, run in runs.items()},
+            dict(metadata or {}),
+            sorted(int(i) for i in prompts),
+        )
+
     bar = tqdm(total=len(tokens) * len(conditions), disable=not progress,
-               desc="forward passes", unit="prompt")
+               desc="forward passes", unit="prompt", initial=len(done) * len(conditions))
+    since_checkpoint, last_save = 0, time.monotonic()
     with bar:
-        for start in starts:
+        for k, start in enumerate(starts):
             batch, batch_ids = tokens[start:start + batch_size], ids[start:start + batch_size]
+            if done and int(batch_ids[0]) in done:
+                continue  # resumed: done before the checkpoint (whole batches only)
             for name, condition in conditions.items():
                 bar.set_postfix_str(name)
                 with condition(model):
                     runs[name].run_batch(batch, batch_ids)
                 bar.update(len(batch))
-    return RunStatistics(
-        {name: run.statistics(name) for name, run in runs.items()},
-        dict(metadata or {}),
-        sorted(int(i) for i in ids),
-    )
+            done.update(int(i) for i in batch_ids)
+            since_checkpoint += 1
+            due = (checkpoint_every and since_checkpoint >= checkpoint_every) or (
+                checkpoint_seconds and time.monotonic() - last_save >= checkpoint_seconds)
+            if checkpoint is not None and due and k + 1 < len(starts):
+                snapshot(done).save(checkpoint)
+                since_checkpoint, last_save = 0, time.monotonic()
+    return snapshot(ids.tolist())
 
 
-@contextlib.contextmanager
-def no_condition(model: HookedTransformer):
-    yield model
-
-
-def prompt_folds(prompt_ids: Iterable[int]) -> np.ndarray:
-    """The cross-fitting fold of each prompt: even prompts fold 0, odd prompts fold 1."""
-    return np.asarray(list(prompt_ids)) % 2
+def _check_resumable(saved: RunStatistics, path, metadata: dict, runs: dict, design: PairDesign,
+                     targets: tuple[str, ...], n_buckets: int, ids: Tensor, batch_size: int) -> None:
+    """Refuse to resume from a checkpoint written with other settings or other prompts."""
+    fix = f"Fix: rerun with the arguments of the interrupted run, or delete {path} to start over."
+    if saved.metadata != json.loads(json.dumps(metadata, sort_keys=True)):
+        raise ValueError(f"the checkpoint {path} was written with other settings "
+                         f"({saved.metadata} vs {metadata}). {fix}")
+    if set(saved.conditions) != set(runs):
+        raise ValueError(f"the checkpoint {path} has conditions {sorted(saved.conditions)}, "
+                         f"not {sorted(runs)}. {fix}")
+    for cond in saved.conditions.values():
+        first = next(iter(cond.targets.values()))
+        if (set(cond.targets) != set(targets) or first.design.spec != design.spec
+                or first.design.n_tokens != design.n_tokens or first.n_buckets != n_buckets):
+            raise ValueError(f"the checkpoint {path} has other targets, pairs, length or buckets. {fix}")
+    batches = [ids[s:s + batch_size].tolist() for s in range(0, len(ids), batch_size)]
+    prefix: list[int] = []
+    for batch in batches:
+        if len(prefix) >= len(saved.prompts_done):
+            break
+        prefix += batch
+    if sorted(prefix) != sorted(saved.prompts_done):
+        raise ValueError(f"the checkpoint {path} holds prompts {saved.prompts_done[:8]}... that are not "
+                         f"the first whole batches of this run. {fix}")

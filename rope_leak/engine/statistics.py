@@ -101,6 +101,8 @@ class PositionZeroStatistics:
     norm_sum: np.ndarray | None = None  # [layer + 1] sum of |resid_0|
     other_norm_sum: np.ndarray | None = None  # [layer + 1] sum of mean |resid_i|, i >= 1
     count: int = 0
+    value_min: np.ndarray | None = None  # [layer + 1, d_model] elementwise extremes of resid_0:
+    value_max: np.ndarray | None = None  # max_abs_dev from any reference, so merges stay exact
 
     def add(self, resid0: np.ndarray, other_norm: np.ndarray) -> None:
         """``resid0``: ``[prompt, layer + 1, d_model]``; ``other_norm``: ``[prompt, layer + 1]``."""
@@ -112,6 +114,10 @@ class PositionZeroStatistics:
             self.max_abs_dev = np.zeros(resid0.shape[1])
             self.norm_sum = np.zeros(resid0.shape[1])
             self.other_norm_sum = np.zeros(resid0.shape[1])
+            self.value_min, self.value_max = resid0.min(0), resid0.max(0)
+        if self.value_min is not None:
+            self.value_min = np.minimum(self.value_min, resid0.min(0))
+            self.value_max = np.maximum(self.value_max, resid0.max(0))
         dev = resid0 - self.reference
         self.dev_sum += dev.sum(0)
         self.dev_sumsq += (dev**2).sum(0)
@@ -141,6 +147,12 @@ class PositionZeroStatistics:
         )
         if not np.any(shift):
             out.max_abs_dev = np.maximum(self.max_abs_dev, other.max_abs_dev)
+        if self.value_min is not None and other.value_min is not None:
+            out.value_min = np.minimum(self.value_min, other.value_min)
+            out.value_max = np.maximum(self.value_max, other.value_max)
+            # exact: the largest |x - reference| is at an elementwise extreme
+            out.max_abs_dev = np.maximum(np.abs(out.value_max - out.reference),
+                                         np.abs(out.value_min - out.reference)).max(-1)
         return out
 
     def std(self) -> np.ndarray:
@@ -228,6 +240,9 @@ class RunStatistics:
                 for key in ("reference", "dev_sum", "dev_sumsq", "max_abs_dev", "norm_sum",
                             "other_norm_sum"):
                     arrays[f"{cname}/position_zero/{key}"] = getattr(pz, key)
+                if pz.value_min is not None:  # optional (files of older versions lack them)
+                    arrays[f"{cname}/position_zero/value_min"] = pz.value_min
+                    arrays[f"{cname}/position_zero/value_max"] = pz.value_max
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with atomic_path(path) as tmp:
@@ -267,5 +282,7 @@ class RunStatistics:
                 for key in ("reference", "dev_sum", "dev_sumsq", "max_abs_dev", "norm_sum",
                             "other_norm_sum"):
                     setattr(pz, key, arrays[f"{cname}/position_zero/{key}"])
+                for key in ("value_min", "value_max"):
+                    setattr(pz, key, arrays.get(f"{cname}/position_zero/{key}"))
             conditions[cname] = ConditionStatistics(cname, targets, arrays[f"{cname}/sink_sum"], pz)
         return cls(conditions, header["metadata"], header["prompts_done"])

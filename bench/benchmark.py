@@ -1,0 +1,255 @@
+"""Benchmark of rope_leak on the embedded model (a script, not a test).
+
+Prints, measured in one run on the same batches (compared variants interleaved, every
+figure min / median / max over --repeats):
+
+1. analysis time (all heads, causal + bidirectional, all targets, fits included)
+   / time of the bare forward passes of the same batches (one per batch and condition,
+   no hooks). Target <= 1.15.
+2. the common way (``run_with_cache`` of every pattern and score, then per-head numpy
+   least squares over the per-pair rows, cross-fitted like rope_leak) / rope_leak, with
+   the max abs difference of their shares (on a smaller corpus: the common way is slow).
+3. peak memory (VmHWM of a fresh subprocess per configuration) at P=16 vs P=64 (target
+   ratio <= 1.1) and n=128 vs n=256.
+4. the machine.
+
+    python bench/benchmark.py                  # defaults below, ~40 min on 2 busy cores
+    python bench/benchmark.py --quick          # a few minutes
+    python bench/benchmark.py --out bench/latest.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def spread(values, fmt="{:.3f}") -> str:
+    values = list(values)
+    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from rope_leak.engine.kernel import load_kernel
+
+    return {
+        "cpu": cpu,
+        "logical cores (os.cpu_count)": os.cpu_count(),
+        "usable cores (affinity)": len(os.sched_getaffinity(0)),
+        "torch threads": torch.get_num_threads(),
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "accumulation path": "fused C kernel" if load_kernel() is not None else "pure torch",
+    }
+
+
+def load(prompts: int, tokens: int, seed: int = 0):
+    from rope_leak.corpus import load_corpus
+    from rope_leak.models import load_model
+
+    model = load_model("smollm2-135m")
+    corpus = load_corpus(model, "wikipedia", n_prompts=prompts, n_tokens=tokens, seed=seed)
+    return model, corpus.tokens
+
+
+def bare_forward(model, tokens, batch_size: int) -> float:
+    from rope_leak.engine.run import DEFAULT_CONDITIONS
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(tokens), batch_size):
+            batch = tokens[start:start + batch_size]
+            for condition in DEFAULT_CONDITIONS.values():
+                with condition(model):
+                    model(batch, return_type=None)
+    return time.perf_counter() - started
+
+
+def rope_leak_analysis(model, tokens, batch_size: int):
+    from rope_leak.analysis import analyze
+
+    started = time.perf_counter()
+    analysis = analyze(model, tokens, batch_size=batch_size, progress=False)
+    return time.perf_counter() - started, analysis
+
+
+def common_way(model, tokens, batch_size: int) -> tuple[float, dict]:
+    """Cache every score and pattern, then fit each head by numpy lstsq on per-pair rows."""
+    from rope_leak.engine.pairs import PairDesign, PairSpec
+    from rope_leak.engine.run import DEFAULT_CONDITIONS
+
+    started = time.perf_counter()
+    n_layers, n = model.cfg.n_layers, tokens.shape[1]
+    design = PairDesign(PairSpec(), n)
+    qs, ks = design.cells
+    X = design.design_matrix()
+    X_rel = X[:, design.relative_columns]
+    folds = np.arange(len(tokens)) % 2
+    shares = {}
+    for cname, condition in DEFAULT_CONDITIONS.items():
+        caches = []
+        names = lambda name: name.endswith("hook_attn_scores") or name.endswith("hook_pattern")  # noqa: E731
+        for start in range(0, len(tokens), batch_size):
+            with condition(model), torch.no_grad():
+                _, cache = model.run_with_cache(tokens[start:start + batch_size], names_filter=names)
+            caches.append(cache)
+        for layer in range(n_layers):
+            s = torch.cat([c[f"blocks.{layer}.attn.hook_attn_scores"] for c in caches]).double()
+            pattern = torch.cat([c[f"blocks.{layer}.attn.hook_pattern"] for c in caches]).double()
+            values = {"pattern": pattern, "log_pattern": s - torch.logsumexp(s, -1, keepdim=True),
+                      "scores": s}
+            for target, y in values.items():
+                rows = y[:, :, qs, ks].numpy()  # [prompt, head, cell]
+                for head in range(rows.shape[1]):
+                    r2 = {"rel": [], "abs": []}
+                    for fit_fold in (0, 1):
+                        train, test = rows[folds == fit_fold, head], rows[folds != fit_fold, head]
+                        sst = ((test - test.mean()) ** 2).sum()
+                        for model_name, design_x in (("rel", X_rel), ("abs", X)):
+                            beta = np.linalg.lstsq(np.tile(design_x, (len(train), 1)), train.ravel(),
+                                                   rcond=None)[0]
+                            sse = ((test - design_x @ beta) ** 2).sum()
+                            r2[model_name].append(1 - sse / sst)
+                    shares.setdefault((cname, target), np.zeros((n_layers, rows.shape[1])))[layer, head] = (
+                        np.mean(r2["abs"]) - np.mean(r2["rel"]))
+        del caches
+    return time.perf_counter() - started, shares
+
+
+def memory_child(prompts: int, tokens: int, batch_size: int) -> None:
+    model, toks = load(prompts, tokens)
+    from rope_leak.analysis import analyze
+
+    analyze(model, toks, batch_size=batch_size, progress=False)
+    status = Path("/proc/self/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    print(json.dumps({"peak_rss_mib": hwm / 1024}))
+
+
+def peak_memory(prompts: int, tokens: int, batch_size: int) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(prompts), str(tokens), "--batch-size",
+         str(batch_size)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=32, help="prompts for the time ratio (default 32)")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per prompt (default 256)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--common-prompts", type=int, default=8, help="prompts for the common-way comparison")
+    p.add_argument("--common-tokens", type=int, default=32, help="tokens for the common-way comparison")
+    p.add_argument("--memory", default="16x256,64x256,16x128",
+                   help="PxN configurations for peak memory ('' to skip)")
+    p.add_argument("--memory-repeats", type=int, default=2)
+    p.add_argument("--quick", action="store_true",
+                   help="--prompts 8 --tokens 128 --repeats 2 --memory 16x128,64x128,16x64 --memory-repeats 1")
+    p.add_argument("--out", default=None, help="also write the report to this file")
+    p.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.memory_child:
+        return memory_child(*a.memory_child, a.batch_size)
+    if a.quick:
+        a.prompts, a.tokens, a.repeats = 8, 128, 2
+        a.memory, a.memory_repeats = "16x128,64x128,16x64", 1
+
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    say("rope_leak benchmark (SmolLM2-135M-Instruct, embedded Wikipedia chunks, CPU float32)")
+    for key, value in machine().items():
+        say(f"  {key}: {value}")
+    say("  figures: min / median / max over repeats; variants interleaved within each repeat")
+    say()
+
+    # 1. analysis / bare forward
+    model, tokens = load(a.prompts, a.tokens)
+    rope_leak_analysis(model, tokens[: a.batch_size], a.batch_size)  # warm-up (kernel build, caches)
+    bare, full = [], []
+    for _ in range(a.repeats):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for which in order:
+            if which == 0:
+                bare.append(bare_forward(model, tokens, a.batch_size))
+            else:
+                full.append(rope_leak_analysis(model, tokens, a.batch_size)[0])
+    ratios = [f / b for f, b in zip(full, bare)]
+    say(f"1. analysis / bare forward  (P={a.prompts}, n={a.tokens}, batch {a.batch_size}, "
+        f"causal + bidirectional, {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, all targets)")
+    say(f"   bare forward passes  [s]: {spread(bare, '{:.1f}')}")
+    say(f"   rope_leak analysis   [s]: {spread(full, '{:.1f}')}")
+    say(f"   ratio (per repeat)      : {spread(ratios)}   target <= 1.15")
+    say()
+
+    # 2. common way / rope_leak
+    ctokens = tokens[: a.common_prompts, : a.common_tokens]
+    if len(ctokens) < a.common_prompts:
+        _, ctokens = load(a.common_prompts, a.common_tokens)
+    common_t, ours_t, diffs = [], [], []
+    for _ in range(a.repeats):
+        ours, analysis = rope_leak_analysis(model, ctokens, a.batch_size)
+        common, shares = common_way(model, ctokens, a.batch_size)
+        ours_t.append(ours)
+        common_t.append(common)
+        diffs.append(max(float(np.nanmax(np.abs(analysis.fits[k].share - v))) for k, v in shares.items()))
+    say(f"2. common way / rope_leak  (P={a.common_prompts}, n={a.common_tokens}; run_with_cache of every "
+        "score and pattern, numpy lstsq per head, fold, model, target and condition)")
+    say(f"   common way           [s]: {spread(common_t, '{:.2f}')}")
+    say(f"   rope_leak            [s]: {spread(ours_t, '{:.2f}')}")
+    say(f"   ratio (per repeat)      : {spread([c / o for c, o in zip(common_t, ours_t)], '{:.1f}')}")
+    say(f"   max |share difference|  : {max(diffs):.2e} (all heads, 3 targets, 2 conditions)")
+    say()
+
+    # 3. peak memory
+    configs = [tuple(int(x) for x in c.split("x")) for c in a.memory.split(",") if c]
+    if configs:
+        del model
+        peaks = {c: [] for c in configs}
+        for _ in range(a.memory_repeats):
+            for c in configs:
+                peaks[c].append(peak_memory(*c, a.batch_size))
+        say("3. peak memory (VmHWM of a fresh process: model + corpus + analysis)")
+        for c, v in peaks.items():
+            say(f"   P={c[0]:>3}, n={c[1]:>3}    [MiB]: {spread(v, '{:.0f}')}")
+        by = {(pp, nn): v for (pp, nn), v in peaks.items()}
+        pairs = [((pp, nn), (qq, nn)) for (pp, nn) in by for (qq, mm) in by if mm == nn and qq > pp]
+        for small, large in pairs:
+            r = [x / y for x, y in zip(by[large], by[small])]
+            say(f"   P={large[0]} / P={small[0]} at n={small[1]}: {spread(r)}   target <= 1.1")
+        pairs = [((pp, nn), (pp, mm)) for (pp, nn) in by for (qq, mm) in by if qq == pp and mm > nn]
+        for small, large in pairs:
+            r = [x / y for x, y in zip(by[large], by[small])]
+            say(f"   n={large[1]} / n={small[1]} at P={small[0]}: {spread(r)}")
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

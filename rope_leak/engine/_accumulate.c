@@ -1,0 +1,120 @@
+/* Fused per-layer accumulation for rope_leak (CPU, float32 scores).
+ *
+ * One pass over each query row (b, h, i) of the attention scores:
+ *   log Z_i = logsumexp_j s_ij          (float32 result, double partial sum)
+ *   for the scored keys j (jlo <= j <= i, qlo <= i < qhi), for the three dense
+ *   targets y in {pattern = A = exp(s - m) / S, log_pattern = s - log Z, scores = s}:
+ *     diag[i - j] += y, col[j] += y, row[i] += y, sumsq += y*y, cell[fold][c] += y
+ *   and the sink score sum_{i >= 1} A[i, 0] / (n - 1).
+ * Every per-prompt value enters a double before it is summed with anything. exp is a
+ * vectorisable polynomial (fast_expf, about 1 ulp), so values differ from torch's by
+ * float32 rounding only. Built with -fassociative-math (sums vectorise), so never rely
+ * on float tricks such as the 1.5 * 2^23 rounding constant here. Loops run
+ * head, row, prompt (innermost), so a row of cell sums stays in cache across the batch.
+ *
+ * Compiled at first use by rope_leak.engine.kernel (the system C compiler, no torch
+ * headers) and called through ctypes, which releases the GIL: several row ranges run in
+ * parallel threads, each with private diag/col/sumsq/sink buffers, writing disjoint rows
+ * of row/log_z/cell.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static int finite_float(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return (u & 0x7f800000u) != 0x7f800000u;
+}
+
+
+/* exp for float32, vectorisable (Cephes polynomial, about 1 ulp); 0 below -87.3
+ * (including -inf: masked keys), NaN in gives garbage out, so callers test NaN apart. */
+static inline float fast_expf(float x) {
+    float under = x < -87.3f ? 0.0f : 1.0f;
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.7f ? 88.7f : x;
+    float kf = rintf(x * 1.44269504088896341f);
+    float r = x - kf * 0.693359375f + kf * 2.12194440e-4f;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t k = (int32_t)kf;
+    uint32_t bits = (uint32_t)(k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale * under;
+}
+
+int rl_accumulate(
+    const float *scores, int64_t B, int64_t H, int64_t n,
+    int64_t i0, int64_t i1,
+    int64_t qlo, int64_t qhi, int64_t jlo,
+    const int64_t *fold,
+    double *diag, double *col, double *sumsq, double *sink, /* [B,H,3,n] [B,H,3,n] [B,H,3] [B,H] */
+    double *row, float *log_z,                              /* [B,H,3,n] [B,H,n] */
+    double *cell_p, double *cell_lp, double *cell_s,        /* [2, L, H, C] or NULL */
+    int64_t layer, int64_t L, int64_t C, const int64_t *row_start,
+    int64_t *bad)
+{
+    float e[n];
+    double y[3][n];
+    double *cells[3] = {cell_p, cell_lp, cell_s};
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t i = i0; i < i1; i++) {
+            int scored = i >= qlo && i < qhi && jlo <= i;
+            for (int64_t b = 0; b < B; b++) {
+                int64_t bh = b * H + h;
+                const float *s = scores + (bh * n + i) * n;
+                float m = -INFINITY;
+                int nan = 0;
+                for (int64_t j = 0; j < n; j++) {
+                    m = s[j] > m ? s[j] : m;
+                    nan |= s[j] != s[j];
+                }
+                for (int64_t j = 0; j < n; j++) e[j] = fast_expf(s[j] - m);
+                double S = 0.0;
+                for (int64_t j = 0; j < n; j++) S += (double)e[j];
+                float lz = (float)((double)m + log(S));
+                if (nan || !finite_float(m) || !finite_float(lz)) {
+                    bad[0] = b; bad[1] = h; bad[2] = i;
+                    return 1;
+                }
+                log_z[bh * n + i] = lz;
+                float inv = (float)(1.0 / S);
+                if (i >= 1) sink[bh] += (double)(e[0] * inv) / (double)(n - 1);
+                if (!scored) continue;
+                double *dg = diag + bh * 3 * n, *cl = col + bh * 3 * n, *rw = row + bh * 3 * n;
+                double *sq = sumsq + bh * 3;
+                int64_t base = ((fold[b] * L + layer) * H + h) * C + row_start[i] - jlo;
+                for (int64_t j = jlo; j <= i; j++) {
+                    y[0][j] = (double)(e[j] * inv);
+                    y[1][j] = (double)(s[j] - lz);
+                    y[2][j] = (double)s[j];
+                }
+                for (int t = 0; t < 3; t++) {
+                    const double *yt = y[t];
+                    double *dt = dg + t * n + i, *ct = cl + t * n;
+                    double r = 0.0, q = 0.0;
+                    for (int64_t j = jlo; j <= i; j++) {
+                        r += yt[j];
+                        q += yt[j] * yt[j];
+                        ct[j] += yt[j];
+                    }
+                    for (int64_t j = jlo; j <= i; j++) dt[-j] += yt[j];
+                    if (cells[t]) {
+                        double *c = cells[t] + base;
+                        for (int64_t j = jlo; j <= i; j++) c[j] += yt[j];
+                    }
+                    rw[t * n + i] += r;
+                    sq[t] += q;
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,125 @@
+"""The fast accumulation paths (fused C kernel on CPU, pure torch elsewhere) against a
+straightforward float64 reference written cell by cell from the definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rope_leak.engine.accumulate import (
+    LayerAccumulator,
+    NonFiniteAttentionError,
+    diagonal_sums,
+    lower_diagonal_sums,
+)
+from rope_leak.engine.kernel import load_kernel
+from rope_leak.engine.pairs import PairDesign, PairSpec
+from rope_leak.engine.statistics import TARGETS
+
+
+def reference_statistics(scores: np.ndarray, prompt_ids: np.ndarray, design: PairDesign,
+                         n_buckets: int) -> dict:
+    """Per-cell loops in float64: y for every target, then X^T y, sum y^2, fold cell sums."""
+    B, H, n, _ = scores.shape
+    s = scores.astype(np.float64)
+    m = s.max(-1, keepdims=True)
+    log_z = (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0]
+    values = {
+        "pattern": np.exp(s - log_z[..., None]),
+        "log_pattern": s - log_z[..., None],
+        "scores": s,
+        "neg_log_z": np.broadcast_to(-log_z[..., None], s.shape),
+    }
+    qs, ks = design.cells
+    cols = design.cell_columns
+    out = {}
+    for target, y in values.items():
+        xty = np.zeros((n_buckets, H, design.n_columns))
+        sumsq = np.zeros((n_buckets, H))
+        cell_sum = np.zeros((2, H, design.n_cells))
+        for b in range(B):
+            g, f = prompt_ids[b] % n_buckets, prompt_ids[b] % 2
+            for h in range(H):
+                cells = y[b, h, qs, ks]
+                for a in range(3):
+                    np.add.at(xty[g, h], cols[:, a], cells)
+                sumsq[g, h] += (cells**2).sum()
+                cell_sum[f, h] += cells
+        out[target] = (xty, sumsq, cell_sum)
+    sink = np.zeros((n_buckets, H))
+    for b in range(B):
+        sink[prompt_ids[b] % n_buckets] += values["pattern"][b, :, 1:, 0].mean(-1)
+    return out, sink
+
+
+SPECS = [PairSpec(), PairSpec(include_sink=True), PairSpec(min_query=3, max_query=11)]
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_fast_paths_equal_reference(path, spec, causal):
+    if path == "kernel" and load_kernel() is None:
+        pytest.skip("no C compiler: the kernel path is not available")
+    gen = torch.Generator().manual_seed(1)
+    B, H, n, n_buckets = 5, 3, 13, 4
+    scores = 4 * torch.randn(2, B, H, n, n, generator=gen)
+    if causal:
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    ids = torch.tensor([7, 2, 4, 9, 10])
+    design = PairDesign(spec, n)
+    acc = LayerAccumulator(design, 2, H, n_buckets, TARGETS)
+    acc.use_kernel = path == "kernel"
+    for layer in range(2):
+        acc.add_layer(layer, scores[layer], ids)
+    acc.add_prompts(ids)
+    stats = acc.to_statistics()
+    for layer in range(2):
+        ref, sink = reference_statistics(scores[layer].numpy(), ids.numpy(), design, n_buckets)
+        for target in TARGETS:
+            xty, sumsq, cell_sum = ref[target]
+            got = stats[target]
+            np.testing.assert_allclose(got.xty[:, layer], xty, rtol=2e-6, atol=2e-5, err_msg=target)
+            np.testing.assert_allclose(got.sumsq[:, layer], sumsq, rtol=2e-6, atol=2e-5, err_msg=target)
+            np.testing.assert_allclose(got.cell_sum[:, layer], cell_sum, rtol=2e-6, atol=2e-5,
+                                       err_msg=target)
+        np.testing.assert_allclose(acc.sink_sum[:, layer].numpy(), sink, rtol=2e-6, atol=1e-7)
+
+
+def test_kernel_and_torch_paths_agree_on_smollm2_sized_rows():
+    if load_kernel() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(2)
+    n = 96
+    scores = (3 * torch.randn(2, 4, n, n, generator=gen)).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    ids = torch.tensor([0, 1])
+    accs = []
+    for use_kernel in (True, False):
+        acc = LayerAccumulator(PairDesign(PairSpec(), n), 1, 4, 4, TARGETS)
+        acc.use_kernel = use_kernel
+        acc.add_layer(0, scores, ids)
+        accs.append(acc)
+    for t in TARGETS:
+        np.testing.assert_allclose(accs[0].xty[t].numpy(), accs[1].xty[t].numpy(), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(accs[0].cell_sum[t].numpy(), accs[1].cell_sum[t].numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_raise_on_both_paths(path, bad):
+    if path == "kernel" and load_kernel() is None:
+        pytest.skip("no C compiler")
+    scores = torch.randn(2, 3, 8, 8)
+    scores[1, 2, 5, 3] = bad
+    acc = LayerAccumulator(PairDesign(PairSpec(), 8), 4, 3, 4, TARGETS)
+    acc.use_kernel = path == "kernel"
+    with pytest.raises(NonFiniteAttentionError, match="layer 2, head 2 \\(query 5, prompt 11\\)"):
+        acc.add_layer(2, scores, torch.tensor([10, 11]))
+
+
+def test_lower_diagonal_sums_match_diagonal_sums():
+    y = torch.randn(3, 2, 9, 9).tril()
+    np.testing.assert_allclose(lower_diagonal_sums(y).numpy(), diagonal_sums(y).numpy(), atol=1e-5)
