@@ -193,7 +193,7 @@ def main() -> None:
     model, tokens = load(a.prompts, a.tokens)
     rope_leak_analysis(model, tokens[: a.batch_size], a.batch_size)  # warm-up (kernel build, caches)
     bare, full = [], []
-    for _ in range(a.repeats):
+    for r in range(a.repeats):
         order = (0, 1) if r % 2 == 0 else (1, 0)
         for which in order:
             if which == 0:
