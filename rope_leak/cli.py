@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
     _add_run_arguments(analyze)
+    analyze.add_argument("--save-statistics", action="store_true",
+                         help="also write statistics.npz, the run's sufficient statistics (large: "
+                              "~1.5 GB for SmolLM2 at 256 tokens), to merge or refit later")
     analyze.add_argument("--no-sinks", action="store_true",
                          help="skip the sink analysis (sink reading, position-0 trajectories, "
                               "fingerprint probe, BOS interventions) and its report sections")
@@ -138,6 +141,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         "model": args.model, "corpus": args.corpus, "prompts": args.prompts, "tokens": args.tokens,
         "seed": args.seed, "target": args.target, "pairs": spec.to_dict(), "dtype": args.dtype,
         "batch_size": args.batch_size, "no_sinks": args.no_sinks, "sink_prompts": args.sink_prompts,
+        "save_statistics": args.save_statistics,
     }
     provenance = {
         "model": dict(getattr(model, "rope_leak_source", {"name": args.model})),
@@ -164,7 +168,8 @@ def run_analyze(args: argparse.Namespace) -> int:
                 "analysis_seconds": finished - loaded, "device": args.device,
                 "threads": torch.get_num_threads()}
     out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
-                        overwrite=args.overwrite, extra_sections=sections)
+                        overwrite=args.overwrite, extra_sections=sections,
+                        statistics=args.save_statistics)
     if sinks is not None:
         from rope_leak.sink_analysis import save_sinks
 

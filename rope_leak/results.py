@@ -115,6 +115,7 @@ def save_analysis(
     overwrite: bool = False,
     report: bool = True,
     extra_sections: Sequence[str] = (),
+    statistics: bool = True,
 ) -> Path:
     """Write every result file of ``analysis`` into ``out_dir``.
 
@@ -134,7 +135,8 @@ def save_analysis(
         import pandas as pd
 
         atomic_write_text(staging / "layers.csv", pd.concat(layers).to_csv(index=False, float_format="%.6g"))
-        analysis.statistics.save(staging / "statistics.npz")
+        if statistics:  # mergeable, but large (~1.5 GB for SmolLM2 at n = 256)
+            analysis.statistics.save(staging / "statistics.npz")
         if run_info is not None:
             atomic_write_text(staging / "run_info.json",
                               json.dumps(to_jsonable(run_info), indent=1, sort_keys=True))

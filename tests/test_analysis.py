@@ -73,8 +73,9 @@ def test_cli_writes_results_reproducibly(tiny_folder, text_corpus, tmp_path):
             "--tokens", "32", "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
-    for name in ("results.json", "heads.csv", "layers.csv", "report.html", "statistics.npz"):
+    for name in ("results.json", "heads.csv", "layers.csv", "report.html", "sinks.json"):
         assert (tmp_path / "a" / name).stat().st_size > 0
+    assert not (tmp_path / "a" / "statistics.npz").exists()  # only with --save-statistics
     first = (tmp_path / "a" / "results.json").read_bytes()
     assert first == (tmp_path / "b" / "results.json").read_bytes()
     results = json.loads(first)

@@ -62,7 +62,8 @@ def test_diagonal_sums_match_torch_diagonal():
     torch.testing.assert_close(diagonal_sums(y), expected)
 
 
-@pytest.mark.parametrize("spec", [PairSpec(), PairSpec(include_sink=True), PairSpec(min_query=3, max_query=10)])
+@pytest.mark.parametrize("spec", [PairSpec(), PairSpec(include_sink=True), PairSpec(min_query=3, max_query=10),
+                                  PairSpec(max_offset=5)])
 def test_r2_matches_numpy_least_squares(spec):
     scores = masked(relative_scores(8, 2, 12, absolute=0.4, seed=1))
     stats = accumulate(scores.float(), spec)

@@ -94,7 +94,7 @@ def test_parse_and_slice_shards():
 
 def test_shards_in_separate_processes_merge_to_single_run(tiny_folder, text_corpus, tmp_path):
     common = ["--model", tiny_folder, "--corpus", text_corpus, "--prompts", 14, "--tokens", 24,
-              "--batch-size", 3, "--no-progress"]
+              "--batch-size", 3, "--no-progress", "--save-statistics"]
     single = tmp_path / "single"
     procs = [
         subprocess.Popen([sys.executable, "-m", "rope_leak.cli", "analyze", *map(str, common),
@@ -130,7 +130,8 @@ def test_shards_in_separate_processes_merge_to_single_run(tiny_folder, text_corp
 
 def test_killed_run_resumes_to_identical_results(tiny_folder, text_corpus, tmp_path):
     common = ["analyze", "--model", tiny_folder, "--corpus", text_corpus, "--prompts", 48,
-              "--tokens", 48, "--batch-size", 1, "--no-progress", "--checkpoint-every", 1]
+              "--tokens", 48, "--batch-size", 1, "--no-progress", "--checkpoint-every", 1,
+              "--save-statistics"]
     cli(*common, "--out", tmp_path / "whole")
     assert not (tmp_path / "whole" / "checkpoint.npz").exists()  # removed once results exist
 

@@ -141,7 +141,11 @@ class LayerAccumulator:
         self, layer: int, scores: Float[Tensor, "batch head q k"], prompt_ids: Int[Tensor, " batch"]
     ) -> None:
         scores = scores.float()
-        kernel = load_kernel() if self.use_kernel and scores.device.type == "cpu" else None
+        # The kernel assumes every scored row is the contiguous key range [jlo, i]; a
+        # window (max_offset) breaks that, so those runs take the torch path.
+        contiguous_rows = self.design.spec.max_offset is None
+        kernel = (load_kernel() if self.use_kernel and contiguous_rows and scores.device.type == "cpu"
+                  else None)
         if kernel is not None and self.count.device.type == "cpu":
             self._add_layer_kernel(kernel, layer, scores, prompt_ids)
         else:
