@@ -355,14 +355,19 @@ def _resume_options(args: argparse.Namespace, checkpoint) -> dict:
 
 
 def _run_shard(args, model, corpus, spec, settings, provenance, shard, resume) -> int:
+    from rope_leak.analysis import model_fingerprint, tokens_sha256
     from rope_leak.engine.run import run_statistics
     from rope_leak.scale import shard_prompts, write_shard
 
     prompts = shard_prompts(len(corpus.tokens), args.batch_size, shard)
     started = time.perf_counter()
+    # What `analyze` records of a whole run, so that the merged results.json is the same.
+    inputs = {"model": model_fingerprint(model), "tokens_sha256": tokens_sha256(corpus.tokens),
+              "batch_size": args.batch_size, "on_missing_bos": "error", "prompt_ids": None}
     stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=spec,
                            batch_size=args.batch_size, prompt_ids=prompts,
-                           progress=not args.no_progress, metadata={"settings": settings}, **resume)
+                           progress=not args.no_progress,
+                           metadata={"settings": settings, "inputs": inputs}, **resume)
     out = write_shard(stats, args.out, shard=shard, n_prompts=len(corpus.tokens), provenance=provenance)
     if resume:
         resume["checkpoint"].unlink(missing_ok=True)
@@ -387,7 +392,8 @@ def run_merge(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
     started = time.perf_counter()
     stats, provenance = load_shards(args.shards)
-    analysis = Analysis(stats, target=provenance["settings"]["target"])
+    analysis = Analysis(stats, target=provenance["settings"]["target"],
+                        inputs=stats.metadata.pop("inputs", {}))
     run_info = {"merged_shards": [str(s) for s in args.shards],
                 "merge_seconds": time.perf_counter() - started}
     out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
