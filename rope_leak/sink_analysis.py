@@ -164,18 +164,9 @@ def save_sinks(result: SinkAnalysis, out_dir: str | Path, *, provenance: dict | 
                overwrite: bool = False) -> Path:
     """Write the sink result files (see :data:`SINK_FILES`) into ``out_dir``."""
     from rope_leak.plots_sinks import sinks_html
-    from rope_leak.results import OutputExistsError, package_versions, to_jsonable
+    from rope_leak.results import check_output_dir, package_versions, to_jsonable
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file. Fix: name a folder.")
-    existing = [name for name in SINK_FILES if (out / name).exists()]
-    if existing and not overwrite:
-        raise OutputExistsError(
-            f"{out} already holds sink results ({', '.join(existing)}). Fix: choose another "
-            "--out folder, or pass --overwrite to replace them."
-        )
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, overwrite, SINK_FILES)
     payload = to_jsonable({"rope_leak_sinks": 1,
                            "provenance": {"versions": package_versions(), **(provenance or {})},
                            **result.summary()})

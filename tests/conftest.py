@@ -28,6 +28,21 @@ def tiny_tokens():
     return tokens
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face folder (no tokenizer: the corpus code
+    falls back to bytes; BOS id 1; context 256), for CLI tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1)
+    folder = tmp_path_factory.mktemp("tiny_hf") / "tiny_rope_lm"
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return folder
+
+
 # END engine fixtures
 
 # ----------------------------------------------------------------- models fixtures (begin)

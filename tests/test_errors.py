@@ -69,20 +69,6 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """Tiny random Llama HF folder (no tokenizer: byte fallback; BOS id 1; n_ctx 256)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1)
-    folder = tmp_path_factory.mktemp("errors") / "tiny_rope_lm"
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def hot_folder(tmp_path_factory):
     """Like ``tiny_folder``, but layer 1, head 2 has huge query and key weights: its scores
     (~1e8) overflow float16 (max 65504) yet are fine in float32."""

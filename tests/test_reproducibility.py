@@ -23,19 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1)
-    folder = tmp_path_factory.mktemp("repro") / "tiny_rope_lm"
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def text_corpus(tmp_path_factory, synthetic_text):
     folder = tmp_path_factory.mktemp("texts")
     for k in range(4):

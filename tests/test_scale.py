@@ -16,27 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics
 from rope_leak.scale import parse_shard, shard_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random Llama saved as a Hugging Face folder (no tokenizer: byte fallback)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1)
-    folder = tmp_path_factory.mktemp("scale") / "tiny_rope_lm"
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
