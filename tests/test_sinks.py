@@ -150,7 +150,11 @@ def test_head_blind_to_key_zero_is_not_sink_reading_and_forced_sink_is(tiny_mode
     assert (boot["relative_change_high"] >= result.relative_change - 1e-12).all()
     table = result.table(n_boot=20)
     assert len(table) == 8 and {"relative_change", "key0_fraction", "sink_reading",
-                                "key0_fraction_low"} <= set(table.columns)
+                                "key0_fraction_low", "sink_reading_qvalue"} <= set(table.columns)
+    # FDR-controlled significance: the forced sink head is significant, the blind one is not.
+    significance = result.significance()
+    assert significance["significant"][0, 1] and significance["qvalue"][0, 1] < 0.05
+    assert not significance["significant"][0, 2] and significance["pvalue"][0, 2] == 1.0
 
 
 def test_sink_reading_refuses_a_no_op_patch(tiny_model, tiny_tokens):

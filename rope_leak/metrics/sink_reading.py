@@ -105,6 +105,23 @@ class SinkReading:
             out[f"{name}_low"], out[f"{name}_high"] = low, high
         return out
 
+    def significance(self, fdr_level: float = 0.05) -> dict[str, np.ndarray]:
+        """Per-head one-sided test that the head reads position 0 beyond the threshold:
+        a t-test (scipy) of the per-prompt relative changes against ``threshold``
+        (alternative "greater"), then Benjamini–Hochberg across heads. Heads whose
+        per-prompt values do not vary (e.g. exactly 0) get p = 1. Returns ``pvalue``,
+        ``qvalue`` and ``significant``, each ``[layer, head]``."""
+        from scipy.stats import ttest_1samp
+
+        from rope_leak.stats.fdr import benjamini_hochberg
+
+        values = self.per_prompt_relative_change
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pvalues = ttest_1samp(values, self.threshold, axis=0, alternative="greater").pvalue
+        pvalues = np.where(np.isfinite(pvalues), pvalues, np.where(values.mean(0) > self.threshold, 0.0, 1.0))
+        fdr = benjamini_hochberg(pvalues, fdr_level)
+        return {"pvalue": pvalues, "qvalue": fdr.qvalues, "significant": fdr.significant}
+
     def table(self, sink_scores: np.ndarray | None = None, n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
         """One row per head: relative change, key-0 fraction, sink-reading flag (and
         bootstrap CIs when ``n_boot > 0``, the sink score when given)."""
@@ -117,6 +134,9 @@ class SinkReading:
             "key0_fraction": self.key0_fraction.ravel(),
             "sink_reading": self.is_reading().ravel(),
         })
+        if self.n_prompts >= 2:
+            for name, values in self.significance().items():
+                table[f"sink_reading_{name}"] = values.ravel()
         if sink_scores is not None:
             table["sink_score"] = np.asarray(sink_scores).ravel()
         if n_boot > 0:
@@ -132,6 +152,10 @@ class SinkReading:
             "when only position 0 of its layer input is patched from a run with another position-0 token",
             "n_prompts": self.n_prompts,
             "sink_reading_heads": [f"L{l}H{h}" for l, h in self.heads()],
+            "sink_reading_heads_significant": (
+                [f"L{l}H{h}" for l, h in zip(*np.nonzero(self.significance()["significant"]))]
+                if self.n_prompts >= 2 else []),
+            "significance": "one-sided t-test of per-prompt relative change > threshold, BH q < 0.05",
             "relative_change": self.relative_change.tolist(),
             "key0_fraction": self.key0_fraction.tolist(),
         }
