@@ -87,6 +87,8 @@ def _diagnostics_html(analysis: Analysis, limit: int = 40) -> str:
     if table.empty:
         return "<p>No head or layer is flagged.</p>"
     counts = ", ".join(f"{n} × {html.escape(issue)}" for issue, n in table["issue"].value_counts().items())
+    order = table["scope"].map({"model": 0, "layer": 1, "head": 2})
+    table = table.assign(_order=order).sort_values("_order", kind="stable").drop(columns="_order")
     shown = table.head(limit).to_html(index=False, border=0)
     more = f"<p class='note'>{len(table) - limit} more rows in results.json.</p>" if len(table) > limit else ""
     return f"<p>{counts}. Nothing is clipped; these rows say where to read with care.</p>{shown}{more}"
