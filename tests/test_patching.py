@@ -176,6 +176,17 @@ def test_replacing_bos_by_itself_removes_nothing(tiny_model, prompts):
     assert table.loc["token", "resid_removed_fraction"] == pytest.approx(0.0, abs=1e-6)
     assert table.loc["token", "leakage_relative"] == pytest.approx(1.0, abs=1e-6)
     assert table.loc["replace_all", "leakage_relative"] == pytest.approx(1.0, abs=1e-5)
+    # The ablation-free split sees no change either.
+    assert table.loc["token", "split_resid_relative"] == pytest.approx(1.0, abs=1e-6)
+    assert table.loc["token", "split_mask"] == pytest.approx(table.loc["baseline", "split_mask"], rel=1e-6)
+
+
+def test_bos_swap_is_read_by_both_decompositions(tiny_model, prompts):
+    table = bos_interventions(tiny_model, prompts, replacements=("zeros",), n_boot=0,
+                              n_buckets=BUCKETS).table().set_index("replacement")
+    assert {"split_resid", "split_mask", "split_composition"} <= set(table.columns)
+    # Zeroing position 0 changes what the residual stream carries: the split's scores part moves.
+    assert table.loc["zeros", "split_resid_relative"] != pytest.approx(1.0, abs=1e-3)
 
 
 def test_bos_interventions_validate_inputs(tiny_model, prompts):

@@ -51,6 +51,7 @@ from transformer_lens import HookedTransformer
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import DEFAULT_BUCKETS, run_statistics
 from rope_leak.engine.statistics import RunStatistics
+from rope_leak.metrics.split import SPLIT_TARGETS, ablation_free_split
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.interventions.position_zero_patch import replace_all_position_zero
@@ -163,11 +164,37 @@ class BosInterventions:
                     record[f"{metric}_low"], record[f"{metric}_high"] = float(low[r, m]), float(high[r, m])
             records.append(record)
         table = pd.DataFrame(records)
+        split = self.split_table()
+        if split is not None:
+            table = table.merge(split, on="replacement", how="left")
         table["n_prompts"] = self.statistics.conditions["baseline/causal"].n_prompts
         table["token_id"] = self.token_id
         table["aggregate"] = self.aggregate
         table["estimator"] = self.estimator
         table["ci_method"] = method if low is not None else None
+        return table
+
+    def split_table(self) -> pd.DataFrame | None:
+        """The same replacements read by the ablation-free split of ``log_pattern`` (causal
+        runs only, so in distribution): mean residual-stream part ``split_resid``, mean
+        mask part ``split_mask`` and the split's composition, with its bootstrap CI."""
+        conditions = self.statistics.conditions
+        if not all(t in conditions["baseline/causal"].targets for t in SPLIT_TARGETS):
+            return None
+        records = []
+        for name in ["baseline", *self.replacements]:
+            split = ablation_free_split(conditions[f"{name}/causal"], n_boot=self.n_boot, seed=self.seed)
+            records.append({
+                "replacement": name, "split_resid": float(np.nanmean(split.scores)),
+                "split_mask": float(np.nanmean(split.denominator)),
+                "split_composition": split.composition(),
+                "split_composition_low": split.composition_ci[0],
+                "split_composition_high": split.composition_ci[1],
+            })
+        table = pd.DataFrame(records)
+        base = table.loc[table["replacement"] == "baseline", "split_resid"].iloc[0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            table["split_resid_relative"] = table["split_resid"] / base
         return table
 
     def head_table(self) -> pd.DataFrame:
@@ -215,7 +242,9 @@ def bos_interventions(
         replacement = None if name == "baseline" else _replacement_condition(name, token_id, seed)
         conditions[f"{name}/causal"] = _with_mask(replacement, mask=False)
         conditions[f"{name}/bidirectional"] = _with_mask(replacement, mask=True)
-    stats = run_statistics(model, tokens, conditions=conditions, targets=(target,), spec=spec,
+    # The split's targets too, so the BOS-swap effect is also read by the ablation-free split.
+    targets = tuple(dict.fromkeys((target, *SPLIT_TARGETS)))
+    stats = run_statistics(model, tokens, conditions=conditions, targets=targets, spec=spec,
                            batch_size=batch_size, n_buckets=n_buckets, progress=progress,
                            metadata={"replacements": replacements, "token_id": token_id})
     return BosInterventions(stats, replacements, token_id, target=target, n_boot=n_boot, seed=seed,
