@@ -113,6 +113,7 @@ def comparison_html(table: pd.DataFrame, layers: pd.DataFrame, settings: dict | 
             "<style>body{font-family:sans-serif;margin:2em} .rl-table td,.rl-table th"
             "{padding:2px 8px;text-align:right}</style></head><body>"
             "<h1>rope-leak compare</h1>" + settings_html + _table_html(table[cols]) + fig +
-            "<p>CIs: 95% percentile intervals over a bootstrap of prompt buckets (within "
-            "cross-fitting folds); see comparison.csv for all interval columns.</p>"
+            "<p>Shares are debiased; CIs: 95% pivotal (basic) intervals of a bootstrap of prompt "
+            "buckets, one joint resample for both masks (sink-head counts: percentile); see "
+            "comparison.csv for all interval columns.</p>"
             "</body></html>")
