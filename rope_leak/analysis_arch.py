@@ -100,24 +100,27 @@ def controls_table(
     n_boot: int = 0,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """The RoPE-controls table from statistics holding the six control conditions."""
+    """The RoPE-controls table from statistics holding the six control conditions.
+
+    Components and compositions use the debiased shares (as the analysis headline does),
+    with pivotal bucket-bootstrap CIs when ``n_boot`` > 0; the cross-fitted composition is
+    kept as ``composition_crossfit``."""
+    from rope_leak.stats import BucketProjection, bootstrap_statistic
+
     rows = []
-    decs = {}
     for control in CONTROL_NAMES:
         c = stats.conditions[_condition_name("causal", control)].targets[target]
         b = stats.conditions[_condition_name("bidirectional", control)].targets[target]
-        dec = Decomposition(fit_shares(c).share, fit_shares(b).share)
-        decs[control] = (dec, c, b)
-        s = dec.summary()
+        debiased = Decomposition(BucketProjection.from_statistics(c).debiased_share()[0],
+                                 BucketProjection.from_statistics(b).debiased_share()[0])
+        s = debiased.summary()
         row = {"control": control, "target": target, **{k: s[k] for k in (
             "L_total", "L_resid", "L_mask", "composition", "heads_additivity_violated",
             "additivity_violated")}}
+        row["composition_crossfit"] = Decomposition(fit_shares(c).share, fit_shares(b).share).composition()
         if n_boot:
-            from rope_leak.stats import bootstrap_statistic
-
             boot = bootstrap_statistic({"causal": c, "bidirectional": b}, _model_statistics,
-                                       n_boot=n_boot, seed=seed, share="crossfit",
-                                       method="percentile")
+                                       n_boot=n_boot, seed=seed, share="debiased", method="basic")
             row["composition_ci_low"], row["composition_ci_high"] = (
                 float(boot.ci_low[3]), float(boot.ci_high[3]))
         rows.append(row)
