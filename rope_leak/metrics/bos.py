@@ -51,10 +51,10 @@ from transformer_lens import HookedTransformer
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import DEFAULT_BUCKETS, run_statistics
 from rope_leak.engine.statistics import RunStatistics
-from rope_leak.metrics.split import SPLIT_TARGETS, ablation_free_split
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.interventions.position_zero_patch import replace_all_position_zero
+from rope_leak.metrics.split import SPLIT_TARGETS, ablation_free_split
 from rope_leak.stats.bootstrap import bootstrap_statistic
 from rope_leak.stats.projection import BucketProjection
 
