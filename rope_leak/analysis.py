@@ -8,7 +8,6 @@ DataFrames and whose ``save(out_dir)`` writes ``results.json``, ``heads.csv``,
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from rope_leak.metrics.decomposition import Decomposition
 from rope_leak.metrics.shares import ShareFit, fit_shares
 from rope_leak.metrics.sinks import SINK_THRESHOLD, position_zero_profile, sink_heads, sink_scores
 from rope_leak.metrics.split import AblationFreeSplit, ablation_free_split
-from rope_leak.models.bridge import is_bridge, layer_kinds, window_size
 from rope_leak.stats.inference import DecompositionInference, decomposition_inference
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")
@@ -40,26 +38,6 @@ class MissingBOSError(ValueError):
 
 class MissingBOSWarning(UserWarning):
     """``analyze(..., on_missing_bos="warn")`` on prompts without the model's BOS."""
-
-
-def restrict_to_window(model: HookedTransformer, spec: PairSpec, n_tokens: int) -> PairSpec:
-    """With sliding-window layers and prompts longer than the window, pairs further apart
-    than the window have no score in those layers: score only ``i - j < window`` in every
-    layer, so that all layers and both conditions are fitted on the same cells."""
-    if is_bridge(model):
-        kinds, window = layer_kinds(model), window_size(model)
-    else:
-        kinds = [getattr(block.attn, "attn_type", "global") for block in model.blocks]
-        window = getattr(model.cfg, "window_size", None)
-    if "local" not in kinds or window is None or n_tokens <= window:
-        return spec
-    if spec.max_offset is not None and spec.max_offset <= window:
-        return spec
-    warnings.warn(
-        f"prompts of {n_tokens} tokens exceed the sliding window ({window}) of the model's local "
-        f"layers: scoring only pairs with i - j < {window}.", stacklevel=3,
-    )
-    return dataclasses.replace(spec, max_offset=int(window))
 
 
 def head_label(layer: int, head: int) -> str:
@@ -416,7 +394,6 @@ def analyze(
     """
     if target not in REPORTED_TARGETS:
         raise ValueError(f"target must be one of {REPORTED_TARGETS}, got {target!r}.")
-    spec = restrict_to_window(model, spec, tokens.shape[1])
     if len(tokens) < 4:
         raise ValueError(
             f"{len(tokens)} prompts are too few to cross-fit over two halves of the prompts. "

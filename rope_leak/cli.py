@@ -23,14 +23,23 @@ DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(cast: type, minimum: float, kind: str):
+    """An argparse ``type`` that parses ``cast`` and rejects values below ``minimum``."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from err
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, "a whole number")
+_nonnegative_float = _number(float, 0, "a number")
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -313,16 +322,6 @@ def run_sinks(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 # Scale out and resume: `analyze --shard k/N`, checkpoints, `merge` (rope_leak.scale)
 # --------------------------------------------------------------------------------------
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from err
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scale out and resume")
     group.add_argument("--shard", default=None, metavar="k/N",

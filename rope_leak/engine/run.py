@@ -7,8 +7,10 @@ with the number of prompts, and runs over disjoint prompts merge by addition.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
@@ -28,6 +30,7 @@ from rope_leak.engine.statistics import (
     RunStatistics,
 )
 from rope_leak.interventions.mask import bidirectional, causal
+from rope_leak.models.bridge import is_bridge, layer_kinds, window_size
 
 Condition = Callable[[HookedTransformer], ContextManager]
 """A condition is a callable ``model -> context manager`` (an intervention)."""
@@ -117,6 +120,26 @@ def check_tokens(model: HookedTransformer, tokens: Tensor) -> Tensor:
     return tokens.long()
 
 
+def restrict_to_window(model: HookedTransformer, spec: PairSpec, n_tokens: int) -> PairSpec:
+    """With sliding-window layers and prompts longer than the window, pairs further apart
+    than the window have no score in those layers: score only ``i - j < window`` in every
+    layer, so that all layers and both conditions are fitted on the same cells."""
+    if is_bridge(model):
+        kinds, window = layer_kinds(model), window_size(model)
+    else:
+        kinds = [getattr(block.attn, "attn_type", "global") for block in model.blocks]
+        window = getattr(model.cfg, "window_size", None)
+    if "local" not in kinds or window is None or n_tokens <= window:
+        return spec
+    if spec.max_offset is not None and spec.max_offset <= window:
+        return spec
+    warnings.warn(
+        f"prompts of {n_tokens} tokens exceed the sliding window ({window}) of the model's local "
+        f"layers: scoring only pairs with i - j < {window}.", stacklevel=3,
+    )
+    return dataclasses.replace(spec, max_offset=int(window))
+
+
 def run_statistics(
     model: HookedTransformer,
     tokens: Int[Tensor, "prompt pos"],
@@ -158,6 +181,7 @@ def run_statistics(
         raise ValueError(f"{len(ids)} prompt ids for {len(tokens)} prompts.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    spec = restrict_to_window(model, spec, tokens.shape[1])
     design = PairDesign(spec, tokens.shape[1])
     targets = tuple(targets)
     runs = {name: ConditionRun(model, design, targets, n_buckets) for name in conditions}
