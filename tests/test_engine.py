@@ -137,7 +137,7 @@ def test_split_runs_merge_to_one_run(tiny_model, tiny_tokens):
         other = merged.conditions[condition]
         for target, cell in stats.targets.items():
             np.testing.assert_allclose(other.targets[target].xty, cell.xty, rtol=1e-9, atol=1e-9)
-            np.testing.assert_allclose(other.targets[target].cell_sum, cell.cell_sum, rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(other.targets[target].fold_cell_sums(), cell.fold_cell_sums(), rtol=1e-9, atol=1e-9)
             np.testing.assert_array_equal(other.targets[target].count, cell.count)
             np.testing.assert_allclose(
                 fit_shares(other.targets[target]).share, fit_shares(cell).share, atol=1e-9
@@ -177,7 +177,7 @@ def test_engine_pattern_equals_model_pattern(tiny_model, tiny_tokens):
     with torch.no_grad():
         tiny_model.run_with_hooks(tiny_tokens, fwd_hooks=hooks)
     acc.add_prompts(ids)
-    cell_means = acc.to_statistics()["pattern"].cell_sum.sum(0) / len(ids)
+    cell_means = acc.to_statistics()["pattern"].fold_cell_sums().sum(0) / len(ids)
     q, k = design.cells
     for layer in range(tiny_model.cfg.n_layers):
         expected = seen[f"blocks.{layer}.attn.hook_pattern"][:, :, q, k].double().mean(0).numpy()
@@ -193,3 +193,49 @@ def test_position_zero_std_exactly_zero_causal_nonzero_bidirectional(tiny_model,
     # Embedding layer identical (same BOS), every later layer mixes in other positions.
     assert bidirectional.std()[0] == 0.0
     assert np.all(bidirectional.std()[1:] > 1e-3)
+
+
+def test_derived_targets_share_arrays_and_their_cell_products_are_exact(tmp_path):
+    """log_pattern and neg_log_z are derived from the scores' sums and per-row sums of
+    -log Z: the arrays are shared (in memory, through a merge and through a file), and the
+    closed-form fold cell products equal the brute-force ones."""
+    scores = masked(4 * torch.randn(6, 3, 11, 11, generator=torch.Generator().manual_seed(3)))
+    stats = accumulate(scores)
+    lp, s, nlz = stats["log_pattern"], stats["scores"], stats["neg_log_z"]
+    assert lp.cell_sum is s.cell_sum and lp.row_sum is nlz.row_sum and nlz.cell_sum is None
+    for target, st in stats.items():
+        cells = st.fold_cell_sums()
+        brute = np.einsum("alhc,blhc->ablh", cells, cells)
+        np.testing.assert_allclose(st.fold_cell_products(), brute, rtol=1e-12, err_msg=target)
+    np.testing.assert_allclose(lp.fold_cell_sums(), s.fold_cell_sums() + nlz.fold_cell_sums(), rtol=1e-12)
+
+    from rope_leak.engine.statistics import ConditionStatistics, PositionZeroStatistics
+
+    def run(cell_stats):
+        sink = np.zeros((4, 1, 3))
+        return RunStatistics({"causal": ConditionStatistics("causal", cell_stats, sink,
+                                                            PositionZeroStatistics())})
+
+    first, second = accumulate(scores[:3]), accumulate(scores[3:])
+    merged = run(first).conditions["causal"].merge(run(second).conditions["causal"]).targets
+    assert merged["log_pattern"].cell_sum is merged["scores"].cell_sum
+    assert merged["log_pattern"].row_sum is merged["neg_log_z"].row_sum
+    path = run(stats).save(tmp_path / "stats.npz")
+    loaded = RunStatistics.load(path).conditions["causal"].targets
+    assert loaded["log_pattern"].cell_sum is loaded["scores"].cell_sum
+    for target, st in stats.items():
+        np.testing.assert_array_equal(loaded[target].fold_cell_sums(), st.fold_cell_sums())
+        np.testing.assert_array_equal(loaded[target].sumsq, st.sumsq)
+
+
+@pytest.mark.parametrize("targets", [("neg_log_z",), ("log_pattern",), ("pattern", "neg_log_z")])
+def test_target_subsets_give_the_same_statistics(targets):
+    scores = masked(3 * torch.randn(4, 2, 9, 9, generator=torch.Generator().manual_seed(4)))
+    full = accumulate(scores)
+    subset = accumulate(scores, targets=targets)
+    expected = set(targets) | ({"scores"} if "log_pattern" in targets else set())
+    assert set(subset) == expected
+    for target in expected:
+        np.testing.assert_array_equal(subset[target].xty, full[target].xty)
+        np.testing.assert_array_equal(subset[target].sumsq, full[target].sumsq)
+        np.testing.assert_array_equal(subset[target].fold_cell_sums(), full[target].fold_cell_sums())

@@ -2,15 +2,19 @@
  *
  * One pass over each query row (b, h, i) of the attention scores:
  *   log Z_i = logsumexp_j s_ij          (float32 result, double partial sum)
- *   for the scored keys j (jlo <= j <= i, qlo <= i < qhi), for the three dense
- *   targets y in {pattern = A = exp(s - m) / S, log_pattern = s - log Z, scores = s}:
+ *   for the scored keys j (jlo <= j <= i, qlo <= i < qhi), for the dense targets
+ *   y in {pattern = A = exp(s - m) / S, scores = s} selected by the bits of `want`:
  *     diag[i - j] += y, col[j] += y, row[i] += y, sumsq += y*y, cell[fold][c] += y
  *   and the sink score sum_{i >= 1} A[i, 0] / (n - 1).
- * Every per-prompt value enters a double before it is summed with anything. exp is a
- * vectorisable polynomial (fast_expf, about 1 ulp), so values differ from torch's by
- * float32 rounding only. Built with -fassociative-math (sums vectorise), so never rely
- * on float tricks such as the 1.5 * 2^23 rounding constant here. Loops run
- * head, row, prompt (innermost), so a row of cell sums stays in cache across the batch.
+ * log_pattern = s - log Z and -log Z are not summed here: the caller derives their
+ * statistics from the scores' sums and log Z (rope_leak.engine.accumulate).
+ * Keys after the last finite score (the causal mask's -inf) get exp = 0 without
+ * being computed. Every per-prompt value enters a double before it is summed with
+ * anything. exp is a vectorisable polynomial (fast_expf, about 1 ulp), so values
+ * differ from torch's by float32 rounding only. Built with -fassociative-math (sums
+ * vectorise), so never rely on float tricks such as the 1.5 * 2^23 rounding constant
+ * here. Loops run head, row, prompt (innermost), so a row of cell sums stays in cache
+ * across the batch.
  *
  * Compiled at first use by rope_leak.engine.kernel (the system C compiler, no torch
  * headers) and called through ctypes, which releases the GIL: several row ranges run in
@@ -53,32 +57,34 @@ static inline float fast_expf(float x) {
 int rl_accumulate(
     const float *scores, int64_t B, int64_t H, int64_t n,
     int64_t i0, int64_t i1,
-    int64_t qlo, int64_t qhi, int64_t jlo,
+    int64_t qlo, int64_t qhi, int64_t jlo, int64_t want,
     const int64_t *fold,
-    double *diag, double *col, double *sumsq, double *sink, /* [B,H,3,n] [B,H,3,n] [B,H,3] [B,H] */
-    double *row, float *log_z,                              /* [B,H,3,n] [B,H,n] */
-    double *cell_p, double *cell_lp, double *cell_s,        /* [2, L, H, C] or NULL */
+    double *diag, double *col, double *sumsq, double *sink, /* [B,H,2,n] [B,H,2,n] [B,H,2] [B,H] */
+    double *row, float *log_z,                              /* [B,H,2,n] [B,H,n] */
+    double *cell_p, double *cell_s,                         /* [2, L, H, C] or NULL */
     int64_t layer, int64_t L, int64_t C, const int64_t *row_start,
     int64_t *bad)
 {
     float e[n];
-    double y[3][n];
-    double *cells[3] = {cell_p, cell_lp, cell_s};
+    double y[2][n];
+    double *cells[2] = {cell_p, cell_s};
     for (int64_t h = 0; h < H; h++) {
         for (int64_t i = i0; i < i1; i++) {
             int scored = i >= qlo && i < qhi && jlo <= i;
             for (int64_t b = 0; b < B; b++) {
                 int64_t bh = b * H + h;
                 const float *s = scores + (bh * n + i) * n;
+                int64_t end = n;  /* keys >= end are masked (-inf): exp = 0 */
+                while (end > 1 && s[end - 1] == -INFINITY) end--;
                 float m = -INFINITY;
-                int nan = 0;
-                for (int64_t j = 0; j < n; j++) {
-                    m = s[j] > m ? s[j] : m;
-                    nan |= s[j] != s[j];
-                }
-                for (int64_t j = 0; j < n; j++) e[j] = fast_expf(s[j] - m);
+                int nan = 0;  /* tested apart, so the max may vectorise (-fopenmp-simd) */
+#pragma omp simd reduction(max:m)
+                for (int64_t j = 0; j < end; j++) m = s[j] > m ? s[j] : m;
+                for (int64_t j = 0; j < end; j++) nan |= isnan(s[j]);
+                for (int64_t j = 0; j < end; j++) e[j] = fast_expf(s[j] - m);
+                for (int64_t j = end; j < n; j++) e[j] = 0.0f;
                 double S = 0.0;
-                for (int64_t j = 0; j < n; j++) S += (double)e[j];
+                for (int64_t j = 0; j < end; j++) S += (double)e[j];
                 float lz = (float)((double)m + log(S));
                 if (nan || !finite_float(m) || !finite_float(lz)) {
                     bad[0] = b; bad[1] = h; bad[2] = i;
@@ -88,15 +94,15 @@ int rl_accumulate(
                 float inv = (float)(1.0 / S);
                 if (i >= 1) sink[bh] += (double)(e[0] * inv) / (double)(n - 1);
                 if (!scored) continue;
-                double *dg = diag + bh * 3 * n, *cl = col + bh * 3 * n, *rw = row + bh * 3 * n;
-                double *sq = sumsq + bh * 3;
+                double *dg = diag + bh * 2 * n, *cl = col + bh * 2 * n, *rw = row + bh * 2 * n;
+                double *sq = sumsq + bh * 2;
                 int64_t base = ((fold[b] * L + layer) * H + h) * C + row_start[i] - jlo;
-                for (int64_t j = jlo; j <= i; j++) {
-                    y[0][j] = (double)(e[j] * inv);
-                    y[1][j] = (double)(s[j] - lz);
-                    y[2][j] = (double)s[j];
-                }
-                for (int t = 0; t < 3; t++) {
+                if (want & 1)
+                    for (int64_t j = jlo; j <= i; j++) y[0][j] = (double)(e[j] * inv);
+                if (want & 2)
+                    for (int64_t j = jlo; j <= i; j++) y[1][j] = (double)s[j];
+                for (int t = 0; t < 2; t++) {
+                    if (!(want & (1 << t))) continue;
                     const double *yt = y[t];
                     double *dt = dg + t * n + i, *ct = cl + t * n;
                     double r = 0.0, q = 0.0;

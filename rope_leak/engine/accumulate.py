@@ -2,14 +2,20 @@
 
 Called from a ``hook_attn_scores`` hook: the batch's patterns are reduced to sums by
 offset / query / key (``X^T y``), sums of squares and per-fold cell sums, and then
-dropped. All three targets come from the scores (``log A = s - logsumexp(s)``) in
-float32, whatever the model's dtype, and accumulate in float64.
+dropped. Only ``pattern`` and ``scores`` are summed cell by cell (in float32 values,
+float64 sums, whatever the model's dtype). ``neg_log_z = -log Z_i`` is constant along
+each query row, and ``log_pattern = scores - log Z_i``, so both come from per-row sums:
+per prompt and row, ``-log Z_i`` enters per-bucket row sums, and ``log_pattern``'s sum
+of squares is ``sum s^2 + 2 sum_i z_i (sum_j s_ij) + sum_i n_i z_i^2``. Their ``X^T y``
+and cell sums are derived in :meth:`LayerAccumulator.to_statistics` (exact algebra,
+no cell loop), which is a third of the per-cell work and half the memory.
 
 Two implementations give the same statistics (to float32 rounding of the per-element
 values; tests compare both with a float64 reference):
 
 * on CPU, the fused C kernel of :mod:`rope_leak.engine.kernel` reads each score row
-  once and updates every sum of every target in that pass (parallel over row ranges);
+  once and updates every sum of every dense target in that pass (parallel over row
+  ranges);
 * elsewhere (GPU, or no C compiler), a pure-torch path: one masked tensor per target,
   diagonal sums through a contiguous skewed view (no padded copy), fold sums over the
   batch before the float64 scatter.
@@ -24,10 +30,12 @@ from torch import Tensor
 
 from rope_leak.engine.kernel import load_kernel, thread_pool
 from rope_leak.engine.pairs import PairDesign
-from rope_leak.engine.statistics import TARGETS, CellStatistics
+from rope_leak.engine.statistics import TARGETS, CellStatistics, required_targets
 
-DENSE_TARGETS = ("pattern", "log_pattern", "scores")
-"""Targets with a value per cell, in the kernel's order."""
+DENSE_TARGETS = ("pattern", "scores")
+"""Targets summed cell by cell, in the kernel's order (bit ``k`` of its ``want``)."""
+ROW_TARGETS = ("log_pattern", "neg_log_z")
+"""Targets derived from the scores' sums and per-row sums of ``-log Z_i``."""
 
 
 class NonFiniteAttentionError(FloatingPointError):
@@ -83,7 +91,8 @@ class LayerAccumulator:
         unknown = set(targets) - set(TARGETS)
         if unknown:
             raise ValueError(f"unknown targets {sorted(unknown)}; choose from {TARGETS}.")
-        self.design, self.targets = design, tuple(targets)
+        self.design, self.targets = design, required_targets(targets)
+        self.dense = tuple(t for t in DENSE_TARGETS if t in self.targets)
         self.n_layers, self.n_heads, self.n_buckets = n_layers, n_heads, n_buckets
         n = design.n_tokens
         as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
@@ -93,19 +102,21 @@ class LayerAccumulator:
             as_long(design.offsets), as_long(design.queries), as_long(design.keys)
         )
         self.flat_index = as_long(design.flat_index)
-        self.cell_query = as_long(design.cells[0])
         rows = torch.arange(n, device=device)
-        # offset_of[i, d] = 1 where (i, i - d) is a scored cell: -log Z_i's diagonal sums.
+        # row_offset_mask[i, d] = 1 where (i, i - d) is a scored cell: a row constant's
+        # diagonal sums.
         j = rows[:, None] - rows[None, :]
         self.row_offset_mask = torch.zeros(n, n, device=device)
         valid = j >= 0
         self.row_offset_mask[valid] = self.mask_f[rows[:, None].expand(n, n)[valid], j[valid]]
-        self.row_count = self.mask_f.sum(-1)
+        self.row_count = self.mask_f.sum(-1).double()  # scored cells per query row
         shape = (n_buckets, n_layers, n_heads)
         f64 = dict(dtype=torch.float64, device=device)
-        self.xty = {t: torch.zeros(shape + (design.n_columns,), **f64) for t in targets}
-        self.sumsq = {t: torch.zeros(shape, **f64) for t in targets}
-        self.cell_sum = {t: torch.zeros((2, n_layers, n_heads, design.n_cells), **f64) for t in targets}
+        self.xty = {t: torch.zeros(shape + (design.n_columns,), **f64) for t in self.dense}
+        self.sumsq = {t: torch.zeros(shape, **f64) for t in self.targets}
+        self.cell_sum = {t: torch.zeros((2, n_layers, n_heads, design.n_cells), **f64) for t in self.dense}
+        # sum over a bucket's prompts of -log Z_i on scored rows (0 elsewhere)
+        self.row_sum = torch.zeros(shape + (n,), **f64) if set(ROW_TARGETS) & set(self.targets) else None
         self.sink_sum = torch.zeros(shape, **f64)
         self.count = torch.zeros(n_buckets, dtype=torch.long, device=device)
         # The scored cells are rows qlo <= i < qhi, keys jlo <= j <= i (PairDesign.cells).
@@ -166,28 +177,29 @@ class LayerAccumulator:
         if self._tasks is None or self._tasks[-1][1] != n:
             self._tasks, self._buffers = self._row_ranges(n, workers), {}
         f64 = dict(dtype=torch.float64)
-        row = torch.zeros(B, H, 3, n, **f64)
-        log_z = torch.empty(B, H, n, dtype=torch.float32)
         folds = (prompt_ids.cpu() % 2).long().contiguous()
         qlo, qhi, jlo = self._rows
+        want = sum(1 << k for k, t in enumerate(DENSE_TARGETS) if t in self.dense)
         cells = [self.cell_sum[t].data_ptr() if t in self.cell_sum else None for t in DENSE_TARGETS]
         n_cells = self.design.n_cells
 
         key = (B, H, n)
         if key not in self._buffers:  # reused: fresh large allocations cost page faults
-            self._buffers = {key: [
-                (torch.empty(B, H, 3, n, **f64), torch.empty(B, H, 3, n, **f64),
-                 torch.empty(B, H, 3, **f64), torch.empty(B, H, **f64), torch.zeros(3, dtype=torch.long))
-                for _ in self._tasks
-            ]}
-        buffers = self._buffers[key]
+            self._buffers = {key: (
+                torch.empty(B, H, 2, n, **f64), torch.empty(B, H, n, dtype=torch.float32),
+                [(torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, n, **f64),
+                  torch.empty(B, H, 2, **f64), torch.empty(B, H, **f64), torch.zeros(3, dtype=torch.long))
+                 for _ in self._tasks],
+            )}
+        row, log_z, buffers = self._buffers[key]
+        row.zero_()
 
         def task(index: int):
             rows = self._tasks[index]
             diag, col, sumsq, sink, bad = buffers[index]
             for buffer in (diag, col, sumsq, sink):
                 buffer.zero_()
-            rc = kernel(scores.data_ptr(), B, H, n, rows[0], rows[1], qlo, qhi, jlo,
+            rc = kernel(scores.data_ptr(), B, H, n, rows[0], rows[1], qlo, qhi, jlo, want,
                         folds.data_ptr(), diag.data_ptr(), col.data_ptr(), sumsq.data_ptr(),
                         sink.data_ptr(), row.data_ptr(), log_z.data_ptr(), *cells,
                         layer, self.n_layers, n_cells, self._row_start.data_ptr(), bad.data_ptr())
@@ -206,14 +218,17 @@ class LayerAccumulator:
         )
         buckets = (prompt_ids % self.n_buckets).cpu()
         for k, target in enumerate(DENSE_TARGETS):
-            if target not in self.xty:
+            if target not in self.dense:
                 continue
             parts = (diag[:, :, k, self.offsets], row[:, :, k, self.queries], col[:, :, k, self.keys])
             self._scatter(self.xty[target], layer, torch.cat(parts, -1), buckets)
             self._scatter(self.sumsq[target], layer, sumsq[:, :, k], buckets)
         self._scatter(self.sink_sum, layer, sink, buckets)
-        if "neg_log_z" in self.targets:
-            self._add_row_constant("neg_log_z", layer, -log_z, buckets, folds)
+        if self.row_sum is not None:
+            k = DENSE_TARGETS.index("scores")
+            dense_scores = "scores" in self.dense
+            self._add_row_part(layer, log_z, row[:, :, k] if dense_scores else None,
+                               sumsq[:, :, k] if dense_scores else None, buckets)
 
     def _add_layer_torch(self, layer: int, scores: Tensor, prompt_ids: Tensor) -> None:
         log_z = torch.logsumexp(scores, dim=-1)  # [batch, head, q]
@@ -223,63 +238,99 @@ class LayerAccumulator:
         device = self.count.device
         buckets = (prompt_ids % self.n_buckets).to(device)
         folds = (prompt_ids % 2).to(device)
-        log_pattern = None
-        if "log_pattern" in self.targets or "pattern" in self.targets:
-            log_pattern = scores - log_z[..., None]
-        if "pattern" in self.targets:
-            pattern = log_pattern.exp()
+        pattern = (scores - log_z[..., None]).exp()
+        if "pattern" in self.dense:
             self._add_dense("pattern", layer, pattern, buckets, folds)
-            sink = pattern[:, :, 1:, 0].mean(-1)  # mean over queries i >= 1 of A[i, 0]
-        else:
-            sink = torch.softmax(scores, -1)[:, :, 1:, 0].mean(-1)
-        self._scatter(self.sink_sum, layer, sink, buckets)
-        if "log_pattern" in self.targets:
-            self._add_dense("log_pattern", layer, log_pattern, buckets, folds)
-        if "scores" in self.targets:
-            self._add_dense("scores", layer, scores, buckets, folds)
+        self._scatter(self.sink_sum, layer, pattern[:, :, 1:, 0].mean(-1), buckets)  # mean over i >= 1 of A[i, 0]
+        row = sumsq = None
+        if "scores" in self.dense:
+            row, sumsq = self._add_dense("scores", layer, scores, buckets, folds)
+        if self.row_sum is not None:
+            self._add_row_part(layer, log_z, row, sumsq, buckets)
+
+    def _add_row_part(
+        self, layer: int, log_z: Float[Tensor, "batch head q"],
+        scores_row: Float[Tensor, "batch head q"] | None, scores_sumsq: Float[Tensor, "batch head"] | None,
+        buckets: Tensor,
+    ) -> None:
+        """The statistics of ``-log Z_i`` and of ``log_pattern = s - log Z_i`` that need
+        more than the scores' sums: per-row sums of ``z = -log Z_i`` and the sums of
+        squares (``scores_row``: per-prompt sums of ``s`` over each row's scored keys;
+        needed, with ``scores_sumsq``, only for ``log_pattern``)."""
+        count = self.row_count.to(log_z.device)
+        z = -log_z.double() * (count > 0)  # unscored rows enter nothing
+        z_sumsq = (z * z * count).sum(-1)
+        self._scatter(self.row_sum, layer, z, buckets)
         if "neg_log_z" in self.targets:
-            self._add_row_constant("neg_log_z", layer, -log_z, buckets, folds)
+            self._scatter(self.sumsq["neg_log_z"], layer, z_sumsq, buckets)
+        if "log_pattern" in self.targets:
+            cross = (z * scores_row.double()).sum(-1)
+            self._scatter(self.sumsq["log_pattern"], layer, scores_sumsq.double() + 2 * cross + z_sumsq,
+                          buckets)
 
     def _add_dense(
         self, target: str, layer: int, y: Float[Tensor, "batch head q k"],
         buckets: Tensor, folds: Tensor,
-    ) -> None:
+    ) -> tuple[Tensor, Tensor]:
+        """Sums of one dense target; returns its per-prompt row sums and sums of squares."""
         y = torch.where(self.mask, y, 0.0)  # masked (-inf) keys never enter a sum
+        row = y.sum(-1)
         parts = (
             lower_diagonal_sums(y)[..., self.offsets],  # cells lie on or below the diagonal
-            y.sum(-1)[..., self.queries],
+            row[..., self.queries],
             y.sum(-2)[..., self.keys],
         )
         self._scatter(self.xty[target], layer, torch.cat(parts, -1), buckets)
         flat = y.flatten(-2)
-        self._scatter(self.sumsq[target], layer, torch.linalg.vecdot(flat, flat), buckets)
+        sumsq = torch.linalg.vecdot(flat.double(), flat.double())
+        self._scatter(self.sumsq[target], layer, sumsq, buckets)
         # Per-prompt values enter float64 before any sum over prompts, so the statistics
         # do not depend on how prompts are batched or sharded.
         self._scatter(self.cell_sum[target], layer, flat[..., self.flat_index], folds)
+        return row, sumsq
 
-    def _add_row_constant(
-        self, target: str, layer: int, z: Float[Tensor, "batch head q"],
-        buckets: Tensor, folds: Tensor,
-    ) -> None:
-        """A response constant along each query row (``y[i, j] = z[i]``), without ``n x n``."""
+    def row_xty(self, row_sum: Float[Tensor, "... q"]) -> Float[Tensor, "... column"]:
+        """``X^T y`` of responses constant along each query row, from their row sums."""
         parts = (
-            (z @ self.row_offset_mask)[..., self.offsets],
-            (z * self.row_count)[..., self.queries],
-            (z @ self.mask_f)[..., self.keys],
+            (row_sum @ self.row_offset_mask.double())[..., self.offsets],
+            (row_sum * self.row_count)[..., self.queries],
+            (row_sum @ self.mask_f.double())[..., self.keys],
         )
-        self._scatter(self.xty[target], layer, torch.cat(parts, -1), buckets)
-        self._scatter(self.sumsq[target], layer, (z * z * self.row_count).sum(-1), buckets)
-        onehot = torch.nn.functional.one_hot(folds.long(), 2).T.double()  # [2, batch]
-        fold_z = torch.einsum("fb,bhq->fhq", onehot, z.double())  # float64 sum per fold
-        self.cell_sum[target][:, layer] += fold_z[..., self.cell_query]
+        return torch.cat(parts, -1)
 
     def to_statistics(self) -> dict[str, CellStatistics]:
+        """Every target's statistics. ``log_pattern`` shares its cell sums with ``scores``
+        and its row sums with ``neg_log_z`` (the same numpy arrays)."""
         count = self.count.cpu().numpy()
-        return {
-            t: CellStatistics(
-                self.design, self.n_layers, self.n_heads, self.n_buckets,
-                xty=self.xty[t].cpu().numpy(), sumsq=self.sumsq[t].cpu().numpy(),
-                count=count.copy(), cell_sum=self.cell_sum[t].cpu().numpy(),
-            )
-            for t in self.targets
-        }
+
+        def stats(**arrays) -> CellStatistics:
+            return CellStatistics(self.design, self.n_layers, self.n_heads, self.n_buckets,
+                                  count=count.copy(), **arrays)
+
+        out = {t: stats(xty=self.xty[t].cpu().numpy(), sumsq=self.sumsq[t].cpu().numpy(),
+                        cell_sum=self.cell_sum[t].cpu().numpy()) for t in self.dense}
+        if self.row_sum is not None:
+            row_sum, row_xty = self.row_sum.cpu().numpy(), self.row_xty(self.row_sum).cpu().numpy()
+            if "neg_log_z" in self.targets:
+                out["neg_log_z"] = stats(xty=row_xty, sumsq=self.sumsq["neg_log_z"].cpu().numpy(),
+                                         row_sum=row_sum)
+            if "log_pattern" in self.targets:
+                scores = out["scores"]
+                out["log_pattern"] = stats(
+                    xty=scores.xty + row_xty, sumsq=self.sumsq["log_pattern"].cpu().numpy(),
+                    cell_sum=scores.cell_sum, row_sum=row_sum)
+        return {t: out[t] for t in TARGETS if t in self.targets}
+
+    def restore(self, saved: dict[str, CellStatistics]) -> None:
+        """Continue from the statistics of an earlier (interrupted) run of the same targets."""
+        for target in self.dense:
+            for key in ("xty", "sumsq", "cell_sum"):
+                getattr(self, key)[target].copy_(torch.from_numpy(getattr(saved[target], key)))
+        for target in ROW_TARGETS:
+            if target in self.targets:
+                if saved[target].row_sum is None:
+                    raise ValueError("the checkpoint was written by an older rope_leak (format 1). "
+                                     "Fix: delete it and start the run over.")
+                self.sumsq[target].copy_(torch.from_numpy(saved[target].sumsq))
+                self.row_sum.copy_(torch.from_numpy(saved[target].row_sum))
+        self.count.copy_(torch.from_numpy(next(iter(saved.values())).count))

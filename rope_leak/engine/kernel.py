@@ -29,7 +29,7 @@ SOURCE = Path(__file__).with_name("_accumulate.c")
 KERNEL_ENV_VAR = "ROPE_LEAK_KERNEL"
 FLAGS = tuple(os.environ.get(
     "ROPE_LEAK_KERNEL_FLAGS",
-    "-O3 -march=native -fno-math-errno -fno-trapping-math -fassociative-math -fno-signed-zeros "
+    "-O3 -march=native -fopenmp-simd -fno-math-errno -fno-trapping-math -fassociative-math -fno-signed-zeros "
     "-fPIC -shared -std=gnu99",
 ).split())
 
@@ -88,8 +88,8 @@ def load_kernel():
         return None
     fn = lib.rl_accumulate
     fn.restype = ctypes.c_int
-    fn.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr,
-                   _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+    fn.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr,
+                   _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
                    _i64, _i64, _i64, _ptr, _ptr]
     return fn
 

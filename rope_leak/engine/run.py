@@ -28,6 +28,7 @@ from rope_leak.engine.statistics import (
     ConditionStatistics,
     PositionZeroStatistics,
     RunStatistics,
+    required_targets,
 )
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.models.bridge import is_bridge, layer_kinds, window_size
@@ -87,13 +88,8 @@ class ConditionRun:
 
     def restore(self, saved: ConditionStatistics) -> None:
         """Continue from statistics saved by an earlier (interrupted) run."""
-        acc = self.acc
-        for target in acc.targets:
-            st = saved.targets[target]
-            for key in ("xty", "sumsq", "cell_sum"):
-                getattr(acc, key)[target].copy_(torch.from_numpy(getattr(st, key)))
-        acc.count.copy_(torch.from_numpy(next(iter(saved.targets.values())).count))
-        acc.sink_sum.copy_(torch.from_numpy(saved.sink_sum))
+        self.acc.restore(saved.targets)
+        self.acc.sink_sum.copy_(torch.from_numpy(saved.sink_sum))
         self.position_zero = saved.position_zero
 
     def statistics(self, name: str) -> ConditionStatistics:
@@ -160,7 +156,8 @@ def run_statistics(
 
     Args:
         conditions: ``{name: model -> context manager}``; default causal and bidirectional.
-        targets: responses to accumulate (see :data:`TARGETS`).
+        targets: responses to accumulate (see :data:`TARGETS`; ``log_pattern`` brings
+            ``scores`` with it).
         spec: which (query, key) pairs are scored.
         prompt_ids: global index of each prompt (for shards; default ``0..P-1``). A prompt's
             index fixes its fold (parity) and bucket, so shards merge exactly.
@@ -183,7 +180,7 @@ def run_statistics(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     spec = restrict_to_window(model, spec, tokens.shape[1])
     design = PairDesign(spec, tokens.shape[1])
-    targets = tuple(targets)
+    targets = required_targets(targets)
     runs = {name: ConditionRun(model, design, targets, n_buckets) for name in conditions}
     starts = list(range(0, len(tokens), batch_size))
     done: set[int] = set()

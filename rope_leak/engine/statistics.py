@@ -9,8 +9,14 @@ prompts):
 * ``sumsq[g, l, h]`` = sum of ``y^2`` over the scored cells;
 * ``count[g]`` = number of prompts.
 
-Per fold: ``cell_sum[f, l, h, c]`` (for the cell-mean ceiling ``M_cell`` and residual
-maps). Memory is independent of the number of prompts; runs over disjoint prompts
+Per fold, the sums of ``y`` at every cell (for the cell-mean ceiling ``M_cell``, the
+nulls and residual maps), stored in two parts: ``cell_sum[f, l, h, c]`` (dense) and, for
+a response with a part constant along each query row, ``row_sum[g, l, h, i]`` (per
+bucket). ``neg_log_z = -log Z_i`` is all row part and ``log_pattern = scores - log Z_i``
+is the scores' dense part plus that row part, so both are derived from the scores and
+``log Z`` (:mod:`rope_leak.engine.accumulate`): the engine never sums them cell by cell,
+and the arrays they share with ``scores`` are the same objects in memory and stored once
+in a file. Memory is independent of the number of prompts; runs over disjoint prompts
 merge by addition, exactly.
 """
 
@@ -31,7 +37,20 @@ TARGETS = ("pattern", "log_pattern", "scores", "neg_log_z")
 """Responses the engine can accumulate. ``neg_log_z`` is ``-log Z_i`` broadcast over
 the row's keys, the causal denominator's part of ``log_pattern = scores - log Z_i``."""
 
-FORMAT_VERSION = 1
+
+
+def required_targets(targets) -> tuple[str, ...]:
+    """``targets`` in :data:`TARGETS` order, with ``scores`` added when ``log_pattern`` is
+    asked for (its statistics are the scores' plus a per-row part)."""
+    targets = set(targets)
+    if "log_pattern" in targets:
+        targets.add("scores")
+    return tuple(t for t in TARGETS if t in targets)
+
+
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: every target's cell sums stored densely
+ARRAY_FIELDS = ("xty", "sumsq", "count", "cell_sum", "row_sum")
 
 
 @dataclass
@@ -45,7 +64,8 @@ class CellStatistics:
     xty: np.ndarray = field(default=None)  # [bucket, layer, head, column]
     sumsq: np.ndarray = field(default=None)  # [bucket, layer, head]
     count: np.ndarray = field(default=None)  # [bucket]
-    cell_sum: np.ndarray = field(default=None)  # [fold, layer, head, cell]
+    cell_sum: np.ndarray | None = field(default=None)  # [fold, layer, head, cell] dense part
+    row_sum: np.ndarray | None = field(default=None)  # [bucket, layer, head, query] row part
 
     def __post_init__(self) -> None:
         if self.n_buckets < 2 or self.n_buckets % 2:
@@ -56,6 +76,46 @@ class CellStatistics:
             self.sumsq = np.zeros(shape)
             self.count = np.zeros(self.n_buckets, dtype=np.int64)
             self.cell_sum = np.zeros((2, self.n_layers, self.n_heads, self.design.n_cells))
+        if self.row_sum is not None and self.row_sum.shape != shape + (self.design.n_tokens,):
+            raise ValueError(f"row_sum has shape {self.row_sum.shape}, expected "
+                             f"{shape + (self.design.n_tokens,)}.")
+
+    def fold_row_sums(self) -> np.ndarray | None:
+        """``[fold, layer, head, query]`` sums of the row part (fold = bucket parity)."""
+        if self.row_sum is None:
+            return None
+        return np.stack([self.row_sum[0::2].sum(0), self.row_sum[1::2].sum(0)])
+
+    def fold_cell_sums(self) -> np.ndarray:
+        """``[fold, layer, head, cell]``: sum of ``y`` at every scored cell over each fold's
+        prompts (dense part plus row part)."""
+        rows = self.fold_row_sums()
+        if rows is None:
+            return self.cell_sum
+        cells = rows[..., self.design.cells[0]]
+        return cells if self.cell_sum is None else cells + self.cell_sum
+
+    def fold_cell_products(self) -> np.ndarray:
+        """``[fold a, fold b, layer, head]``: ``sum_c S_a[c] S_b[c]`` of the fold cell sums
+        ``S``, without materialising ``S`` when it has a row part:
+        ``(C + R[q(c)]).(C' + R'[q(c)]) = C.C' + R.rowsum(C') + R'.rowsum(C) + sum_i n_i R_i R'_i``.
+        """
+        rows = self.fold_row_sums()
+        out = np.zeros((2, 2, self.n_layers, self.n_heads))
+        dense = self.cell_sum
+        if dense is not None:
+            out += np.einsum("alhc,blhc->ablh", dense, dense, optimize=True)
+        if rows is not None:
+            queries = self.design.cells[0]
+            per_row = np.bincount(queries, minlength=self.design.n_tokens).astype(float)
+            out += np.einsum("alhi,blhi,i->ablh", rows, rows, per_row, optimize=True)
+            if dense is not None:
+                starts = np.searchsorted(queries, np.unique(queries))
+                dense_rows = np.zeros(rows.shape)
+                dense_rows[..., np.unique(queries)] = np.add.reduceat(dense, starts, axis=-1)
+                cross = np.einsum("alhi,blhi->ablh", rows, dense_rows)
+                out += cross + cross.transpose(1, 0, 2, 3)
+        return out
 
     @property
     def n_prompts(self) -> int:
@@ -73,16 +133,31 @@ class CellStatistics:
             == (other.n_layers, other.n_heads, other.n_buckets)
         )
 
-    def merge(self, other: CellStatistics) -> CellStatistics:
+    def merge(self, other: CellStatistics, memo: dict | None = None) -> CellStatistics:
+        """Sum of two runs over disjoint prompts. ``memo`` maps ``(id(a), id(b))`` to
+        ``a + b``, so arrays shared between targets stay shared in the result."""
         if not self.compatible(other):
             raise ValueError(
                 "cannot merge statistics of different settings (pairs, sequence length, "
                 "model shape or bucket count). Fix: merge only runs made with the same settings."
             )
+        memo = {} if memo is None else memo
+
+        def add(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            if (a is None) != (b is None):
+                raise ValueError("cannot merge statistics stored in different layouts.")
+            if a is None:
+                return None
+            key = (id(a), id(b))
+            if key not in memo:
+                memo[key] = (a, b, a + b)  # keeps a and b alive, so their ids stay unique
+            return memo[key][2]
+
         return CellStatistics(
             self.design, self.n_layers, self.n_heads, self.n_buckets,
-            xty=self.xty + other.xty, sumsq=self.sumsq + other.sumsq,
-            count=self.count + other.count, cell_sum=self.cell_sum + other.cell_sum,
+            xty=add(self.xty, other.xty), sumsq=add(self.sumsq, other.sumsq),
+            count=self.count + other.count, cell_sum=add(self.cell_sum, other.cell_sum),
+            row_sum=add(self.row_sum, other.row_sum),
         )
 
 
@@ -177,9 +252,10 @@ class ConditionStatistics:
     def merge(self, other: ConditionStatistics) -> ConditionStatistics:
         if self.condition != other.condition or set(self.targets) != set(other.targets):
             raise ValueError("cannot merge statistics of different conditions or targets.")
+        memo: dict = {}
         return ConditionStatistics(
             self.condition,
-            {t: s.merge(other.targets[t]) for t, s in self.targets.items()},
+            {t: s.merge(other.targets[t], memo) for t, s in self.targets.items()},
             self.sink_sum + other.sink_sum,
             self.position_zero.merge(other.position_zero),
         )
@@ -216,6 +292,8 @@ class RunStatistics:
     def save(self, path: str | Path) -> Path:
         """Write to one ``.npz`` file, atomically."""
         arrays: dict[str, np.ndarray] = {}
+        stored: dict[int, str] = {}
+        aliases: dict[str, str] = {}
         header = {
             "format_version": FORMAT_VERSION,
             "metadata": self.metadata,
@@ -232,8 +310,16 @@ class RunStatistics:
                 "position_zero_count": cond.position_zero.count,
             }
             for tname, st in cond.targets.items():
-                for key in ("xty", "sumsq", "count", "cell_sum"):
-                    arrays[f"{cname}/{tname}/{key}"] = getattr(st, key)
+                for key in ARRAY_FIELDS:
+                    array = getattr(st, key)
+                    if array is None:
+                        continue
+                    name = f"{cname}/{tname}/{key}"
+                    if id(array) in stored:  # shared with another target: written once
+                        aliases[name] = stored[id(array)]
+                    else:
+                        stored[id(array)] = name
+                        arrays[name] = array
             arrays[f"{cname}/sink_sum"] = cond.sink_sum
             pz = cond.position_zero
             if pz.reference is not None:
@@ -243,6 +329,7 @@ class RunStatistics:
                 if pz.value_min is not None:  # optional (files of older versions lack them)
                     arrays[f"{cname}/position_zero/value_min"] = pz.value_min
                     arrays[f"{cname}/position_zero/value_max"] = pz.value_max
+        header["aliases"] = aliases
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with atomic_path(path) as tmp:
@@ -264,8 +351,11 @@ class RunStatistics:
                 f"{path} is not a rope_leak statistics file ({err}). Fix: pass a file written "
                 "by `rope-leak analyze --shard` or RunStatistics.save."
             ) from err
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format {header.get('format_version')}, expected {FORMAT_VERSION}.")
+        if header.get("format_version") not in READABLE_FORMATS:
+            raise ValueError(f"{path} has format {header.get('format_version')}; this rope_leak reads "
+                             f"formats {READABLE_FORMATS}. Fix: rerun the analysis with this version.")
+        for alias, name in header.get("aliases", {}).items():
+            arrays[alias] = arrays[name]  # the same object, as when saved
         conditions = {}
         for cname, info in header["conditions"].items():
             design = PairDesign(PairSpec(**info["spec"]), info["n_tokens"])
@@ -273,7 +363,7 @@ class RunStatistics:
             targets = {
                 t: CellStatistics(
                     design, n_layers, n_heads, n_buckets,
-                    **{k: arrays[f"{cname}/{t}/{k}"] for k in ("xty", "sumsq", "count", "cell_sum")},
+                    **{k: arrays.get(f"{cname}/{t}/{k}") for k in ARRAY_FIELDS},
                 )
                 for t in info["targets"]
             }

@@ -67,10 +67,13 @@ def _gram_pinv(design: PairDesign) -> np.ndarray:
 
 def _fold_sums(stats: CellStatistics, weights: np.ndarray | None):
     """Weighted per-fold ``X^T y``, ``sum y^2`` and prompt counts (fold = bucket parity)."""
-    w = np.ones(stats.n_buckets) if weights is None else np.asarray(weights, dtype=float)
     out = []
     for fold in (0, 1):
-        wf = w[fold::2]
+        if weights is None:
+            out.append((stats.xty[fold::2].sum(0), stats.sumsq[fold::2].sum(0),
+                        float(stats.count[fold::2].sum())))
+            continue
+        wf = np.asarray(weights, dtype=float)[fold::2]
         out.append((
             np.tensordot(wf, stats.xty[fold::2], axes=1),
             np.tensordot(wf, stats.sumsq[fold::2], axes=1),
@@ -87,8 +90,12 @@ def _relative_beta(design: PairDesign, xty_mean: np.ndarray) -> np.ndarray:
     return beta
 
 
-def _sse(beta, xty, sumsq, n, gram):
-    quad = np.einsum("lhc,lhc->lh", _matmul(beta, gram), beta)
+def _sse(beta, mean_fit, xty, sumsq, n):
+    """Error on a fold of the fit ``beta`` made from the mean ``mean_fit = X^T y_a / N_a``.
+
+    ``beta^T G beta = beta . mean_fit`` for both models: ``G^+ G G^+ = G^+`` for
+    ``M_abs``, and ``G`` is the diagonal of offset counts on ``M_rel``'s columns."""
+    quad = np.einsum("lhc,lhc->lh", beta, mean_fit)
     return sumsq - 2 * np.einsum("lhc,lhc->lh", beta, xty) + n * quad
 
 
@@ -116,25 +123,25 @@ def fit_shares(stats: CellStatistics, weights: np.ndarray | None = None) -> Shar
             "cross-fitting needs prompts in both folds (even and odd prompt indices); "
             f"got {stats.n_prompts} prompt(s). Fix: use at least 4 prompts (64 recommended)."
         )
-    gram, gram_pinv = design.gram, _gram_pinv(design)
+    gram_pinv = _gram_pinv(design)
     r2_rel, r2_abs = [], []
     for fit_fold, score_fold in ((0, 1), (1, 0)):
         xty_fit, _, n_fit = folds[fit_fold]
         xty, sumsq, n = folds[score_fold]
         mean = xty_fit / n_fit
-        beta_abs = _matmul(mean, gram_pinv)
-        beta_rel = _relative_beta(design, mean)
         sst = _sst(design, xty, sumsq, n)
-        r2_abs.append(_r2(_sse(beta_abs, xty, sumsq, n, gram), sst))
-        r2_rel.append(_r2(_sse(beta_rel, xty, sumsq, n, gram), sst))
+        for beta, r2 in ((_matmul(mean, gram_pinv), r2_abs), (_relative_beta(design, mean), r2_rel)):
+            r2.append(_r2(_sse(beta, mean, xty, sumsq, n), sst))
 
     xty_all = folds[0][0] + folds[1][0]
     sumsq_all = folds[0][1] + folds[1][1]
     n_all = folds[0][2] + folds[1][2]
     mean_all = xty_all / n_all
     sst_all = _sst(design, xty_all, sumsq_all, n_all)
-    r2_abs_in = _r2(_sse(_matmul(mean_all, gram_pinv), xty_all, sumsq_all, n_all, gram), sst_all)
-    r2_rel_in = _r2(_sse(_relative_beta(design, mean_all), xty_all, sumsq_all, n_all, gram), sst_all)
+    r2_abs_in, r2_rel_in = (
+        _r2(_sse(beta, mean_all, xty_all, sumsq_all, n_all), sst_all)
+        for beta in (_matmul(mean_all, gram_pinv), _relative_beta(design, mean_all))
+    )
 
     r2_cell = None if weights is not None else _cell_r2(stats, folds)
     return ShareFit(
@@ -145,19 +152,21 @@ def fit_shares(stats: CellStatistics, weights: np.ndarray | None = None) -> Shar
 
 def _cell_r2(stats: CellStatistics, folds) -> np.ndarray:
     """Cross-fitted R² of the cell-mean model ``M_cell``."""
+    products = stats.fold_cell_products()  # [a, b]: sum over cells of S_a * S_b
     r2 = []
     for fit_fold, score_fold in ((0, 1), (1, 0)):
         n_fit = folds[fit_fold][2]
         xty, sumsq, n = folds[score_fold]
-        mean = stats.cell_sum[fit_fold] / n_fit
-        sse = sumsq - 2 * (mean * stats.cell_sum[score_fold]).sum(-1) + n * (mean**2).sum(-1)
+        # mean = S_fit / n_fit: SSE = sum y^2 - 2 mean . S_score + n ||mean||^2
+        sse = (sumsq - 2 * products[fit_fold, score_fold] / n_fit
+               + n * products[fit_fold, fit_fold] / n_fit**2)
         r2.append(_r2(sse, _sst(stats.design, xty, sumsq, n)))
     return np.mean(r2, 0)
 
 
 def cell_means(stats: CellStatistics) -> np.ndarray:
     """Mean response of every scored cell over all prompts, ``[layer, head, cell]``."""
-    return stats.cell_sum.sum(0) / stats.n_prompts
+    return stats.fold_cell_sums().sum(0) / stats.n_prompts
 
 
 def fitted_cells(stats: CellStatistics, model: str = "abs") -> np.ndarray:

@@ -24,20 +24,17 @@ import numpy as np
 
 from rope_leak.engine.statistics import ConditionStatistics
 from rope_leak.stats.bootstrap import bucket_weights
-from rope_leak.stats.projection import BucketProjection
+from rope_leak.stats.projection import BucketProjection, _quadratic
 
 SPLIT_TARGETS = ("log_pattern", "scores", "neg_log_z")
 
 
 def _pair_products(a: BucketProjection, b: BucketProjection, weights: np.ndarray) -> np.ndarray:
     """U-statistic of ``<D mu_a, D mu_b>`` per head, for bucket weights ``[B, bucket]``."""
-    flat = lambda p: p.z.reshape(p.n_buckets, -1)  # noqa: E731
-    shape = (weights.shape[0],) + a.z.shape[1:3]
-    sum_a = (weights @ flat(a)).reshape(shape + (-1,))
-    sum_b = (weights @ flat(b)).reshape(shape + (-1,))
+    products = a.bucket_products(b)  # [layer, head, g, g']
     # Copies of a bucket in a bootstrap draw never pair with each other: their noise is
     # shared, and pairing them would bring back the bias the U-statistic removes.
-    self_terms = np.einsum("bg,glh->blh", weights**2, (a.z * b.z).sum(-1))
+    self_terms = np.einsum("bg,lhgg->blh", weights**2, products)
     n = weights @ a.count
     pairs = n**2 - weights**2 @ a.count**2
     if np.any(pairs <= 0):
@@ -45,7 +42,7 @@ def _pair_products(a: BucketProjection, b: BucketProjection, weights: np.ndarray
             "the ablation-free split needs prompts in at least two buckets. Fix: use at least "
             "4 prompts (64 recommended)."
         )
-    return ((sum_a * sum_b).sum(-1) - self_terms) / pairs[:, None, None]
+    return (_quadratic(weights, products, weights) - self_terms) / pairs[:, None, None]
 
 
 @dataclass

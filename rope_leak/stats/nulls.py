@@ -120,7 +120,7 @@ def permutation_null(
         total = stats.xty[f::2][..., design.relative_columns].sum((0, -1))
         sumsq = stats.sumsq[f::2].sum(0)
         sst.append(sumsq - total**2 / (n_fold[f] * design.n_cells))
-    cells_t = np.ascontiguousarray(stats.cell_sum.reshape(2 * n_l * n_h, design.n_cells).T)
+    cells_t = np.ascontiguousarray(stats.fold_cell_sums().reshape(2 * n_l * n_h, design.n_cells).T)
     # Offset sums are invariant under within-diagonal permutations: only the query and
     # key columns of X^T c need recomputing.
     n_off = len(design.offsets)

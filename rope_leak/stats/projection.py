@@ -16,8 +16,10 @@ Cross-fitted share of direction ``a -> b`` (fit on fold ``a``, score on ``b``), 
     ``share_ab = N_b (2 <D c_a, D c_b> - ||D c_a||²) / SST_b``
     ``         = (2 z_a.z_b / N_a - N_b ||z_a||² / N_a²) / SST_b``
 
-with ``z_f`` the (weighted) sum of the fold's bucket vectors. Sums over buckets with
-weights are matrix products, so thousands of bootstrap weight vectors cost seconds.
+with ``z_f`` the (weighted) sum of the fold's bucket vectors. Every such product is a
+quadratic form in the bucket weights, ``z_a.z_b = w_a^T M w_b`` with the per-head bucket
+Gram ``M[g, g'] = <z_g, z_g'>`` (``[layer, head, bucket, bucket]``, computed once per
+statistics), so thousands of bootstrap weight vectors cost well under a second.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from rope_leak.metrics.shares import _gram_pinv
 def absolute_basis(design: PairDesign) -> np.ndarray:
     """``W`` (``[column, rank]``) with ``W W^T = K`` on ``range(X^T X)``: ``||W^T X^T c||²
     = ||(H_abs - H_rel) c||²`` for any cell vector ``c``."""
+    import torch
+
     gram = design.gram
     pinv = _gram_pinv(design)
     rel = design.relative_columns
@@ -44,7 +48,8 @@ def absolute_basis(design: PairDesign) -> np.ndarray:
     proj = gram @ pinv  # projector onto range(G)
     k = proj @ k @ proj.T
     k = 0.5 * (k + k.T)
-    eigval, eigvec = np.linalg.eigh(k)
+    # torch's eigh: numpy's BLAS pool contends with torch's threads (see shares._matmul)
+    eigval, eigvec = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(k)))
     tol = np.abs(eigval).max() * 1e-9
     if eigval.min() < -tol * 1e3:
         raise FloatingPointError("absolute-position form is not positive semi-definite.")
@@ -72,12 +77,27 @@ class BucketProjection:
 
     @classmethod
     def from_statistics(cls, stats: CellStatistics) -> BucketProjection:
+        """The projection of ``stats`` (computed once per statistics object and kept on it:
+        the inference, the split and the BOS tables all start from it)."""
+        cached = getattr(stats, "_bucket_projection", None)
+        if cached is not None and cached[0] is stats.xty:
+            return cached[1]
         design = stats.design
         w = absolute_basis(design)
         g, n_l, n_h, n_c = stats.xty.shape
-        z = (stats.xty.reshape(-1, n_c) @ w).reshape(g, n_l, n_h, w.shape[1])
+        z = _matmul(stats.xty.reshape(-1, n_c), w).reshape(g, n_l, n_h, w.shape[1])
         total = stats.xty[..., design.relative_columns].sum(-1)
-        return cls(z, total, stats.sumsq.astype(float), stats.count.astype(float), design.n_cells)
+        out = cls(z, total, stats.sumsq.astype(float), stats.count.astype(float), design.n_cells)
+        stats._bucket_projection = (stats.xty, out)
+        return out
+
+    def bucket_products(self, other: BucketProjection | None = None) -> np.ndarray:
+        """``M[layer, head, g, g'] = <z_g, other.z_g'>`` (``other`` None: self); cached."""
+        other = self if other is None else other
+        cache = self.__dict__.setdefault("_products", {})
+        if id(other) not in cache or cache[id(other)][0] is not other:
+            cache[id(other)] = (other, _bucket_gram(self.z, other.z))
+        return cache[id(other)][1]
 
     @property
     def n_buckets(self) -> int:
@@ -88,34 +108,36 @@ class BucketProjection:
         return self.z.shape[1:3]
 
     # -- weighted fold sums ----------------------------------------------------------
-    def _fold(self, weights: np.ndarray, fold: int):
-        """Weighted sums of fold ``fold``'s buckets for weights ``[B, bucket]``."""
-        wf = weights[:, fold::2]
-        zf = self.z[fold::2]
-        shape = (weights.shape[0],) + zf.shape[1:]
-        z = (wf @ zf.reshape(zf.shape[0], -1)).reshape(shape)
-        total = np.einsum("bg,glh->blh", wf, self.total[fold::2])
-        sumsq = np.einsum("bg,glh->blh", wf, self.sumsq[fold::2])
-        n = wf @ self.count[fold::2]
-        return z, total, sumsq, n
+    def _fold_weights(self, weights: np.ndarray, fold: int) -> np.ndarray:
+        """``weights`` with the other fold's buckets zeroed."""
+        out = np.zeros_like(weights)
+        out[:, fold::2] = weights[:, fold::2]
+        return out
 
     def _sst(self, total, sumsq, n):
         return sumsq - total**2 / (n[:, None, None] * self.n_cells)
+
+    def _totals(self, weights: np.ndarray):
+        total = np.einsum("bg,glh->blh", weights, self.total)
+        sumsq = np.einsum("bg,glh->blh", weights, self.sumsq)
+        return total, sumsq, weights @ self.count
 
     def crossfit_share(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Cross-fitted share ``[B, layer, head]`` for bucket weights ``[B, bucket]``
         (``None``: all ones, ``B = 1``); equals ``fit_shares(stats, w).share``."""
         weights = self._weights(weights)
-        folds = [self._fold(weights, f) for f in (0, 1)]
-        if np.any(folds[0][3] <= 0) or np.any(folds[1][3] <= 0):
+        folds = [self._fold_weights(weights, f) for f in (0, 1)]
+        n = [w @ self.count for w in folds]
+        if np.any(n[0] <= 0) or np.any(n[1] <= 0):
             raise ValueError("cross-fitting needs prompts in both folds for every weight vector.")
+        products = self.bucket_products()
         out = 0.0
         for a, b in ((0, 1), (1, 0)):
-            za, _, _, na = folds[a]
-            zb, tb, sb, nb = folds[b]
-            na_, nb_ = na[:, None, None], nb[:, None, None]
-            num = 2 * np.einsum("blhr,blhr->blh", za, zb) / na_ - nb_ * (za * za).sum(-1) / na_**2
-            out = out + _safe_ratio(num, self._sst(tb, sb, nb))
+            na, nb = n[a][:, None, None], n[b][:, None, None]
+            zab = _quadratic(folds[a], products, folds[b])
+            zaa = _quadratic(folds[a], products, folds[a])
+            num = 2 * zab / na - nb * zaa / na**2
+            out = out + _safe_ratio(num, self._sst(*self._totals(folds[b])))
         return out / 2
 
     def in_sample_share(self, weights: np.ndarray | None = None) -> np.ndarray:
@@ -123,12 +145,9 @@ class BucketProjection:
         head]``: ``fit_shares(...).share_in_sample``, the population share of the
         bootstrap world (biased up by ``tr(DΣ) / N`` in the real one)."""
         weights = self._weights(weights)
-        flat = self.z.reshape(self.n_buckets, -1)
-        zsum = (weights @ flat).reshape((weights.shape[0],) + self.z.shape[1:])
-        n = weights @ self.count
-        total = np.einsum("bg,glh->blh", weights, self.total)
-        sumsq = np.einsum("bg,glh->blh", weights, self.sumsq)
-        return _safe_ratio((zsum * zsum).sum(-1) / n[:, None, None], self._sst(total, sumsq, n))
+        total, sumsq, n = self._totals(weights)
+        zz = _quadratic(weights, self.bucket_products(), weights)
+        return _safe_ratio(zz / n[:, None, None], self._sst(total, sumsq, n))
 
     def debiased_share(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Unbiased-numerator share ``[B, layer, head]`` (see :mod:`rope_leak.stats.debias`).
@@ -136,10 +155,9 @@ class BucketProjection:
         Weights are multiplicities; copies of a bucket count as distinct draws, so only
         each draw's pairing with itself is left out of the U-statistic."""
         weights = self._weights(weights)
-        flat = self.z.reshape(self.n_buckets, -1)
-        zsum = (weights @ flat).reshape((weights.shape[0],) + self.z.shape[1:])
-        self_sq = (self.z * self.z).sum(-1)  # [bucket, layer, head]
-        cross = (zsum * zsum).sum(-1) - np.einsum("bg,glh->blh", weights, self_sq)
+        products = self.bucket_products()
+        self_sq = np.einsum("lhgg->glh", products)  # [bucket, layer, head]
+        cross = _quadratic(weights, products, weights) - np.einsum("bg,glh->blh", weights, self_sq)
         n = weights @ self.count
         pairs = n**2 - weights @ self.count**2
         if np.any(pairs <= 0):
@@ -164,6 +182,32 @@ class BucketProjection:
         if weights.shape[1] != self.n_buckets:
             raise ValueError(f"weights need {self.n_buckets} columns, got {weights.shape[1]}.")
         return weights
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` in float64 through torch's BLAS (see :func:`rope_leak.metrics.shares._matmul`)."""
+    from rope_leak.metrics.shares import _matmul as matmul
+
+    return matmul(a, b)
+
+
+def _bucket_gram(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
+    """``[bucket, layer, head, rank]`` x2 -> ``[layer, head, bucket, bucket]`` inner products."""
+    import torch
+
+    a = torch.from_numpy(np.ascontiguousarray(za)).permute(1, 2, 0, 3)
+    b = torch.from_numpy(np.ascontiguousarray(zb)).permute(1, 2, 3, 0)
+    return (a @ b).numpy()
+
+
+def _quadratic(wa: np.ndarray, products: np.ndarray, wb: np.ndarray) -> np.ndarray:
+    """``wa[B, g] M[l, h, g, g'] wb[B, g']`` -> ``[B, layer, head]`` (torch: numpy's
+    einsum takes a slow path for this contraction)."""
+    import torch
+
+    wa_t, wb_t = (torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)) for w in (wa, wb))
+    left = wa_t @ torch.from_numpy(products)  # [layer, head, B, g']
+    return (left * wb_t).sum(-1).permute(2, 0, 1).numpy()
 
 
 def _safe_ratio(num, den):
