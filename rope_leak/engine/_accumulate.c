@@ -97,25 +97,34 @@ int rl_accumulate(
                 double *dg = diag + bh * 2 * n, *cl = col + bh * 2 * n, *rw = row + bh * 2 * n;
                 double *sq = sumsq + bh * 2;
                 int64_t base = ((fold[b] * L + layer) * H + h) * C + row_start[i] - jlo;
-                if (want & 1)
-                    for (int64_t j = jlo; j <= i; j++) y[0][j] = (double)(e[j] * inv);
-                if (want & 2)
-                    for (int64_t j = jlo; j <= i; j++) y[1][j] = (double)s[j];
+                /* per target: y once as doubles, then one pass for the row, column and
+                 * cell sums and one for the diagonal sums (a reversed index) */
                 for (int t = 0; t < 2; t++) {
                     if (!(want & (1 << t))) continue;
-                    const double *yt = y[t];
+                    double *yt = y[t];
+                    if (t == 0)
+                        for (int64_t j = jlo; j <= i; j++) yt[j] = (double)(e[j] * inv);
+                    else
+                        for (int64_t j = jlo; j <= i; j++) yt[j] = (double)s[j];
                     double *dt = dg + t * n + i, *ct = cl + t * n;
+                    double *c = cells[t] ? cells[t] + base : ct;  /* no cells: a harmless dummy */
                     double r = 0.0, q = 0.0;
-                    for (int64_t j = jlo; j <= i; j++) {
-                        r += yt[j];
-                        q += yt[j] * yt[j];
-                        ct[j] += yt[j];
+                    if (cells[t]) {
+#pragma GCC ivdep
+                        for (int64_t j = jlo; j <= i; j++) {
+                            r += yt[j];
+                            q += yt[j] * yt[j];
+                            ct[j] += yt[j];
+                            c[j] += yt[j];
+                        }
+                    } else {
+                        for (int64_t j = jlo; j <= i; j++) {
+                            r += yt[j];
+                            q += yt[j] * yt[j];
+                            ct[j] += yt[j];
+                        }
                     }
                     for (int64_t j = jlo; j <= i; j++) dt[-j] += yt[j];
-                    if (cells[t]) {
-                        double *c = cells[t] + base;
-                        for (int64_t j = jlo; j <= i; j++) c[j] += yt[j];
-                    }
                     rw[t * n + i] += r;
                     sq[t] += q;
                 }
