@@ -125,3 +125,24 @@ def test_non_finite_scores_raise_on_both_paths(path, bad):
 def test_lower_diagonal_sums_match_diagonal_sums():
     y = torch.randn(3, 2, 9, 9).tril()
     np.testing.assert_allclose(lower_diagonal_sums(y).numpy(), diagonal_sums(y).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_log_pattern_sum_of_squares_keeps_precision_with_large_scores(path):
+    """log_pattern's sum of squares is derived (sum s^2 + 2 sum z rowsum(s) + sum n z^2),
+    which cancels large terms: with scores around 200 it must still match the reference."""
+    if path == "kernel" and load_kernel() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(6)
+    n = 24
+    scores = (200 + 3 * torch.randn(3, 2, n, n, generator=gen)).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    ids = torch.tensor([0, 1, 2])
+    design = PairDesign(PairSpec(), n)
+    acc = LayerAccumulator(design, 1, 2, 4, TARGETS)
+    acc.use_kernel = path == "kernel"
+    acc.add_layer(0, scores, ids)
+    acc.add_prompts(ids)
+    ref, _ = reference_statistics(scores.numpy(), ids.numpy(), design, 4)
+    got = acc.to_statistics()["log_pattern"].sumsq[:, 0]
+    np.testing.assert_allclose(got, ref["log_pattern"][1], rtol=2e-6)

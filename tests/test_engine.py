@@ -279,3 +279,19 @@ def test_allocator_keeps_freed_memory_so_a_second_pass_does_not_fault():
     assert applied and faults < 100, faults  # 2 x 20 MB re-used: no fresh pages
     applied, _ = run("0")
     assert not applied
+
+
+def test_format_1_statistics_merge_with_derived_ones():
+    """A format-1 file holds dense cell sums for every target; merged with the derived
+    layout, the fold cell sums add up."""
+    from dataclasses import replace
+
+    scores = masked(3 * torch.randn(6, 2, 9, 9, generator=torch.Generator().manual_seed(5)))
+    first, second = accumulate(scores[:3]), accumulate(scores[3:])
+    for target in ("log_pattern", "neg_log_z"):
+        old = replace(first[target], cell_sum=first[target].fold_cell_sums(), row_sum=None)
+        merged = old.merge(second[target])
+        np.testing.assert_allclose(merged.fold_cell_sums(),
+                                   first[target].fold_cell_sums() + second[target].fold_cell_sums(),
+                                   rtol=1e-12)
+        np.testing.assert_array_equal(merged.xty, first[target].xty + second[target].xty)

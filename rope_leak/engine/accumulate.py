@@ -274,7 +274,15 @@ class LayerAccumulator:
     ) -> tuple[Tensor, Tensor]:
         """Sums of one dense target; returns its per-prompt row sums and sums of squares."""
         y = torch.where(self.mask, y, 0.0)  # masked (-inf) keys never enter a sum
-        row = y.sum(-1)
+        # Row sums and sums of squares in float64 (log_pattern's sum of squares is
+        # derived from them and cancels large terms), one prompt at a time so that no
+        # float64 copy of the whole batch is made.
+        row = torch.empty(y.shape[:-1], dtype=torch.float64, device=y.device)
+        sumsq = torch.empty(y.shape[:-2], dtype=torch.float64, device=y.device)
+        for b in range(len(y)):
+            prompt = y[b].double()
+            row[b] = prompt.sum(-1)
+            sumsq[b] = (prompt * prompt).sum((-2, -1))
         parts = (
             lower_diagonal_sums(y)[..., self.offsets],  # cells lie on or below the diagonal
             row[..., self.queries],
@@ -282,7 +290,6 @@ class LayerAccumulator:
         )
         self._scatter(self.xty[target], layer, torch.cat(parts, -1), buckets)
         flat = y.flatten(-2)
-        sumsq = torch.linalg.vecdot(flat.double(), flat.double())
         self._scatter(self.sumsq[target], layer, sumsq, buckets)
         # Per-prompt values enter float64 before any sum over prompts, so the statistics
         # do not depend on how prompts are batched or sharded.

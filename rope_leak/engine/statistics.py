@@ -145,7 +145,8 @@ class CellStatistics:
 
         def add(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
             if (a is None) != (b is None):
-                raise ValueError("cannot merge statistics stored in different layouts.")
+                raise ValueError("cannot merge statistics stored in different layouts. Fix: merge "
+                                 "statistics written by the same rope_leak version.")
             if a is None:
                 return None
             key = (id(a), id(b))
@@ -153,11 +154,15 @@ class CellStatistics:
                 memo[key] = (a, b, a + b)  # keeps a and b alive, so their ids stay unique
             return memo[key][2]
 
+        if (self.row_sum is None) != (other.row_sum is None):
+            # one side from format 1 (dense cell sums only): merge the dense fold sums
+            cell_sum, row_sum = self.fold_cell_sums() + other.fold_cell_sums(), None
+        else:
+            cell_sum, row_sum = add(self.cell_sum, other.cell_sum), add(self.row_sum, other.row_sum)
         return CellStatistics(
             self.design, self.n_layers, self.n_heads, self.n_buckets,
             xty=add(self.xty, other.xty), sumsq=add(self.sumsq, other.sumsq),
-            count=self.count + other.count, cell_sum=add(self.cell_sum, other.cell_sum),
-            row_sum=add(self.row_sum, other.row_sum),
+            count=self.count + other.count, cell_sum=cell_sum, row_sum=row_sum,
         )
 
 
