@@ -31,7 +31,7 @@ import numpy as np
 
 from rope_leak.engine.pairs import PairDesign
 from rope_leak.engine.statistics import CellStatistics
-from rope_leak.metrics.shares import _gram_pinv
+from rope_leak.metrics.shares import _gram_pinv, _matmul
 
 
 @lru_cache(maxsize=16)
@@ -182,13 +182,6 @@ class BucketProjection:
         if weights.shape[1] != self.n_buckets:
             raise ValueError(f"weights need {self.n_buckets} columns, got {weights.shape[1]}.")
         return weights
-
-
-def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` in float64 through torch's BLAS (see :func:`rope_leak.metrics.shares._matmul`)."""
-    from rope_leak.metrics.shares import _matmul as matmul
-
-    return matmul(a, b)
 
 
 def _bucket_gram(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
