@@ -19,12 +19,12 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rope_leak.engine.pairs import PairSpec
-from rope_leak.engine.run import DEFAULT_BUCKETS, run_statistics
+from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import TARGETS, RunStatistics
 from rope_leak.metrics.decomposition import Decomposition
 from rope_leak.metrics.shares import ShareFit, fit_shares
 from rope_leak.metrics.sinks import SINK_THRESHOLD, position_zero_profile, sink_heads, sink_scores
-from rope_leak.metrics.split import AblationFreeSplit, ablation_free_split
+from rope_leak.metrics.split import RenormalisationSplit, renormalisation_split
 from rope_leak.stats.inference import DecompositionInference, decomposition_inference
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")
@@ -111,8 +111,11 @@ class Analysis:
         return Decomposition.from_fits(self.fits["causal", target], self.fits["bidirectional", target])
 
     @cached_property
-    def _split(self) -> AblationFreeSplit:
-        return ablation_free_split(self.statistics.conditions["causal"], n_boot=self.n_boot, seed=self.seed)
+    def _split(self) -> RenormalisationSplit | None:
+        causal = self.statistics.conditions["causal"]
+        if "renormalisation" not in causal.targets:
+            return None
+        return renormalisation_split(causal, n_boot=self.n_boot, seed=self.seed)
 
     @cached_property
     def _inferences(self) -> dict[str, DecompositionInference]:
@@ -149,27 +152,35 @@ class Analysis:
                            f"[{inf.mask.low[layer, head]:.4f}, {inf.mask.high[layer, head]:.4f}] < 0: "
                            "the bidirectional swap raised this head's share"),
             })
+        for layer, head in zip(*np.nonzero(inf.degenerate)):
+            rows.append({
+                "scope": "head", "where": head_label(layer, head), "issue": "degenerate",
+                "reason": ("scored variance below the floor (pattern nearly constant on the "
+                           "scored pairs): left out of means, pools, compositions and colour scales"),
+            })
         ablation, split = self.inference("log_pattern"), self.split()
-        layer_ci = split.layer_composition_ci
-        scopes = [("model", "model", ablation.composition, split.composition(), split.composition_ci)]
-        if layer_ci is not None:
-            comp = split.layer_composition()
+        if split is not None and split.ci:
+            ci = split.ci["composition"]
+            layer_ci = split.layer_ci["composition"]
+            comp = split.layer_table()["composition"]
+            scopes = [("model", "model", ablation.composition, split.composition(), ci)]
             for layer in range(self.n_layers):
                 abl = ablation.layer_composition[layer]
                 scopes.append(("layer", f"L{layer}", abl, comp[layer], tuple(layer_ci[layer])))
-        for scope, where, abl, split_value, split_ci in scopes:
-            low, high = float(abl.low), float(abl.high)
-            if high < split_ci[0] or low > split_ci[1]:
-                rows.append({
-                    "scope": scope, "where": where, "issue": "decompositions disagree",
-                    "reason": (f"log_pattern composition: ablation {float(abl.estimate):.3f} "
-                               f"[{low:.3f}, {high:.3f}] vs ablation-free split {split_value:.3f} "
-                               f"[{split_ci[0]:.3f}, {split_ci[1]:.3f}]"),
-                })
+            for scope, where, abl, split_value, split_ci in scopes:
+                low, high = float(abl.low), float(abl.high)
+                if high < split_ci[0] or low > split_ci[1]:
+                    rows.append({
+                        "scope": scope, "where": where, "issue": "decompositions disagree",
+                        "reason": (f"mask share of log_pattern: ablation {float(abl.estimate):.3f} "
+                                   f"[{low:.3f}, {high:.3f}] vs renormalisation split "
+                                   f"{split_value:.3f} [{split_ci[0]:.3f}, {split_ci[1]:.3f}]"),
+                    })
         return pd.DataFrame(rows, columns=["scope", "where", "issue", "reason"])
 
-    def split(self) -> AblationFreeSplit:
-        """The ablation-free split of the causal run (see :mod:`rope_leak.metrics.split`)."""
+    def split(self) -> RenormalisationSplit | None:
+        """The gauge-invariant renormalisation split of the causal run (see
+        :mod:`rope_leak.metrics.split`); None when its targets were not accumulated."""
         return self._split
 
     def sink_scores(self, condition: str = "causal") -> np.ndarray:
@@ -203,11 +214,15 @@ class Analysis:
                 if fit.r2_cell is not None:
                     table[f"{prefix}_r2_cell"] = fit.r2_cell.ravel()
         split = self.split()
-        table["split_log_pattern"] = split.log_pattern.ravel()
-        table["split_resid"] = split.scores.ravel()
-        table["split_mask"] = split.denominator.ravel()
-        table["split_cross"] = split.cross.ravel()
+        if split is not None:
+            fractions = split.fractions()
+            table["split_total"] = fractions["total"].ravel()
+            table["split_resid"] = fractions["resid"].ravel()
+            table["split_mask"] = fractions["mask"].ravel()
+            table["split_cross"] = fractions["cross"].ravel()
+            table["split_composition"] = split.head_composition().ravel()
         inf = self.inference()
+        table["degenerate"] = inf.degenerate.ravel()
         for name, part in (("L_total", inf.total), ("L_resid", inf.resid), ("L_mask", inf.mask)):
             table[f"{name}_debiased"] = part.estimate.ravel()
             table[f"{name}_ci_low"] = part.low.ravel()
@@ -242,13 +257,15 @@ class Analysis:
             table["L_resid_debiased"] = inf.resid.estimate.mean(1)
             table["L_mask_debiased"] = inf.mask.estimate.mean(1)
         split = self.split()
-        table["split_resid"] = split.scores.mean(1)
-        table["split_mask"] = split.denominator.mean(1)
-        table["split_cross"] = split.cross.mean(1)
-        table["split_composition"] = split.layer_composition()
-        if split.layer_composition_ci is not None:
-            table["split_composition_ci_low"] = split.layer_composition_ci[:, 0]
-            table["split_composition_ci_high"] = split.layer_composition_ci[:, 1]
+        if split is not None:
+            fractions = split.fractions()
+            for name in ("resid", "mask", "cross"):
+                table[f"split_{name}"] = np.nanmean(fractions[name], 1)
+            for name, values in split.layer_table().items():
+                table[f"split_{name}"] = values
+                if name in split.layer_ci:
+                    table[f"split_{name}_ci_low"] = split.layer_ci[name][:, 0]
+                    table[f"split_{name}_ci_high"] = split.layer_ci[name][:, 1]
         return table
 
     def top_heads(self, k: int = 10) -> pd.DataFrame:
@@ -281,11 +298,14 @@ class Analysis:
         out["crossfit"] = {t: self.decomposition(t).summary() for t in self.targets}
         out["crossfit"][self.target]["L_total_median"] = float(np.median(dec.total))
         out["crossfit"][self.target]["L_resid_median"] = float(np.median(dec.resid))
-        out["ablation_free_split"] = self.split().summary()
-        log_inf = self.inference("log_pattern")
-        out["ablation_free_split"]["ablation_composition_log_pattern"] = float(log_inf.composition.estimate)
-        out["ablation_free_split"]["ablation_composition_log_pattern_ci"] = [
-            float(log_inf.composition.low), float(log_inf.composition.high)]
+        out["heads_degenerate"] = [head_label(l, h) for l, h in zip(*np.nonzero(self.inference().degenerate))]
+        split = self.split()
+        if split is not None:
+            out["renormalisation_split"] = split.summary()
+            log_inf = self.inference("log_pattern")
+            out["renormalisation_split"]["ablation_composition_log_pattern"] = float(log_inf.composition.estimate)
+            out["renormalisation_split"]["ablation_composition_log_pattern_ci"] = [
+                float(log_inf.composition.low), float(log_inf.composition.high)]
         diagnostics = self.diagnostics()
         out["diagnostics"] = diagnostics.groupby("issue").size().to_dict() if len(diagnostics) else {}
         out["top_heads"] = self.top_heads(5)["label"].tolist()
@@ -365,7 +385,7 @@ def analyze(
     target: str = "pattern",
     spec: PairSpec = PairSpec(),
     batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
     sink_threshold: float = SINK_THRESHOLD,
     n_boot: int = 1000,
     seed: int = 0,
@@ -376,12 +396,14 @@ def analyze(
     checkpoint=None,
     checkpoint_every: int = 0,
     checkpoint_seconds: float = 0.0,
+    cell_maps: bool = False,
 ) -> Analysis:
     """Run the full decomposition of ``model`` on ``tokens`` (``[prompt, pos]``).
 
     One forward pass per batch and condition (causal, bidirectional) accumulates all
     targets at once; see :func:`rope_leak.engine.run.run_statistics` (also for
-    ``prompt_ids`` and the resumable ``checkpoint``).
+    ``prompt_ids`` and the resumable ``checkpoint``). ``cell_maps=True`` also keeps
+    per-cell sums (``O(n^2)`` per head) for ``M_cell`` and per-cell maps of the explorer.
 
     ``on_missing_bos``: what to do when the model expects a BOS at position 0 and some
     prompts lack it (see :func:`check_bos`): ``"error"`` (default, :class:`MissingBOSError`),
@@ -411,7 +433,7 @@ def analyze(
     stats = run_statistics(
         model, tokens, targets=TARGETS, spec=spec, batch_size=batch_size, n_buckets=n_buckets,
         progress=progress, prompt_ids=prompt_ids, metadata=metadata, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+        checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, cell_maps=cell_maps,
     )
     inputs = {
         "model": model_fingerprint(model),

@@ -37,7 +37,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from rope_leak.engine.pairs import PairSpec
-from rope_leak.engine.run import DEFAULT_BUCKETS, Condition, run_statistics
+from rope_leak.engine.run import Condition, run_statistics
 from rope_leak.engine.statistics import RunStatistics
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.interventions.rope import identity_rope, rope_base, rope_scaling, scrambled_rope
@@ -139,7 +139,7 @@ def rope_controls(
     target: str = "pattern",
     spec: PairSpec = PairSpec(),
     batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
     seed: int = 0,
     tolerance: float = CONTROL_TOLERANCE,
     n_boot: int = 0,
@@ -326,7 +326,7 @@ def compare_models(
     target: str = "pattern",
     spec: PairSpec = PairSpec(),
     batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
     n_boot: int = 200,
     seed: int = 0,
     progress: bool = True,

@@ -355,7 +355,7 @@ def _resume_options(args: argparse.Namespace, checkpoint) -> dict:
 
 def _run_shard(args, model, corpus, spec, settings, provenance, shard, resume) -> int:
     from rope_leak.analysis import model_fingerprint, tokens_sha256
-    from rope_leak.engine.run import run_statistics
+    from rope_leak.engine.run import default_buckets, run_statistics
     from rope_leak.scale import shard_prompts, write_shard
 
     prompts = shard_prompts(len(corpus.tokens), args.batch_size, shard)
@@ -365,6 +365,7 @@ def _run_shard(args, model, corpus, spec, settings, provenance, shard, resume) -
               "batch_size": args.batch_size, "on_missing_bos": "error", "prompt_ids": None}
     stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=spec,
                            batch_size=args.batch_size, prompt_ids=prompts,
+                           n_buckets=default_buckets(len(corpus.tokens)),  # as the whole run's
                            progress=not args.no_progress,
                            metadata={"settings": settings, "inputs": inputs}, **resume)
     out = write_shard(stats, args.out, shard=shard, n_prompts=len(corpus.tokens), provenance=provenance)

@@ -33,7 +33,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rope_leak.engine.pairs import PairDesign, PairSpec
-from rope_leak.engine.run import DEFAULT_BUCKETS, ConditionRun, check_tokens
+from rope_leak.engine.run import ConditionRun, check_tokens, default_buckets
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.interventions.position_zero_patch import resid_pre_name
 from rope_leak.metrics.shares import fit_shares
@@ -96,7 +96,7 @@ def run_batch_conditions(
     target: str = "pattern",
     spec: PairSpec = PairSpec(),
     batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Stream ``tokens`` under batch-aware conditions; return each condition's share
     ``[layer, head]`` for ``target`` (cross-fitted, as in :func:`fit_shares`)."""
@@ -106,6 +106,7 @@ def run_batch_conditions(
             f"{len(tokens)} prompts are too few to cross-fit. Fix: use at least 4 prompts."
         )
     design = PairDesign(spec, tokens.shape[1])
+    n_buckets = default_buckets(len(tokens)) if n_buckets is None else n_buckets
     runs = {name: ConditionRun(model, design, (target,), n_buckets) for name in conditions}
     ids = torch.arange(len(tokens))
     for start in range(0, len(tokens), batch_size):
@@ -142,7 +143,7 @@ def _check_head(model: HookedTransformer, layer: int, head: int) -> None:
 def mask_swap_by_layer(
     model: HookedTransformer, tokens: Tensor, layers: Iterable[int] | None = None, *,
     target: str = "pattern", spec: PairSpec = PairSpec(), batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
 ) -> PatchingResult:
     """Swap the causal mask for a bidirectional one in one layer at a time."""
     layers = list(range(model.cfg.n_layers)) if layers is None else [int(l) for l in layers]
@@ -157,7 +158,7 @@ def mask_swap_by_layer(
 def mask_swap_by_head(
     model: HookedTransformer, tokens: Tensor, heads: Iterable[tuple[int, int]] | None = None, *,
     target: str = "pattern", spec: PairSpec = PairSpec(), batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
 ) -> PatchingResult:
     """Swap the mask of one head at a time (the other heads of its layer stay causal)."""
     if heads is None:
@@ -200,7 +201,7 @@ def patch_head_output(
     model: HookedTransformer, tokens: Tensor, heads: Iterable[tuple[int, int]], *,
     source: Condition = bidirectional, target_condition: Condition = causal,
     target: str = "pattern", spec: PairSpec = PairSpec(), batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
 ) -> PatchingResult:
     """Run ``target_condition`` with one head's output (``hook_z``, every position) taken
     from a ``source`` run on the same prompts; one site per head in ``heads``."""
@@ -236,7 +237,7 @@ def patch_position_zero_resid(
     model: HookedTransformer, tokens: Tensor, layers: Iterable[int] | None = None, *,
     source: Condition, target_condition: Condition = causal,
     target: str = "pattern", spec: PairSpec = PairSpec(), batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
 ) -> PatchingResult:
     """Run ``target_condition`` with position 0 of ``blocks.{l}.hook_resid_pre`` taken from
     a ``source`` run on the same prompts (e.g. ``partial(replace_position_zero,

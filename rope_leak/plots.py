@@ -18,6 +18,29 @@ def _symmetric_range(*arrays: np.ndarray) -> float:
     return float(np.abs(values).max()) if values.size and np.abs(values).max() > 0 else 1.0
 
 
+def _robust_range(*arrays: np.ndarray, quantile: float = 0.98) -> float:
+    """A symmetric colour range set by the bulk of heads: the ``quantile`` of ``|value|``
+    (outliers saturate and are marked, never set the scale)."""
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    values = np.abs(values[np.isfinite(values)])
+    if not values.size:
+        return 1.0
+    top = float(np.quantile(values, quantile))
+    return top if top > 0 else (float(values.max()) or 1.0)
+
+
+def _marks(fig: go.Figure, mask: np.ndarray, symbol: str, name: str, row: int, col: int,
+           showlegend: bool) -> None:
+    """Markers on the heads where ``mask`` holds (outliers beyond the scale, degenerate)."""
+    layers, heads = np.nonzero(mask)
+    if not len(layers):
+        return
+    fig.add_scatter(x=heads, y=layers, mode="markers", name=name, legendgroup=name,
+                    showlegend=showlegend, marker=dict(symbol=symbol, size=7, color="black",
+                                                        line=dict(width=1)),
+                    hovertemplate="L%{y}H%{x}: " + name + "<extra></extra>", row=row, col=col)
+
+
 def _head_axes(fig: go.Figure, n_layers: int, n_heads: int, **where) -> None:
     """Tick labels ``H0..`` / ``L0..`` on a layer x head heat map."""
     fig.update_xaxes(tickmode="array", tickvals=list(range(n_heads)),
@@ -31,52 +54,90 @@ def _labels(n_layers: int, n_heads: int) -> np.ndarray:
 
 
 def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
-    """Layer x head maps of ``L_total``, ``L_resid`` and ``L_mask`` on one colour scale."""
+    """Layer x head maps of the debiased shares and the renormalisation split's terms,
+    on one colour scale set by the bulk of heads. Heads beyond the scale are marked ×,
+    degenerate heads (scored variance below the floor; left blank) are marked ○."""
     target = target or analysis.target
-    dec = analysis.decomposition(target)
-    panels = [("L_total (causal mask)", dec.total), ("L_resid (bidirectional)", dec.resid),
-              ("L_mask = L_total - L_resid", dec.mask)]
-    zmax = _symmetric_range(*(p[1] for p in panels))
-    fig = make_subplots(rows=1, cols=3, subplot_titles=[p[0] for p in panels], shared_yaxes=True,
-                        horizontal_spacing=0.04)
-    n_layers, n_heads = dec.total.shape
-    labels = np.array([[f"L{l}H{h}" for h in range(n_heads)] for l in range(n_layers)])
-    for col, (name, values) in enumerate(panels, start=1):
+    inf = analysis.inference(target)
+    degenerate = inf.degenerate
+    panels = [(f"L_total ({target}, causal)", inf.total.estimate)]
+    split = analysis.split()
+    if split is not None:
+        frac = split.fractions()
+        panels += [("split: unmasked scores' part (log A)", frac["resid"]),
+                   ("split: mask renormalisation (log A)", frac["mask"])]
+    panels += [(f"ablation L_mask ({target})", inf.mask.estimate)]
+    shown = [np.where(degenerate, np.nan, values) for _, values in panels]
+    zmax = _robust_range(*shown)
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
+                        shared_yaxes=True, horizontal_spacing=0.03)
+    n_layers, n_heads = degenerate.shape
+    labels = _labels(n_layers, n_heads)
+    for col, ((name, _), values) in enumerate(zip(panels, shown), start=1):
         fig.add_trace(go.Heatmap(
             z=values, x=list(range(n_heads)), y=list(range(n_layers)), customdata=labels,
-            zmin=-zmax, zmax=zmax, colorscale=DIVERGING, showscale=col == 3,
-            colorbar=dict(title="ΔR² (fraction<br>of variance)"),
-            hovertemplate="%{customdata}<br>" + name.split(" ")[0] + " = %{z:.4f}<extra></extra>",
+            zmin=-zmax, zmax=zmax, colorscale=DIVERGING, showscale=col == len(panels),
+            colorbar=dict(title="share of the head's<br>scored variance"),
+            hovertemplate="%{customdata}<br>" + name + " = %{z:.4f}<extra></extra>",
         ), row=1, col=col)
+        _marks(fig, np.abs(np.nan_to_num(values)) > zmax, "x-thin", "beyond the colour scale",
+               1, col, col == 1)
+        _marks(fig, degenerate, "circle-open", "degenerate (left out)", 1, col, col == 1)
         fig.update_xaxes(title_text="head", row=1, col=col)
         _head_axes(fig, n_layers, n_heads, row=1, col=col)
-    fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(
-        title=f"Absolute-position share per head (target: {target}; ΔR² = R²(M_abs) − R²(M_rel), cross-fitted)",
-        height=max(350, 18 * n_layers + 150),
+        title=("Absolute-position share per head (debiased; colour scale: 98% of heads, "
+               f"±{zmax:.3g})"),
+        height=max(380, 18 * n_layers + 170), legend=dict(orientation="h", y=-0.12),
     )
     return fig
 
 
 def layer_composition(analysis: Analysis, target: str | None = None) -> go.Figure:
-    """Mean components per layer (stacked) and the layer's composition ratio."""
+    """Per layer: the debiased components pooled over non-degenerate heads (bars) and the
+    mask's share of log A by the renormalisation split and by the ablation (lines, CIs)."""
     target = target or analysis.target
-    table = analysis.layers(target)
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_bar(x=table["layer"], y=table["L_mask"], name="L_mask (causal mask)",
-                hovertemplate="layer %{x}<br>mean L_mask = %{y:.4f}<extra></extra>")
-    fig.add_bar(x=table["layer"], y=table["L_resid"], name="L_resid (residual stream)",
-                hovertemplate="layer %{x}<br>mean L_resid = %{y:.4f}<extra></extra>")
-    fig.add_scatter(x=table["layer"], y=table["composition"], name="composition L_mask/(L_mask+L_resid)",
-                    mode="lines+markers", secondary_y=True,
-                    hovertemplate="layer %{x}<br>composition = %{y:.3f}<extra></extra>")
-    fig.update_layout(barmode="relative", title=f"Decomposition by layer (target: {target})",
-                      legend=dict(orientation="h", y=-0.2))
+    inf = analysis.inference(target)
+    keep = np.where(inf.degenerate, np.nan, 1.0)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[
+        f"mean debiased components ({target}; non-degenerate heads)",
+        "mask's share of log A's absolute position (95% CI)"])
+    layers = np.arange(analysis.n_layers)
+    for name, part in (("L_total (causal)", inf.total), ("L_resid (bidirectional)", inf.resid),
+                       ("L_mask = L_total − L_resid", inf.mask)):
+        fig.add_bar(x=layers, y=np.nanmean(part.estimate * keep, 1), name=name, row=1, col=1,
+                    hovertemplate="layer %{x}<br>" + name + " = %{y:.4f}<extra></extra>")
+    _composition_lines(fig, analysis, row=1, col=2)
+    fig.update_layout(barmode="group", title=f"Decomposition by layer (target: {target})",
+                      legend=dict(orientation="h", y=-0.2), height=450)
     fig.update_xaxes(title_text="layer")
-    fig.update_yaxes(title_text="mean ΔR² over heads", secondary_y=False)
-    fig.update_yaxes(title_text="composition (fraction from the mask)", secondary_y=True)
+    fig.update_yaxes(title_text="mean ΔR² over heads", row=1, col=1)
+    fig.update_yaxes(title_text="fraction from the mask", range=[-0.25, 1.25], row=1, col=2)
     return fig
+
+
+def _composition_lines(fig: go.Figure, analysis: Analysis, row=None, col=None) -> None:
+    layers = np.arange(analysis.n_layers)
+
+    def band(estimate, low, high, name):
+        estimate, low, high = (np.asarray(a, dtype=float) for a in (estimate, low, high))
+        fig.add_scatter(
+            x=layers, y=estimate, mode="lines+markers", name=name,
+            error_y=dict(type="data", symmetric=False, array=high - estimate, arrayminus=estimate - low),
+            hovertemplate="layer %{x}<br>" + name + " = %{y:.3f}<extra></extra>", row=row, col=col,
+        )
+
+    split = analysis.split()
+    if split is not None:
+        comp = split.layer_table()["composition"]
+        ci = split.layer_ci.get("composition", np.stack([comp, comp], 1))
+        band(comp, ci[:, 0], ci[:, 1], "renormalisation split: SS(m) / (SS(m) + SS(log A^full))")
+    ablation = analysis.inference("log_pattern").layer_composition
+    band(ablation.estimate, ablation.low, ablation.high, "bidirectional ablation: L_mask / L_total (log A)")
+    for y in (0, 1):
+        fig.add_hline(y=y, line_dash="dot", line_color="grey", row=row, col=col)
 
 
 def sink_map(analysis: Analysis) -> go.Figure:
@@ -128,15 +189,19 @@ def position_zero_trajectory(analysis: Analysis) -> go.Figure:
 
 
 def target_comparison(analysis: Analysis) -> go.Figure:
-    """Mean L_total / L_resid / L_mask over heads for each target (pattern, log pattern,
-    scores): the mask part lives in the softmax denominator, so it vanishes for scores."""
+    """Mean debiased L_total / L_resid / L_mask over non-degenerate heads for each target
+    (pattern, log pattern, scores), with bootstrap CIs: the mask part lives in the softmax
+    denominator, so it vanishes for scores."""
     fig = go.Figure()
     targets = analysis.targets
-    for component in ("L_total", "L_resid", "L_mask"):
-        values = [analysis.decomposition(t).summary()[component] for t in targets]
-        fig.add_bar(x=targets, y=values, name=component,
+    for k, component in enumerate(("L_total", "L_resid", "L_mask")):
+        means = [analysis.inference(t).means for t in targets]
+        est = np.array([m.estimate[k] for m in means])
+        low, high = np.array([m.low[k] for m in means]), np.array([m.high[k] for m in means])
+        fig.add_bar(x=targets, y=est, name=component,
+                    error_y=dict(type="data", symmetric=False, array=high - est, arrayminus=est - low),
                     hovertemplate="target %{x}<br>mean " + component + " = %{y:.4f}<extra></extra>")
-    fig.update_layout(barmode="group", title="Components by target (mean over heads)",
+    fig.update_layout(barmode="group", title="Components by target (debiased; mean over non-degenerate heads, 95% CI)",
                       xaxis_title="target (response y)", yaxis_title="mean ΔR² (fraction of variance)")
     return fig
 
@@ -249,30 +314,11 @@ def interventions_figure(table) -> go.Figure:
 
 
 def decompositions_by_layer(analysis: Analysis) -> go.Figure:
-    """Per-layer composition of ``log_pattern`` by the two decompositions, with CIs."""
-    ablation = analysis.inference("log_pattern").layer_composition
-    split = analysis.split()
-    layers = list(range(analysis.n_layers))
+    """Per-layer mask share of ``log A``'s absolute position by the two decompositions."""
     fig = go.Figure()
-
-    def band(estimate, low, high, name):
-        fig.add_scatter(
-            x=layers, y=estimate, mode="lines+markers", name=name,
-            error_y=dict(type="data", symmetric=False, array=np.asarray(high) - estimate,
-                         arrayminus=estimate - np.asarray(low)),
-            hovertemplate="layer %{x}<br>" + name + " = %{y:.3f}<extra></extra>",
-        )
-
-    band(ablation.estimate, ablation.low, ablation.high, "ablation: L_mask / L_total")
-    split_ci = split.layer_composition_ci
-    comp = split.layer_composition()
-    if split_ci is None:
-        split_ci = np.stack([comp, comp], 1)
-    band(comp, split_ci[:, 0], split_ci[:, 1], "ablation-free: SS(−log Z) / (SS(−log Z) + SS(s))")
-    fig.add_hline(y=0, line_dash="dot", line_color="grey")
-    fig.add_hline(y=1, line_dash="dot", line_color="grey")
+    _composition_lines(fig, analysis)
     fig.update_layout(title="Causal-mask share of log A's absolute position, by layer: the two decompositions",
-                      xaxis_title="layer", yaxis_title="composition (fraction from the causal mask)",
+                      xaxis_title="layer", yaxis_title="fraction from the causal mask",
                       legend=dict(orientation="h", y=-0.2))
     return fig
 

@@ -16,16 +16,20 @@ from rope_leak.plots import all_figures, top_heads_figure
 
 CAPTIONS = {
     "decompositions": "Two ways to split log A's absolute position, layer by layer, with 95% CIs. The "
-                      "ablation swaps the causal mask for a bidirectional one (out of distribution); the "
-                      "ablation-free split uses log A = s − log Z and attributes the scores' part to the "
-                      "residual stream and −log Z's to the mask, in distribution. Where the bands do not "
-                      "overlap the decompositions disagree (listed under Diagnostics).",
-    "shares": "Each cell is one head. L_total is its absolute-position share under the causal "
-              "mask, L_resid under a bidirectional mask (same weights, same causal pairs scored), "
-              "L_mask their difference: the part the causal softmax denominator creates. One colour "
-              "scale for the three panels.",
-    "composition": "Mean components per layer (bars) and the layer's composition, the fraction of its "
-                   "absolute-position share that the causal mask creates (line, right axis).",
+                      "renormalisation split stays in distribution: log A = log A^full + m, with A^full "
+                      "the softmax of the same scores over every key (mask ignored) and m the mask's "
+                      "renormalisation; both terms are unchanged by a per-query shift of the scores. "
+                      "The ablation swaps the causal mask for a bidirectional one (out of distribution). "
+                      "Where the bands do not overlap the decompositions disagree (listed under Diagnostics).",
+    "shares": "Each cell is one head (debiased shares, as fractions of the head's scored variance). "
+              "L_total: absolute-position share under the causal mask. The split's two terms: the "
+              "unmasked scores' part and the mask's renormalisation (of log A). Ablation L_mask: "
+              "L_total minus the share under a bidirectional mask. One colour scale for all panels, "
+              "set by 98% of the heads; × marks heads beyond it, ○ degenerate heads (scored "
+              "variance below the floor; blank, left out of every mean and pool).",
+    "composition": "Left: mean debiased components per layer over non-degenerate heads. Right: the "
+                   "mask's share of log A's absolute position per layer, pooled over heads (sums of "
+                   "squares), by the renormalisation split and by the ablation, with 95% CIs.",
     "targets": "The same decomposition for each response: the pattern A, log A and the pre-softmax "
                "scores s. The causal-mask part lives in the softmax denominator, so it should be near "
                "zero for the scores, whose absolute position can only come from the residual stream.",
@@ -41,7 +45,7 @@ CAPTIONS = {
 }
 
 TITLES = {
-    "decompositions": "Ablation vs ablation-free split",
+    "decompositions": "Renormalisation split vs ablation",
     "shares": "Absolute-position share per head",
     "composition": "Causal mask vs residual stream, by layer",
     "targets": "Pattern, log pattern and scores",
@@ -119,14 +123,18 @@ def summary_html(analysis: Analysis) -> str:
         f"(ΔR², debiased, {level} CI) per head; the causal mask accounts for <b>{comp_text}</b> "
         f"{_ci(s['composition_ci'])} of it and the residual stream for the rest "
         f"(mean L_mask {s['L_mask']:.4f}, L_resid {s['L_resid']:.4f}; {s['n_prompts']} prompts).</p>")
-    split = s["ablation_free_split"]
+    split = s.get("renormalisation_split")
     rows = [
         ("target", s["target"]), ("prompts", s["n_prompts"]),
         (f"mean L_total (causal) [{level} CI]", f"{s['L_total']:.4f} {_ci(s['L_total_ci'])}"),
         (f"mean L_resid (bidirectional) [{level} CI]", f"{s['L_resid']:.4f} {_ci(s['L_resid_ci'])}"),
         (f"mean L_mask [{level} CI]", f"{s['L_mask']:.4f} {_ci(s['L_mask_ci'])}"),
         (f"composition (mask share) [{level} CI]", f"{comp:.3f} {_ci(s['composition_ci'])}"),
-        ("ablation-free split: composition SS(−log Z) / (SS(−log Z) + SS(scores))", split["composition"]),
+        *([(f"renormalisation split: mask share SS(m) / (SS(m) + SS(log A^full)) [{level} CI]",
+            f"{split['composition']:.3f} {_ci(split.get('composition_ci', [np.nan, np.nan]))}"),
+           ("renormalisation split: cross term / SS(log A)", split["cross_fraction"])]
+          if split else []),
+        ("degenerate heads (left out of means and pools)", len(s["heads_degenerate"])),
         (f"heads with L_total > 0 (BH q < {s['fdr_level']})", s["heads_significant_total"]),
         (f"heads with L_resid > 0 (BH q < {s['fdr_level']})", s["heads_significant_resid"]),
         ("sink heads", len(s["sink_heads"])),
@@ -143,7 +151,7 @@ def summary_html(analysis: Analysis) -> str:
     if s["additivity_violated"]:
         warn = ("<p class='flag'>Additivity violated: the bidirectional ablation raised the mean "
                 "share (L_mask &lt; 0 beyond its CI). Read the ablation-based decomposition with care "
-                "and compare the ablation-free split.</p>")
+                "and compare the renormalisation split.</p>")
     return (f"<section id='summary'><h2>Summary</h2>{headline}<table>{body}</table>{warn}"
             f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}. ΔR² = "
             f"R²(M_abs) − R²(M_rel): 0 means offset alone explains the head's "

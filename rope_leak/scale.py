@@ -73,6 +73,24 @@ def write_shard(stats, out_dir: str | Path, *, shard: tuple[int, int], n_prompts
     return out
 
 
+def _read_shard_info(path: Path) -> dict:
+    """A shard's ``shard.json``, checked: a clear error for a corrupt or foreign file."""
+    fix = (f"Fix: rerun that shard (`rope-leak analyze --shard K/N --out {path.parent}`), or "
+           "delete the folder if it is not a shard.")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable shard description ({err}). {fix}") from err
+    shard = info.get("shard") if isinstance(info, dict) else None
+    valid = (isinstance(shard, list) and len(shard) == 2 and all(isinstance(x, int) for x in shard)
+             and 0 <= shard[0] < shard[1])
+    missing = [k for k in ("provenance", "n_prompts_total") if not isinstance(info, dict) or k not in info]
+    if not valid or missing:
+        raise ValueError(f"{path} is not a valid shard description (shard {shard!r}"
+                         f"{', missing ' + ', '.join(missing) if missing else ''}). {fix}")
+    return info
+
+
 def load_shards(dirs):
     """``(merged RunStatistics, provenance)`` of complete, consistent shard folders."""
     from rope_leak.engine.statistics import RunStatistics
@@ -83,7 +101,7 @@ def load_shards(dirs):
         if not (d / SHARD_FILE).exists() or not (d / STATISTICS_FILE).exists():
             raise FileNotFoundError(f"{d} holds no finished shard ({SHARD_FILE} + {STATISTICS_FILE}). "
                                     "Fix: pass the --out folders of finished `analyze --shard` runs.")
-        shards.append((json.loads((d / SHARD_FILE).read_text()), d))
+        shards.append((_read_shard_info(d / SHARD_FILE), d))
     if not shards:
         raise ValueError("no shard folders given.")
     shards.sort(key=lambda s: s[0]["shard"][0])
@@ -99,7 +117,7 @@ def load_shards(dirs):
                          f"{', '.join(f'{a}/{b}' for a, b in seen)}.")
     merged = None
     for _info, d in shards:
-        stats = RunStatistics.load(d / STATISTICS_FILE)
+        stats = RunStatistics.load(d / STATISTICS_FILE, kind="shard statistics file")
         merged = stats if merged is None else merged.merge(stats)
     if merged.prompts_done != list(range(first["n_prompts_total"])):
         raise ValueError("the shards do not cover the corpus exactly once. Fix: rerun the missing shards.")

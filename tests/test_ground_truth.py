@@ -98,15 +98,16 @@ def test_purely_relative_logits_all_absolute_position_from_the_mask(tokens):
     assert abs(dec.resid[0, 0]) < 1e-5
     assert dec.total[0, 0] > 0.01
     assert analysis.decomposition("scores").total[0, 0] == pytest.approx(0, abs=1e-5)
-    # Ablation-free split: all of log A's absolute SS is the denominator's.
-    split = analysis.split()
-    assert split.scores[0, 0] == pytest.approx(0, abs=1e-6)
+    # Renormalisation split: the unmasked scores are periodic in the offset, so their
+    # softmax over every key is purely relative; all of log A's absolute SS is the mask's.
+    split = analysis.split().fractions()
     log_a = causal_log_pattern(scores)
-    assert split.denominator[0, 0] == pytest.approx(absolute_ss(log_a), rel=1e-4)
-    # In share units the log_pattern term is the debiased causal share of log_pattern.
-    assert split.log_pattern[0, 0] == pytest.approx(
+    assert split["resid"][0, 0] == pytest.approx(0, abs=1e-6)
+    assert split["mask"][0, 0] == pytest.approx(absolute_ss(log_a), rel=1e-4)
+    # In share units the total term is the debiased causal share of log_pattern.
+    assert split["total"][0, 0] == pytest.approx(
         analysis.inference("log_pattern").total.estimate[0, 0], rel=1e-6)
-    assert split.composition() == pytest.approx(1.0, abs=1e-4)
+    assert analysis.split().head_composition()[0, 0] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_planted_residual_stream_signal_is_recovered(tokens):
@@ -115,11 +116,15 @@ def test_planted_residual_stream_signal_is_recovered(tokens):
     truth_scores = absolute_ss(scores, per=log_a)
     assert truth_scores > 0.05  # the planted signal is large by construction
     analysis = analyze(model, tokens, progress=False)
-    split = analysis.split()
-    # Both prompt halves are identical here, so the cross-fitted SS is the exact SS.
-    assert split.scores[0, 0] == pytest.approx(truth_scores, rel=1e-4)
-    assert split.log_pattern[0, 0] == pytest.approx(absolute_ss(log_a), rel=1e-4)
-    assert split.identity_error < 1e-6
+    split = analysis.split().fractions()
+    # Every prompt is identical here, so the debiased SS is the exact SS. Reference: the
+    # softmax of the hand-computed scores over every key, and the mask's renormalisation.
+    log_full = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+    renorm = np.where(np.tril(np.ones_like(scores, dtype=bool)), log_a - log_full, 0.0)
+    assert split["resid"][0, 0] == pytest.approx(absolute_ss(log_full, per=log_a), rel=1e-4)
+    assert split["mask"][0, 0] == pytest.approx(absolute_ss(renorm, per=log_a), rel=1e-4)
+    assert split["total"][0, 0] == pytest.approx(absolute_ss(log_a), rel=1e-4)
+    assert split["resid"][0, 0] > 0.01  # the planted signal is in the scores' term
     # The planted signal survives the mask swap: the ablation sees it as residual stream.
     dec = analysis.decomposition("pattern")
     assert dec.resid[0, 0] > 0.05

@@ -20,7 +20,7 @@ from rope_leak.report import write_report
 def analysis():
     model = tiny_rope_model(seed=1)
     tokens = make_random_corpus(8, 20, model.cfg.d_vocab, seed=1, bos_token_id=TINY_BOS_TOKEN_ID).tokens
-    return analyze(model, tokens, progress=False)
+    return analyze(model, tokens, progress=False, cell_maps=True)
 
 
 def test_figures_are_labelled(analysis):

@@ -107,8 +107,7 @@ def test_shards_in_separate_processes_merge_to_single_run(tiny_folder, text_corp
     for c in a.conditions:
         for t, st in a.conditions[c].targets.items():
             np.testing.assert_allclose(b.conditions[c].targets[t].xty, st.xty, rtol=1e-13, atol=1e-12)
-            np.testing.assert_allclose(b.conditions[c].targets[t].fold_cell_sums(), st.fold_cell_sums(), rtol=1e-13,
-                                       atol=1e-12)
+            np.testing.assert_allclose(b.conditions[c].targets[t].sumsq, st.sumsq, rtol=1e-13, atol=1e-12)
     for name in ("heads.csv", "layers.csv", "report.html"):
         assert (tmp_path / "merged" / name).stat().st_size > 0
 
@@ -147,16 +146,18 @@ def test_killed_run_resumes_to_identical_results(tiny_folder, text_corpus, tmp_p
     for c in a.conditions:
         for t, st in a.conditions[c].targets.items():
             np.testing.assert_array_equal(b.conditions[c].targets[t].xty, st.xty)
-            np.testing.assert_array_equal(b.conditions[c].targets[t].fold_cell_sums(), st.fold_cell_sums())
+            np.testing.assert_array_equal(b.conditions[c].targets[t].sumsq, st.sumsq)
 
 
 def test_resume_in_process_equals_uninterrupted(tiny_model, tiny_tokens, tmp_path):
-    whole = run_statistics(tiny_model, tiny_tokens, batch_size=2, progress=False)
+    whole = run_statistics(tiny_model, tiny_tokens, batch_size=2, progress=False, n_buckets=8)
     ckpt = tmp_path / "ckpt.npz"
-    partial = run_statistics(tiny_model, tiny_tokens[:6], batch_size=2, progress=False,
-                             prompt_ids=range(6))
-    partial.save(ckpt)
-    resumed = run_statistics(tiny_model, tiny_tokens, batch_size=2, progress=False, checkpoint=ckpt)
+    # an interrupted run: checkpoints after its first two batches (prompts 0..3)
+    run_statistics(tiny_model, tiny_tokens[:6], batch_size=2, progress=False, prompt_ids=range(6),
+                   n_buckets=8, checkpoint=ckpt, checkpoint_every=1)
+    assert RunStatistics.load(ckpt).prompts_done == [0, 1, 2, 3]
+    resumed = run_statistics(tiny_model, tiny_tokens, batch_size=2, progress=False, checkpoint=ckpt,
+                             n_buckets=8)
     for c, cond in whole.conditions.items():
         for t, st in cond.targets.items():
             np.testing.assert_array_equal(resumed.conditions[c].targets[t].xty, st.xty)
@@ -165,7 +166,8 @@ def test_resume_in_process_equals_uninterrupted(tiny_model, tiny_tokens, tmp_pat
         np.testing.assert_array_equal(resumed.conditions[c].position_zero.dev_sumsq,
                                       cond.position_zero.dev_sumsq)
     with pytest.raises(ValueError, match="first whole batches"):
-        run_statistics(tiny_model, tiny_tokens, batch_size=4, progress=False, checkpoint=ckpt)
+        run_statistics(tiny_model, tiny_tokens, batch_size=3, progress=False, checkpoint=ckpt,
+                       n_buckets=8)
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),

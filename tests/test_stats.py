@@ -52,7 +52,7 @@ def simulate(n, n_prompts, n_heads, n_buckets, seed, beta=0.0, sigma=1.0, causal
     if causal:
         scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     design = PairDesign(PairSpec(), n)
-    acc = LayerAccumulator(design, 1, n_heads, n_buckets, targets)
+    acc = LayerAccumulator(design, 1, n_heads, n_buckets, targets, cell_maps=True)
     ids = torch.arange(n_prompts)
     acc.add_prompts(ids)
     acc.add_layer(0, scores, ids)

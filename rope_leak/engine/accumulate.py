@@ -1,24 +1,29 @@
 """Turn one layer's attention scores into sufficient statistics, in place, on device.
 
-Called from a ``hook_attn_scores`` hook: the batch's patterns are reduced to sums by
-offset / query / key (``X^T y``), sums of squares and per-fold cell sums, and then
-dropped. Only ``pattern`` and ``scores`` are summed cell by cell (in float32 values,
-float64 sums, whatever the model's dtype). ``neg_log_z = -log Z_i`` is constant along
-each query row, and ``log_pattern = scores - log Z_i``, so both come from per-row sums:
-per prompt and row, ``-log Z_i`` enters per-bucket row sums, and ``log_pattern``'s sum
-of squares is ``sum s^2 + 2 sum_i z_i (sum_j s_ij) + sum_i n_i z_i^2``. Their ``X^T y``
-and cell sums are derived in :meth:`LayerAccumulator.to_statistics` (exact algebra,
-no cell loop), which is a third of the per-cell work and half the memory.
+Called from a ``hook_attn_scores`` hook: the batch's scores are reduced to sums by
+offset / query / key (``X^T y``, ``3 n`` numbers per head) and sums of squares, and then
+dropped. Only ``pattern`` and ``scores`` are summed element by element (float32 or
+float64 values, float64 sums). Every other target is the scores plus a part constant
+along each query row, so its statistics come from per-row sums:
+
+* ``neg_log_z = -log Z_i`` and ``log_pattern = s - log Z_i`` from the row sums of
+  ``-log Z_i``;
+* with the mask lifted for the pass and re-imposed in the hook (``unmasked=True``), the
+  unmasked denominator ``Z^full_i`` (every key) gives ``unmasked_log_pattern = s -
+  log Z^full_i`` and ``renormalisation = log Z^full_i - log Z_i``; the model still runs
+  with its own mask.
+
+A row part's sums of squares are ``sum s^2 + 2 sum_i r_i (sum_j s_ij) + sum_i n_i r_i^2``
+per prompt; its ``X^T y`` is derived once, in :meth:`LayerAccumulator.to_statistics`.
+Per-cell sums (``O(n^2)``) are kept only with ``cell_maps=True``.
 
 Two implementations give the same statistics (to float32 rounding of the per-element
 values; tests compare both with a float64 reference):
 
-* on CPU, the fused C kernel of :mod:`rope_leak.engine.kernel` reads each score row
-  once and updates every sum of every dense target in that pass (parallel over row
-  ranges);
-* elsewhere (GPU, or no C compiler), a pure-torch path: one masked tensor per target,
-  diagonal sums through a contiguous skewed view (no padded copy), fold sums over the
-  batch before the float64 scatter.
+* on CPU, for float32 scores, the fused C kernel of :mod:`rope_leak.engine.kernel` reads
+  each score row once and updates every sum of every dense target in that pass;
+* elsewhere (GPU, float64, no C compiler), a pure-torch path whose accumulators stay on
+  the model's device: nothing is copied to the host until :meth:`to_statistics`.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ from torch import Tensor
 
 from rope_leak.engine.kernel import load_kernel, thread_pool
 from rope_leak.engine.pairs import PairDesign
-from rope_leak.engine.statistics import TARGETS, CellStatistics, required_targets
+from rope_leak.engine.statistics import SPLIT_TARGETS, TARGETS, TargetStatistics, required_targets
 
 DENSE_TARGETS = ("pattern", "scores")
-"""Targets summed cell by cell, in the kernel's order (bit ``k`` of its ``want``)."""
-ROW_TARGETS = ("log_pattern", "neg_log_z")
-"""Targets derived from the scores' sums and per-row sums of ``-log Z_i``."""
+"""Targets summed element by element, in the kernel's order (bit ``k`` of its ``want``)."""
+MASKED_ROW_TARGETS = ("log_pattern", "neg_log_z", "renormalisation")
+"""Targets that need the per-row sums of ``-log Z_i``."""
 
 
 class NonFiniteAttentionError(FloatingPointError):
@@ -87,47 +92,55 @@ class LayerAccumulator:
         n_buckets: int,
         targets: tuple[str, ...],
         device: torch.device | str = "cpu",
+        cell_maps: bool = False,
+        unmasked: bool = False,
     ) -> None:
-        unknown = set(targets) - set(TARGETS)
-        if unknown:
-            raise ValueError(f"unknown targets {sorted(unknown)}; choose from {TARGETS}.")
         self.design, self.targets = design, required_targets(targets)
+        if set(SPLIT_TARGETS) & set(self.targets) and not unmasked:
+            raise ValueError(f"the targets {SPLIT_TARGETS} need the unmasked scores: run the "
+                             "condition with unmasked=True (the model's own mask only).")
+        self.unmasked = unmasked
         self.dense = tuple(t for t in DENSE_TARGETS if t in self.targets)
         self.n_layers, self.n_heads, self.n_buckets = n_layers, n_heads, n_buckets
+        self.cell_maps = cell_maps
         n = design.n_tokens
         as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
-        self.mask = torch.as_tensor(design.cell_mask, device=device)
-        self.mask_f = self.mask.float()
+        self.mask = torch.as_tensor(design.cell_mask if cell_maps else self._mask(design), device=device)
         self.offsets, self.queries, self.keys = (
             as_long(design.offsets), as_long(design.queries), as_long(design.keys)
         )
-        self.flat_index = as_long(design.flat_index)
-        rows = torch.arange(n, device=device)
-        # row_offset_mask[i, d] = 1 where (i, i - d) is a scored cell: a row constant's
-        # diagonal sums.
-        j = rows[:, None] - rows[None, :]
-        self.row_offset_mask = torch.zeros(n, n, device=device)
-        valid = j >= 0
-        self.row_offset_mask[valid] = self.mask_f[rows[:, None].expand(n, n)[valid], j[valid]]
-        self.row_count = self.mask_f.sum(-1).double()  # scored cells per query row
+        self.key_start = as_long(np.minimum(design.key_start, n))
+        self.row_count = torch.as_tensor(design.row_count, dtype=torch.float64, device=device)
         shape = (n_buckets, n_layers, n_heads)
         f64 = dict(dtype=torch.float64, device=device)
         self.xty = {t: torch.zeros(shape + (design.n_columns,), **f64) for t in self.dense}
         self.sumsq = {t: torch.zeros(shape, **f64) for t in self.targets}
-        self.cell_sum = {t: torch.zeros((2, n_layers, n_heads, design.n_cells), **f64) for t in self.dense}
-        # sum over a bucket's prompts of -log Z_i on scored rows (0 elsewhere)
-        self.row_sum = torch.zeros(shape + (n,), **f64) if set(ROW_TARGETS) & set(self.targets) else None
+        self.cell_sum = ({t: torch.zeros((2, n_layers, n_heads, design.n_cells), **f64) for t in self.dense}
+                         if cell_maps else {})
+        self.flat_index = as_long(design.flat_index) if cell_maps else None
+        # per bucket, sums over prompts of -log Z_i (and -log Z^full_i) on scored rows
+        needs_z = bool(set(MASKED_ROW_TARGETS) & set(self.targets))
+        self.row_sum = torch.zeros(shape + (n,), **f64) if needs_z else None
+        self.full_row_sum = torch.zeros(shape + (n,), **f64) if unmasked else None
         self.sink_sum = torch.zeros(shape, **f64)
         self.count = torch.zeros(n_buckets, dtype=torch.long, device=device)
-        # The scored cells are rows qlo <= i < qhi, keys jlo <= j <= i (PairDesign.cells).
+        self.nonfinite = torch.zeros((n_layers, n_heads), dtype=torch.long, device=device)
+        # The scored cells are rows qlo <= i < qhi, keys jlo <= j <= i (PairDesign).
         spec = design.spec
         self._rows = (max(spec.min_query, 0), n if spec.max_query is None else min(n, spec.max_query),
                       0 if spec.include_sink else 1)
-        cell_rows = np.asarray(design.cells[0])
-        self._row_start = torch.as_tensor(np.searchsorted(cell_rows, np.arange(n)), dtype=torch.long)
+        self._row_start = torch.as_tensor(np.concatenate([[0], np.cumsum(design.row_count)[:-1]]),
+                                          dtype=torch.long)
         self._tasks: list[tuple[int, int]] | None = None
         self._buffers: dict = {}
         self.use_kernel = True  # set False to force the pure-torch path
+
+    @staticmethod
+    def _mask(design: PairDesign) -> np.ndarray:
+        """``[n, n]`` bool mask of the scored cells, from the row ranges."""
+        j = np.arange(design.n_tokens)
+        i = j[:, None]
+        return (j[None, :] >= design.key_start[:, None]) & (j[None, :] <= i)
 
     def _row_ranges(self, n: int, workers: int) -> list[tuple[int, int]]:
         """Contiguous query-row ranges of about equal work (logsumexp + scored cells)."""
@@ -141,36 +154,49 @@ class LayerAccumulator:
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
     def add_prompts(self, prompt_ids: Int[Tensor, " batch"]) -> None:
-        buckets = prompt_ids % self.n_buckets
-        self.count.index_add_(0, buckets.to(self.count.device), torch.ones_like(buckets))
+        buckets = prompt_ids.to(self.count.device) % self.n_buckets
+        self.count.index_add_(0, buckets, torch.ones_like(buckets))
 
     def _scatter(self, store: Tensor, layer: int, values: Tensor, index: Tensor) -> None:
         """``store[index[b], layer] += values[b]``, summing over the batch in float64."""
         store[:, layer].index_add_(0, index, values.double())
 
     def add_layer(
-        self, layer: int, scores: Float[Tensor, "batch head q k"], prompt_ids: Int[Tensor, " batch"]
+        self, layer: int, scores: Float[Tensor, "batch head q k"], prompt_ids: Int[Tensor, " batch"],
+        unmasked_log_z: Float[Tensor, "batch head q"] | None = None,
     ) -> None:
-        scores = scores.float()
+        """Add one layer's (masked) scores; ``unmasked_log_z``: ``log Z^full_i`` of the same
+        scores before the mask, required when the accumulator was built ``unmasked``."""
+        if self.unmasked and unmasked_log_z is None:
+            raise ValueError("this accumulator needs the unmasked log-denominators.")
+        if scores.dtype != torch.float64:
+            scores = scores.float()
         # The kernel assumes every scored row is the contiguous key range [jlo, i]; a
         # window (max_offset) breaks that, so those runs take the torch path.
         contiguous_rows = self.design.spec.max_offset is None
         kernel = (load_kernel() if self.use_kernel and contiguous_rows and scores.device.type == "cpu"
-                  else None)
+                  and scores.dtype == torch.float32 else None)
         if kernel is not None and self.count.device.type == "cpu":
-            self._add_layer_kernel(kernel, layer, scores, prompt_ids)
+            self._add_layer_kernel(kernel, layer, scores, prompt_ids, unmasked_log_z)
         else:
-            self._add_layer_torch(layer, scores, prompt_ids)
+            self._add_layer_torch(layer, scores, prompt_ids, unmasked_log_z)
+
+    def check_finite(self, prompt_ids: Tensor | None = None) -> None:
+        """Raise if any score row so far was NaN or inf (a host read of one flag)."""
+        if bool(self.nonfinite.any()):
+            layer, head = (int(x) for x in self.nonfinite.nonzero()[0])
+            raise self._non_finite(layer, [None, head, None], prompt_ids)
 
     @staticmethod
-    def _non_finite(layer: int, bad: list[int], prompt_ids: Tensor) -> NonFiniteAttentionError:
+    def _non_finite(layer: int, bad: list, prompt_ids: Tensor | None) -> NonFiniteAttentionError:
+        where = "" if bad[2] is None else f" (query {bad[2]}, prompt {int(prompt_ids[bad[0]])})"
         return NonFiniteAttentionError(
-            f"NaN or inf attention scores in layer {layer}, head {bad[1]} (query {bad[2]}, "
-            f"prompt {int(prompt_ids[bad[0]])}). Often float16 overflow. Fix: run in "
-            "float32 or bfloat16 (--dtype float32)."
+            f"NaN or inf attention scores in layer {layer}, head {bad[1]}{where}. Often float16 "
+            "overflow. Fix: run in float32 or bfloat16 (--dtype float32)."
         )
 
-    def _add_layer_kernel(self, kernel, layer: int, scores: Tensor, prompt_ids: Tensor) -> None:
+    def _add_layer_kernel(self, kernel, layer: int, scores: Tensor, prompt_ids: Tensor,
+                          unmasked_log_z: Tensor | None) -> None:
         scores = scores.contiguous()
         B, H, n, _ = scores.shape
         workers = max(1, torch.get_num_threads())
@@ -224,20 +250,18 @@ class LayerAccumulator:
             self._scatter(self.xty[target], layer, torch.cat(parts, -1), buckets)
             self._scatter(self.sumsq[target], layer, sumsq[:, :, k], buckets)
         self._scatter(self.sink_sum, layer, sink, buckets)
-        if self.row_sum is not None:
-            k = DENSE_TARGETS.index("scores")
-            dense_scores = "scores" in self.dense
-            self._add_row_part(layer, log_z, row[:, :, k] if dense_scores else None,
-                               sumsq[:, :, k] if dense_scores else None, buckets)
+        k = DENSE_TARGETS.index("scores")
+        dense_scores = "scores" in self.dense
+        self._add_row_parts(layer, log_z, unmasked_log_z, row[:, :, k] if dense_scores else None,
+                            sumsq[:, :, k] if dense_scores else None, buckets)
 
-    def _add_layer_torch(self, layer: int, scores: Tensor, prompt_ids: Tensor) -> None:
+    def _add_layer_torch(self, layer: int, scores: Tensor, prompt_ids: Tensor,
+                         unmasked_log_z: Tensor | None) -> None:
         log_z = torch.logsumexp(scores, dim=-1)  # [batch, head, q]
-        if not torch.isfinite(log_z).all():
-            bad = (~torch.isfinite(log_z)).nonzero()[0].tolist()
-            raise self._non_finite(layer, bad, prompt_ids)
+        self.nonfinite[layer] += (~torch.isfinite(log_z)).sum((0, 2))
         device = self.count.device
-        buckets = (prompt_ids % self.n_buckets).to(device)
-        folds = (prompt_ids % 2).to(device)
+        buckets = prompt_ids.to(device) % self.n_buckets
+        folds = prompt_ids.to(device) % 2
         pattern = (scores - log_z[..., None]).exp()
         if "pattern" in self.dense:
             self._add_dense("pattern", layer, pattern, buckets, folds)
@@ -245,28 +269,40 @@ class LayerAccumulator:
         row = sumsq = None
         if "scores" in self.dense:
             row, sumsq = self._add_dense("scores", layer, scores, buckets, folds)
-        if self.row_sum is not None:
-            self._add_row_part(layer, log_z, row, sumsq, buckets)
+        self._add_row_parts(layer, log_z, unmasked_log_z, row, sumsq, buckets)
 
-    def _add_row_part(
+    def _add_row_parts(
         self, layer: int, log_z: Float[Tensor, "batch head q"],
+        unmasked_log_z: Float[Tensor, "batch head q"] | None,
         scores_row: Float[Tensor, "batch head q"] | None, scores_sumsq: Float[Tensor, "batch head"] | None,
         buckets: Tensor,
     ) -> None:
-        """The statistics of ``-log Z_i`` and of ``log_pattern = s - log Z_i`` that need
-        more than the scores' sums: per-row sums of ``z = -log Z_i`` and the sums of
-        squares (``scores_row``: per-prompt sums of ``s`` over each row's scored keys;
-        needed, with ``scores_sumsq``, only for ``log_pattern``)."""
+        """Statistics of the targets that are the scores plus a row part (see the module
+        docstring). ``scores_row``: per-prompt sums of ``s`` over each row's scored keys."""
         count = self.row_count.to(log_z.device)
-        z = -log_z.double() * (count > 0)  # unscored rows enter nothing
-        z_sumsq = (z * z * count).sum(-1)
-        self._scatter(self.row_sum, layer, z, buckets)
-        if "neg_log_z" in self.targets:
-            self._scatter(self.sumsq["neg_log_z"], layer, z_sumsq, buckets)
-        if "log_pattern" in self.targets:
-            cross = (z * scores_row.double()).sum(-1)
-            self._scatter(self.sumsq["log_pattern"], layer, scores_sumsq.double() + 2 * cross + z_sumsq,
-                          buckets)
+        scored = count > 0  # unscored rows enter nothing
+
+        def with_scores(target: str, r: Tensor, r_sumsq: Tensor) -> None:
+            if target in self.targets:
+                cross = (r * scores_row.double()).sum(-1)
+                self._scatter(self.sumsq[target], layer, scores_sumsq.double() + 2 * cross + r_sumsq,
+                              buckets)
+
+        z = None
+        if self.row_sum is not None:
+            z = -log_z.double() * scored
+            z_sumsq = (z * z * count).sum(-1)
+            self._scatter(self.row_sum, layer, z, buckets)
+            if "neg_log_z" in self.targets:
+                self._scatter(self.sumsq["neg_log_z"], layer, z_sumsq, buckets)
+            with_scores("log_pattern", z, z_sumsq)
+        if self.full_row_sum is not None:
+            f = -unmasked_log_z.double() * scored
+            self._scatter(self.full_row_sum, layer, f, buckets)
+            with_scores("unmasked_log_pattern", f, (f * f * count).sum(-1))
+            if "renormalisation" in self.targets:
+                m = z - f  # log Z^full_i - log Z_i >= 0
+                self._scatter(self.sumsq["renormalisation"], layer, (m * m * count).sum(-1), buckets)
 
     def _add_dense(
         self, target: str, layer: int, y: Float[Tensor, "batch head q k"],
@@ -274,9 +310,8 @@ class LayerAccumulator:
     ) -> tuple[Tensor, Tensor]:
         """Sums of one dense target; returns its per-prompt row sums and sums of squares."""
         y = torch.where(self.mask, y, 0.0)  # masked (-inf) keys never enter a sum
-        # Row sums and sums of squares in float64 (log_pattern's sum of squares is
-        # derived from them and cancels large terms), one prompt at a time so that no
-        # float64 copy of the whole batch is made.
+        # Row sums and sums of squares in float64 (derived sums of squares cancel large
+        # terms), one prompt at a time so that no float64 copy of the whole batch is made.
         row = torch.empty(y.shape[:-1], dtype=torch.float64, device=y.device)
         sumsq = torch.empty(y.shape[:-2], dtype=torch.float64, device=y.device)
         for b in range(len(y)):
@@ -289,55 +324,85 @@ class LayerAccumulator:
             y.sum(-2)[..., self.keys],
         )
         self._scatter(self.xty[target], layer, torch.cat(parts, -1), buckets)
-        flat = y.flatten(-2)
         self._scatter(self.sumsq[target], layer, sumsq, buckets)
-        # Per-prompt values enter float64 before any sum over prompts, so the statistics
-        # do not depend on how prompts are batched or sharded.
-        self._scatter(self.cell_sum[target], layer, flat[..., self.flat_index], folds)
+        if self.cell_maps:
+            # Per-prompt values enter float64 before any sum over prompts, so the statistics
+            # do not depend on how prompts are batched or sharded.
+            self._scatter(self.cell_sum[target], layer, y.flatten(-2)[..., self.flat_index], folds)
         return row, sumsq
 
     def row_xty(self, row_sum: Float[Tensor, "... q"]) -> Float[Tensor, "... column"]:
-        """``X^T y`` of responses constant along each query row, from their row sums."""
-        parts = (
-            (row_sum @ self.row_offset_mask.double())[..., self.offsets],
-            (row_sum * self.row_count)[..., self.queries],
-            (row_sum @ self.mask_f.double())[..., self.keys],
-        )
-        return torch.cat(parts, -1)
+        """``X^T y`` of responses constant along each query row, from their row sums:
+        row ``i`` adds ``r_i`` to offsets ``0..n_i - 1`` and keys ``lo_i..i``, and
+        ``n_i r_i`` to its query (difference arrays, ``O(n)``)."""
+        n = self.design.n_tokens
+        lead = row_sum.shape[:-1]
+        rows = self.queries
+        r = row_sum[..., rows]
 
-    def to_statistics(self) -> dict[str, CellStatistics]:
-        """Every target's statistics. ``log_pattern`` shares its cell sums with ``scores``
-        and its row sums with ``neg_log_z`` (the same numpy arrays)."""
+        def ranges(starts: Tensor, stops: Tensor) -> Tensor:  # sum of r over [start, stop)
+            change = torch.zeros(lead + (n + 1,), dtype=row_sum.dtype, device=row_sum.device)
+            change.index_add_(-1, starts, r)
+            change.index_add_(-1, stops, -r)
+            return change.cumsum(-1)[..., :n]
+
+        counts = self.row_count[rows].long()
+        by_offset = ranges(torch.zeros_like(rows), counts)
+        by_key = ranges(self.key_start[rows], rows + 1)
+        return torch.cat([by_offset[..., self.offsets], (row_sum * self.row_count)[..., rows],
+                          by_key[..., self.keys]], -1)
+
+    def to_statistics(self) -> dict[str, TargetStatistics]:
+        """Every target's statistics (the one transfer to the host)."""
+        self.check_finite()
         count = self.count.cpu().numpy()
+        numpy = lambda t: t.cpu().numpy()  # noqa: E731
 
-        def stats(**arrays) -> CellStatistics:
-            return CellStatistics(self.design, self.n_layers, self.n_heads, self.n_buckets,
-                                  count=count.copy(), **arrays)
+        def fold_rows(rows: Tensor) -> Tensor:  # [fold, layer, head, cell] of a row part
+            folds = torch.stack([rows[0::2].sum(0), rows[1::2].sum(0)])
+            return folds[..., torch.as_tensor(self.design.cells[0], device=rows.device)]
 
-        out = {t: stats(xty=self.xty[t].cpu().numpy(), sumsq=self.sumsq[t].cpu().numpy(),
-                        cell_sum=self.cell_sum[t].cpu().numpy()) for t in self.dense}
+        def stats(target: str, xty: Tensor, cells: Tensor | None) -> TargetStatistics:
+            return TargetStatistics(
+                self.design, self.n_layers, self.n_heads, self.n_buckets, count=count.copy(),
+                xty=numpy(xty), sumsq=numpy(self.sumsq[target]),
+                cell_sum=None if cells is None or not self.cell_maps else numpy(cells))
+
+        out = {t: stats(t, self.xty[t], self.cell_sum.get(t)) for t in self.dense}
+        scores_xty = self.xty.get("scores")
+        scores_cells = self.cell_sum.get("scores")
+        derived = {}
         if self.row_sum is not None:
-            row_sum, row_xty = self.row_sum.cpu().numpy(), self.row_xty(self.row_sum).cpu().numpy()
-            if "neg_log_z" in self.targets:
-                out["neg_log_z"] = stats(xty=row_xty, sumsq=self.sumsq["neg_log_z"].cpu().numpy(),
-                                         row_sum=row_sum)
-            if "log_pattern" in self.targets:
-                scores = out["scores"]
-                out["log_pattern"] = stats(
-                    xty=scores.xty + row_xty, sumsq=self.sumsq["log_pattern"].cpu().numpy(),
-                    cell_sum=scores.cell_sum, row_sum=row_sum)
+            derived["neg_log_z"] = (self.row_sum, None)
+            derived["log_pattern"] = (self.row_sum, "scores")
+        if self.full_row_sum is not None:
+            derived["unmasked_log_pattern"] = (self.full_row_sum, "scores")
+            derived["renormalisation"] = (self.row_sum - self.full_row_sum, None)
+        for target, (rows, base) in derived.items():
+            if target not in self.targets:
+                continue
+            xty = self.row_xty(rows)
+            cells = fold_rows(rows) if self.cell_maps else None
+            if base is not None:
+                xty = xty + scores_xty
+                cells = None if cells is None else cells + scores_cells
+            out[target] = stats(target, xty, cells)
         return {t: out[t] for t in TARGETS if t in self.targets}
 
-    def restore(self, saved: dict[str, CellStatistics]) -> None:
-        """Continue from the statistics of an earlier (interrupted) run of the same targets."""
-        for target in self.dense:
-            for key in ("xty", "sumsq", "cell_sum"):
-                getattr(self, key)[target].copy_(torch.from_numpy(getattr(saved[target], key)))
-        for target in ROW_TARGETS:
-            if target in self.targets:
-                if saved[target].row_sum is None:
-                    raise ValueError("the checkpoint was written by an older rope_leak (format 1). "
-                                     "Fix: delete it and start the run over.")
-                self.sumsq[target].copy_(torch.from_numpy(saved[target].sumsq))
-                self.row_sum.copy_(torch.from_numpy(saved[target].row_sum))
-        self.count.copy_(torch.from_numpy(next(iter(saved.values())).count))
+    def state(self) -> dict[str, Tensor]:
+        """Every accumulator, by name (for checkpoints: the exact running sums)."""
+        out = {f"xty/{t}": v for t, v in self.xty.items()}
+        out.update({f"sumsq/{t}": v for t, v in self.sumsq.items()})
+        out.update({f"cell_sum/{t}": v for t, v in self.cell_sum.items()})
+        for name in ("row_sum", "full_row_sum", "sink_sum", "count"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Continue from :meth:`state` saved by an earlier (interrupted) run."""
+        mine = self.state()
+        if set(mine) != set(state):
+            raise ValueError("the checkpoint holds other accumulators than this run needs.")
+        for name, tensor in mine.items():
+            tensor.copy_(torch.from_numpy(np.asarray(state[name])))

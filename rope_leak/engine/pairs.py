@@ -1,10 +1,16 @@
 """Which (query i, key j) pairs are scored, and the position-only design over them.
 
-Every position model of DESIGN.md §2 is a linear model in one-hot columns of the cell
-(i, j): ``M_rel`` uses the offset ``i - j``; ``M_abs`` adds the absolute query ``i`` and
-key ``j``. Since every prompt contributes one observation per cell, the least-squares
-fits need only ``X^T y`` (sums by offset, by query and by key) and ``X^T X`` (shared
-by all heads and prompts).
+Every position model is a linear model in one-hot columns of the cell (i, j): ``M_rel``
+uses the offset ``i - j``; ``M_abs`` adds the absolute query ``i`` and key ``j``. Since
+every prompt contributes one observation per cell, the least-squares fits need only
+``X^T y`` (sums of ``y`` by offset, by query and by key: ``3 n`` numbers) and ``X^T X``,
+which depends on the pair set alone.
+
+Every pair set used here is, row by row, one contiguous key range ``lo_i <= j <= i``, so
+the design is described in ``O(n)`` numbers (:attr:`PairDesign.key_start`). Per-cell
+arrays (:attr:`PairDesign.cells`, :meth:`PairDesign.design_matrix`, the dense
+:attr:`PairDesign.gram`) are ``O(n^2)``; they exist for per-cell maps, tests and
+references, and the fits never build them.
 """
 
 from __future__ import annotations
@@ -69,28 +75,128 @@ class PairDesign:
     spec: PairSpec
     n_tokens: int
 
+    # -- O(n) description ------------------------------------------------------------
     @cached_property
-    def cells(self) -> tuple[np.ndarray, np.ndarray]:
-        """Query and key index of every scored cell, row-major (i, then j)."""
-        n = self.n_tokens
-        upper = n if self.spec.max_query is None else min(n, self.spec.max_query)
-        first_key = 0 if self.spec.include_sink else 1
-        queries, keys = [], []
-        for i in range(max(self.spec.min_query, 0), upper):
-            lowest = first_key if self.spec.max_offset is None else max(first_key, i - self.spec.max_offset + 1)
-            js = np.arange(lowest, i + 1)
-            queries.append(np.full(js.shape, i))
-            keys.append(js)
-        if not queries or sum(len(k) for k in keys) == 0:
+    def key_start(self) -> np.ndarray:
+        """``[n]``: first scored key of each query row; row ``i`` scores keys
+        ``key_start[i] <= j <= i``, and is empty when ``key_start[i] > i``."""
+        n, spec = self.n_tokens, self.spec
+        i = np.arange(n)
+        lo = np.full(n, 0 if spec.include_sink else 1)
+        if spec.max_offset is not None:
+            lo = np.maximum(lo, i - spec.max_offset + 1)
+        upper = n if spec.max_query is None else min(n, spec.max_query)
+        outside = (i < spec.min_query) | (i >= upper)
+        lo[outside] = i[outside] + 1  # empty rows
+        if not np.any(lo <= i):
             raise ValueError(
-                f"no (query, key) pair satisfies {self.spec.label()} at n={n} tokens. "
+                f"no (query, key) pair satisfies {spec.label()} at n={n} tokens. "
                 "Fix: use longer prompts or relax min_query/max_query."
             )
-        return np.concatenate(queries), np.concatenate(keys)
+        return lo
+
+    @cached_property
+    def row_count(self) -> np.ndarray:
+        """``[n]``: scored cells in each query row."""
+        return np.clip(np.arange(self.n_tokens) - self.key_start + 1, 0, None)
 
     @property
     def n_cells(self) -> int:
-        return len(self.cells[0])
+        return int(self.row_count.sum())
+
+    @cached_property
+    def queries(self) -> np.ndarray:
+        """Query positions with a column (rows with at least one scored cell)."""
+        return np.flatnonzero(self.row_count > 0)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Offsets ``d = i - j`` with a column, ascending (always ``0..max``)."""
+        return np.arange(int(self.row_count.max()))
+
+    @cached_property
+    def key_count(self) -> np.ndarray:
+        """``[n]``: scored cells in each key column."""
+        n = self.n_tokens
+        rows = self.queries
+        change = np.zeros(n + 1)
+        np.add.at(change, self.key_start[rows], 1.0)
+        np.add.at(change, rows + 1, -1.0)
+        return np.cumsum(change[:n])
+
+    @cached_property
+    def offset_count(self) -> np.ndarray:
+        """``[len(offsets)]``: scored cells on each diagonal ``i - j = d``."""
+        counts = self.row_count[self.queries]
+        return np.array([(counts > d).sum() for d in self.offsets], dtype=float)
+
+    @cached_property
+    def keys(self) -> np.ndarray:
+        return np.flatnonzero(self.key_count > 0)
+
+    @property
+    def n_columns(self) -> int:
+        return len(self.offsets) + len(self.queries) + len(self.keys)
+
+    @property
+    def relative_columns(self) -> slice:
+        return slice(0, len(self.offsets))
+
+    @property
+    def absolute_columns(self) -> slice:
+        return slice(len(self.offsets), self.n_columns)
+
+    @cached_property
+    def column_count(self) -> np.ndarray:
+        """Diagonal of ``X^T X``: cells per offset, per query and per key."""
+        return np.concatenate([self.offset_count, self.row_count[self.queries],
+                               self.key_count[self.keys]])
+
+    @cached_property
+    def offset_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """For every absolute column (queries, then keys), the first and last offset
+        whose diagonal passes through it: ``[d_lo, d_hi]``, always contiguous because
+        every row's keys are a contiguous range ending at the diagonal and the range's
+        start never decreases with the row."""
+        q = self.queries
+        q_lo, q_hi = np.zeros(len(q), dtype=np.int64), self.row_count[q] - 1
+        # rows holding key k: from max(k, first row) to the last row whose range starts
+        # at or before k
+        rows = self.queries
+        first = np.maximum(self.keys, rows[0])
+        last = rows[np.searchsorted(self.key_start[rows], self.keys, side="right") - 1]
+        return (np.concatenate([q_lo, first - self.keys]),
+                np.concatenate([q_hi, last - self.keys]))
+
+    def offset_incidence(self) -> np.ndarray:
+        """``C = X_rel^T X_abs`` (``[offset, query | key]``, ``O(n^2)``): 1 where the
+        offset's diagonal passes through that query row or key column."""
+        lo, hi = self.offset_ranges
+        d = self.offsets[:, None]
+        return ((d >= lo[None, :]) & (d <= hi[None, :])).astype(float)
+
+    def absolute_gram(self) -> np.ndarray:
+        """``X_abs^T X_abs`` (``[query | key]`` square, ``O(n^2)``)."""
+        nq = len(self.queries)
+        q, k = self.queries, self.keys
+        cross = ((k[None, :] >= self.key_start[q][:, None]) & (k[None, :] <= q[:, None])).astype(float)
+        out = np.zeros((nq + len(k), nq + len(k)))
+        out[:nq, :nq] = np.diag(self.row_count[q].astype(float))
+        out[nq:, nq:] = np.diag(self.key_count[k])
+        out[:nq, nq:] = cross
+        out[nq:, :nq] = cross.T
+        return out
+
+    # -- per-cell arrays (O(n^2): maps, tests and references) ------------------------
+    @cached_property
+    def cells(self) -> tuple[np.ndarray, np.ndarray]:
+        """Query and key index of every scored cell, row-major (i, then j)."""
+        rows = self.queries
+        queries = np.repeat(rows, self.row_count[rows])
+        starts = np.repeat(self.key_start[rows], self.row_count[rows])
+        first = np.repeat(np.cumsum(self.row_count[rows]) - self.row_count[rows], self.row_count[rows])
+        keys = starts + np.arange(len(queries)) - first
+        return queries, keys
 
     @cached_property
     def flat_index(self) -> np.ndarray:
@@ -105,28 +211,6 @@ class PairDesign:
         return mask
 
     @cached_property
-    def offsets(self) -> np.ndarray:
-        """Offsets ``d = i - j`` with a column, ascending."""
-        queries, keys = self.cells
-        return np.unique(queries - keys)
-
-    @cached_property
-    def queries(self) -> np.ndarray:
-        return np.unique(self.cells[0])
-
-    @cached_property
-    def keys(self) -> np.ndarray:
-        return np.unique(self.cells[1])
-
-    @property
-    def n_columns(self) -> int:
-        return len(self.offsets) + len(self.queries) + len(self.keys)
-
-    @property
-    def relative_columns(self) -> slice:
-        return slice(0, len(self.offsets))
-
-    @cached_property
     def cell_columns(self) -> np.ndarray:
         """``[n_cells, 3]``: the offset, query and key column of each cell."""
         queries, keys = self.cells
@@ -138,12 +222,14 @@ class PairDesign:
 
     @cached_property
     def gram(self) -> np.ndarray:
-        """``X^T X`` over the cells (one observation per cell)."""
-        cols = self.cell_columns
+        """Dense ``X^T X`` (``O(n^2)``; the fits use :class:`AbsoluteProjector`)."""
+        n_off = len(self.offsets)
         gram = np.zeros((self.n_columns, self.n_columns))
-        for a in range(3):
-            for b in range(3):
-                np.add.at(gram, (cols[:, a], cols[:, b]), 1.0)
+        gram[:n_off, :n_off] = np.diag(self.offset_count)
+        incidence = self.offset_incidence()
+        gram[:n_off, n_off:] = incidence
+        gram[n_off:, :n_off] = incidence.T
+        gram[n_off:, n_off:] = self.absolute_gram()
         return gram
 
     def design_matrix(self) -> np.ndarray:

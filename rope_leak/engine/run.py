@@ -7,6 +7,7 @@ with the number of prompts, and runs over disjoint prompts merge by addition.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -15,20 +16,24 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
+import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utils import get_act_name
 
 from rope_leak.engine.accumulate import LayerAccumulator
 from rope_leak.engine.allocator import retain_freed_memory
 from rope_leak.engine.pairs import PairDesign, PairSpec
 from rope_leak.engine.statistics import (
+    SPLIT_TARGETS,
     TARGETS,
     ConditionStatistics,
     PositionZeroStatistics,
     RunStatistics,
+    StatisticsFileError,
     required_targets,
 )
 from rope_leak.interventions.mask import bidirectional, causal
@@ -41,17 +46,79 @@ DEFAULT_CONDITIONS: dict[str, Condition] = {"causal": causal, "bidirectional": b
 DEFAULT_BUCKETS = 32
 
 
+def default_buckets(n_prompts: int) -> int:
+    """``min(32, P)`` rounded up to even: per-bucket sums cost memory (``3 n`` per head
+    each), and more buckets than prompts would only hold zeros."""
+    return int(min(DEFAULT_BUCKETS, max(2, n_prompts + n_prompts % 2)))
+
+
+class PositionZeroAccumulator:
+    """:class:`PositionZeroStatistics`, accumulated on the model's device (float64)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, resid0: Float[Tensor, "batch layer d"], other_norm: Float[Tensor, "batch layer"]) -> None:
+        resid0, other_norm = resid0.double(), other_norm.double()
+        st = self.state
+        if not st:
+            st["reference"] = resid0[0].clone()
+            for key in ("dev_sum", "dev_sumsq"):
+                st[key] = torch.zeros_like(st["reference"])
+            for key in ("norm_sum", "other_norm_sum"):
+                st[key] = torch.zeros(resid0.shape[1], dtype=torch.float64, device=resid0.device)
+            st["value_min"], st["value_max"] = resid0.min(0).values, resid0.max(0).values
+        st["value_min"] = torch.minimum(st["value_min"], resid0.min(0).values)
+        st["value_max"] = torch.maximum(st["value_max"], resid0.max(0).values)
+        dev = resid0 - st["reference"]
+        st["dev_sum"] += dev.sum(0)
+        st["dev_sumsq"] += (dev * dev).sum(0)
+        st["norm_sum"] += resid0.norm(dim=-1).sum(0)
+        st["other_norm_sum"] += other_norm.sum(0)
+        self.count += resid0.shape[0]
+
+    def statistics(self) -> PositionZeroStatistics:
+        if not self.state:
+            return PositionZeroStatistics()
+        arrays = {k: v.cpu().numpy() for k, v in self.state.items()}
+        ref = arrays["reference"]
+        arrays["max_abs_dev"] = np.maximum(np.abs(arrays["value_max"] - ref),
+                                           np.abs(arrays["value_min"] - ref)).max(-1)
+        return PositionZeroStatistics(count=self.count, **arrays)
+
+    def restore(self, saved: PositionZeroStatistics, device) -> None:
+        self.count = saved.count
+        self.state = {} if saved.reference is None else {
+            key: torch.as_tensor(getattr(saved, key), dtype=torch.float64, device=device)
+            for key in ("reference", "dev_sum", "dev_sumsq", "norm_sum", "other_norm_sum",
+                        "value_min", "value_max")
+        }
+
+
 class ConditionRun:
-    """Hooks and accumulators of one condition."""
+    """Hooks and accumulators of one condition.
+
+    With ``unmasked=True`` (a HookedTransformer under its own mask) every layer runs with
+    the mask lifted and the scores hook re-imposes it exactly (the module's own
+    ``apply_causal_mask``, so local windows too): the model computes what it always
+    does, and the hook also sees the unmasked scores, whose log-denominator the
+    gauge-invariant split needs. Nothing is copied to the host until :meth:`statistics`.
+    """
 
     def __init__(
-        self, model: HookedTransformer, design: PairDesign, targets: tuple[str, ...], n_buckets: int
+        self, model: HookedTransformer, design: PairDesign, targets: tuple[str, ...], n_buckets: int,
+        cell_maps: bool = False, unmasked: bool = False,
     ) -> None:
         self.model = model
+        self.unmasked = unmasked
+        if not unmasked:
+            targets = tuple(t for t in targets if t not in SPLIT_TARGETS)
         self.acc = LayerAccumulator(
-            design, model.cfg.n_layers, model.cfg.n_heads, n_buckets, targets, model.cfg.device
+            design, model.cfg.n_layers, model.cfg.n_heads, n_buckets, targets, model.cfg.device,
+            cell_maps=cell_maps, unmasked=unmasked,
         )
-        self.position_zero = PositionZeroStatistics()
+        self.position_zero = PositionZeroAccumulator()
         self._prompt_ids: Tensor | None = None
         self._resid0: list[Tensor] = []
         self._other_norm: list[Tensor] = []
@@ -60,16 +127,25 @@ class ConditionRun:
         n_layers = self.model.cfg.n_layers
         hooks: list[tuple[str, Callable]] = []
         for layer in range(n_layers):
-            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", self._scores_hook(layer)))
-            hooks.append((f"blocks.{layer}.hook_resid_pre", self._resid_hook))
-        hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", self._resid_hook))
+            hooks.append((get_act_name("attn_scores", layer), self._scores_hook(layer)))
+            hooks.append((get_act_name("resid_pre", layer), self._resid_hook))
+        hooks.append((get_act_name("resid_post", n_layers - 1), self._resid_hook))
         return hooks
 
     def _scores_hook(self, layer: int) -> Callable:
-        def hook(scores: Tensor, hook) -> None:
-            self.acc.add_layer(layer, scores.detach(), self._prompt_ids)
+        if not self.unmasked:
+            def hook(scores: Tensor, hook) -> None:
+                self.acc.add_layer(layer, scores.detach(), self._prompt_ids)
+            return hook
+        attn = self.model.blocks[layer].attn
 
-        return hook
+        def unmasked_hook(scores: Tensor, hook) -> Tensor:
+            full = scores.detach()
+            masked = attn.apply_causal_mask(full)
+            self.acc.add_layer(layer, masked, self._prompt_ids, torch.logsumexp(full, dim=-1))
+            return masked
+
+        return unmasked_hook
 
     def _resid_hook(self, resid: Tensor, hook) -> None:
         resid = resid.detach()
@@ -78,26 +154,41 @@ class ConditionRun:
         self._resid0.append(resid[:, 0].float().clone())
         self._other_norm.append(resid[:, 1:].float().norm(dim=-1).mean(-1))
 
-    def run_batch(self, tokens: Int[Tensor, "batch pos"], prompt_ids: Int[Tensor, " batch"]) -> None:
-        self._prompt_ids = prompt_ids.to(self.model.cfg.device)
-        self._resid0, self._other_norm = [], []
-        with torch.no_grad(), self.model.hooks(fwd_hooks=self.hooks()):
-            self.model(tokens.to(self.model.cfg.device), return_type=None)
-        self.acc.add_prompts(self._prompt_ids)
-        self.position_zero.add(
-            torch.stack(self._resid0, 1).cpu().numpy(),
-            torch.stack(self._other_norm, 1).cpu().numpy(),
-        )
+    @contextlib.contextmanager
+    def _mask_lifted(self):
+        attns = [block.attn for block in self.model.blocks]
+        saved = [attn._attention_dir_override for attn in attns]
+        if any(old not in (None, "causal") for old in saved):
+            raise ValueError("the unmasked pass needs every layer under its own causal mask.")
+        try:
+            for attn in attns:
+                attn._attention_dir_override = "bidirectional"
+            yield
+        finally:
+            for attn, old in zip(attns, saved):
+                attn._attention_dir_override = old
 
-    def restore(self, saved: ConditionStatistics) -> None:
+    def run_batch(self, tokens: Int[Tensor, "batch pos"], prompt_ids: Int[Tensor, " batch"]) -> None:
+        device = self.model.cfg.device
+        self._prompt_ids = prompt_ids.to(device)
+        self._resid0, self._other_norm = [], []
+        lifted = self._mask_lifted() if self.unmasked else contextlib.nullcontext()
+        with torch.no_grad(), lifted, self.model.hooks(fwd_hooks=self.hooks()):
+            self.model(tokens.to(device), return_type=None)
+        self.acc.add_prompts(self._prompt_ids)
+        self.position_zero.add(torch.stack(self._resid0, 1), torch.stack(self._other_norm, 1))
+        if self.acc.count.device.type == "cpu":  # free on CPU; on a GPU it waits for the end
+            self.acc.check_finite()
+
+    def restore(self, saved: ConditionStatistics, state: dict[str, np.ndarray]) -> None:
         """Continue from statistics saved by an earlier (interrupted) run."""
-        self.acc.restore(saved.targets)
-        self.acc.sink_sum.copy_(torch.from_numpy(saved.sink_sum))
-        self.position_zero = saved.position_zero
+        self.acc.load_state(state)
+        self.position_zero.restore(saved.position_zero, self.model.cfg.device)
 
     def statistics(self, name: str) -> ConditionStatistics:
         return ConditionStatistics(
-            name, self.acc.to_statistics(), self.acc.sink_sum.cpu().numpy(), self.position_zero
+            name, self.acc.to_statistics(), self.acc.sink_sum.cpu().numpy(),
+            self.position_zero.statistics(),
         )
 
 
@@ -147,13 +238,15 @@ def run_statistics(
     targets: Iterable[str] = TARGETS,
     spec: PairSpec = PairSpec(),
     batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
     prompt_ids: Iterable[int] | None = None,
     progress: bool = True,
     metadata: dict | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 0,
     checkpoint_seconds: float = 0.0,
+    cell_maps: bool = False,
+    unmasked_conditions: Iterable[str] = ("causal",),
 ) -> RunStatistics:
     """Stream ``tokens`` through ``model`` under each condition and accumulate statistics.
 
@@ -162,6 +255,14 @@ def run_statistics(
         targets: responses to accumulate (see :data:`TARGETS`; ``log_pattern`` brings
             ``scores`` with it).
         spec: which (query, key) pairs are scored.
+        n_buckets: prompt buckets (the bootstrap's and the nulls' resampling units); default
+            :func:`default_buckets` of the number of prompts, or 32 when ``prompt_ids`` are
+            given (shards of one corpus must all use the same value).
+        cell_maps: also keep per-cell sums (``O(n^2)`` per head: ``M_cell``, the
+            permutation null, per-cell maps). Off by default: every fit needs ``O(n)``.
+        unmasked_conditions: conditions (run under the model's own mask) that also
+            accumulate the gauge-invariant split targets (``unmasked_log_pattern``,
+            ``renormalisation``) when they are among ``targets``; HookedTransformer only.
         prompt_ids: global index of each prompt (for shards; default ``0..P-1``). A prompt's
             index fixes its fold (parity) and bucket, so shards merge exactly.
         checkpoint: a file to resume from when it exists (after checking that it was
@@ -185,22 +286,37 @@ def run_statistics(
     spec = restrict_to_window(model, spec, tokens.shape[1])
     design = PairDesign(spec, tokens.shape[1])
     targets = required_targets(targets)
-    runs = {name: ConditionRun(model, design, targets, n_buckets) for name in conditions}
+    if n_buckets is None:  # shards (prompt ids given) must agree whatever their size
+        n_buckets = DEFAULT_BUCKETS if prompt_ids is not None else default_buckets(len(tokens))
+    unmasked = set(unmasked_conditions) if not is_bridge(model) else set()
+    runs = {name: ConditionRun(model, design, targets, n_buckets, cell_maps=cell_maps,
+                               unmasked=name in unmasked and bool(set(SPLIT_TARGETS) & set(targets)))
+            for name in conditions}
     starts = list(range(0, len(tokens), batch_size))
     done: set[int] = set()
+    saved = None
     if checkpoint is not None and Path(checkpoint).exists():
-        saved = RunStatistics.load(checkpoint)
-        _check_resumable(saved, checkpoint, dict(metadata or {}), runs, design, targets, n_buckets,
+        try:
+            saved = RunStatistics.load(checkpoint, kind="checkpoint")
+        except StatisticsFileError as err:  # a crash mid-write cannot cause this (atomic)
+            warnings.warn(f"{err} Starting the run over; the checkpoint will be rewritten.",
+                          stacklevel=2)
+    if saved is not None:
+        _check_resumable(saved, checkpoint, dict(metadata or {}), runs, design, n_buckets,
                          ids, batch_size)
         for name, run in runs.items():
-            run.restore(saved.conditions[name])
+            run.restore(saved.conditions[name], {k.split("/", 1)[1]: v for k, v in saved.state.items()
+                                                 if k.startswith(name + "/")})
         done = set(saved.prompts_done)
 
-    def snapshot(prompts: Iterable[int]) -> RunStatistics:
+    def snapshot(prompts: Iterable[int], with_state: bool = False) -> RunStatistics:
+        state = {f"{name}/{key}": value.cpu().numpy() for name, run in runs.items()
+                 for key, value in run.acc.state().items()} if with_state else {}
         return RunStatistics(
             {name: run.statistics(name) for name, run in runs.items()},
             dict(metadata or {}),
             sorted(int(i) for i in prompts),
+            state,
         )
 
     bar = tqdm(total=len(tokens) * len(conditions), disable=not progress,
@@ -221,13 +337,13 @@ def run_statistics(
             due = (checkpoint_every and since_checkpoint >= checkpoint_every) or (
                 checkpoint_seconds and time.monotonic() - last_save >= checkpoint_seconds)
             if checkpoint is not None and due and k + 1 < len(starts):
-                snapshot(done).save(checkpoint)
+                snapshot(done, with_state=True).save(checkpoint)
                 since_checkpoint, last_save = 0, time.monotonic()
     return snapshot(ids.tolist())
 
 
 def _check_resumable(saved: RunStatistics, path, metadata: dict, runs: dict, design: PairDesign,
-                     targets: tuple[str, ...], n_buckets: int, ids: Tensor, batch_size: int) -> None:
+                     n_buckets: int, ids: Tensor, batch_size: int) -> None:
     """Refuse to resume from a checkpoint written with other settings or other prompts."""
     fix = f"Fix: rerun with the arguments of the interrupted run, or delete {path} to start over."
     if saved.metadata != json.loads(json.dumps(metadata, sort_keys=True)):
@@ -236,9 +352,9 @@ def _check_resumable(saved: RunStatistics, path, metadata: dict, runs: dict, des
     if set(saved.conditions) != set(runs):
         raise ValueError(f"the checkpoint {path} has conditions {sorted(saved.conditions)}, "
                          f"not {sorted(runs)}. {fix}")
-    for cond in saved.conditions.values():
+    for name, cond in saved.conditions.items():
         first = next(iter(cond.targets.values()))
-        if (set(cond.targets) != set(targets) or first.design.spec != design.spec
+        if (set(cond.targets) != set(runs[name].acc.targets) or not saved.state or first.design.spec != design.spec
                 or first.design.n_tokens != design.n_tokens or first.n_buckets != n_buckets):
             raise ValueError(f"the checkpoint {path} has other targets, pairs, length or buckets. {fix}")
     batches = [ids[s:s + batch_size].tolist() for s in range(0, len(ids), batch_size)]

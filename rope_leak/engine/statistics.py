@@ -5,19 +5,16 @@ Per condition and target, and per prompt *bucket* (prompt ``k`` goes to bucket
 prompts):
 
 * ``xty[g, l, h, :]`` = ``X^T y`` summed over the bucket's prompts (sums of ``y`` by
-  offset, by query and by key over the scored cells);
+  offset, by query and by key over the scored cells: ``3 n`` numbers);
 * ``sumsq[g, l, h]`` = sum of ``y^2`` over the scored cells;
 * ``count[g]`` = number of prompts.
 
-Per fold, the sums of ``y`` at every cell (for the cell-mean ceiling ``M_cell``, the
-nulls and residual maps), stored in two parts: ``cell_sum[f, l, h, c]`` (dense) and, for
-a response with a part constant along each query row, ``row_sum[g, l, h, i]`` (per
-bucket). ``neg_log_z = -log Z_i`` is all row part and ``log_pattern = scores - log Z_i``
-is the scores' dense part plus that row part, so both are derived from the scores and
-``log Z`` (:mod:`rope_leak.engine.accumulate`): the engine never sums them cell by cell,
-and the arrays they share with ``scores`` are the same objects in memory and stored once
-in a file. Memory is independent of the number of prompts; runs over disjoint prompts
-merge by addition, exactly.
+That is ``O(n)`` per head and bucket, and every fit, share, bootstrap and null works
+from it (:mod:`rope_leak.metrics.position_models`). Optionally (``cell_maps=True``), per
+fold, the sums of ``y`` at every scored cell, ``cell_sum[f, l, h, c]``: ``O(n^2)``, for
+the cell-mean ceiling ``M_cell``, the within-diagonal permutation null and per-cell maps.
+Memory is independent of the number of prompts; runs over disjoint prompts merge by
+addition, exactly.
 """
 
 from __future__ import annotations
@@ -33,28 +30,41 @@ import numpy as np
 from rope_leak.cache import atomic_path
 from rope_leak.engine.pairs import PairDesign, PairSpec
 
-TARGETS = ("pattern", "log_pattern", "scores", "neg_log_z")
+TARGETS = ("pattern", "log_pattern", "scores", "neg_log_z", "unmasked_log_pattern",
+           "renormalisation")
 """Responses the engine can accumulate. ``neg_log_z`` is ``-log Z_i`` broadcast over
-the row's keys, the causal denominator's part of ``log_pattern = scores - log Z_i``."""
+the row's keys, the causal denominator's part of ``log_pattern = scores - log Z_i``.
+``unmasked_log_pattern`` (``log A^full_ij``, the scores normalised over every key, the
+mask ignored) and ``renormalisation`` (``m_i = log Z^full_i - log Z_i``, minus the log of
+the share of the unmasked attention on the visible keys) split ``log_pattern`` into two
+parts that a per-query shift of the scores leaves unchanged; they exist only for a
+condition run with the model's own mask (see :mod:`rope_leak.engine.accumulate`)."""
 
+SPLIT_TARGETS = ("unmasked_log_pattern", "renormalisation")
 
 
 def required_targets(targets) -> tuple[str, ...]:
-    """``targets`` in :data:`TARGETS` order, with ``scores`` added when ``log_pattern`` is
-    asked for (its statistics are the scores' plus a per-row part)."""
+    """``targets`` in :data:`TARGETS` order, with ``scores`` added when a target derived
+    from the scores' sums is asked for."""
     targets = set(targets)
-    if "log_pattern" in targets:
+    unknown = targets - set(TARGETS)
+    if unknown:
+        raise ValueError(f"unknown targets {sorted(unknown)}; choose from {TARGETS}.")
+    if targets & {"log_pattern", "unmasked_log_pattern"}:
         targets.add("scores")
     return tuple(t for t in TARGETS if t in targets)
 
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)  # 1: every target's cell sums stored densely
-ARRAY_FIELDS = ("xty", "sumsq", "count", "cell_sum", "row_sum")
+FORMAT_VERSION = 3
+ARRAY_FIELDS = ("xty", "sumsq", "count", "cell_sum")
+
+
+class StatisticsFileError(ValueError):
+    """A statistics, shard or checkpoint file that cannot be read."""
 
 
 @dataclass
-class CellStatistics:
+class TargetStatistics:
     """Sufficient statistics of one target under one condition."""
 
     design: PairDesign
@@ -64,8 +74,7 @@ class CellStatistics:
     xty: np.ndarray = field(default=None)  # [bucket, layer, head, column]
     sumsq: np.ndarray = field(default=None)  # [bucket, layer, head]
     count: np.ndarray = field(default=None)  # [bucket]
-    cell_sum: np.ndarray | None = field(default=None)  # [fold, layer, head, cell] dense part
-    row_sum: np.ndarray | None = field(default=None)  # [bucket, layer, head, query] row part
+    cell_sum: np.ndarray | None = field(default=None)  # [fold, layer, head, cell], optional
 
     def __post_init__(self) -> None:
         if self.n_buckets < 2 or self.n_buckets % 2:
@@ -75,47 +84,35 @@ class CellStatistics:
             self.xty = np.zeros(shape + (self.design.n_columns,))
             self.sumsq = np.zeros(shape)
             self.count = np.zeros(self.n_buckets, dtype=np.int64)
-            self.cell_sum = np.zeros((2, self.n_layers, self.n_heads, self.design.n_cells))
-        if self.row_sum is not None and self.row_sum.shape != shape + (self.design.n_tokens,):
-            raise ValueError(f"row_sum has shape {self.row_sum.shape}, expected "
-                             f"{shape + (self.design.n_tokens,)}.")
+        if self.xty.shape != shape + (self.design.n_columns,):
+            raise ValueError(f"xty has shape {self.xty.shape}, expected "
+                             f"{shape + (self.design.n_columns,)}.")
 
-    def fold_row_sums(self) -> np.ndarray | None:
-        """``[fold, layer, head, query]`` sums of the row part (fold = bucket parity)."""
-        if self.row_sum is None:
-            return None
-        return np.stack([self.row_sum[0::2].sum(0), self.row_sum[1::2].sum(0)])
+    def __repr__(self) -> str:
+        cells = "" if self.cell_sum is None else ", cell maps"
+        return (f"TargetStatistics({self.n_prompts} prompts, n={self.design.n_tokens}, "
+                f"{self.n_layers}x{self.n_heads} heads, {self.n_buckets} buckets{cells})")
+
+    @property
+    def has_cells(self) -> bool:
+        return self.cell_sum is not None
+
+    def _require_cells(self) -> np.ndarray:
+        if self.cell_sum is None:
+            raise ValueError(
+                "these statistics hold no per-cell sums (only the O(n) sums every fit needs). "
+                "Fix: rerun with cell_maps=True (--cell-maps) for M_cell, the permutation "
+                "null or per-cell maps.")
+        return self.cell_sum
 
     def fold_cell_sums(self) -> np.ndarray:
-        """``[fold, layer, head, cell]``: sum of ``y`` at every scored cell over each fold's
-        prompts (dense part plus row part)."""
-        rows = self.fold_row_sums()
-        if rows is None:
-            return self.cell_sum
-        cells = rows[..., self.design.cells[0]]
-        return cells if self.cell_sum is None else cells + self.cell_sum
+        """``[fold, layer, head, cell]``: sum of ``y`` at every scored cell over each fold."""
+        return self._require_cells()
 
     def fold_cell_products(self) -> np.ndarray:
-        """``[fold a, fold b, layer, head]``: ``sum_c S_a[c] S_b[c]`` of the fold cell sums
-        ``S``, without materialising ``S`` when it has a row part:
-        ``(C + R[q(c)]).(C' + R'[q(c)]) = C.C' + R.rowsum(C') + R'.rowsum(C) + sum_i n_i R_i R'_i``.
-        """
-        rows = self.fold_row_sums()
-        out = np.zeros((2, 2, self.n_layers, self.n_heads))
-        dense = self.cell_sum
-        if dense is not None:
-            out += np.einsum("alhc,blhc->ablh", dense, dense, optimize=True)
-        if rows is not None:
-            queries = self.design.cells[0]
-            per_row = np.bincount(queries, minlength=self.design.n_tokens).astype(float)
-            out += np.einsum("alhi,blhi,i->ablh", rows, rows, per_row, optimize=True)
-            if dense is not None:
-                starts = np.searchsorted(queries, np.unique(queries))
-                dense_rows = np.zeros(rows.shape)
-                dense_rows[..., np.unique(queries)] = np.add.reduceat(dense, starts, axis=-1)
-                cross = np.einsum("alhi,blhi->ablh", rows, dense_rows)
-                out += cross + cross.transpose(1, 0, 2, 3)
-        return out
+        """``[fold a, fold b, layer, head]``: ``sum_c S_a[c] S_b[c]`` of the fold cell sums."""
+        cells = self._require_cells()
+        return np.einsum("alhc,blhc->ablh", cells, cells, optimize=True)
 
     @property
     def n_prompts(self) -> int:
@@ -125,7 +122,12 @@ class CellStatistics:
     def fold_count(self) -> np.ndarray:
         return np.array([self.count[0::2].sum(), self.count[1::2].sum()])
 
-    def compatible(self, other: CellStatistics) -> bool:
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.xty, self.sumsq, self.count, self.cell_sum)
+                   if a is not None)
+
+    def compatible(self, other: TargetStatistics) -> bool:
         return (
             self.design.spec == other.design.spec
             and self.design.n_tokens == other.design.n_tokens
@@ -133,36 +135,21 @@ class CellStatistics:
             == (other.n_layers, other.n_heads, other.n_buckets)
         )
 
-    def merge(self, other: CellStatistics, memo: dict | None = None) -> CellStatistics:
-        """Sum of two runs over disjoint prompts. ``memo`` maps ``(id(a), id(b))`` to
-        ``a + b``, so arrays shared between targets stay shared in the result."""
+    def merge(self, other: TargetStatistics) -> TargetStatistics:
+        """Sum of two runs over disjoint prompts."""
         if not self.compatible(other):
             raise ValueError(
                 "cannot merge statistics of different settings (pairs, sequence length, "
                 "model shape or bucket count). Fix: merge only runs made with the same settings."
             )
-        memo = {} if memo is None else memo
-
-        def add(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-            if (a is None) != (b is None):
-                raise ValueError("cannot merge statistics stored in different layouts. Fix: merge "
-                                 "statistics written by the same rope_leak version.")
-            if a is None:
-                return None
-            key = (id(a), id(b))
-            if key not in memo:
-                memo[key] = (a, b, a + b)  # keeps a and b alive, so their ids stay unique
-            return memo[key][2]
-
-        if (self.row_sum is None) != (other.row_sum is None):
-            # one side from format 1 (dense cell sums only): merge the dense fold sums
-            cell_sum, row_sum = self.fold_cell_sums() + other.fold_cell_sums(), None
-        else:
-            cell_sum, row_sum = add(self.cell_sum, other.cell_sum), add(self.row_sum, other.row_sum)
-        return CellStatistics(
+        if self.has_cells != other.has_cells:
+            raise ValueError("cannot merge statistics with and without per-cell sums. Fix: "
+                             "run every shard with the same --cell-maps setting.")
+        return TargetStatistics(
             self.design, self.n_layers, self.n_heads, self.n_buckets,
-            xty=add(self.xty, other.xty), sumsq=add(self.sumsq, other.sumsq),
-            count=self.count + other.count, cell_sum=cell_sum, row_sum=row_sum,
+            xty=self.xty + other.xty, sumsq=self.sumsq + other.sumsq,
+            count=self.count + other.count,
+            cell_sum=None if self.cell_sum is None else self.cell_sum + other.cell_sum,
         )
 
 
@@ -250,17 +237,16 @@ class ConditionStatistics:
     """Everything one condition (e.g. ``causal``, ``bidirectional``) accumulated."""
 
     condition: str
-    targets: dict[str, CellStatistics]
+    targets: dict[str, TargetStatistics]
     sink_sum: np.ndarray  # [bucket, layer, head]: sum over prompts of mean_{i>=1} A[i, 0]
     position_zero: PositionZeroStatistics
 
     def merge(self, other: ConditionStatistics) -> ConditionStatistics:
         if self.condition != other.condition or set(self.targets) != set(other.targets):
             raise ValueError("cannot merge statistics of different conditions or targets.")
-        memo: dict = {}
         return ConditionStatistics(
             self.condition,
-            {t: s.merge(other.targets[t], memo) for t, s in self.targets.items()},
+            {t: s.merge(other.targets[t]) for t, s in self.targets.items()},
             self.sink_sum + other.sink_sum,
             self.position_zero.merge(other.position_zero),
         )
@@ -277,6 +263,14 @@ class RunStatistics:
     conditions: dict[str, ConditionStatistics]
     metadata: dict = field(default_factory=dict)
     prompts_done: list[int] = field(default_factory=list)
+    #: the accumulators' running sums (checkpoints only; not merged)
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        first = next(iter(self.conditions.values()), None)
+        targets = sorted(first.targets) if first else []
+        return (f"RunStatistics({len(self.prompts_done)} prompts, conditions "
+                f"{sorted(self.conditions)}, targets {targets})")
 
     def merge(self, other: RunStatistics) -> RunStatistics:
         overlap = set(self.prompts_done) & set(other.prompts_done)
@@ -297,8 +291,6 @@ class RunStatistics:
     def save(self, path: str | Path) -> Path:
         """Write to one ``.npz`` file, atomically."""
         arrays: dict[str, np.ndarray] = {}
-        stored: dict[int, str] = {}
-        aliases: dict[str, str] = {}
         header = {
             "format_version": FORMAT_VERSION,
             "metadata": self.metadata,
@@ -319,22 +311,17 @@ class RunStatistics:
                     array = getattr(st, key)
                     if array is None:
                         continue
-                    name = f"{cname}/{tname}/{key}"
-                    if id(array) in stored:  # shared with another target: written once
-                        aliases[name] = stored[id(array)]
-                    else:
-                        stored[id(array)] = name
-                        arrays[name] = array
+                    arrays[f"{cname}/{tname}/{key}"] = array
             arrays[f"{cname}/sink_sum"] = cond.sink_sum
             pz = cond.position_zero
             if pz.reference is not None:
                 for key in ("reference", "dev_sum", "dev_sumsq", "max_abs_dev", "norm_sum",
                             "other_norm_sum"):
                     arrays[f"{cname}/position_zero/{key}"] = getattr(pz, key)
-                if pz.value_min is not None:  # optional (files of older versions lack them)
-                    arrays[f"{cname}/position_zero/value_min"] = pz.value_min
-                    arrays[f"{cname}/position_zero/value_max"] = pz.value_max
-        header["aliases"] = aliases
+                arrays[f"{cname}/position_zero/value_min"] = pz.value_min
+                arrays[f"{cname}/position_zero/value_max"] = pz.value_max
+        for key, value in self.state.items():
+            arrays[f"state/{key}"] = value
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with atomic_path(path) as tmp:
@@ -344,40 +331,60 @@ class RunStatistics:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> RunStatistics:
+    def load(cls, path: str | Path, kind: str = "statistics file") -> RunStatistics:
+        """Read a file written by :meth:`save`. ``kind`` names the file in errors
+        (``"checkpoint"``, ``"shard"``): a file that is truncated or not ours raises
+        :class:`StatisticsFileError` saying which, and what to do."""
         path = Path(path)
+        if not path.is_file():
+            raise StatisticsFileError(f"the {kind} {path} does not exist. Fix: check the path.")
         try:
             with zipfile.ZipFile(path) as archive:
+                names = set(archive.namelist())
+                if "header.json" not in names or "arrays.npz" not in names:
+                    raise StatisticsFileError(
+                        f"{path} is a zip file but not a rope_leak {kind} (no header.json / "
+                        "arrays.npz). Fix: pass a file written by rope_leak "
+                        "(`rope-leak analyze --save-statistics`, shards, checkpoints).")
                 header = json.loads(archive.read("header.json"))
                 arrays = np.load(io.BytesIO(archive.read("arrays.npz")))
                 arrays = {k: arrays[k] for k in arrays.files}
-        except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, FileNotFoundError) as err:
-            raise ValueError(
-                f"{path} is not a rope_leak statistics file ({err}). Fix: pass a file written "
-                "by `rope-leak analyze --shard` or RunStatistics.save."
-            ) from err
-        if header.get("format_version") not in READABLE_FORMATS:
-            raise ValueError(f"{path} has format {header.get('format_version')}; this rope_leak reads "
-                             f"formats {READABLE_FORMATS}. Fix: rerun the analysis with this version.")
-        for alias, name in header.get("aliases", {}).items():
-            arrays[alias] = arrays[name]  # the same object, as when saved
-        conditions = {}
-        for cname, info in header["conditions"].items():
-            design = PairDesign(PairSpec(**info["spec"]), info["n_tokens"])
-            n_layers, n_heads, n_buckets = info["shape"]
-            targets = {
-                t: CellStatistics(
-                    design, n_layers, n_heads, n_buckets,
-                    **{k: arrays.get(f"{cname}/{t}/{k}") for k in ARRAY_FIELDS},
-                )
-                for t in info["targets"]
-            }
-            pz = PositionZeroStatistics(count=info["position_zero_count"])
-            if f"{cname}/position_zero/reference" in arrays:
-                for key in ("reference", "dev_sum", "dev_sumsq", "max_abs_dev", "norm_sum",
-                            "other_norm_sum"):
-                    setattr(pz, key, arrays[f"{cname}/position_zero/{key}"])
-                for key in ("value_min", "value_max"):
-                    setattr(pz, key, arrays.get(f"{cname}/position_zero/{key}"))
-            conditions[cname] = ConditionStatistics(cname, targets, arrays[f"{cname}/sink_sum"], pz)
-        return cls(conditions, header["metadata"], header["prompts_done"])
+        except StatisticsFileError:
+            raise
+        except zipfile.BadZipFile as err:
+            raise StatisticsFileError(
+                f"the {kind} {path} is corrupt or incomplete ({err}; e.g. truncated by a "
+                "crash or a full disk). Fix: delete it and rerun the run that wrote it.") from err
+        except (OSError, ValueError, KeyError, EOFError, zipfile.LargeZipFile) as err:
+            raise StatisticsFileError(
+                f"the {kind} {path} is corrupt ({type(err).__name__}: {err}). Fix: delete it "
+                "and rerun.") from err
+        version = header.get("format_version") if isinstance(header, dict) else None
+        if version != FORMAT_VERSION:
+            raise StatisticsFileError(
+                f"{path} has statistics format {version}; this rope_leak reads format "
+                f"{FORMAT_VERSION}. Fix: rerun the analysis with this version.")
+        try:
+            conditions = {}
+            for cname, info in header["conditions"].items():
+                design = PairDesign(PairSpec(**info["spec"]), info["n_tokens"])
+                n_layers, n_heads, n_buckets = info["shape"]
+                targets = {
+                    t: TargetStatistics(
+                        design, n_layers, n_heads, n_buckets,
+                        **{k: arrays.get(f"{cname}/{t}/{k}") for k in ARRAY_FIELDS},
+                    )
+                    for t in info["targets"]
+                }
+                pz = PositionZeroStatistics(count=info["position_zero_count"])
+                if f"{cname}/position_zero/reference" in arrays:
+                    for key in ("reference", "dev_sum", "dev_sumsq", "max_abs_dev", "norm_sum",
+                                "other_norm_sum", "value_min", "value_max"):
+                        setattr(pz, key, arrays[f"{cname}/position_zero/{key}"])
+                conditions[cname] = ConditionStatistics(cname, targets, arrays[f"{cname}/sink_sum"], pz)
+            state = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
+            return cls(conditions, header["metadata"], header["prompts_done"], state)
+        except (KeyError, TypeError, ValueError) as err:
+            raise StatisticsFileError(
+                f"the {kind} {path} is inconsistent ({type(err).__name__}: {err}). Fix: delete "
+                "it and rerun.") from err

@@ -49,12 +49,12 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rope_leak.engine.pairs import PairSpec
-from rope_leak.engine.run import DEFAULT_BUCKETS, run_statistics
+from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.interventions.position_zero_patch import replace_all_position_zero
-from rope_leak.metrics.split import SPLIT_TARGETS, ablation_free_split
+from rope_leak.metrics.split import SPLIT_INPUTS, renormalisation_split
 from rope_leak.stats.bootstrap import bootstrap_statistic
 from rope_leak.stats.projection import BucketProjection
 
@@ -175,21 +175,23 @@ class BosInterventions:
         return table
 
     def split_table(self) -> pd.DataFrame | None:
-        """The same replacements read by the ablation-free split of ``log_pattern`` (causal
-        runs only, so in distribution): mean residual-stream part ``split_resid``, mean
-        mask part ``split_mask`` and the split's composition, with its bootstrap CI."""
+        """The same replacements read by the renormalisation split of ``log_pattern`` (causal
+        runs only, so in distribution): mean unmasked-scores part ``split_resid``, mean
+        mask part ``split_mask`` and the split's pooled composition, with its bootstrap CI."""
         conditions = self.statistics.conditions
-        if not all(t in conditions["baseline/causal"].targets for t in SPLIT_TARGETS):
+        if not all(t in conditions["baseline/causal"].targets for t in SPLIT_INPUTS):
             return None
         records = []
         for name in ["baseline", *self.replacements]:
-            split = ablation_free_split(conditions[f"{name}/causal"], n_boot=self.n_boot, seed=self.seed)
+            split = renormalisation_split(conditions[f"{name}/causal"], n_boot=self.n_boot, seed=self.seed)
+            frac = split.fractions()
+            ci = split.ci.get("composition", (np.nan, np.nan))
             records.append({
-                "replacement": name, "split_resid": float(np.nanmean(split.scores)),
-                "split_mask": float(np.nanmean(split.denominator)),
+                "replacement": name, "split_resid": float(np.nanmean(frac["resid"])),
+                "split_mask": float(np.nanmean(frac["mask"])),
                 "split_composition": split.composition(),
-                "split_composition_low": split.composition_ci[0],
-                "split_composition_high": split.composition_ci[1],
+                "split_composition_low": ci[0],
+                "split_composition_high": ci[1],
             })
         table = pd.DataFrame(records)
         base = table.loc[table["replacement"] == "baseline", "split_resid"].iloc[0]
@@ -218,7 +220,7 @@ def bos_interventions(
     target: str = "pattern",
     n_boot: int = 200,
     batch_size: int = 8,
-    n_buckets: int = DEFAULT_BUCKETS,
+    n_buckets: int | None = None,
     seed: int = 0,
     aggregate: str = "mean",
     estimator: str = "debiased",
@@ -242,9 +244,10 @@ def bos_interventions(
         replacement = None if name == "baseline" else _replacement_condition(name, token_id, seed)
         conditions[f"{name}/causal"] = _with_mask(replacement, mask=False)
         conditions[f"{name}/bidirectional"] = _with_mask(replacement, mask=True)
-    # The split's targets too, so the BOS-swap effect is also read by the ablation-free split.
-    targets = tuple(dict.fromkeys((target, *SPLIT_TARGETS)))
+    # The split's targets too, so the BOS-swap effect is also read by the renormalisation split.
+    targets = tuple(dict.fromkeys((target, *SPLIT_INPUTS)))
     stats = run_statistics(model, tokens, conditions=conditions, targets=targets, spec=spec,
+                           unmasked_conditions=[c for c in conditions if c.endswith("/causal")],
                            batch_size=batch_size, n_buckets=n_buckets, progress=progress,
                            metadata={"replacements": replacements, "token_id": token_id})
     return BosInterventions(stats, replacements, token_id, target=target, n_boot=n_boot, seed=seed,

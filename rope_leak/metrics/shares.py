@@ -17,12 +17,11 @@ cell, a fit on fold ``a`` needs only ``m_a = X^T y_a / N_a`` and the shared Gram
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-
 import numpy as np
 
 from rope_leak.engine.pairs import PairDesign
-from rope_leak.engine.statistics import CellStatistics
+from rope_leak.engine.statistics import TargetStatistics
+from rope_leak.metrics.position_models import absolute_projector, offset_means
 
 
 @dataclass
@@ -45,27 +44,7 @@ class ShareFit:
         return self.r2_abs_in - self.r2_rel_in
 
 
-def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` in float64 through torch: a 3-operand einsum does not use BLAS, and numpy's
-    BLAS thread pool contends with torch's on a busy CPU (measured 0.2-1.4 s vs 0.09 s for
-    [30, 9, 766] @ [766, 766] on 2 shared cores)."""
-    import torch
-
-    return (torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.ascontiguousarray(b))).numpy()
-
-
-@lru_cache(maxsize=16)
-def _gram_pinv(design: PairDesign) -> np.ndarray:
-    """Moore–Penrose inverse of ``X^T X`` (rank-deficient: offsets, queries and keys
-    share the intercept and ``i - j = d``); fitted values are unique regardless."""
-    import torch
-
-    eigval, eigvec = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(design.gram)))
-    keep = eigval > eigval.max() * 1e-10
-    return (eigvec[:, keep] / eigval[keep]) @ eigvec[:, keep].T
-
-
-def _fold_sums(stats: CellStatistics, weights: np.ndarray | None):
+def _fold_sums(stats: TargetStatistics, weights: np.ndarray | None):
     """Weighted per-fold ``X^T y``, ``sum y^2`` and prompt counts (fold = bucket parity)."""
     out = []
     for fold in (0, 1):
@@ -82,21 +61,12 @@ def _fold_sums(stats: CellStatistics, weights: np.ndarray | None):
     return out
 
 
-def _relative_beta(design: PairDesign, xty_mean: np.ndarray) -> np.ndarray:
-    """Offset means, as a coefficient vector over all columns (zeros elsewhere)."""
+def _sse_relative(design: PairDesign, xty_fit, n_fit, xty, sumsq, n):
+    """Error on a fold of ``M_rel`` fitted on another: ``sum y^2 - 2 a . X_R^T y +
+    n sum_d N_d a_d^2`` with ``a`` the fitting fold's offset means."""
+    a = offset_means(design, xty_fit) / n_fit
     rel = design.relative_columns
-    beta = np.zeros_like(xty_mean)
-    beta[..., rel] = xty_mean[..., rel] / np.diag(design.gram)[rel]
-    return beta
-
-
-def _sse(beta, mean_fit, xty, sumsq, n):
-    """Error on a fold of the fit ``beta`` made from the mean ``mean_fit = X^T y_a / N_a``.
-
-    ``beta^T G beta = beta . mean_fit`` for both models: ``G^+ G G^+ = G^+`` for
-    ``M_abs``, and ``G`` is the diagonal of offset counts on ``M_rel``'s columns."""
-    quad = np.einsum("lhc,lhc->lh", beta, mean_fit)
-    return sumsq - 2 * np.einsum("lhc,lhc->lh", beta, xty) + n * quad
+    return sumsq - 2 * (a * xty[..., rel]).sum(-1) + n * (a * a * design.offset_count).sum(-1)
 
 
 def _sst(design: PairDesign, xty, sumsq, n):
@@ -109,8 +79,14 @@ def _r2(sse, sst):
         return np.where(sst > 0, 1.0 - sse / sst, np.nan)
 
 
-def fit_shares(stats: CellStatistics, weights: np.ndarray | None = None) -> ShareFit:
-    """Fit ``M_rel``, ``M_abs`` (and ``M_cell``) for every head of one target and condition.
+def fit_shares(stats: TargetStatistics, weights: np.ndarray | None = None) -> ShareFit:
+    """Fit ``M_rel``, ``M_abs`` (and ``M_cell`` when per-cell sums were kept) for every
+    head of one target and condition, from marginal sums only.
+
+    ``M_abs``'s error is ``M_rel``'s minus its absolute-position gain: fitted on fold
+    ``a`` and scored on ``b``, ``SSE_rel - SSE_abs = N_b (2 <D c_a, D c_b> - ||D c_a||^2)``
+    with ``c`` the folds' cell means and ``D = H_abs - H_rel``, whose inner products come
+    from :class:`~rope_leak.metrics.position_models.AbsoluteProjector`.
 
     Args:
         weights: multiplicity of each prompt bucket (bootstrap resampling); ``M_cell``
@@ -123,34 +99,35 @@ def fit_shares(stats: CellStatistics, weights: np.ndarray | None = None) -> Shar
             "cross-fitting needs prompts in both folds (even and odd prompt indices); "
             f"got {stats.n_prompts} prompt(s). Fix: use at least 4 prompts (64 recommended)."
         )
-    gram_pinv = _gram_pinv(design)
+    projector = absolute_projector(design)
+    z = [projector.project(xty) for xty, _, _ in folds]  # [layer, head, rank] per fold
     r2_rel, r2_abs = [], []
-    for fit_fold, score_fold in ((0, 1), (1, 0)):
-        xty_fit, _, n_fit = folds[fit_fold]
-        xty, sumsq, n = folds[score_fold]
-        mean = xty_fit / n_fit
+    for a, b in ((0, 1), (1, 0)):
+        xty_a, _, n_a = folds[a]
+        xty, sumsq, n = folds[b]
         sst = _sst(design, xty, sumsq, n)
-        for beta, r2 in ((_matmul(mean, gram_pinv), r2_abs), (_relative_beta(design, mean), r2_rel)):
-            r2.append(_r2(_sse(beta, mean, xty, sumsq, n), sst))
+        sse_rel = _sse_relative(design, xty_a, n_a, xty, sumsq, n)
+        gain = 2 * (z[a] * z[b]).sum(-1) / n_a - n * (z[a] * z[a]).sum(-1) / n_a**2
+        r2_rel.append(_r2(sse_rel, sst))
+        r2_abs.append(_r2(sse_rel - gain, sst))
 
     xty_all = folds[0][0] + folds[1][0]
     sumsq_all = folds[0][1] + folds[1][1]
     n_all = folds[0][2] + folds[1][2]
-    mean_all = xty_all / n_all
+    z_all = z[0] + z[1]
     sst_all = _sst(design, xty_all, sumsq_all, n_all)
-    r2_abs_in, r2_rel_in = (
-        _r2(_sse(beta, mean_all, xty_all, sumsq_all, n_all), sst_all)
-        for beta in (_matmul(mean_all, gram_pinv), _relative_beta(design, mean_all))
-    )
+    sse_rel_all = _sse_relative(design, xty_all, n_all, xty_all, sumsq_all, n_all)
+    r2_rel_in = _r2(sse_rel_all, sst_all)
+    r2_abs_in = _r2(sse_rel_all - (z_all * z_all).sum(-1) / n_all, sst_all)
 
-    r2_cell = None if weights is not None else _cell_r2(stats, folds)
+    r2_cell = None if weights is not None or stats.cell_sum is None else _cell_r2(stats, folds)
     return ShareFit(
         r2_rel=np.mean(r2_rel, 0), r2_abs=np.mean(r2_abs, 0), r2_cell=r2_cell,
         r2_rel_in=r2_rel_in, r2_abs_in=r2_abs_in, n_prompts=int(round(n_all)),
     )
 
 
-def _cell_r2(stats: CellStatistics, folds) -> np.ndarray:
+def _cell_r2(stats: TargetStatistics, folds) -> np.ndarray:
     """Cross-fitted R² of the cell-mean model ``M_cell``."""
     products = stats.fold_cell_products()  # [a, b]: sum over cells of S_a * S_b
     r2 = []
@@ -164,40 +141,40 @@ def _cell_r2(stats: CellStatistics, folds) -> np.ndarray:
     return np.mean(r2, 0)
 
 
-def cell_means(stats: CellStatistics) -> np.ndarray:
+def cell_means(stats: TargetStatistics) -> np.ndarray:
     """Mean response of every scored cell over all prompts, ``[layer, head, cell]``."""
     return stats.fold_cell_sums().sum(0) / stats.n_prompts
 
 
-def fitted_cells(stats: CellStatistics, model: str = "abs") -> np.ndarray:
-    """In-sample fitted value of ``M_rel`` or ``M_abs`` at every cell, ``[layer, head, cell]``."""
+def fitted_cells(stats: TargetStatistics, model: str = "abs") -> np.ndarray:
+    """In-sample fitted value of ``M_rel`` or ``M_abs`` at every cell, ``[layer, head, cell]``
+    (``O(n^2)`` per head: for maps of chosen heads and small ``n``)."""
     design = stats.design
     mean = stats.xty.sum(0) / stats.n_prompts
     if model == "abs":
-        beta = mean @ _gram_pinv(design)
+        beta = absolute_projector(design).coefficients(mean)
     elif model == "rel":
-        beta = _relative_beta(design, mean)
+        beta = np.zeros_like(mean)
+        beta[..., design.relative_columns] = offset_means(design, mean)
     else:
         raise ValueError(f"model must be 'abs' or 'rel', got {model!r}.")
     cols = design.cell_columns
     return beta[..., cols[:, 0]] + beta[..., cols[:, 1]] + beta[..., cols[:, 2]]
 
 
-def absolute_sum_of_squares(design: PairDesign, cell_values: np.ndarray) -> np.ndarray:
-    """Sum of squares of cell values that ``M_abs`` explains beyond ``M_rel``:
-    ``||(H_abs - H_rel) y||^2`` over the cells (``[..., cell] -> [...]``)."""
-    return (absolute_projection(design, cell_values) ** 2).sum(-1)
-
-
-def absolute_projection(design: PairDesign, cell_values: np.ndarray) -> np.ndarray:
-    """``(H_abs - H_rel) y``: the part of cell values that needs absolute position."""
+def cell_xty(design: PairDesign, cell_values: np.ndarray) -> np.ndarray:
+    """``X^T y`` of per-cell values ``[..., cell] -> [..., column]``."""
     cols = design.cell_columns
     flat = cell_values.reshape(-1, design.n_cells)
     xty = np.zeros((flat.shape[0], design.n_columns))
     for k in range(3):
         for row in range(flat.shape[0]):
             xty[row] += np.bincount(cols[:, k], weights=flat[row], minlength=design.n_columns)
-    beta_abs = xty @ _gram_pinv(design)
-    beta_rel = _relative_beta(design, xty)
-    fit = lambda b: b[:, cols[:, 0]] + b[:, cols[:, 1]] + b[:, cols[:, 2]]  # noqa: E731
-    return (fit(beta_abs) - fit(beta_rel)).reshape(cell_values.shape)
+    return xty.reshape(cell_values.shape[:-1] + (design.n_columns,))
+
+
+def absolute_sum_of_squares(design: PairDesign, cell_values: np.ndarray) -> np.ndarray:
+    """Sum of squares of cell values that ``M_abs`` explains beyond ``M_rel``:
+    ``||(H_abs - H_rel) y||^2`` over the cells (``[..., cell] -> [...]``)."""
+    z = absolute_projector(design).project(cell_xty(design, cell_values))
+    return (z * z).sum(-1)

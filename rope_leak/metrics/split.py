@@ -1,146 +1,182 @@
-"""The ablation-free split: no mask swap, the model stays in distribution.
+"""The renormalisation split of ``log A``: gauge-invariant, in distribution, one pass.
 
-Since ``log A_ij = s_ij - log Z_i`` and the projection ``D = H_abs - H_rel`` onto what
-needs absolute position is linear, the absolute-position part of ``log_pattern`` is the
-sum of that of the scores (which RoPE lets carry absolute position only through the
-residual stream) and that of ``-log Z_i`` (the causal softmax denominator):
+Softmax is unchanged by a per-query shift of the scores (``s_ij -> s_ij + c_i``), so a
+split of ``log A_ij = s_ij - log Z_i`` into "the scores' part" and "``-log Z``'s part"
+is not identified: it moves with an arbitrary offset. This split is invariant. From the
+same causal forward pass, take every pair's unmasked score (the hook sees the scores
+before the mask is imposed) and let ``A^full`` be their softmax over *all* keys. For
+``j <= i``:
 
-    SS(log A) = SS(s) + SS(-log Z) + 2 <D s, D (-log Z)>
+    log A_ij = log A^full_ij + m_i,      m_i = -log sum_{j' <= i} A^full_ij' >= 0
 
-Each term is the per-prompt population quantity ``<D mu_a, D mu_b>`` (``mu`` = expected
-cell values), estimated without the upward bias of an in-sample sum of squares by a
-U-statistic over pairs of distinct prompt buckets (their noise is independent):
-``sum_{g != g'} <z_g^a, z_g'^b> / (N^2 - sum_g N_g^2)``, with ``z_g`` a bucket's
-absolute-position coordinates (:class:`rope_leak.stats.projection.BucketProjection`).
-The form is bilinear, so the identity holds exactly (checked on every run), and bucket
-weights give bootstrap intervals.
+* ``log A^full`` (target ``unmasked_log_pattern``): the scores normalised without a mask:
+  what the residual stream (through queries and keys) and RoPE give.
+* ``m_i`` (target ``renormalisation``): the mask's renormalisation, minus the log of the
+  share that the unmasked attention puts on the visible keys.
+
+A shift ``c_i`` cancels in both. ``m`` is constant along each query row, so it has no
+offset or key effect: in ``log A``, offset and key effects come from the scores alone,
+and the mask acts only through the query effect ``b[i]``.
+
+With ``D = H_abs - H_rel`` (what needs absolute position) and ``mu`` the expected cell
+values, ``SS(log A) = SS(log A^full) + SS(m) + 2 <D mu_full, D mu_m>`` per prompt. Each
+term is estimated without the upward bias of an in-sample sum of squares by a
+U-statistic over pairs of distinct prompt buckets (independent noise):
+``sum_{g != g'} <z_g^a, z_g'^b> / (N^2 - sum_g N_g^2)``. Bucket weights give bootstrap
+intervals; copies of a bucket in a bootstrap draw never pair with each other (the same
+rule as the debiased share).
+
+Aggregation over heads pools sums of squares (``sum_h SS_mask / sum_h (SS_mask +
+SS_resid)``), so a head's weight is what it actually varies, and heads whose scored
+variance is below the floor of :mod:`rope_leak.metrics.degenerate` are left out (and
+listed). Two compositions are reported: the mask's share of the two pure parts (cross
+term beside it), and its projection share ``(SS_mask + cross / 2) / SS(log A)`` (the
+two projection shares sum to 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from rope_leak.engine.statistics import ConditionStatistics
+from rope_leak.metrics.degenerate import degenerate_heads
 from rope_leak.stats.bootstrap import bucket_weights
-from rope_leak.stats.projection import BucketProjection, _quadratic
+from rope_leak.stats.projection import BucketProjection, pair_products
 
-SPLIT_TARGETS = ("log_pattern", "scores", "neg_log_z")
-
-
-def _pair_products(a: BucketProjection, b: BucketProjection, weights: np.ndarray) -> np.ndarray:
-    """U-statistic of ``<D mu_a, D mu_b>`` per head, for bucket weights ``[B, bucket]``."""
-    products = a.bucket_products(b)  # [layer, head, g, g']
-    # Copies of a bucket in a bootstrap draw never pair with each other: their noise is
-    # shared, and pairing them would bring back the bias the U-statistic removes.
-    self_terms = np.einsum("bg,lhgg->blh", weights**2, products)
-    n = weights @ a.count
-    pairs = n**2 - weights**2 @ a.count**2
-    if np.any(pairs <= 0):
-        raise ValueError(
-            "the ablation-free split needs prompts in at least two buckets. Fix: use at least "
-            "4 prompts (64 recommended)."
-        )
-    return (_quadratic(weights, products, weights) - self_terms) / pairs[:, None, None]
+SPLIT_INPUTS = ("log_pattern", "unmasked_log_pattern", "renormalisation")
 
 
 @dataclass
-class AblationFreeSplit:
-    """Absolute-position sums of squares per head, ``[layer, head]``, per prompt, debiased,
-    as fractions of the head's total ``log_pattern`` SS (the units of the share:
-    ``log_pattern`` equals the debiased causal share of ``log_pattern``; ``scores`` is
-    the residual-stream part, ``denominator`` the causal-mask part)."""
+class RenormalisationSplit:
+    """Debiased absolute-position sums of squares per head, per prompt, ``[layer, head]``.
 
-    log_pattern: np.ndarray
-    scores: np.ndarray  # residual-stream part
-    denominator: np.ndarray  # causal-mask part (-log Z_i)
-    cross: np.ndarray  # 2 <D s, D (-log Z)>
-    composition_ci: tuple[float, float] = (float("nan"), float("nan"))
-    layer_composition_ci: np.ndarray | None = None  # [layer, 2]
+    Attributes:
+        total: ``SS(log A)``.
+        resid: ``SS(log A^full)``, the unmasked scores' part.
+        mask: ``SS(m)``, the mask's renormalisation.
+        cross: ``2 <D log A^full, D m>``.
+        sst: per-prompt total sum of squares of ``log A`` over the scored cells (the
+            denominator of the share: ``total / sst`` is the debiased share).
+        degenerate: heads whose scored variance is below the floor (left out of pools).
+    """
+
+    total: np.ndarray
+    resid: np.ndarray
+    mask: np.ndarray
+    cross: np.ndarray
+    sst: np.ndarray
+    degenerate: np.ndarray
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    layer_ci: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [layer, 2]
     level: float = 0.95
 
-    @property
-    def identity_error(self) -> float:
-        """Largest ``|SS(log A) - SS(s) - SS(-log Z) - cross|`` relative to ``max |SS(log A)|``."""
-        gap = np.nan_to_num(np.abs(self.log_pattern - self.scores - self.denominator - self.cross))
-        scale = np.nanmax(np.abs(self.log_pattern))
-        return float(gap.max() / scale) if scale > 0 else float(gap.max())
-
-    def fractions(self) -> dict[str, np.ndarray]:
-        """Each part as a fraction of ``SS(log A)`` (they sum to 1)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return {
-                "resid": self.scores / self.log_pattern,
-                "mask": self.denominator / self.log_pattern,
-                "cross": self.cross / self.log_pattern,
-            }
+    def __repr__(self) -> str:
+        return (f"RenormalisationSplit({self.total.shape[0]}x{self.total.shape[1]} heads, "
+                f"pooled mask share {self.composition():.3f}, "
+                f"{int(self.degenerate.sum())} degenerate heads)")
 
     @staticmethod
-    def composition_of(denominator: np.ndarray, scores: np.ndarray, axis=None) -> np.ndarray:
-        """Mask share of the two pure parts, ``sum SS(-log Z) / sum (SS(-log Z) + SS(s))``
-        over heads (the cross term is reported beside it, not apportioned)."""
+    def pooled(terms: dict[str, np.ndarray], keep: np.ndarray, axis=None) -> dict[str, np.ndarray]:
+        """Pooled compositions over the kept heads (``axis``: heads' axes to pool)."""
+        def total(name):
+            return np.nansum(np.where(keep, terms[name], 0.0), axis=axis)
+
+        mask, resid, cross, all_ = total("mask"), total("resid"), total("cross"), total("total")
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.nansum(denominator, axis) / (np.nansum(denominator, axis) + np.nansum(scores, axis))
+            return {
+                "composition": mask / (mask + resid),
+                "projection_composition": (mask + cross / 2) / all_,
+                "cross_fraction": cross / all_,
+            }
+
+    def _terms(self) -> dict[str, np.ndarray]:
+        return {"total": self.total, "resid": self.resid, "mask": self.mask, "cross": self.cross}
 
     def composition(self) -> float:
-        return float(self.composition_of(self.denominator, self.scores))
+        """Mask share of the pure parts, pooled over non-degenerate heads."""
+        return float(self.pooled(self._terms(), ~self.degenerate)["composition"])
 
-    def layer_composition(self) -> np.ndarray:
-        return self.composition_of(self.denominator, self.scores, axis=1)
+    def model_table(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.pooled(self._terms(), ~self.degenerate).items()}
+
+    def layer_table(self) -> dict[str, np.ndarray]:
+        return self.pooled(self._terms(), ~self.degenerate, axis=1)
+
+    def fractions(self) -> dict[str, np.ndarray]:
+        """Per head, each part as a fraction of the head's per-prompt total SS (the units
+        of the share), NaN for degenerate heads."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(self.degenerate | (self.sst <= 0), np.nan, 1.0 / self.sst)
+        return {name: values * scale for name, values in self._terms().items()}
+
+    def head_composition(self) -> np.ndarray:
+        """Per-head mask share of the pure parts (NaN for degenerate heads)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = self.mask / (self.mask + self.resid)
+        return np.where(self.degenerate, np.nan, out)
 
     def summary(self) -> dict:
-        return {
-            "log_pattern_mean": float(np.nanmean(self.log_pattern)),
-            "resid_mean": float(np.nanmean(self.scores)),
-            "mask_mean": float(np.nanmean(self.denominator)),
-            "cross_mean": float(np.nanmean(self.cross)),
-            "composition": self.composition(),
-            "composition_ci": [float(c) for c in self.composition_ci],
-            "composition_aggregation": "sum over heads of SS(-log Z) / sum of (SS(-log Z) + SS(scores))",
-            "identity_max_relative_error": self.identity_error,
-        }
+        out = self.model_table()
+        out.update({f"{k}_ci": [float(c) for c in v] for k, v in self.ci.items()})
+        frac = self.fractions()
+        out.update({
+            "mean_head_composition": float(np.nanmean(self.head_composition())),
+            "mean_resid_fraction": float(np.nanmean(frac["resid"])),
+            "mean_mask_fraction": float(np.nanmean(frac["mask"])),
+            "mean_cross_fraction": float(np.nanmean(frac["cross"])),
+            "n_degenerate_heads": int(self.degenerate.sum()),
+            "aggregation": "sums of squares pooled over non-degenerate heads: "
+                           "sum SS(m) / sum (SS(m) + SS(log A^full)); projection share "
+                           "(SS(m) + cross/2) / SS(log A)",
+            "note": "key and offset effects come from the scores alone; the mask acts only "
+                    "through the query effect",
+        })
+        return out
 
 
-def _split_terms(projections: dict[str, BucketProjection], weights: np.ndarray) -> dict[str, np.ndarray]:
-    """The four terms, each divided by the head's per-prompt total SS of ``log_pattern``:
-    in the units of the share (``log_pattern`` term = its debiased ``L_total``)."""
-    log_a, s, z = (projections[t] for t in SPLIT_TARGETS)
-    sst = log_a.per_prompt_sst(weights)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(sst > 0, 1.0 / np.where(sst > 0, sst, 1.0), np.nan)
+def _terms(projections: dict[str, BucketProjection], weights: np.ndarray) -> dict[str, np.ndarray]:
+    log_a, full, renorm = (projections[t] for t in SPLIT_INPUTS)
+    cross = pair_products(full, renorm, weights)
     return {
-        "log_pattern": _pair_products(log_a, log_a, weights) * scale,
-        "scores": _pair_products(s, s, weights) * scale,
-        "denominator": _pair_products(z, z, weights) * scale,
-        "cross": (_pair_products(s, z, weights) + _pair_products(z, s, weights)) * scale,
+        "total": pair_products(log_a, log_a, weights),
+        "resid": pair_products(full, full, weights),
+        "mask": pair_products(renorm, renorm, weights),
+        "cross": cross + cross,
+        "sst": log_a.per_prompt_sst(weights),
     }
 
 
-def ablation_free_split(
+def renormalisation_split(
     stats: ConditionStatistics, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
-) -> AblationFreeSplit:
-    """Split the causal run's ``log_pattern`` absolute-position SS into its two sources,
-    with percentile bootstrap intervals (over prompt buckets) of the compositions."""
-    missing = [t for t in SPLIT_TARGETS if t not in stats.targets]
+) -> RenormalisationSplit:
+    """The split of a causal run's ``log_pattern``, with percentile bootstrap intervals
+    (over prompt buckets) of the pooled compositions, model-wide and per layer."""
+    missing = [t for t in SPLIT_INPUTS if t not in stats.targets]
     if missing:
         raise ValueError(
-            f"the ablation-free split needs targets {SPLIT_TARGETS}; missing {missing}. "
-            "Fix: accumulate all targets (the default of run_statistics)."
+            f"the renormalisation split needs targets {SPLIT_INPUTS}; missing {missing}. "
+            "Fix: accumulate them under the model's own mask (run_statistics does by default "
+            "for the 'causal' condition of a HookedTransformer)."
         )
-    projections = {t: BucketProjection.from_statistics(stats.targets[t]) for t in SPLIT_TARGETS}
-    count = stats.targets["scores"].count
-    point = {k: v[0] for k, v in _split_terms(projections, np.ones((1, len(count)))).items()}
-    split = AblationFreeSplit(**point, level=level)
+    projections = {t: BucketProjection.from_statistics(stats.targets[t]) for t in SPLIT_INPUTS}
+    count = stats.targets["log_pattern"].count
+    point = {k: v[0] for k, v in _terms(projections, np.ones((1, len(count)))).items()}
+    degenerate = degenerate_heads(point["sst"])
+    split = RenormalisationSplit(**point, degenerate=degenerate, level=level)
     if n_boot > 0:
         weights = bucket_weights(count, n_boot, np.random.default_rng(seed))
+        keep = ~degenerate
         model, layers = [], []
         for start in range(0, n_boot, 100):
-            terms = _split_terms(projections, weights[start:start + 100])
-            model.append(AblationFreeSplit.composition_of(terms["denominator"], terms["scores"], (1, 2)))
-            layers.append(AblationFreeSplit.composition_of(terms["denominator"], terms["scores"], 2))
+            terms = _terms(projections, weights[start:start + 100])
+            model.append(RenormalisationSplit.pooled(terms, keep[None], axis=(1, 2)))
+            layers.append(RenormalisationSplit.pooled(terms, keep[None], axis=2))
         alpha = (1 - level) / 2
-        model_q = np.nanquantile(np.concatenate(model), [alpha, 1 - alpha])
-        split.composition_ci = (float(model_q[0]), float(model_q[1]))
-        split.layer_composition_ci = np.nanquantile(np.concatenate(layers), [alpha, 1 - alpha], axis=0).T
+        for name in model[0]:
+            draws = np.concatenate([m[name] for m in model])
+            split.ci[name] = tuple(float(q) for q in np.nanquantile(draws, [alpha, 1 - alpha]))
+            per_layer = np.concatenate([m[name] for m in layers])
+            split.layer_ci[name] = np.nanquantile(per_layer, [alpha, 1 - alpha], axis=0).T
     return split

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rope_leak.engine.statistics import CellStatistics
+from rope_leak.engine.statistics import TargetStatistics
 from rope_leak.stats.projection import BucketProjection
 
 SHARES = ("crossfit", "debiased")
@@ -93,7 +93,7 @@ def _share_fn(kind: str) -> Callable[[BucketProjection, np.ndarray | None], np.n
 
 
 def bootstrap_statistic(
-    stats_by_condition: Mapping[str, CellStatistics],
+    stats_by_condition: Mapping[str, TargetStatistics],
     fn: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
@@ -110,7 +110,7 @@ def bootstrap_statistic(
     share_bidir`` and ratios such as the composition keep their pairing.
 
     Args:
-        stats_by_condition: ``{name: CellStatistics}``, all with the same buckets.
+        stats_by_condition: ``{name: TargetStatistics}``, all with the same buckets.
         fn: maps ``{name: shares[B, layer, head]}`` to an array with leading axis ``B``
             (any trailing shape). None: the shares of the single condition.
         share: ``"debiased"`` or ``"crossfit"`` (which share ``fn`` receives).
@@ -161,7 +161,7 @@ def bootstrap_statistic(
 
 
 def bootstrap_shares(
-    stats: CellStatistics,
+    stats: TargetStatistics,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,

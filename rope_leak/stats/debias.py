@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from rope_leak.engine.statistics import CellStatistics
+from rope_leak.engine.statistics import TargetStatistics
 from rope_leak.stats.projection import BucketProjection
 
 
-def debiased_share(stats: CellStatistics) -> np.ndarray:
+def debiased_share(stats: TargetStatistics) -> np.ndarray:
     """Unbiased-numerator absolute-position share of every head, ``[layer, head]``."""
     return BucketProjection.from_statistics(stats).debiased_share()[0]
 
 
-def crossfit_bias(stats: CellStatistics) -> np.ndarray:
+def crossfit_bias(stats: TargetStatistics) -> np.ndarray:
     """Estimated bias of the cross-fitted share, ``[layer, head]``: the average over both
     directions of ``-N_b tr(DΣ) / (N_a SST_b)`` per prompt, with ``tr(DΣ)`` estimated from
     the spread of bucket sums around the pooled mean (unbiased for it)."""

@@ -15,15 +15,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from rope_leak.engine.statistics import ConditionStatistics
+from rope_leak.metrics.degenerate import degenerate_heads
 from rope_leak.stats.bootstrap import bootstrap_statistic, bucket_weights
 from rope_leak.stats.fdr import benjamini_hochberg
 from rope_leak.stats.nulls import signflip_null
+from rope_leak.stats.projection import BucketProjection
 
 
-def _composition(total: np.ndarray, resid: np.ndarray, axis) -> np.ndarray:
-    """``sum L_mask / sum (L_mask + L_resid)`` = ``1 - sum L_resid / sum L_total``."""
+def _pooled(share: np.ndarray, weight: np.ndarray, axis) -> np.ndarray:
+    """``sum_h w_h L_h / sum_h w_h`` = ``sum dSS / sum SST`` with ``w`` each head's
+    scored variance (0 for degenerate heads)."""
+    weight = np.broadcast_to(weight, share.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return 1.0 - resid.sum(axis) / total.sum(axis)
+        return np.nansum(share * weight, axis) / weight.sum(axis)
+
+
+def _composition(total, resid, w_total, w_resid, axis) -> np.ndarray:
+    """Pooled ``1 - L_resid / L_total`` (each pooled as ``sum dSS / sum SST``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 - _pooled(resid, w_resid, axis) / _pooled(total, w_total, axis)
 
 
 @dataclass
@@ -56,6 +66,12 @@ class DecompositionInference:
     level: float
     fdr_level: float
     n_boot: int
+    degenerate: np.ndarray  # [layer, head] bool: scored variance below the floor
+
+    def __repr__(self) -> str:
+        return (f"DecompositionInference(composition {float(self.composition.estimate):.3f} "
+                f"[{float(self.composition.low):.3f}, {float(self.composition.high):.3f}], "
+                f"{int(self.degenerate.sum())} degenerate heads)")
 
     def summary(self) -> dict:
         return {
@@ -73,6 +89,10 @@ class DecompositionInference:
                 f"{name}_mean_ci": [float(self.means.low[k]), float(self.means.high[k])]
                 for k, name in enumerate(("L_total", "L_resid", "L_mask"))
             },
+            "aggregation": "means over non-degenerate heads; composition pools sums of "
+                           "squares: 1 - (sum dSS / sum SST)_bidirectional / "
+                           "(sum dSS / sum SST)_causal",
+            "degenerate_heads": int(self.degenerate.sum()),
             "heads_significant_total": int(self.significant_total.sum()),
             "heads_significant_resid": int(self.significant_resid.sum()),
         }
@@ -90,6 +110,10 @@ def decomposition_inference(
     seed: int = 0,
 ) -> DecompositionInference:
     pair = {"causal": causal.targets[target], "bidirectional": bidirectional.targets[target]}
+    sst = {c: BucketProjection.from_statistics(st).per_prompt_sst()[0] for c, st in pair.items()}
+    degenerate = degenerate_heads(sst["causal"]) | degenerate_heads(sst["bidirectional"])
+    w_c, w_b = (np.where(degenerate, 0.0, sst[c]) for c in ("causal", "bidirectional"))
+    keep = np.where(degenerate, np.nan, 1.0)
     heads = bootstrap_statistic(
         pair,
         lambda s: np.stack([s["causal"], s["bidirectional"], s["causal"] - s["bidirectional"]], 1),
@@ -98,11 +122,11 @@ def decomposition_inference(
     compositions = bootstrap_statistic(
         pair,
         lambda s: np.concatenate([
-            _composition(s["causal"], s["bidirectional"], (1, 2))[:, None],
-            _composition(s["causal"], s["bidirectional"], 2),
-            s["causal"].mean((1, 2))[:, None],
-            s["bidirectional"].mean((1, 2))[:, None],
-            (s["causal"] - s["bidirectional"]).mean((1, 2))[:, None],
+            _composition(s["causal"], s["bidirectional"], w_c, w_b, (1, 2))[:, None],
+            _composition(s["causal"], s["bidirectional"], w_c, w_b, 2),
+            np.nanmean(s["causal"] * keep, (1, 2))[:, None],
+            np.nanmean(s["bidirectional"] * keep, (1, 2))[:, None],
+            np.nanmean((s["causal"] - s["bidirectional"]) * keep, (1, 2))[:, None],
         ], 1),
         n_boot=n_boot, seed=seed, level=level,
     )
@@ -121,7 +145,7 @@ def decomposition_inference(
         pvalue_resid=null_resid.pvalues, qvalue_resid=fdr_resid.qvalues,
         significant_resid=fdr_resid.significant,
         sink=sink_interval(causal, n_boot=n_boot, level=level, seed=seed),
-        level=level, fdr_level=fdr_level, n_boot=n_boot,
+        level=level, fdr_level=fdr_level, n_boot=n_boot, degenerate=degenerate,
     )
 
 

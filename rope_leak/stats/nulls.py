@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from rope_leak.engine.statistics import CellStatistics
+from rope_leak.engine.statistics import TargetStatistics
 from rope_leak.stats.projection import BucketProjection, _safe_ratio, absolute_basis
 
 
@@ -61,7 +61,7 @@ def _exceeds(null: np.ndarray, observed: np.ndarray) -> np.ndarray:
 
 
 def signflip_null(
-    stats: CellStatistics, n_flips: int = 2000, seed: int = 0, keep_null: bool = False,
+    stats: TargetStatistics, n_flips: int = 2000, seed: int = 0, keep_null: bool = False,
     batch_size: int = 500,
 ) -> NullResult:
     """Sign-flip p-values of the debiased share, per head (``observed`` = debiased share)."""
@@ -105,7 +105,7 @@ def diagonal_permutations(stats_or_design, n_perm: int, rng: np.random.Generator
 
 
 def permutation_null(
-    stats: CellStatistics, n_perm: int = 200, seed: int = 0, keep_null: bool = False,
+    stats: TargetStatistics, n_perm: int = 200, seed: int = 0, keep_null: bool = False,
 ) -> NullResult:
     """Within-diagonal permutation p-values of the cross-fitted share, per head."""
     design = stats.design

@@ -3,12 +3,10 @@ engine of the bootstrap, the nulls and the debiased share.
 
 For cell-mean vectors ``c`` (per cell, mean over prompts) let ``D = H_abs - H_rel`` be
 the difference of the hat matrices of ``M_abs`` and ``M_rel`` (an orthogonal projection,
-since the models are nested). With ``u = X^T c`` (what ``xty / N`` holds),
-``<D c, D c'> = u^T K u'`` where ``K = G^+ - R`` (``G = X^T X``; ``R`` = diagonal
-inverse offset counts on the offset columns). Restricted to ``range(G)`` (where every
-``u`` lives) ``K`` is positive semi-definite with rank ``rank(X_abs) - rank(X_rel)``
-(about ``2 n``), so ``K = W W^T`` and every head's absolute-position content of a
-bucket is the short vector ``z_g = W^T xty_g``.
+since the models are nested). Every head's absolute-position content of a bucket is the
+short vector ``z_g`` of :class:`~rope_leak.metrics.position_models.AbsoluteProjector`
+(about ``2 n`` numbers, from the bucket's ``X^T y``), with ``z_g . z_g' = <D S_g, D S_g'>``
+for the bucket sums ``S``.
 
 Cross-fitted share of direction ``a -> b`` (fit on fold ``a``, score on ``b``), exactly
 ``R²_abs - R²_rel`` of :func:`rope_leak.metrics.shares.fit_shares`:
@@ -25,36 +23,20 @@ statistics), so thousands of bootstrap weight vectors cost well under a second.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from rope_leak.engine.pairs import PairDesign
-from rope_leak.engine.statistics import CellStatistics
-from rope_leak.metrics.shares import _gram_pinv, _matmul
+from rope_leak.engine.statistics import TargetStatistics
+from rope_leak.metrics.position_models import absolute_projector
 
 
-@lru_cache(maxsize=16)
 def absolute_basis(design: PairDesign) -> np.ndarray:
-    """``W`` (``[column, rank]``) with ``W W^T = K`` on ``range(X^T X)``: ``||W^T X^T c||²
-    = ||(H_abs - H_rel) c||²`` for any cell vector ``c``."""
-    import torch
-
-    gram = design.gram
-    pinv = _gram_pinv(design)
-    rel = design.relative_columns
-    k = pinv.copy()
-    k[rel, rel] -= np.diag(1.0 / np.diag(gram)[rel])
-    proj = gram @ pinv  # projector onto range(G)
-    k = proj @ k @ proj.T
-    k = 0.5 * (k + k.T)
-    # torch's eigh: numpy's BLAS pool contends with torch's threads (see shares._matmul)
-    eigval, eigvec = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(k)))
-    tol = np.abs(eigval).max() * 1e-9
-    if eigval.min() < -tol * 1e3:
-        raise FloatingPointError("absolute-position form is not positive semi-definite.")
-    keep = eigval > tol
-    return eigvec[:, keep] * np.sqrt(eigval[keep])
+    """``W`` (``[column, rank]``, dense) with ``W^T X^T c`` the absolute-position
+    coordinates of cell vector ``c`` (``||W^T X^T c||² = ||(H_abs - H_rel) c||²``). Built
+    by projecting unit vectors: ``O(n^2)`` memory, for small designs (the permutation
+    null); the streaming fits use :class:`AbsoluteProjector` directly."""
+    return absolute_projector(design).project(np.eye(design.n_columns))
 
 
 @dataclass
@@ -76,16 +58,14 @@ class BucketProjection:
     n_cells: int
 
     @classmethod
-    def from_statistics(cls, stats: CellStatistics) -> BucketProjection:
+    def from_statistics(cls, stats: TargetStatistics) -> BucketProjection:
         """The projection of ``stats`` (computed once per statistics object and kept on it:
         the inference, the split and the BOS tables all start from it)."""
         cached = getattr(stats, "_bucket_projection", None)
         if cached is not None and cached[0] is stats.xty:
             return cached[1]
         design = stats.design
-        w = absolute_basis(design)
-        g, n_l, n_h, n_c = stats.xty.shape
-        z = _matmul(stats.xty.reshape(-1, n_c), w).reshape(g, n_l, n_h, w.shape[1])
+        z = absolute_projector(design).project(stats.xty)
         total = stats.xty[..., design.relative_columns].sum(-1)
         out = cls(z, total, stats.sumsq.astype(float), stats.count.astype(float), design.n_cells)
         stats._bucket_projection = (stats.xty, out)
@@ -152,17 +132,10 @@ class BucketProjection:
     def debiased_share(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Unbiased-numerator share ``[B, layer, head]`` (see :mod:`rope_leak.stats.debias`).
 
-        Weights are multiplicities; copies of a bucket count as distinct draws, so only
-        each draw's pairing with itself is left out of the U-statistic."""
+        Weights are multiplicities; copies of a bucket never pair with each other (their
+        noise is shared), as in :func:`pair_products`."""
         weights = self._weights(weights)
-        products = self.bucket_products()
-        self_sq = np.einsum("lhgg->glh", products)  # [bucket, layer, head]
-        cross = _quadratic(weights, products, weights) - np.einsum("bg,glh->blh", weights, self_sq)
-        n = weights @ self.count
-        pairs = n**2 - weights @ self.count**2
-        if np.any(pairs <= 0):
-            raise ValueError("the debiased share needs prompts in at least two buckets.")
-        return _safe_ratio(cross / pairs[:, None, None], self.per_prompt_sst(weights))
+        return _safe_ratio(pair_products(self, self, weights), self.per_prompt_sst(weights))
 
     def per_prompt_sst(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Total sum of squares over the scored cells per prompt, ``[B, layer, head]``:
@@ -182,6 +155,22 @@ class BucketProjection:
         if weights.shape[1] != self.n_buckets:
             raise ValueError(f"weights need {self.n_buckets} columns, got {weights.shape[1]}.")
         return weights
+
+
+def pair_products(a: BucketProjection, b: BucketProjection, weights: np.ndarray) -> np.ndarray:
+    """U-statistic of the per-prompt ``<D mu_a, D mu_b>`` per head, ``[B, layer, head]``,
+    for bucket weights ``[B, bucket]`` (multiplicities). Only pairs of distinct buckets
+    enter: copies of a bucket in a bootstrap draw never pair with each other, since their
+    noise is shared and pairing them would bring back the bias the U-statistic removes."""
+    weights = np.asarray(weights, dtype=float)
+    products = a.bucket_products(b)  # [layer, head, g, g']
+    self_terms = np.einsum("bg,lhgg->blh", weights**2, products)
+    n = weights @ a.count
+    pairs = n**2 - weights**2 @ a.count**2
+    if np.any(pairs <= 0):
+        raise ValueError("this estimate needs prompts in at least two buckets. Fix: use at "
+                         "least 4 prompts (64 recommended).")
+    return (_quadratic(weights, products, weights) - self_terms) / pairs[:, None, None]
 
 
 def _bucket_gram(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
