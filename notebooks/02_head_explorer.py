@@ -45,7 +45,7 @@ pio.renderers.default = "plotly_mimetype+notebook"
 torch.set_grad_enabled(False)
 settings = explore.notebook_settings(default_prompts=16, default_tokens=64)
 model, tokens = explore.load_notebook_model(settings)
-analysis = analyze(model, tokens, progress=False)
+analysis = analyze(model, tokens, progress=False, cell_maps=True)  # per-cell maps for the heat maps
 print("settings:", settings.to_dict())
 analysis.top_heads(8).round(4)
 

@@ -256,3 +256,27 @@ def test_allocator_keeps_freed_memory_so_a_second_pass_does_not_fault():
     assert not applied
 
 
+
+
+def test_torch_path_copies_nothing_to_the_host_per_batch(tiny_model, tiny_tokens, monkeypatch):
+    """The accumulators of the torch path (the GPU path) stay on the model's device: no
+    .cpu(), .numpy(), .item() or .tolist() during the batches; one transfer at the end."""
+    from rope_leak.engine.run import ConditionRun
+
+    run = ConditionRun(tiny_model, PairDesign(PairSpec(), tiny_tokens.shape[1]), TARGETS, 4,
+                       unmasked=True)
+    run.acc.use_kernel = False
+    calls = []
+    for name in ("cpu", "numpy", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for start in range(0, 12, 4):
+        run.run_batch(tiny_tokens[start:start + 4], torch.arange(start, start + 4))
+    assert calls == []
+    stats = run.statistics("causal")  # the one transfer
+    assert calls and stats.targets["pattern"].n_prompts == 12
