@@ -186,6 +186,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
+    from rope_leak.engine.allocator import tune_allocator
+
+    tune_allocator()  # as the rope-leak command line does; both timed paths share it
     if a.memory_child:
         return memory_child(*a.memory_child, a.batch_size)
     if a.quick:

@@ -20,9 +20,9 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name
 
 from rope_leak.engine.accumulate import LayerAccumulator
-from rope_leak.engine.allocator import retain_freed_memory
 from rope_leak.engine.pairs import PairDesign, PairSpec
 from rope_leak.engine.statistics import (
     TARGETS,
@@ -33,6 +33,7 @@ from rope_leak.engine.statistics import (
 )
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.models.bridge import is_bridge, layer_kinds, window_size
+from rope_leak.models.requirements import require_rope
 
 Condition = Callable[[HookedTransformer], ContextManager]
 """A condition is a callable ``model -> context manager`` (an intervention)."""
@@ -60,9 +61,9 @@ class ConditionRun:
         n_layers = self.model.cfg.n_layers
         hooks: list[tuple[str, Callable]] = []
         for layer in range(n_layers):
-            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", self._scores_hook(layer)))
-            hooks.append((f"blocks.{layer}.hook_resid_pre", self._resid_hook))
-        hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", self._resid_hook))
+            hooks.append((get_act_name("attn_scores", layer), self._scores_hook(layer)))
+            hooks.append((get_act_name("resid_pre", layer), self._resid_hook))
+        hooks.append((get_act_name("resid_post", n_layers - 1), self._resid_hook))
         return hooks
 
     def _scores_hook(self, layer: int) -> Callable:
@@ -172,8 +173,8 @@ def run_statistics(
             statistics identical to an uninterrupted run's (same batches, same order of
             float64 additions). The caller removes the file once its results are written.
     """
+    require_rope(model, "run_statistics")
     tokens = check_tokens(model, tokens)
-    retain_freed_memory()
     conditions = dict(DEFAULT_CONDITIONS if conditions is None else conditions)
     if not conditions:
         raise ValueError("no conditions to run.")
