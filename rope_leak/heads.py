@@ -75,8 +75,7 @@ def _check_layer(layer: int, n_layers: int) -> int:
 
 
 def _check_head(layer: int, head: int, n_layers: int, n_heads: int) -> tuple[int, int]:
-    _check_layer(layer, n_layers)
-    if not 0 <= head < n_heads:
+    if not (0 <= layer < n_layers and 0 <= head < n_heads):
         raise HeadSpecError(
             f"head {head_label(layer, head)} does not exist: the model has heads 0..{n_heads - 1} "
             f"in {_layer_range(n_layers)}. Fix: pass a head in that range."
