@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import einops
 import numpy as np
 import pandas as pd
 import torch
@@ -93,12 +94,13 @@ class Fingerprint(Displayable):
 
     def features(self, kind: str) -> np.ndarray:
         """``[prompt, feature]`` for ``kind`` in :data:`FEATURE_KINDS`."""
+        flat = "prompt head d_model -> prompt (head d_model)"
         if kind == "fingerprint":
-            return self.value.reshape(len(self.value), -1)
+            return einops.rearrange(self.value, flat)
         if kind == "written":
-            return self.written.reshape(len(self.value), -1)
+            return einops.rearrange(self.written, flat)
         if kind == "control_value":
-            return self.control_value.reshape(len(self.value), -1)
+            return einops.rearrange(self.control_value, flat)
         if kind == "control_resid":
             return self.control_resid
         raise ValueError(f"unknown feature kind {kind!r}; choose from {FEATURE_KINDS}.")
