@@ -110,6 +110,8 @@ def report_inference(analysis) -> float:
 
 def common_way(model, tokens, batch_size: int) -> tuple[float, dict]:
     """Cache every score and pattern, then fit each head by numpy lstsq on per-pair rows."""
+    from transformer_lens.utilities import get_act_name
+
     from rope_leak.engine.pairs import PairDesign, PairSpec
     from rope_leak.engine.run import DEFAULT_CONDITIONS
 
@@ -129,8 +131,8 @@ def common_way(model, tokens, batch_size: int) -> tuple[float, dict]:
                 _, cache = model.run_with_cache(tokens[start:start + batch_size], names_filter=names)
             caches.append(cache)
         for layer in range(n_layers):
-            s = torch.cat([c[f"blocks.{layer}.attn.hook_attn_scores"] for c in caches]).double()
-            pattern = torch.cat([c[f"blocks.{layer}.attn.hook_pattern"] for c in caches]).double()
+            s = torch.cat([c[get_act_name("attn_scores", layer)] for c in caches]).double()
+            pattern = torch.cat([c[get_act_name("pattern", layer)] for c in caches]).double()
             values = {"pattern": pattern, "log_pattern": s - torch.logsumexp(s, -1, keepdim=True),
                       "scores": s}
             for target, y in values.items():
@@ -186,6 +188,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
+    from rope_leak.engine.allocator import tune_allocator
+
+    tune_allocator()  # as the rope-leak command line does; both timed paths share it
     if a.memory_child:
         return memory_child(*a.memory_child, a.batch_size)
     if a.quick:

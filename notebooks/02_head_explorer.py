@@ -20,6 +20,8 @@
 # * how well the offset `i - j` alone explains it (`M_rel`) against offset plus absolute
 #   query and key position (`M_abs`): residual heat maps over the `(i, j)` cells;
 # * its sink score (mean attention to key 0);
+# * its fitted absolute-position profiles: `M_abs` is `a[i - j] + b[i] + c[j]`, and
+#   `analysis.head(l, h)` returns `b[i]` (query) and `c[j]` (key) with the shares;
 # * what replacing the token at position 0 does to it (its pattern, its sink score and its
 #   output at later positions).
 #
@@ -33,19 +35,19 @@
 
 # %%
 import os
-import re
 
+import plotly.graph_objects as go
 import plotly.io as pio
 import torch
 
 from rope_leak import explore, plots
-from rope_leak.analysis import analyze, head_label
+from rope_leak.analysis import analyze
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.set_grad_enabled(False)
 settings = explore.notebook_settings(default_prompts=16, default_tokens=64)
 model, tokens = explore.load_notebook_model(settings)
-analysis = analyze(model, tokens, progress=False, cell_maps=True)  # per-cell maps for the heat maps
+analysis = analyze(model, tokens, cell_maps=True)  # per-cell maps for the heat maps
 print("settings:", settings.to_dict())
 analysis.top_heads(8).round(4)
 
@@ -53,16 +55,15 @@ analysis.top_heads(8).round(4)
 # ## Choose a head
 
 # %%
-choice = os.environ.get("ROPE_LEAK_HEAD")
+choice = os.environ.get("ROPE_LEAK_HEAD")  # e.g. "L3H1"; checked against the model by analysis.head
 if choice:
-    match = re.fullmatch(r"L(\d+)H(\d+)", choice.strip())
-    if not match:
-        raise ValueError(f"ROPE_LEAK_HEAD={choice!r}: write it like L3H1.")
-    LAYER, HEAD = int(match.group(1)), int(match.group(2))
+    chosen = analysis.head(choice.strip())
 else:
-    top = analysis.heads().nlargest(1, f"{analysis.target}_L_total").iloc[0]
-    LAYER, HEAD = int(top["layer"]), int(top["head"])
-print("HEAD:", head_label(LAYER, HEAD))
+    top = analysis.heads().nlargest(1, f"{analysis.target}_L_total_crossfit").iloc[0]
+    chosen = analysis.head(int(top["layer"]), int(top["head"]))
+LAYER, HEAD = chosen.layer, chosen.head
+print("HEAD:", chosen.label)
+chosen  # a small table in a notebook
 
 # %%
 # Position 0 is replaced by another token's embedding: the second token of the first prompt.
@@ -71,13 +72,19 @@ OTHER_TOKEN = int(tokens[0, 1]) if int(tokens[0, 1]) != int(tokens[0, 0]) else i
 
 def show_head(layer: int, head: int) -> dict:
     """All figures and numbers for one head."""
-    label = head_label(layer, head)
-    row = analysis.heads().set_index("label").loc[label]
-    t = analysis.target
-    print(f"{label}: L_total = {row[f'{t}_L_total']:.4f}, L_resid = {row[f'{t}_L_resid']:.4f}, "
-          f"L_mask = {row[f'{t}_L_mask']:.4f} (ΔR² of {t}); R²(M_rel) = {row[f'{t}_causal_r2_rel']:.3f}, "
-          f"R²(M_abs) = {row[f'{t}_causal_r2_abs']:.3f}; sink score = {row['sink_score']:.3f}"
-          f"{' (sink head)' if row['sink_head'] else ''}")
+    one = analysis.head(layer, head)
+    label, n, t = one.label, one.numbers, analysis.target
+    print(f"{label}: L_total = {n['L_total_debiased']:.4f} [{n['L_total_ci_low']:.4f}, "
+          f"{n['L_total_ci_high']:.4f}], L_resid = {n['L_resid_debiased']:.4f}, "
+          f"L_mask = {n['L_mask_debiased']:.4f} (debiased ΔR² of {t}; cross-fitted L_total "
+          f"{n[f'{t}_L_total_crossfit']:.4f}); R²(M_rel) = {n[f'{t}_causal_r2_rel']:.3f}, "
+          f"R²(M_abs) = {n[f'{t}_causal_r2_abs']:.3f}; sink score = {n['sink_score']:.3f}"
+          f"{' (sink head)' if n['sink_head'] else ''}")
+    go.Figure(
+        [go.Scatter(x=one.b.index, y=one.b.values, name="b[i] (query)"),
+         go.Scatter(x=one.c.index, y=one.c.values, name="c[j] (key)")],
+        layout={"title": f"{label}: absolute-position profiles of M_abs ({t}, causal)",
+                "xaxis_title": "position", "yaxis_title": "coefficient"}).show()
 
     causal = explore.head_patterns(model, tokens, layer, "causal")[head].numpy()
     bidir = explore.head_patterns(model, tokens, layer, "bidirectional")[head].numpy()

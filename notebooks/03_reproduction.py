@@ -14,7 +14,7 @@
 # %% [markdown]
 # # Reproduction: decomposition and BOS interventions
 #
-# The full measurement of DESIGN.md §2 on one model, printed as tables the way a paper
+# The full measurement (`docs/method.md`) on one model, printed as tables the way a paper
 # would, and the shareable HTML report:
 #
 # * **Table 1** — model-level absolute-position share and its split into causal mask and

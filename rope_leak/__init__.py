@@ -4,33 +4,44 @@ The top-level names are the ones a session needs::
 
     model = load_model("smollm2-135m")
     corpus = load_corpus(model, "wikipedia", n_prompts=64, n_tokens=256)
-    analysis = analyze(model, corpus.tokens)
+    analysis = analyze(model, corpus)
+    analysis.head("L3H1")
 """
 
 __version__ = "0.1.0"
 
 from rope_leak.analysis import Analysis, analyze
 from rope_leak.corpus import Corpus, load_corpus
+from rope_leak.engine.allocator import tune_allocator
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics
+from rope_leak.heads import HeadSpecError, head_label, normalize_heads, normalize_layers
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.models import load_hf_model, load_model, tiny_rope_model
+from rope_leak.models.requirements import NotRoPEModelError, require_rope
 from rope_leak.results import save_analysis
 
 __all__ = [
     "Analysis",
     "Corpus",
+    "HeadSpecError",
+    "NotRoPEModelError",
     "PairSpec",
     "RunStatistics",
     "analyze",
     "bidirectional",
+    "head_label",
     "load_corpus",
     "load_hf_model",
     "load_model",
+    "normalize_heads",
+    "normalize_layers",
     "replace_position_zero",
+    "require_rope",
     "run_statistics",
     "save_analysis",
     "tiny_rope_model",
+    "tune_allocator",
 ]

@@ -1,9 +1,23 @@
 """The main analysis: stream a corpus under the causal and bidirectional masks, fit every
 head's absolute-position share for each target, and decompose it.
 
-``analyze(model, corpus)`` returns an :class:`Analysis` whose tables are pandas
-DataFrames and whose ``save(out_dir)`` writes ``results.json``, ``heads.csv``,
-``layers.csv``, the merged-able ``statistics.npz`` and ``report.html``.
+``analyze(model, corpus)`` (a :class:`rope_leak.Corpus` or a ``[prompt, pos]`` token
+tensor) returns an :class:`Analysis` whose tables are pandas DataFrames,
+``analysis.head("L3H1")`` one head's numbers and fitted profiles, and whose
+``save(out_dir)`` writes ``results.json``, ``heads.csv``, ``layers.csv``, the mergeable
+``statistics.npz`` and ``report.html``.
+
+Two estimators of each share appear, and every name says which:
+
+* **debiased** (``*_debiased``, with bootstrap CIs): the headline numbers
+  (:mod:`rope_leak.stats.inference`);
+* **cross-fitted** (``*_crossfit``; :meth:`Analysis.decomposition`): the definition,
+  biased low at realistic prompt counts.
+
+``summary()["L_total"]`` etc. and the ``{target}_L_total`` columns of ``heads()`` are the
+earlier, unqualified names (debiased and cross-fitted respectively), kept so existing
+code and reports keep working; prefer the qualified ones. ``docs/method.md`` has the
+definitions.
 """
 
 from __future__ import annotations
@@ -12,19 +26,26 @@ import hashlib
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
+from rope_leak.display import Displayable
 from rope_leak.engine.statistics import TARGETS, RunStatistics
+from rope_leak.head_result import HeadResult
+from rope_leak.heads import head_label, normalize_head
 from rope_leak.metrics.decomposition import Decomposition
+from rope_leak.metrics.profiles import abs_profiles
 from rope_leak.metrics.shares import ShareFit, fit_shares
 from rope_leak.metrics.sinks import SINK_THRESHOLD, position_zero_profile, sink_heads, sink_scores
 from rope_leak.metrics.split import RenormalisationSplit, renormalisation_split
+from rope_leak.models.requirements import require_rope
 from rope_leak.stats.inference import DecompositionInference, decomposition_inference
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")
@@ -40,13 +61,12 @@ class MissingBOSWarning(UserWarning):
     """``analyze(..., on_missing_bos="warn")`` on prompts without the model's BOS."""
 
 
-def head_label(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
+@dataclass(repr=False)
+class Analysis(Displayable):
+    """Fitted shares, decomposition and sinks of one model on one corpus.
 
-
-@dataclass
-class Analysis:
-    """Fitted shares, decomposition and sinks of one model on one corpus."""
+    ``progress``: show progress bars for the slow steps (bootstrap CIs, the ablation-free
+    split's bootstrap), which run on the first call that needs them."""
 
     statistics: RunStatistics
     target: str = "pattern"
@@ -57,6 +77,7 @@ class Analysis:
     #: Everything :func:`analyze` was given (settings, model and token fingerprints), for
     #: ``results.json``; empty for an Analysis built by hand.
     inputs: dict = field(default_factory=dict)
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in REPORTED_TARGETS:
@@ -107,6 +128,8 @@ class Analysis:
         }
 
     def decomposition(self, target: str | None = None) -> Decomposition:
+        """The *cross-fitted* components per head (``L_total``, ``L_resid``, ``L_mask``);
+        the debiased ones with CIs are in :meth:`inference`."""
         target = target or self.target
         return Decomposition.from_fits(self.fits["causal", target], self.fits["bidirectional", target])
 
@@ -115,7 +138,11 @@ class Analysis:
         causal = self.statistics.conditions["causal"]
         if "renormalisation" not in causal.targets:
             return None
-        return renormalisation_split(causal, n_boot=self.n_boot, seed=self.seed)
+        with tqdm(total=1, desc=f"renormalisation split ({self.n_boot} bootstrap resamples)",
+                  disable=not self.progress, leave=False) as bar:
+            split = renormalisation_split(causal, n_boot=self.n_boot, seed=self.seed)
+            bar.update()
+        return split
 
     @cached_property
     def _inferences(self) -> dict[str, DecompositionInference]:
@@ -127,10 +154,13 @@ class Analysis:
         target = target or self.target
         if target not in self._inferences:
             conditions = self.statistics.conditions
-            self._inferences[target] = decomposition_inference(
-                conditions["causal"], conditions["bidirectional"], target,
-                n_boot=self.n_boot, seed=self.seed,
-            )
+            with tqdm(total=1, desc=f"bootstrap CIs of {target} ({self.n_boot} resamples)",
+                      disable=not self.progress, leave=False) as bar:
+                self._inferences[target] = decomposition_inference(
+                    conditions["causal"], conditions["bidirectional"], target,
+                    n_boot=self.n_boot, seed=self.seed,
+                )
+                bar.update()
         return self._inferences[target]
 
     def diagnostics(self) -> pd.DataFrame:
@@ -194,7 +224,11 @@ class Analysis:
 
     # -- tables --------------------------------------------------------------------
     def heads(self) -> pd.DataFrame:
-        """One row per head: components for every target, R² of every model, sinks."""
+        """One row per head: components for every target, R² of every model, sinks.
+
+        ``L_*_debiased`` / ``_ci_low`` / ``_ci_high``: debiased shares of the headline
+        target with CIs; ``{target}_L_*_crossfit``: cross-fitted shares of every target
+        (``{target}_L_*`` without the suffix: the same values, under their earlier name)."""
         layers, heads = np.meshgrid(np.arange(self.n_layers), np.arange(self.n_heads), indexing="ij")
         table = pd.DataFrame({
             "layer": layers.ravel(),
@@ -203,9 +237,9 @@ class Analysis:
         })
         for target in self.targets:
             dec = self.decomposition(target)
-            table[f"{target}_L_total"] = dec.total.ravel()
-            table[f"{target}_L_resid"] = dec.resid.ravel()
-            table[f"{target}_L_mask"] = dec.mask.ravel()
+            for name, values in (("L_total", dec.total), ("L_resid", dec.resid), ("L_mask", dec.mask)):
+                table[f"{target}_{name}_crossfit"] = values.ravel()
+                table[f"{target}_{name}"] = values.ravel()  # earlier name of the same column
             for condition in CONDITIONS:
                 fit = self.fits[condition, target]
                 prefix = f"{target}_{condition}"
@@ -245,7 +279,12 @@ class Analysis:
         return table
 
     def layers(self, target: str | None = None) -> pd.DataFrame:
+        """Per-layer means and composition: ``*_crossfit`` cross-fitted (``L_total`` etc.
+        without a suffix: the same values, earlier names), ``*_debiased`` with CIs for the
+        headline target, and the ablation-free split."""
         table = self.decomposition(target).layer_table()
+        for name in ("L_total", "L_resid", "L_mask", "composition"):  # qualified names first
+            table.insert(table.columns.get_loc(name), f"{name}_crossfit", table[name])
         table.insert(1, "target", target or self.target)
         table["sink_heads"] = (self.sink_scores() > self.sink_threshold).sum(1)
         if (target or self.target) == self.target:
@@ -274,17 +313,66 @@ class Analysis:
                 "L_resid_debiased", "L_mask_debiased", f"{self.target}_L_total", "sink_score"]
         return self.heads().nlargest(k, col)[cols].reset_index(drop=True)
 
+    def head(self, layer, head: int | None = None, *, condition: str = "causal",
+             target: str | None = None) -> HeadResult:
+        """One head: ``analysis.head(3, 1)``, ``analysis.head("L3H1")`` or ``analysis.head((3, 1))``.
+
+        Returns a :class:`rope_leak.head_result.HeadResult` with the head's row of
+        :meth:`heads` (debiased shares with CIs, cross-fitted shares, R², sink score, flags)
+        and its fitted ``M_abs`` profiles ``a[d]``, ``b[i]``, ``c[j]`` for ``target``
+        (default: the headline target) under ``condition`` (``"causal"`` or ``"bidirectional"``).
+        """
+        spec = layer if head is None else (layer, head)
+        l, h = normalize_head(spec, (self.n_layers, self.n_heads))
+        target = target or self.target
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
+        if target not in self.targets:
+            raise ValueError(f"target must be one of {self.targets}, got {target!r}.")
+        row = self.heads().iloc[l * self.n_heads + h].copy()
+        row.name = head_label(l, h)
+        stats = self.statistics.conditions[condition].targets[target]
+        return HeadResult(l, h, target, condition, row, abs_profiles(stats, l, h))
+
+    def save(self, out_dir, *, overwrite: bool = False, **options) -> Path:
+        """Write ``results.json``, ``heads.csv``, ``layers.csv``, ``statistics.npz`` and
+        ``report.html`` into ``out_dir`` (see :func:`rope_leak.results.save_analysis` for
+        ``options``, e.g. ``statistics=False`` to skip the large statistics file)."""
+        from rope_leak.results import save_analysis
+
+        return save_analysis(self, out_dir, overwrite=overwrite, **options)
+
+    def _display_items(self):
+        model = self.inputs.get("model", {})
+        first = next(iter(self.statistics.conditions["causal"].targets.values()))
+        items = [("model", model.get("name", "?")),
+                 ("heads", f"{self.n_layers} layers x {self.n_heads} heads"),
+                 ("prompts", f"{self.n_prompts} x {first.design.n_tokens} tokens"),
+                 ("target", self.target)]
+        dec = self.decomposition()
+        items.append(("composition_crossfit", round(dec.composition(), 4)))
+        if self.target in self._inferences:  # only what is already computed: a repr stays cheap
+            comp = self._inferences[self.target].composition
+            items.append(("composition_debiased",
+                          f"{float(comp.estimate):.3f} [{float(comp.low):.3f}, {float(comp.high):.3f}]"))
+        items.append(("sink_heads", len(self.sink_heads())))
+        return items
+
     def summary(self) -> dict:
-        """Headline numbers. The components and composition are the *debiased* estimates with
-        bootstrap CIs (robust at realistic prompt counts); the cross-fitted shares of the
-        definition are under ``crossfit`` (means are sensitive to near-constant heads, so
-        medians are given too)."""
+        """Headline numbers. ``L_total_debiased``, ``L_resid_debiased``, ``L_mask_debiased``
+        (means over heads) and ``composition_debiased``, each with ``..._ci``, are the
+        *debiased* estimates with bootstrap CIs (robust at realistic prompt counts);
+        ``L_total`` etc. without the suffix are the same numbers under their earlier names.
+        The cross-fitted shares of the definition are under ``crossfit`` (means are
+        sensitive to near-constant heads, so medians are given too)."""
         inf = self.inference().summary()
         out = {"target": self.target, "n_prompts": self.n_prompts, "estimator": inf["share_estimator"]}
         for key in ("composition", "L_total", "L_resid", "L_mask"):
             name = key if key == "composition" else f"{key}_mean"
-            out[key] = inf[name]
-            out[f"{key}_ci"] = inf[f"{name}_ci"]
+            out[f"{key}_debiased"] = out[key] = inf[name]
+            out[f"{key}_debiased_ci"] = out[f"{key}_ci"] = inf[f"{name}_ci"]
+        out["estimators"] = ("*_debiased: debiased shares (headline; unsuffixed keys are the same); "
+                             "crossfit: cross-fitted shares of the definition")
         out["composition_aggregation"] = (
             "sum over heads of L_mask / sum over heads of (L_mask + L_resid), debiased shares"
         )
@@ -380,7 +468,7 @@ def check_bos(model: HookedTransformer, tokens: Tensor, on_missing_bos: str = "e
 
 def analyze(
     model: HookedTransformer,
-    tokens: Tensor,
+    tokens,
     *,
     target: str = "pattern",
     spec: PairSpec = PairSpec(),
@@ -398,7 +486,8 @@ def analyze(
     checkpoint_seconds: float = 0.0,
     cell_maps: bool = False,
 ) -> Analysis:
-    """Run the full decomposition of ``model`` on ``tokens`` (``[prompt, pos]``).
+    """Run the full decomposition of ``model`` on ``tokens``: a :class:`rope_leak.Corpus`
+    (from :func:`rope_leak.load_corpus`) or a ``[prompt, pos]`` token tensor.
 
     One forward pass per batch and condition (causal, bidirectional) accumulates all
     targets at once; see :func:`rope_leak.engine.run.run_statistics` (also for
@@ -409,11 +498,20 @@ def analyze(
     prompts lack it (see :func:`check_bos`): ``"error"`` (default, :class:`MissingBOSError`),
     ``"warn"`` or ``"ignore"``.
 
+    ``progress``: progress bars for the forward passes, and later for the bootstrap CIs
+    (``Analysis.progress``).
+
     Raises:
         ValueError: a bad target, fewer than 4 prompts, prompts longer than the model's
             context, or (``MissingBOSError``) prompts without the BOS the model expects.
+        NotRoPEModelError: the model has no rotary position embeddings.
         NonFiniteAttentionError: NaN or inf attention scores (names layer and head).
     """
+    require_rope(model, "analyze")
+    tokens = getattr(tokens, "tokens", tokens)  # a Corpus
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"analyze takes a Corpus or a [prompt, pos] token tensor, got "
+                        f"{type(tokens).__name__}. Fix: pass rope_leak.load_corpus(...) or its .tokens.")
     if target not in REPORTED_TARGETS:
         raise ValueError(f"target must be one of {REPORTED_TARGETS}, got {target!r}.")
     if len(tokens) < 4:
@@ -443,4 +541,4 @@ def analyze(
         "prompt_ids": prompt_ids,
     }
     return Analysis(stats, target=target, sink_threshold=sink_threshold, n_boot=n_boot, seed=seed,
-                    inputs=inputs)
+                    inputs=inputs, progress=progress)

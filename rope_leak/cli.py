@@ -408,6 +408,9 @@ COMMANDS = {"analyze": run_analyze, "compare": run_compare, "sinks": run_sinks, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from rope_leak.engine.allocator import tune_allocator
+
+    tune_allocator()  # process-wide malloc thresholds for long streaming passes (ROPE_LEAK_MALLOC=0: off)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

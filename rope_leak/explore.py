@@ -10,7 +10,7 @@ one head at a time (the streaming analysis itself lives in :mod:`rope_leak.analy
   relative: the denominator depends on the query position.
 * :func:`head_patterns`, :func:`head_cell_maps` — one head's mean pattern and its fits.
 * :func:`position_zero_patch` — what replacing position 0 does to one head.
-* :func:`bos_interventions` — the BOS-replacement table of DESIGN.md §2.
+* :func:`bos_interventions` — the BOS-replacement table (``docs/method.md``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,28 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rope_leak.engine.pairs import PairDesign, PairSpec
+from rope_leak.heads import normalize_head, normalize_layers
+from rope_leak.interventions.hooks import act_name
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.metrics.shares import cell_means, fitted_cells
+from rope_leak.models.requirements import require_rope
+
+CONDITIONS = ("causal", "bidirectional")
+
+
+def _check_condition(condition: str) -> str:
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition={condition!r} is not one of {CONDITIONS}. Fix: pass "
+                         "'causal' (the model's own mask) or 'bidirectional' (the ablation).")
+    return condition
+
+
+def _one_layer(model, layer) -> int:
+    layers = normalize_layers(layer, model)
+    if len(layers) != 1:
+        raise ValueError(f"layer={layer!r} names {len(layers)} layers; pass one layer.")
+    return layers[0]
 
 SMALL_ENV_VAR = "ROPE_LEAK_NOTEBOOK_SMALL"
 
@@ -101,7 +120,8 @@ def diagonal_spread(matrix: Float[Tensor, "q k"] | np.ndarray) -> np.ndarray:
 def rotated_dot_products(model: HookedTransformer, n: int = 32, layer: int = 0, seed: int = 0) -> np.ndarray:
     """``q_i . k_j`` for ONE fixed random query and key vector placed at every position and
     rotated by the model's own RoPE (``attn.apply_rotary``): ``[n, n]``."""
-    attn = model.blocks[layer].attn
+    require_rope(model, "rotated_dot_products")
+    attn = model.blocks[_one_layer(model, layer)].attn
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(model.cfg.d_head, generator=g)
     k = torch.randn(model.cfg.d_head, generator=g)
@@ -120,8 +140,12 @@ def repeated_token_scores(
     position, so the scores depend on ``i - j`` only; the pattern does not (causal
     denominator). Returns ``(scores, pattern)``, ``[n, n]``, masked entries as nan/0.
     """
+    require_rope(model, "repeated_token_scores")
+    layer, head = normalize_head((_one_layer(model, layer), head), model)
+    if not 0 <= int(token_id) < model.cfg.d_vocab:
+        raise ValueError(f"token_id={token_id} is outside the vocabulary 0..{model.cfg.d_vocab - 1}.")
     tokens = torch.full((1, n), int(token_id), dtype=torch.long)
-    names = [f"blocks.{layer}.attn.hook_attn_scores", f"blocks.{layer}.attn.hook_pattern"]
+    names = [act_name("attn_scores", layer), act_name("pattern", layer)]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
     scores = cache[names[0]][0, head].double().numpy().copy()
@@ -157,8 +181,12 @@ def head_patterns(
     layer: int,
     condition: str = "causal",
 ) -> Float[Tensor, "head q k"]:
-    """Mean attention pattern over prompts of every head of ``layer``."""
-    name = f"blocks.{layer}.attn.hook_pattern"
+    """Mean attention pattern over prompts of every head of ``layer`` (an int or ``"L3"``)
+    under ``condition`` (``"causal"`` or ``"bidirectional"``): ``[head, q, k]``."""
+    require_rope(model, "head_patterns")
+    layer = _one_layer(model, layer)
+    _check_condition(condition)
+    name = act_name("pattern", layer)
     ctx = bidirectional(model) if condition == "bidirectional" else _nullcontext()
     with torch.no_grad(), ctx:
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name)
@@ -181,10 +209,19 @@ def cells_to_grid(design: PairDesign, values: np.ndarray) -> np.ndarray:
     return grid
 
 
-def head_cell_maps(analysis, layer: int, head: int, condition: str = "causal", target: str | None = None) -> dict:
+def head_cell_maps(analysis, layer, head: int | None = None, condition: str = "causal",
+                   target: str | None = None) -> dict:
     """Observed cell means and the in-sample fits of ``M_rel`` and ``M_abs`` of one head,
-    as ``[n, n]`` query x key grids, plus the residuals the heat maps show."""
+    as ``[n, n]`` query x key grids, plus the residuals the heat maps show.
+    ``layer, head`` as in :meth:`rope_leak.Analysis.head` (``head_cell_maps(a, "L3H1")`` works too)."""
+    if head is None:
+        layer, head = normalize_head(layer, (analysis.n_layers, analysis.n_heads))
+    else:
+        layer, head = normalize_head((layer, head), (analysis.n_layers, analysis.n_heads))
+    _check_condition(condition)
     target = target or analysis.target
+    if target not in analysis.targets:
+        raise ValueError(f"target={target!r} is not one of {analysis.targets}.")
     stats = analysis.statistics.conditions[condition].targets[target]
     observed = cell_means(stats)[layer, head]
     rel = fitted_cells(stats, "rel")[layer, head]
@@ -205,8 +242,8 @@ def head_cell_maps(analysis, layer: int, head: int, condition: str = "causal", t
 def position_zero_patch(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
-    layer: int,
-    head: int,
+    layer,
+    head: int | None = None,
     replacement: str = "token",
     token_id: int | None = None,
 ) -> dict:
@@ -217,9 +254,11 @@ def position_zero_patch(
     residual stream from a run with another token there. Returns the mean patterns
     before/after (``[n, n]``), the sink scores, and the relative change of the head's
     output ``z`` at positions ``>= 1`` (``||z' - z|| / ||z||``, averaged over prompts and
-    positions).
+    positions). ``layer, head`` may also be given as one spec: ``position_zero_patch(m, t, "L3H1")``.
     """
-    names = [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_z"]
+    require_rope(model, "position_zero_patch")
+    layer, head = normalize_head(layer if head is None else (layer, head), model)
+    names = [act_name("pattern", layer), act_name("z", layer)]
     keep = lambda n: n in names  # noqa: E731
     with torch.no_grad():
         _, base = model.run_with_cache(tokens, names_filter=keep)
@@ -253,6 +292,7 @@ def bos_interventions(
     target: str = "pattern",
     interventions=None,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Replace the embedding at position 0 and re-measure at early queries (``i < early_queries``).
 
@@ -261,9 +301,13 @@ def bos_interventions(
     (``1 - L_resid / L_resid_baseline``) and the leakage relative to baseline
     (``L_total / L_total_baseline``). ``interventions`` = ``[(name, kwargs of
     replace_position_zero)]``; default: mean embedding, zeros, norm-matched noise, and
-    another token's embedding.
+    another token's embedding. ``progress``: a progress bar over the conditions.
     """
+    from tqdm.auto import tqdm
+
     from rope_leak.analysis import analyze
+
+    require_rope(model, "bos_interventions")
 
     n = tokens.shape[1]
     spec = PairSpec(max_query=min(early_queries, n))
@@ -272,22 +316,28 @@ def bos_interventions(
         interventions = [*DEFAULT_INTERVENTIONS, (f"token {other}", {"replacement": "token", "token_id": other})]
     rows = []
 
+    bar = tqdm(total=1 + len(interventions), desc="BOS interventions", disable=not progress)
+
     def measure(name):
+        bar.set_postfix_str(name)
         a = analyze(model, tokens, target=target, spec=spec, progress=False, batch_size=batch_size)
         s = a.decomposition(target).summary()
         rows.append({"condition": name, "L_total": s["L_total"], "L_resid": s["L_resid"],
                      "L_mask": s["L_mask"], "composition": s["composition"]})
+        bar.update()
 
-    measure("baseline")
-    for name, kwargs in interventions:
-        with replace_position_zero(model, **kwargs):
-            measure(name)
+    with bar:
+        measure("baseline")
+        for name, kwargs in interventions:
+            with replace_position_zero(model, **kwargs):
+                measure(name)
     table = pd.DataFrame(rows)
     base = table.iloc[0]
     with np.errstate(divide="ignore", invalid="ignore"):
         table["L_resid_removed"] = 1 - table["L_resid"] / base["L_resid"]
         table["leakage_vs_baseline"] = table["L_total"] / base["L_total"]
     table.attrs["early_queries"] = spec.label()
+    table.attrs["estimator"] = "cross-fitted shares"
     return table
 
 

@@ -1,4 +1,4 @@
-"""The catalogue of bad inputs (issue 7): every error a user can meet names the problem AND
+"""The catalogue of bad inputs: every error a user can meet names the problem AND
 the fix, and leaves nothing half-written (no partial result files in ``--out``, no
 temporary files in the cache or the output folder).
 

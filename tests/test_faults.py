@@ -219,7 +219,7 @@ def inject(fault: str, model, tokens, factories) -> None:
                 finally:
                     handle.remove()
     elif fault == "enter_error":
-        with pytest.raises(ValueError, match="layers \\[99\\] do not exist"):
+        with pytest.raises(ValueError, match="layer 99 does not exist"):
             with nested(model, factories) as stack:
                 stack.enter_context(bidirectional(model, layers=[99]))
                 pytest.fail("unreachable")

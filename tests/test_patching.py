@@ -1,5 +1,5 @@
-"""Per-head patching helpers (issue 3 point 6) and BOS interventions on the
-decomposition (point 5): each claim a test that fails when it is false."""
+"""Per-head patching helpers and BOS interventions on the
+decomposition: each claim a test that fails when it is false."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from jaxtyping import Int
 
 from rope_leak.corpus.document import Document
 from rope_leak.corpus.errors import CorpusError
+from rope_leak.display import Displayable
 from rope_leak.corpus.tokenize import encode_text, tokenizer_name
 
 __all__ = ["Corpus", "Document", "make_chunks", "corpus_sha256", "MIN_PROMPTS"]
@@ -38,8 +39,8 @@ MIN_PROMPTS = 4
 RECOMMENDED_PROMPTS = 64
 
 
-@dataclass
-class Corpus:
+@dataclass(repr=False)
+class Corpus(Displayable):
     """A batch of equal-length token prompts cut from documents, with its provenance.
 
     Attributes:
@@ -84,6 +85,14 @@ class Corpus:
 
     def __len__(self) -> int:
         return self.n_prompts
+
+    def _display_items(self) -> list[tuple[str, Any]]:
+        return [
+            ("source", str(self.source)), ("prompts", self.n_prompts), ("tokens", self.n_tokens),
+            ("documents_used", f"{self.n_documents_used} of {self.n_documents}"),
+            ("bos_token_id", self.bos_token_id), ("tokenizer", self.tokenizer), ("seed", self.seed),
+            ("sha256", self.sha256[:12] + "..." if self.sha256 else self.sha256),
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metadata for results.json (everything but the tokens)."""

@@ -11,8 +11,10 @@ Fixing the thresholds (the usual advice is jemalloc or tcmalloc through ``LD_PRE
 which a library cannot do after start-up) removes them.
 
 This is process-wide and, like any ``mallopt``, cannot be undone to the adaptive state,
-so rope_leak applies it once, at the first streaming pass, and only on glibc. Set
-``ROPE_LEAK_MALLOC=0`` to leave the allocator alone.
+so the library never does it by itself: call :func:`tune_allocator` (exported as
+``rope_leak.tune_allocator``) once, early, in a program that runs long streaming passes.
+The ``rope-leak`` command line does. It does nothing off glibc, and nothing when
+``ROPE_LEAK_MALLOC=0``.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ MMAP_THRESHOLD = 32 << 20  # glibc's maximum: smaller blocks come from the heap
 _applied: bool | None = None
 
 
-def retain_freed_memory() -> bool:
-    """Set glibc's trim and mmap thresholds once per process; True when they are set."""
+def tune_allocator() -> bool:
+    """Fix glibc's malloc trim and mmap thresholds for this process (see the module
+    docstring); True when they are set. Idempotent; a no-op off glibc or with
+    ``ROPE_LEAK_MALLOC=0``."""
     global _applied
     if _applied is not None:
         return _applied
@@ -47,3 +51,6 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         _applied = False
     return _applied
+
+
+retain_freed_memory = tune_allocator  # the earlier name

@@ -1,11 +1,16 @@
 """The fused CPU accumulation kernel (``_accumulate.c``): compiled on first use, cached.
 
-Built with the system C compiler (``$CC``, else ``cc``/``gcc``) into the rope_leak cache
-folder, keyed by the source's sha256, the platform and the compiler, and called through
+Built with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) with portable
+flags (``-O3``, no ``-march=native``: the library runs on any CPU of the same
+architecture, so a cache folder shared between machines is safe) into the rope_leak
+cache folder (``~/.cache/rope_leak/kernels``, or ``$ROPE_LEAK_CACHE``), keyed by the
+source's sha256, the flags, the platform and the compiler, and called through
 ``ctypes`` (which releases the GIL, so row ranges run in parallel threads). No torch
-headers are needed, so the build takes about a second. When no compiler is available,
-or ``ROPE_LEAK_KERNEL=0``, :func:`load_kernel` returns None and the engine falls back
-to its pure-torch path (same statistics, slower on CPU).
+headers are needed, so the build takes about a second. ``ROPE_LEAK_KERNEL_FLAGS``
+replaces the flags (e.g. add ``-march=native`` for a build tuned to this CPU). When no
+compiler is available, the build fails, or ``ROPE_LEAK_KERNEL=0``, :func:`load_kernel`
+returns None and the engine falls back to its pure-torch path (same statistics, slower
+on CPU).
 """
 
 from __future__ import annotations
@@ -27,22 +32,11 @@ from rope_leak.cache import cache_dir, file_lock
 
 SOURCE = Path(__file__).with_name("_accumulate.c")
 KERNEL_ENV_VAR = "ROPE_LEAK_KERNEL"
-FLAGS = tuple(os.environ.get(
-    "ROPE_LEAK_KERNEL_FLAGS",
-    "-O3 -march=native -fopenmp-simd -fno-math-errno -fno-trapping-math -fassociative-math -fno-signed-zeros "
-    "-fPIC -shared -std=gnu99",
-).split())
-
-
-def _cpu_identity() -> str:
-    """CPU model and feature flags (the build uses -march=native, so the cached library
-    is only reused on the same kind of CPU)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
-    return "\n".join(keep)
+PORTABLE_FLAGS = (
+    "-O3 -fopenmp-simd -fno-math-errno -fno-trapping-math -fassociative-math -fno-signed-zeros "
+    "-fPIC -shared -std=gnu99"
+)
+FLAGS = tuple(os.environ.get("ROPE_LEAK_KERNEL_FLAGS", PORTABLE_FLAGS).split())
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -72,7 +66,7 @@ def load_kernel():
     if compiler is None:
         return None
     key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((FLAGS, platform.machine(), sys.platform, compiler, _cpu_identity())).encode()
+        SOURCE.read_bytes() + repr((FLAGS, platform.machine(), sys.platform, compiler)).encode()
     ).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"rl_accumulate_{key}.so"
     try:

@@ -22,10 +22,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.utils import get_act_name
+from transformer_lens.utilities import get_act_name
 
 from rope_leak.engine.accumulate import LayerAccumulator
-from rope_leak.engine.allocator import retain_freed_memory
 from rope_leak.engine.pairs import PairDesign, PairSpec
 from rope_leak.engine.statistics import (
     SPLIT_TARGETS,
@@ -38,6 +37,7 @@ from rope_leak.engine.statistics import (
 )
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.models.bridge import is_bridge, layer_kinds, window_size
+from rope_leak.models.requirements import require_rope
 
 Condition = Callable[[HookedTransformer], ContextManager]
 """A condition is a callable ``model -> context manager`` (an intervention)."""
@@ -273,8 +273,8 @@ def run_statistics(
             statistics identical to an uninterrupted run's (same batches, same order of
             float64 additions). The caller removes the file once its results are written.
     """
+    require_rope(model, "run_statistics")
     tokens = check_tokens(model, tokens)
-    retain_freed_memory()
     conditions = dict(DEFAULT_CONDITIONS if conditions is None else conditions)
     if not conditions:
         raise ValueError("no conditions to run.")

@@ -9,7 +9,7 @@ also when the body raises.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -17,21 +17,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rope_leak.heads import HeadSpec, LayerSpec, heads_by_layer, normalize_heads, normalize_layers
+from rope_leak.interventions.hooks import act_name, intervention_hooks
+
 WINDOW_MODES = ("symmetric", "none")
-
-
-def _check_layers(model: HookedTransformer, layers: Iterable[int] | None) -> list[int]:
-    n_layers = model.cfg.n_layers
-    if layers is None:
-        return list(range(n_layers))
-    chosen = sorted({int(layer) for layer in layers})
-    bad = [layer for layer in chosen if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(
-            f"layers {bad} do not exist: the model has layers 0..{n_layers - 1}. "
-            "Fix: pass layer indices in that range (or None for all layers)."
-        )
-    return chosen
 
 
 def _mask_keys(
@@ -58,67 +47,73 @@ def _mask_keys(
     return scores
 
 
+def layer_heads(model: HookedTransformer, layers: LayerSpec = None,
+                heads: HeadSpec = None) -> dict[int, list[int]]:
+    """``{layer: [head, ...]}`` that a mask swap covers (see :func:`bidirectional`)."""
+    if layers is not None and heads is not None:
+        raise ValueError(
+            "pass layers= or heads=, not both. Fix: name whole layers with layers=[...], or "
+            "single heads with heads=[(layer, head), ...] (an int layer in heads= means all its heads)."
+        )
+    if heads is not None:
+        return heads_by_layer(normalize_heads(heads, model))
+    n_heads = model.cfg.n_heads
+    return {layer: list(range(n_heads)) for layer in normalize_layers(layers, model)}
+
+
 @contextlib.contextmanager
 def bidirectional(
     model: HookedTransformer,
-    layers: Iterable[int] | None = None,
-    heads: Mapping[int, Iterable[int]] | None = None,
+    layers: LayerSpec = None,
+    heads: HeadSpec = None,
     window: str = "symmetric",
 ) -> Iterator[HookedTransformer]:
     """Run attention bidirectionally (every key visible to every query).
 
     Args:
-        layers: layers to swap (default: all). Ignored when ``heads`` is given.
-        heads: ``{layer: [head, ...]}`` to swap single heads only; the other heads of
-            those layers keep the causal mask.
+        layers: layers to swap: an int, ``"L3"``, a list of them, or None (all layers).
+        heads: swap single heads only, in any head spec of :mod:`rope_leak.heads`
+            (``[(0, 1)]``, ``{0: [1]}``, ``"L0H1"``, ...); the other heads of those layers
+            keep the causal mask. Give ``layers`` or ``heads``, not both.
         window: for sliding-window (local) layers, ``"symmetric"`` keeps the window,
             made symmetric (``|i - j| < w``); ``"none"`` drops it.
 
-    The model is restored exactly on exit (override flags and hooks), also on error.
+    The swap sets each chosen attention module's ``_attention_dir_override`` and, where
+    some keys must stay masked (per-head swaps, local windows), adds a permanent
+    TransformerLens hook on ``hook_attn_scores``, first in line so every other hook sees
+    the masked scores. So ``model.reset_hooks()`` inside the context leaves the swap in
+    place, and ``model.list_hooks()`` shows the mask hooks (see
+    :mod:`rope_leak.interventions.hooks`). The model is restored exactly on exit (override
+    flags and hooks), also on error.
     """
     if window not in WINDOW_MODES:
         raise ValueError(f"window={window!r} is not one of {WINDOW_MODES}.")
     from rope_leak.models.bridge import bridge_bidirectional, is_bridge
 
+    chosen_heads = layer_heads(model, layers, heads)
     if is_bridge(model):  # TransformerBridge: swap the HF mask instead (same semantics)
-        with bridge_bidirectional(model, layers=layers, heads=heads, window=window):
+        with bridge_bidirectional(model, heads=chosen_heads, window=window):
             yield model
         return
-    if heads is not None:
-        layer_heads = {layer: sorted({int(h) for h in hs}) for layer, hs in heads.items()}
-        chosen = _check_layers(model, layer_heads)
-        for layer, hs in layer_heads.items():
-            bad = [h for h in hs if not 0 <= h < model.cfg.n_heads]
-            if bad:
-                raise ValueError(
-                    f"heads {bad} of layer {layer} do not exist: the model has heads "
-                    f"0..{model.cfg.n_heads - 1}."
-                )
-    else:
-        chosen = _check_layers(model, layers)
-        layer_heads = {layer: list(range(model.cfg.n_heads)) for layer in chosen}
 
+    chosen = sorted(chosen_heads)
     attns = [model.blocks[layer].attn for layer in chosen]
     saved = [attn._attention_dir_override for attn in attns]
-    handles = []
+    mask_hooks = []
+    for layer, attn in zip(chosen, attns):
+        local = getattr(attn, "attn_type", "global") == "local"
+        kept_window = int(model.cfg.window_size) if local and window == "symmetric" else None
+        causal_heads = [h for h in range(model.cfg.n_heads) if h not in chosen_heads[layer]]
+        if kept_window is not None or causal_heads:
+            mask_fn = partial(_mask_keys, window=kept_window, causal_heads=causal_heads)
+            mask_hooks.append((act_name("attn_scores", layer),
+                               lambda scores, hook, fn=mask_fn: fn(scores)))
     try:
-        for layer, attn in zip(chosen, attns):
+        for attn in attns:
             attn._attention_dir_override = "bidirectional"
-            local = getattr(attn, "attn_type", "global") == "local"
-            kept_window = int(model.cfg.window_size) if local and window == "symmetric" else None
-            causal_heads = [h for h in range(model.cfg.n_heads) if h not in layer_heads[layer]]
-            if kept_window is not None or causal_heads:
-                mask_fn = partial(_mask_keys, window=kept_window, causal_heads=causal_heads)
-                # A plain torch hook (not HookPoint.add_hook) so model.reset_hooks() inside
-                # the context cannot strip the mask half-way; prepended so that every
-                # user hook on hook_attn_scores sees the masked scores.
-                handles.append(attn.hook_attn_scores.register_forward_hook(
-                    lambda _module, _inputs, output, fn=mask_fn: fn(output), prepend=True
-                ))
-        yield model
+        with intervention_hooks(model, mask_hooks, prepend=True):
+            yield model
     finally:
-        for handle in handles:
-            handle.remove()
         for attn, old in zip(attns, saved):
             attn._attention_dir_override = old
 

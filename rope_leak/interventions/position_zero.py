@@ -15,6 +15,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rope_leak.interventions.hooks import act_name, intervention_hooks
+
 REPLACEMENTS = ("token", "mean", "zeros", "noise")
 
 
@@ -52,6 +54,11 @@ def replace_position_zero(
         norm_matched: rescale ``"token"``/``"mean"`` replacements to the norm of the
             original position-0 embedding, so only the direction changes.
         seed: seed of the ``"noise"`` replacement (the same vector for every prompt).
+
+    The replacement is a permanent TransformerLens hook on ``hook_embed`` for the duration
+    of the context: ``model.reset_hooks()`` inside it leaves the replacement in place, and
+    ``model.list_hooks()`` shows it (see :mod:`rope_leak.interventions.hooks`). On exit
+    (also on error) exactly that hook is removed.
     """
     if replacement not in REPLACEMENTS:
         raise ValueError(f"replacement={replacement!r} is not one of {REPLACEMENTS}.")
@@ -82,5 +89,5 @@ def replace_position_zero(
         embed[:, 0] = new
         return embed
 
-    with model.hooks(fwd_hooks=[("hook_embed", hook)]):
+    with intervention_hooks(model, [(act_name("embed"), hook)]):
         yield model

@@ -14,18 +14,20 @@ the body raises.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rope_leak.interventions.mask import _check_layers
+from rope_leak.heads import LayerSpec, normalize_layers
+from rope_leak.interventions.hooks import act_name, intervention_hooks
 
 
 def resid_pre_name(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_pre"
+    """``blocks.{layer}.hook_resid_pre`` (TransformerLens' ``get_act_name``)."""
+    return act_name("resid_pre", layer)
 
 
 def record_position_zero(
@@ -46,7 +48,7 @@ def record_position_zero(
         return hook
 
     hooks = [(resid_pre_name(layer), grab(layer)) for layer in range(n_layers)]
-    hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", grab(n_layers)))
+    hooks.append((act_name("resid_post", n_layers - 1), grab(n_layers)))
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         model(tokens.to(model.cfg.device), return_type=None)
     return torch.stack([rows[k] for k in range(n_layers + 1)])
@@ -72,7 +74,7 @@ def token_trajectory(model: HookedTransformer, token_id: int) -> Float[Tensor, "
 def patch_position_zero(
     model: HookedTransformer,
     source: Float[Tensor, "layer ... d_model"],
-    layers: Iterable[int] | None = None,
+    layers: LayerSpec = None,
 ) -> Iterator[HookedTransformer]:
     """Overwrite position 0 of ``blocks.{l}.hook_resid_pre`` with ``source[l]``.
 
@@ -80,13 +82,18 @@ def patch_position_zero(
         source: ``[n_layers (+1), d_model]`` (one trajectory for every prompt, e.g. from
             :func:`token_trajectory`) or ``[n_layers (+1), batch, d_model]`` (one per
             prompt, e.g. from :func:`record_position_zero`; the batch must then match).
-        layers: layers whose input is patched (default: all — "replace all").
+        layers: layers whose input is patched: an int, ``"L3"``, a list of them, or None
+            (all layers: "replace all").
 
     Patching layer ``l`` changes the keys, values and query at position 0 of layer ``l``
     and everything downstream of them; positions ``>= 1`` are untouched at layer ``l``'s
     input.
+
+    The patch is a set of permanent TransformerLens hooks for the duration of the
+    context (``model.reset_hooks()`` inside it leaves them; see
+    :mod:`rope_leak.interventions.hooks`).
     """
-    chosen = _check_layers(model, layers)
+    chosen = normalize_layers(layers, model)
     if source.ndim not in (2, 3) or source.shape[0] < model.cfg.n_layers or (
         source.shape[-1] != model.cfg.d_model
     ):
@@ -110,13 +117,13 @@ def patch_position_zero(
 
         return hook
 
-    with model.hooks(fwd_hooks=[(resid_pre_name(layer), hook_for(layer)) for layer in chosen]):
+    with intervention_hooks(model, [(resid_pre_name(layer), hook_for(layer)) for layer in chosen]):
         yield model
 
 
 @contextlib.contextmanager
 def replace_all_position_zero(
-    model: HookedTransformer, token_id: int, layers: Iterable[int] | None = None
+    model: HookedTransformer, token_id: int, layers: LayerSpec = None
 ) -> Iterator[HookedTransformer]:
     """"Replace all": pin position 0's residual stream at the input of every layer to the
     causal trajectory of ``token_id`` (:func:`token_trajectory`).

@@ -36,6 +36,7 @@ Tables = tuple[Float[Tensor, "rows rotary_dim"], Float[Tensor, "rows rotary_dim"
 def rotary_modules(model: HookedTransformer) -> list:
     """The attention modules of ``model`` that carry rotary tables, in layer order."""
     from rope_leak.models.bridge import is_bridge
+    from rope_leak.models.requirements import require_rope
 
     if is_bridge(model):
         raise ValueError(
@@ -43,11 +44,7 @@ def rotary_modules(model: HookedTransformer) -> list:
             "cos/sin from the Hugging Face rotary_emb module. Fix: convert the model with "
             "rope_leak.models.hooked_from_hf."
         )
-    if model.cfg.positional_embedding_type != "rotary":
-        raise ValueError(
-            f"the model uses {model.cfg.positional_embedding_type!r} position embeddings; "
-            "RoPE controls need a rotary model."
-        )
+    require_rope(model, "RoPE controls")
     attns = [block.attn for block in model.blocks if hasattr(block.attn, "rotary_sin")]
     if not attns:
         raise ValueError("the model has no attention module with rotary tables.")

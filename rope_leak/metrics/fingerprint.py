@@ -23,14 +23,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import einops
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from rope_leak.display import Displayable
+from rope_leak.heads import head_label, normalize_heads
+from rope_leak.interventions.hooks import act_name
 from rope_leak.interventions.position_zero_patch import resid_pre_name
+from rope_leak.models.requirements import require_rope
 
 ALPHAS = tuple(10.0 ** np.arange(-3, 6))
 CONSTANT_TOLERANCE = 1e-5
@@ -39,8 +45,8 @@ treated as constant: float32 rounding (prompts run in batches of different shape
 by ~1e-7 relative) is not content."""
 
 
-@dataclass
-class Fingerprint:
+@dataclass(repr=False)
+class Fingerprint(Displayable):
     """Per prompt ``p`` and head ``k`` (``heads[k] = (layer, head)``)."""
 
     heads: list[tuple[int, int]]
@@ -51,6 +57,11 @@ class Fingerprint:
     position_zero_tokens: np.ndarray  # [prompt]
     control_position: int
     control_layer: int
+
+    def _display_items(self):
+        return [("heads", [head_label(l, h) for l, h in self.heads]), ("prompts", len(self.value)),
+                ("d_model", self.value.shape[-1]), ("control_position", self.control_position),
+                ("control_layer", self.control_layer)]
 
     @property
     def written(self) -> np.ndarray:
@@ -83,12 +94,13 @@ class Fingerprint:
 
     def features(self, kind: str) -> np.ndarray:
         """``[prompt, feature]`` for ``kind`` in :data:`FEATURE_KINDS`."""
+        flat = "prompt head d_model -> prompt (head d_model)"
         if kind == "fingerprint":
-            return self.value.reshape(len(self.value), -1)
+            return einops.rearrange(self.value, flat)
         if kind == "written":
-            return self.written.reshape(len(self.value), -1)
+            return einops.rearrange(self.written, flat)
         if kind == "control_value":
-            return self.control_value.reshape(len(self.value), -1)
+            return einops.rearrange(self.control_value, flat)
         if kind == "control_resid":
             return self.control_resid
         raise ValueError(f"unknown feature kind {kind!r}; choose from {FEATURE_KINDS}.")
@@ -105,6 +117,7 @@ def fingerprint(
     control_position: int = -1,
     control_layer: int | None = None,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> Fingerprint:
     """Record the fingerprint of ``heads`` on every prompt (see the module docstring).
 
@@ -113,14 +126,12 @@ def fingerprint(
         control_layer: layer whose input residual stream at ``j`` is the control
             (default: the deepest layer among ``heads``).
     """
-    heads = sorted({(int(l), int(h)) for l, h in heads})
-    if not heads:
+    require_rope(model, "fingerprint")
+    if heads is None or (not isinstance(heads, (str, int)) and len(list(heads)) == 0):
         raise ValueError(
             "no heads given. Fix: pass e.g. sink_reading(...).heads(), or a list of (layer, head)."
         )
-    for l, h in heads:
-        if not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
-            raise ValueError(f"head ({l}, {h}) does not exist in this model.")
+    heads = normalize_heads(heads, model)
     n = tokens.shape[1]
     j = control_position % n
     if j == 0:
@@ -129,7 +140,8 @@ def fingerprint(
     layers = sorted({l for l, _ in heads})
     out = {"value": [], "att": [], "cvalue": [], "cresid": []}
     store: dict = {}  # filled by the hooks, emptied for every batch
-    for start in range(0, len(tokens), batch_size):
+    for start in tqdm(range(0, len(tokens), batch_size), desc="fingerprint", unit="batch",
+                      disable=not progress):
         batch = tokens[start:start + batch_size].to(model.cfg.device)
         store.clear()
 
@@ -147,7 +159,7 @@ def fingerprint(
             def on_pattern(pattern, hook):
                 store["att", layer] = pattern[:, hs, 1:, 0].float().mean(-1)
 
-            return [(f"blocks.{layer}.attn.hook_v", on_v), (f"blocks.{layer}.attn.hook_pattern", on_pattern)]
+            return [(act_name("v", layer), on_v), (act_name("pattern", layer), on_pattern)]
 
         def on_resid(resid, hook):
             store["cresid"] = resid[:, j].float()
@@ -259,6 +271,7 @@ def probe(
     n_folds: int = 5,
     n_permutations: int = 100,
     seed: int = 0,
+    progress: bool = False,
 ) -> ProbeResult:
     """Out-of-fold R² of a ridge probe ``features -> targets`` and its permutation p-value.
 
@@ -291,7 +304,8 @@ def probe(
         return ProbeResult(observed, per_target, 1.0, np.array([]), 0)
     null = np.array([
         float(np.nanmean(_r2(Yp, _cv_predictions(X, Yp, folds)[0])))
-        for Yp in (Y[rng.permutation(len(Y))] for _ in range(n_permutations))
+        for Yp in (Y[rng.permutation(len(Y))] for _ in tqdm(
+            range(n_permutations), desc="probe permutations", disable=not progress, leave=False))
     ])
     p_value = (1 + int((null >= observed - 1e-12).sum())) / (1 + n_permutations)
     return ProbeResult(observed, per_target, p_value, null, used)
@@ -299,12 +313,13 @@ def probe(
 
 def probe_table(
     fp: Fingerprint, targets: np.ndarray, *, kinds: Iterable[str] = FEATURE_KINDS,
-    n_folds: int = 5, n_permutations: int = 100, seed: int = 0,
+    n_folds: int = 5, n_permutations: int = 100, seed: int = 0, progress: bool = False,
 ) -> pd.DataFrame:
-    """One row per feature kind: out-of-fold R², permutation p-value, features used."""
+    """One row per feature kind: out-of-fold R², permutation p-value, features used.
+    ``progress``: a progress bar over the feature kinds (and each one's permutations)."""
     rows = []
-    for kind in kinds:
+    for kind in tqdm(list(kinds), desc="fingerprint probe", disable=not progress):
         result = probe(fp.features(kind), targets, n_folds=n_folds, n_permutations=n_permutations,
-                       seed=seed)
+                       seed=seed, progress=progress)
         rows.append({"features": kind, **result.to_dict()})
     return pd.DataFrame(rows)

@@ -39,16 +39,21 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from rope_leak.display import Displayable
+from rope_leak.heads import head_label
+from rope_leak.interventions.hooks import act_name
 from rope_leak.interventions.position_zero_patch import record_position_zero, resid_pre_name
+from rope_leak.models.requirements import require_rope
 
 SINK_READING_THRESHOLD = 0.1
 """Default threshold on the relative change of a head's output (see module docstring)."""
 
 
-@dataclass
-class SinkReading:
+@dataclass(repr=False)
+class SinkReading(Displayable):
     """Per-head sink-reading measurements. Arrays ``[layer, head]``; ``per_prompt_*``
     arrays ``[prompt, layer, head]`` (for bootstrap CIs)."""
 
@@ -58,6 +63,15 @@ class SinkReading:
     source_token_id: int
     threshold: float = SINK_READING_THRESHOLD
     metadata: dict = field(default_factory=dict)
+
+    def _display_items(self):
+        heads = self.heads()
+        rel = self.relative_change
+        l, h = np.unravel_index(np.argmax(rel), rel.shape)
+        return [("source_token_id", self.source_token_id), ("threshold", self.threshold),
+                ("prompts", self.n_prompts), ("heads", f"{rel.shape[0]} layers x {rel.shape[1]} heads"),
+                ("sink_reading_heads", [head_label(*x) for x in heads]),
+                ("largest_change", f"{rel[l, h]:.4g} at {head_label(l, h)}")]
 
     @staticmethod
     def _ratio(diff: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -178,6 +192,7 @@ def sink_reading(
     source_token_id: int,
     threshold: float = SINK_READING_THRESHOLD,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> SinkReading:
     """Measure every head's dependence on position 0 (see the module docstring).
 
@@ -186,7 +201,9 @@ def sink_reading(
         source_token_id: the position-0 token of the patch source run (must differ from
             the prompts' own position-0 token for the patch to change anything).
         threshold: relative-change threshold for calling a head sink-reading.
+        progress: a progress bar over the batches.
     """
+    require_rope(model, "sink_reading")
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(
             f"tokens must be [prompt, pos] with pos >= 2, got shape {tuple(tokens.shape)}. "
@@ -207,7 +224,8 @@ def sink_reading(
     values: dict[int, Tensor] = {}
     fractions: dict[int, Tensor] = {}
     captured: dict[str, Tensor] = {}
-    for start in range(0, len(tokens), batch_size):
+    for start in tqdm(range(0, len(tokens), batch_size), desc="sink reading", unit="batch",
+                      disable=not progress):
         batch = tokens[start:start + batch_size].to(model.cfg.device)
         source_tokens = batch.clone()
         source_tokens[:, 0] = int(source_token_id)
@@ -234,9 +252,8 @@ def sink_reading(
             def save_z(z, hook):
                 z_clean[layer] = z.detach()
 
-            attn = f"blocks.{layer}.attn"
-            return [(resid_pre_name(layer), save_resid), (f"{attn}.hook_v", save_v),
-                    (f"{attn}.hook_pattern", save_pattern), (f"{attn}.hook_z", save_z)]
+            return [(resid_pre_name(layer), save_resid), (act_name("v", layer), save_v),
+                    (act_name("pattern", layer), save_pattern), (act_name("z", layer), save_z)]
 
         hooks = [h for layer in range(n_layers) for h in make_hooks(layer)]
         with torch.no_grad():
@@ -252,7 +269,7 @@ def sink_reading(
                 def grab_z(z, hook):
                     captured["z"] = z.detach()
 
-                with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", grab_z)]):
+                with model.hooks(fwd_hooks=[(act_name("z", layer), grab_z)]):
                     block(patched_input)
                 W_O = block.attn.W_O.detach().float()
                 r_clean = torch.einsum("bphd,hdm->bphm", z_clean[layer][:, 1:].float(), W_O)

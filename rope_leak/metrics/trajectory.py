@@ -21,11 +21,13 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rope_leak.display import Displayable
 from rope_leak.interventions.position_zero_patch import record_position_zero
+from rope_leak.models.requirements import require_rope
 
 
-@dataclass
-class Trajectories:
+@dataclass(repr=False)
+class Trajectories(Displayable):
     """``resid[p, d, :]`` = residual stream at position 0 of prompt ``p`` at depth ``d``
     (``hook_resid_pre`` of layer ``d``; the last depth is the final ``hook_resid_post``)."""
 
@@ -36,6 +38,11 @@ class Trajectories:
     @property
     def n_depths(self) -> int:
         return self.resid.shape[1]
+
+    def _display_items(self):
+        return [("condition", self.condition), ("prompts", self.resid.shape[0]),
+                ("depths", self.n_depths), ("tokens", sorted(self.groups())),
+                ("max_within_token_deviation", self.max_within_token_deviation())]
 
     def groups(self) -> dict[int, np.ndarray]:
         return {int(t): np.nonzero(self.position_zero_tokens == t)[0]
@@ -110,6 +117,7 @@ def position_zero_trajectories(
         condition: an intervention (``model -> context manager``), e.g.
             ``rope_leak.interventions.mask.bidirectional``; default: the causal model.
     """
+    require_rope(model, "position_zero_trajectories")
     tokens = tokens.clone().long()
     if position_zero_tokens is not None:
         pz = torch.as_tensor(position_zero_tokens).long()

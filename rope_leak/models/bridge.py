@@ -142,35 +142,36 @@ def bridge_bidirectional(
 ) -> Iterator[Any]:
     """The bridge counterpart of :func:`rope_leak.interventions.mask.bidirectional`
     (same arguments and semantics; restores the bridge on exit, also on error)."""
+    from rope_leak.heads import heads_by_layer, normalize_heads, normalize_layers
+    from rope_leak.interventions.hooks import act_name, intervention_hooks
     from rope_leak.interventions.mask import WINDOW_MODES, _mask_keys
 
     if window not in WINDOW_MODES:
         raise ValueError(f"window={window!r} is not one of {WINDOW_MODES}.")
-    n_layers, n_heads = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
+    n_heads = int(bridge.cfg.n_heads)
     if heads is not None:
-        layer_heads = {int(l): sorted({int(h) for h in hs}) for l, hs in heads.items()}
+        layer_heads = heads_by_layer(normalize_heads(heads, bridge))
     else:
-        chosen = range(n_layers) if layers is None else sorted({int(l) for l in layers})
-        layer_heads = {l: list(range(n_heads)) for l in chosen}
-    for layer, hs in layer_heads.items():
-        if not 0 <= layer < n_layers or any(not 0 <= h < n_heads for h in hs):
-            raise ValueError(f"layer {layer} / heads {hs} do not exist (model has {n_layers} "
-                             f"layers of {n_heads} heads).")
+        layer_heads = {l: list(range(n_heads)) for l in normalize_layers(layers, bridge)}
     kinds = layer_kinds(bridge)
     w = window_size(bridge)
     handles = []
+    mask_hooks = []
+    for layer, hs in layer_heads.items():
+        causal_heads = [h for h in range(n_heads) if h not in hs]
+        if causal_heads:
+            fn = partial(_mask_keys, window=None, causal_heads=causal_heads)
+            mask_hooks.append((act_name("attn_scores", layer), lambda scores, hook, fn=fn: fn(scores)))
     try:
-        for layer, hs in layer_heads.items():
+        for layer in layer_heads:
             attn = bridge.blocks[layer].attn
             kept = w if kinds[layer] == "local" and window == "symmetric" else None
+            # The mask is a keyword argument of the HF attention module, not an activation:
+            # it can only be replaced by a plain torch pre-hook (not listed by list_hooks()).
             handles.append(attn.register_forward_pre_hook(
                 partial(_replace_mask_hook, window=kept), with_kwargs=True, prepend=True))
-            causal_heads = [h for h in range(n_heads) if h not in hs]
-            if causal_heads:
-                fn = partial(_mask_keys, window=None, causal_heads=causal_heads)
-                handles.append(attn.hook_attn_scores.register_forward_hook(
-                    lambda _m, _i, output, fn=fn: fn(output), prepend=True))
-        yield bridge
+        with intervention_hooks(bridge, mask_hooks, prepend=True):
+            yield bridge
     finally:
         for handle in handles:
             handle.remove()
