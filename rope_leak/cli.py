@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "fingerprint probe, BOS interventions) and its report sections")
     analyze.add_argument("--sink-prompts", type=_positive_int, default=16,
                          help="prompts used by the sink analysis, the first of the corpus (default 16)")
+    analyze.add_argument("--bos-prompts", type=_positive_int, default=32,
+                         help="prompts used by the BOS interventions, the first of the corpus; they run "
+                              "only the first 32 tokens (default 32)")
     compare = sub.add_parser(
         "compare",
         help="compare models: L_total, L_mask, L_resid, composition, sink heads, depth slope (with CIs)",
@@ -167,6 +170,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     analysis = analyze(model, corpus.tokens, target=args.target, spec=spec, batch_size=args.batch_size,
                        progress=not args.no_progress, metadata={"settings": settings}, **resume)
     sinks, sections = None, ()
+    main_done = time.perf_counter()
     if not args.no_sinks:
         from rope_leak.plots_sinks import sections_html
         from rope_leak.sink_analysis import analyze_sinks
@@ -176,11 +180,13 @@ def run_analyze(args: argparse.Namespace) -> int:
         # Sink scores and position-0 profiles come from the main pass (all prompts).
         sinks = analyze_sinks(model, corpus.tokens[:count], doc_ids=corpus.doc_ids[:count],
                               statistics=analysis.statistics, bos_status=analysis.bos,
+                              bos_tokens=corpus.tokens[:args.bos_prompts],
                               batch_size=args.batch_size, progress=not args.no_progress)
         sections = (sections_html(sinks, include_plotlyjs=False),)
     finished = time.perf_counter()
     run_info = {"seconds": finished - started, "load_seconds": loaded - started,
-                "analysis_seconds": finished - loaded, "device": args.device,
+                "analysis_seconds": finished - loaded, "main_analysis_seconds": main_done - loaded,
+                "sink_analysis_seconds": finished - main_done, "device": args.device,
                 "threads": torch.get_num_threads()}
     out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
                         overwrite=args.overwrite, extra_sections=sections,

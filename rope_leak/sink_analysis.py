@@ -117,6 +117,7 @@ def analyze_sinks(
     early_queries: int = 32,
     bos: bool = True,
     bos_bidirectional: bool = False,
+    bos_tokens: Tensor | None = None,
     probe: bool = True,
     n_boot: int = 200,
     n_permutations: int = 100,
@@ -148,6 +149,8 @@ def analyze_sinks(
             first ``early_queries`` tokens of each prompt.
         bos_bidirectional: also run the BOS interventions under the bidirectional ablation
             (full-length prompts; about six times the cost of the default).
+        bos_tokens: prompts for the BOS interventions (default ``tokens``). They run only
+            the first ``early_queries`` tokens, so more prompts cost little there.
     """
     source = default_replacement_token(tokens) if source_token_id is None else int(source_token_id)
     n_buckets = 2 * max(1, min(16, len(tokens) // 2))
@@ -163,10 +166,12 @@ def analyze_sinks(
     status = bos_status if bos_status is not None else measure_bos_status(model, tokens)
     bos_result = None
     if bos:
-        bos_result = bos_interventions(model, tokens, token_id=source, n_boot=n_boot,
+        bos_prompts = tokens if bos_tokens is None else bos_tokens
+        bos_result = bos_interventions(model, bos_prompts, token_id=source, n_boot=n_boot,
                                        early_queries=min(early_queries, tokens.shape[1]),
                                        bidirectional=bos_bidirectional, batch_size=batch_size,
-                                       n_buckets=n_buckets, progress=progress)
+                                       n_buckets=2 * max(1, min(16, len(bos_prompts) // 2)),
+                                       progress=progress)
 
     if trajectory_tokens is None:
         ids, counts = np.unique(tokens[:, 1:].reshape(-1).numpy(), return_counts=True)
@@ -178,7 +183,9 @@ def analyze_sinks(
     rows = rows[:, :min(rows.shape[1], max(2, early_queries))]
     trajectory = position_zero_trajectories(model, rows, [t for t in trajectory_tokens for _ in (0, 1)],
                                             batch_size=max(batch_size, n_traj))
-    trajectory_b = position_zero_trajectories(model, tokens[:min(len(tokens), batch_size)],
+    # Bidirectional: position 0 sees the whole prompt (full length needed); the main pass
+    # already has the cross-prompt spread over all prompts, so 4 prompts show the trajectory.
+    trajectory_b = position_zero_trajectories(model, tokens[:min(len(tokens), 4)],
                                               condition=bidirectional, condition_name="bidirectional")
     reading = sink_reading(model, tokens[:reading_prompts], source_token_id=source,
                            threshold=reading_threshold, batch_size=batch_size)
@@ -209,6 +216,8 @@ def analyze_sinks(
                 "n_permutations": n_permutations, "bos_bidirectional": bos_bidirectional,
                 "trajectory_tokens": trajectory_tokens, "n_prompts": int(len(tokens)),
                 "n_tokens": int(tokens.shape[1]),
+                "bos_prompts": None if bos_result is None else int(bos_result.statistics.conditions[
+                    "baseline/causal"].n_prompts),
                 "sink_statistics_prompts": int(causal_stats.n_prompts)}
     return SinkAnalysis(scores, sink_threshold, profiles, trajectory, trajectory_b, reading,
                         probe_result, spread, bos_result, settings, n_boot, metrics, status, probe_status)

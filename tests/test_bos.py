@@ -182,6 +182,10 @@ def test_real_bos_interventions_move_the_scores(real_model):
     result = bos_interventions(real_model, tokens, replacements=("mean", "zeros"), n_boot=50, n_buckets=8)
     assert result.statistics.metadata["prompt_tokens"] == 32
     table = result.table().set_index("replacement")
-    assert table.loc["baseline", "scores_ss_low"] > 0  # there is something to measure at early queries
-    assert bool(table["scores_ss_relative_estimable"].iloc[0])
-    assert abs(table.loc["zeros", "scores_ss_relative"] - 1) > 0.05
+    # zeroing the position-0 embedding moves the early scores' absolute position far beyond
+    # the baseline's interval (measured: about 18x at 8 x 32)
+    assert table.loc["zeros", "scores_ss_low"] > table.loc["baseline", "scores_ss_high"]
+    # with 8 prompts the baseline's CI includes 0: the ratios are then not estimable, not numbers
+    for ratio, base in (("scores_ss_relative", "scores_ss"), ("leakage_relative", "L_total")):
+        if table.loc["baseline", f"{base}_low"] <= 0:
+            assert table[ratio].isna().all()
