@@ -53,7 +53,7 @@ def sink_reading_heatmaps(reading: SinkReading, sink_scores: np.ndarray | None =
     panels = [(f"relative change (sink-reading > {reading.threshold})", reading.relative_change),
               ("fraction of output through key 0", reading.key0_fraction)]
     if sink_scores is not None:
-        panels.append(("sink score mean A[i,0]", np.asarray(sink_scores)))
+        panels.append(("rope_leak sink score (mean over i ≥ 1 of A[i,0])", np.asarray(sink_scores)))
     n_layers, n_heads = reading.relative_change.shape
     labels = _labels(n_layers, n_heads)
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
