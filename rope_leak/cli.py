@@ -157,6 +157,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         "model": args.model, "corpus": args.corpus, "prompts": args.prompts, "tokens": args.tokens,
         "seed": args.seed, "target": args.target, "pairs": spec.to_dict(), "dtype": args.dtype,
         "batch_size": args.batch_size, "no_sinks": args.no_sinks, "sink_prompts": args.sink_prompts,
+        "bos_prompts": args.bos_prompts,
         "save_statistics": args.save_statistics,
     }
     provenance = {
@@ -394,8 +395,12 @@ def _run_shard(args, model, corpus, spec, settings, provenance, shard, resume) -
     prompts = shard_prompts(len(corpus.tokens), args.batch_size, shard)
     started = time.perf_counter()
     # What `analyze` records of a whole run, so that the merged results.json is the same.
+    from rope_leak.metrics.bos_status import bos_status
+
     inputs = {"model": model_fingerprint(model), "tokens_sha256": tokens_sha256(corpus.tokens),
-              "batch_size": args.batch_size, "on_missing_bos": "error", "prompt_ids": None}
+              "batch_size": args.batch_size, "on_missing_bos": "error", "prompt_ids": None,
+              # of the whole corpus (a short causal prefix pass), so the merge reports it
+              "bos": bos_status(model, corpus.tokens, batch_size=max(args.batch_size, 64))}
     stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=spec,
                            batch_size=args.batch_size, prompt_ids=prompts,
                            progress=not args.no_progress,
@@ -424,8 +429,9 @@ def run_merge(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
     started = time.perf_counter()
     stats, provenance = load_shards(args.shards)
-    analysis = Analysis(stats, target=provenance["settings"]["target"],
-                        inputs=stats.metadata.pop("inputs", {}))
+    inputs = stats.metadata.pop("inputs", {})
+    analysis = Analysis(stats, target=provenance["settings"]["target"], inputs=inputs,
+                        bos=inputs.pop("bos", None))
     run_info = {"merged_shards": [str(s) for s in args.shards],
                 "merge_seconds": time.perf_counter() - started}
     out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
