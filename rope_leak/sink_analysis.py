@@ -23,9 +23,9 @@ from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.metrics.bos import BosInterventions, bos_interventions, default_replacement_token
+from rope_leak.metrics.bos_status import bos_status as measure_bos_status
 from rope_leak.metrics.fingerprint import bag_of_tokens, fingerprint, probe_table
 from rope_leak.metrics.sink_reading import SINK_READING_THRESHOLD, SinkReading, sink_reading
-from rope_leak.metrics.bos_status import bos_status as measure_bos_status
 from rope_leak.metrics.sinks import (
     SINK_THRESHOLD,
     position_zero_profile,

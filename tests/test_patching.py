@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from rope_leak import patching
-from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.interventions.position_zero import replace_position_zero

@@ -101,9 +101,9 @@ def bos_status(model: HookedTransformer, tokens: Tensor, *, prefix: int = 8,
     kind = "bos" if with_bos == n_prompts and n_prompts else ("ordinary tokens" if with_bos == 0 else "mixed")
     distinct = int(len(np.unique(first)))
     if kind == "bos":
-        implication = ("BOS (id %d) at position 0 of every prompt: under the causal mask the position-0 "
-                       "stream is the same for every prompt (cross-prompt spread 0), so sinks anchored "
-                       "there are constant across inputs." % bos)
+        implication = (f"BOS (id {bos}) at position 0 of every prompt: under the causal mask the "
+                       "position-0 stream is the same for every prompt (cross-prompt spread 0), so sinks "
+                       "anchored there are constant across inputs.")
     elif kind == "ordinary tokens":
         why = "the model prepends no BOS" if not prepends else "the prompts lack the model's BOS"
         implication = (f"No BOS at position 0 ({why}): position 0 holds each prompt's first token "

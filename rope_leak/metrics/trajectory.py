@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from scipy.spatial.distance import pdist
 from jaxtyping import Int
+from scipy.spatial.distance import pdist
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
