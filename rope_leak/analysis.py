@@ -30,20 +30,29 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
-from rope_leak.display import Displayable
 from rope_leak.engine.statistics import TARGETS, RunStatistics
 from rope_leak.head_result import HeadResult
 from rope_leak.heads import head_label, normalize_head
 from rope_leak.metrics.decomposition import Decomposition
 from rope_leak.metrics.profiles import abs_profiles
 from rope_leak.metrics.shares import ShareFit, fit_shares
-from rope_leak.metrics.sinks import SINK_THRESHOLD, position_zero_profile, sink_heads, sink_scores
+from rope_leak.metrics.sinks import (
+    GU_EPSILON,
+    SINK_THRESHOLD,
+    gu_alpha0,
+    position_zero_profile,
+    sink_heads,
+    sink_metrics,
+    sink_scores,
+)
 from rope_leak.metrics.split import RenormalisationSplit, renormalisation_split
 from rope_leak.models.requirements import require_rope
 from rope_leak.stats.inference import DecompositionInference, decomposition_inference
@@ -61,11 +70,16 @@ class MissingBOSWarning(UserWarning):
     """``analyze(..., on_missing_bos="warn")`` on prompts without the model's BOS."""
 
 
+class StrayBOSWarning(UserWarning):
+    """A BOS / EOS token where the model does not put one: at position 0 of a model that
+    prepends no BOS (e.g. from ``tokenizer.encode``), or after position 0."""
+
+
 @dataclass(repr=False)
 class Analysis(Displayable):
     """Fitted shares, decomposition and sinks of one model on one corpus.
 
-    ``progress``: show progress bars for the slow steps (bootstrap CIs, the ablation-free
+    ``progress``: show progress bars for the slow steps (bootstrap CIs, the renormalisation
     split's bootstrap), which run on the first call that needs them."""
 
     statistics: RunStatistics
@@ -78,6 +92,9 @@ class Analysis(Displayable):
     #: ``results.json``; empty for an Analysis built by hand.
     inputs: dict = field(default_factory=dict)
     progress: bool = True
+    #: BOS facts and the measured position-0 spread by token
+    #: (:func:`rope_leak.metrics.bos_status.bos_status`); None when not measured (merged shards).
+    bos: dict | None = None
 
     def __post_init__(self) -> None:
         if self.target not in REPORTED_TARGETS:
@@ -272,6 +289,9 @@ class Analysis(Displayable):
         table["sink_score_ci_high"] = inf.sink.high.ravel()
         table["sink_score_bidirectional"] = self.sink_scores("bidirectional").ravel()
         table["sink_head"] = table["sink_score"] > self.sink_threshold
+        causal = self.statistics.conditions["causal"]
+        table["alpha0_gu"] = gu_alpha0(causal).ravel()  # Gu et al.'s alpha_0 (query 0 included)
+        table["sink_head_gu"] = table["alpha0_gu"] > GU_EPSILON
         # Flagged when the debiased L_mask is negative beyond its CI; the cross-fitted
         # L_mask < 0 alone is often noise (see ``crossfit_L_mask_negative``).
         table["additivity_violated"] = (inf.mask.high < 0).ravel()
@@ -398,9 +418,23 @@ class Analysis(Displayable):
         out["diagnostics"] = diagnostics.groupby("issue").size().to_dict() if len(diagnostics) else {}
         out["top_heads"] = self.top_heads(5)["label"].tolist()
         out["sink_heads"] = [head_label(l, h) for l, h in self.sink_heads()]
+        metrics = sink_metrics(self.statistics.conditions["causal"], self.sink_threshold)
+        for value in metrics.values():  # per-head values are in heads.csv
+            value.pop("alpha0", None), value.pop("score", None)
+        out["sink_metrics"] = metrics
         pz = self.position_zero()
         out["position_zero_max_std"] = {c: float(np.max(p["std"])) for c, p in pz.items()}
+        out["bos"] = self.bos_summary()
         return out
+
+    def bos_summary(self) -> dict:
+        """BOS status of the run (see :mod:`rope_leak.metrics.bos_status`): from :func:`analyze`,
+        or, for statistics merged from shards, the model's ``default_prepend_bos`` only."""
+        if self.bos is not None:
+            return self.bos
+        prepends = (self.inputs.get("model") or {}).get("default_prepend_bos")
+        return {"model_prepends_bos": prepends, "position_zero": "unknown", "measured": False,
+                "implication": "position-0 tokens not recorded for this run"}
 
 
 def tokens_sha256(tokens: Tensor) -> str:
@@ -434,22 +468,61 @@ def model_fingerprint(model: HookedTransformer) -> dict:
 
 
 def check_bos(model: HookedTransformer, tokens: Tensor, on_missing_bos: str = "error") -> None:
-    """Check that every prompt starts with the model's BOS when the model expects one.
+    """Check position 0 against what the model expects.
 
-    A model "expects" BOS when ``cfg.default_prepend_bos`` is True and it has a BOS id
-    (:func:`rope_leak.models.bos_token_id`). Without it, position 0 holds an ordinary
-    token: the sinks, the position-0 trajectory (whose cross-prompt std is then not 0)
-    and the BOS interventions measure something else than intended.
+    * A model that prepends BOS (``cfg.default_prepend_bos`` True, with a BOS id from
+      :func:`rope_leak.models.bos_token_id`): every prompt must start with it
+      (``on_missing_bos``: ``"error"`` raises :class:`MissingBOSError`, ``"warn"`` warns).
+    * A model that prepends none: a token its tokenizer uses as BOS or EOS at position 0
+      (``tokenizer.encode`` of some models adds one although the model does not) warns with
+      :class:`StrayBOSWarning`: position 0 then holds a special token the corpus builder and
+      ``to_tokens`` would not put there.
+    * Any model: the BOS id (or, without BOS, a BOS/EOS id) after position 0 warns with
+      :class:`StrayBOSWarning` (a document boundary inside a prompt gives a second sink).
+
+    ``on_missing_bos="ignore"`` skips every check. Without BOS at position 0 the sinks, the
+    position-0 trajectory and the BOS interventions measure a token-dependent position 0.
     """
     if on_missing_bos not in MISSING_BOS_ACTIONS:
         raise ValueError(f"on_missing_bos must be one of {MISSING_BOS_ACTIONS}, got {on_missing_bos!r}.")
-    if on_missing_bos == "ignore" or not getattr(model.cfg, "default_prepend_bos", False):
+    if on_missing_bos == "ignore" or not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[1] == 0:
         return
-    from rope_leak.models import bos_token_id
+    from rope_leak.metrics.bos_status import special_token_ids
 
-    bos = bos_token_id(model)
-    if bos is None or not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[1] == 0:
-        return
+    specials = special_token_ids(model)
+    prepends = bool(getattr(model.cfg, "default_prepend_bos", False))
+    bos = specials.get("bos")
+    if prepends and bos is not None:
+        _check_missing_bos(tokens, bos, on_missing_bos)
+        inside = {bos}
+    else:
+        inside = set(specials.values())
+        stray = sorted(inside)
+        at_zero = torch.isin(tokens[:, 0], torch.tensor(stray, dtype=tokens.dtype)) if stray else None
+        if at_zero is not None and at_zero.any():
+            bad = at_zero.nonzero().flatten().tolist()
+            names = ", ".join(f"{k}={v}" for k, v in sorted(specials.items()))
+            warnings.warn(
+                f"{len(bad)} of {len(tokens)} prompts start with a BOS/EOS token of the tokenizer "
+                f"(e.g. prompt {bad[0]} starts with {int(tokens[bad[0], 0])}; special ids: {names}), but "
+                "this model prepends no BOS (cfg.default_prepend_bos=False): tokenizer.encode may have "
+                "added it. Position 0 then holds a special token that load_corpus and model.to_tokens "
+                "would not put there. Fix: build prompts with rope_leak.corpus.load_corpus or "
+                "model.to_tokens, or drop the first column; pass on_missing_bos='ignore' if intended.",
+                StrayBOSWarning, stacklevel=3)
+    if inside and tokens.shape[1] > 1:
+        later = torch.isin(tokens[:, 1:], torch.tensor(sorted(inside), dtype=tokens.dtype))
+        if later.any():
+            prompt, pos = (int(v) for v in later.nonzero()[0])
+            warnings.warn(
+                f"{int(later.any(1).sum())} of {len(tokens)} prompts hold a BOS/EOS token after position 0 "
+                f"(e.g. prompt {prompt}, position {pos + 1}: token {int(tokens[prompt, pos + 1])}). Such a "
+                "token can act as a second attention sink and a second closed-form anchor. Fix: split "
+                "prompts at document boundaries (load_corpus does), or pass on_missing_bos='ignore' if "
+                "intended.", StrayBOSWarning, stacklevel=3)
+
+
+def _check_missing_bos(tokens: Tensor, bos: int, on_missing_bos: str) -> None:
     bad = (tokens[:, 0] != bos).nonzero().flatten().tolist()
     if not bad:
         return
@@ -463,7 +536,7 @@ def check_bos(model: HookedTransformer, tokens: Tensor, on_missing_bos: str = "e
     )
     if on_missing_bos == "error":
         raise MissingBOSError(message)
-    warnings.warn(message, MissingBOSWarning, stacklevel=3)
+    warnings.warn(message, MissingBOSWarning, stacklevel=4)
 
 
 def analyze(
@@ -540,5 +613,7 @@ def analyze(
         "on_missing_bos": on_missing_bos,
         "prompt_ids": prompt_ids,
     }
+    from rope_leak.metrics.bos_status import bos_status
+
     return Analysis(stats, target=target, sink_threshold=sink_threshold, n_boot=n_boot, seed=seed,
-                    inputs=inputs, progress=progress)
+                    inputs=inputs, progress=progress, bos=bos_status(model, tokens, batch_size=max(batch_size, 64)))

@@ -318,6 +318,32 @@ def summarize_model(
     return ModelComparison(row, layers, {"slopes_t": slopes})
 
 
+def model_facts(model: HookedTransformer, tokens: torch.Tensor, stats: RunStatistics) -> dict:
+    """What ``compare`` shows beside the numbers: head total, BOS status, context and
+    sliding window, and Gu et al.'s sink-head count (alpha_0 > 0.3)."""
+    from rope_leak.metrics.bos_status import bos_label, bos_status
+    from rope_leak.metrics.sinks import GU_EPSILON, gu_alpha0
+    from rope_leak.models.bridge import is_bridge, layer_kinds, window_size
+
+    status = bos_status(model, tokens, measure=False)
+    if is_bridge(model):
+        kinds, window = layer_kinds(model), window_size(model)
+    else:
+        kinds = [getattr(block.attn, "attn_type", "global") for block in model.blocks]
+        window = getattr(model.cfg, "window_size", None)
+    local = sum(kind == "local" for kind in kinds)
+    return {
+        "n_heads_total": int(model.cfg.n_layers * model.cfg.n_heads),
+        "sink_heads_gu": int((gu_alpha0(stats.conditions["causal"]) > GU_EPSILON).sum()),
+        "bos": bos_label(status),
+        "model_prepends_bos": status["model_prepends_bos"],
+        "prompts_with_bos_at_position_zero": status["prompts_with_bos_at_position_zero"],
+        "n_ctx": int(model.cfg.n_ctx),
+        "window": int(window) if local and window is not None else None,
+        "local_layers": int(local),
+    }
+
+
 def compare_models(
     specs: Iterable[str],
     *,
@@ -361,6 +387,7 @@ def compare_models(
                                spec=spec, batch_size=batch_size, n_buckets=n_buckets,
                                progress=progress)
         result = summarize_model(stats, ms.spec, target=target, n_boot=n_boot, seed=seed)
+        result.row.update(model_facts(model, tokens, stats))
         result.row["seconds"] = time.perf_counter() - started
         results[k] = (result.row, result.layers, {
             **result.extra, "seconds": result.row["seconds"], "variant": ms.variant,

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "fingerprint probe, BOS interventions) and its report sections")
     analyze.add_argument("--sink-prompts", type=_positive_int, default=16,
                          help="prompts used by the sink analysis, the first of the corpus (default 16)")
+    analyze.add_argument("--bos-prompts", type=_positive_int, default=32,
+                         help="prompts used by the BOS interventions, the first of the corpus; they run "
+                              "only the first 32 tokens (default 32)")
     compare = sub.add_parser(
         "compare",
         help="compare models: L_total, L_mask, L_resid, composition, sink heads, depth slope (with CIs)",
@@ -103,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(sinks)
     sinks.set_defaults(prompts=32)
     sinks.add_argument("--sink-threshold", type=float, default=0.3,
-                       help="sink score threshold (mean A[i,0] over i >= 1; default 0.3)")
+                       help="threshold of rope_leak's sink score (mean A[i,0] over i >= 1; default 0.3, "
+                            "Gu et al.'s eps); Gu et al.'s alpha_0 is reported beside it with eps = 0.3")
     sinks.add_argument("--reading-threshold", type=float, default=0.1,
                        help="relative output change that makes a head sink-reading (default 0.1)")
     sinks.add_argument("--source-token", type=int, default=None,
@@ -119,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     sinks.add_argument("--permutations", type=int, default=100,
                        help="permutations of the probe's null (default 100)")
     sinks.add_argument("--no-bos", action="store_true", help="skip the BOS interventions")
+    sinks.add_argument("--bos-bidirectional", action="store_true",
+                       help="also run the BOS interventions under the bidirectional ablation "
+                            "(full-length prompts; about 6x the cost)")
     sinks.add_argument("--no-probe", action="store_true", help="skip the fingerprint probe")
     _add_scale_arguments(analyze)
     _add_merge_parser(sub)
@@ -150,6 +157,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         "model": args.model, "corpus": args.corpus, "prompts": args.prompts, "tokens": args.tokens,
         "seed": args.seed, "target": args.target, "pairs": spec.to_dict(), "dtype": args.dtype,
         "batch_size": args.batch_size, "no_sinks": args.no_sinks, "sink_prompts": args.sink_prompts,
+        "bos_prompts": args.bos_prompts,
         "save_statistics": args.save_statistics,
     }
     provenance = {
@@ -163,18 +171,23 @@ def run_analyze(args: argparse.Namespace) -> int:
     analysis = analyze(model, corpus.tokens, target=args.target, spec=spec, batch_size=args.batch_size,
                        progress=not args.no_progress, metadata={"settings": settings}, **resume)
     sinks, sections = None, ()
+    main_done = time.perf_counter()
     if not args.no_sinks:
         from rope_leak.plots_sinks import sections_html
         from rope_leak.sink_analysis import analyze_sinks
 
         count = min(args.sink_prompts, len(corpus.tokens))
         print(f"rope-leak: sink analysis on {count} prompts ...", file=sys.stderr)
+        # Sink scores and position-0 profiles come from the main pass (all prompts).
         sinks = analyze_sinks(model, corpus.tokens[:count], doc_ids=corpus.doc_ids[:count],
+                              statistics=analysis.statistics, bos_status=analysis.bos,
+                              bos_tokens=corpus.tokens[:args.bos_prompts],
                               batch_size=args.batch_size, progress=not args.no_progress)
         sections = (sections_html(sinks, include_plotlyjs=False),)
     finished = time.perf_counter()
     run_info = {"seconds": finished - started, "load_seconds": loaded - started,
-                "analysis_seconds": finished - loaded, "device": args.device,
+                "analysis_seconds": finished - loaded, "main_analysis_seconds": main_done - loaded,
+                "sink_analysis_seconds": finished - main_done, "device": args.device,
                 "threads": torch.get_num_threads()}
     out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
                         overwrite=args.overwrite, extra_sections=sections,
@@ -191,8 +204,16 @@ def run_analyze(args: argparse.Namespace) -> int:
           f"mean L_total = {s['L_total']:.4f} {ci('L_total')}, L_resid = {s['L_resid']:.4f} "
           f"{ci('L_resid')}, L_mask = {s['L_mask']:.4f} {ci('L_mask')} (debiased, "
           f"{s['ci_level']:.0%} CIs); top heads: {', '.join(s['top_heads'])}")
+    _print_bos(s["bos"])
     print(f"wrote {out}/report.html in {finished - started:.0f} s")
     return 0
+
+
+def _print_bos(status: dict) -> None:
+    from rope_leak.metrics.bos_status import bos_label, spread_text
+
+    print(f"BOS: {bos_label(status)}. {status.get('implication', '')}")
+    print(spread_text(status))
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -249,8 +270,13 @@ def run_compare(args: argparse.Namespace) -> int:
     atomic_write_text(out / "comparison.json",
                       json.dumps(_clean(payload), indent=2, sort_keys=True, allow_nan=False))
     atomic_write_text(out / "comparison.html", comparison_html(table, layers, settings))
-    cols = ["model", "L_total", "L_mask", "L_resid", "composition", "sink_heads", "depth_slope_L_resid"]
-    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    shown = table.assign(sink_heads=[f"{k} / {n}" for k, n in zip(table["sink_heads"], table["n_heads_total"])],
+                         sink_heads_gu=[f"{k} / {n}" for k, n in zip(table["sink_heads_gu"], table["n_heads_total"])])
+    cols = ["model", "bos", "n_ctx", "window", "L_total", "L_mask", "L_resid", "composition",
+            "sink_heads", "sink_heads_gu", "depth_slope_L_resid"]
+    print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("sink_heads: rope_leak sink score (mean over i >= 1 of A[i,0]) > 0.3; sink_heads_gu: Gu et al. "
+          "(ICLR 2025) alpha_0 > 0.3; both out of all heads")
     print(f"wrote {out}/comparison.html in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -296,6 +322,7 @@ def run_sinks(args: argparse.Namespace) -> int:
         model, corpus.tokens, doc_ids=corpus.doc_ids, sink_threshold=args.sink_threshold,
         reading_threshold=args.reading_threshold, source_token_id=args.source_token,
         reading_prompts=args.reading_prompts, early_queries=args.early_queries, bos=not args.no_bos,
+        bos_bidirectional=args.bos_bidirectional,
         probe=not args.no_probe, n_boot=args.bootstrap, n_permutations=args.permutations,
         batch_size=args.batch_size, progress=not args.no_progress,
     )
@@ -304,17 +331,24 @@ def run_sinks(args: argparse.Namespace) -> int:
                   "settings": {k: v for k, v in vars(args).items() if k != "func"}}
     save_sinks(result, out, provenance=provenance, overwrite=args.overwrite)
     summary = result.summary()
-    print(f"sink heads (> {args.sink_threshold}): {len(summary['sink_heads'])}; sink-reading heads "
-          f"(> {args.reading_threshold}): {len(summary['sink_reading']['sink_reading_heads'])}; "
-          f"max within-token std of the position-0 trajectory: "
-          f"{summary['trajectory']['max_within_token_deviation']:.3g}")
+    gu = summary["sink_metrics"]["gu_et_al_2025"]
+    n_heads = gu["n_heads"]
+    print(f"sink heads: {len(gu['sink_heads'])} of {n_heads} by Gu et al.'s alpha_0 > {gu['epsilon']} "
+          f"(sink ratio {gu['sink_ratio']:.3f}); {len(summary['sink_heads'])} of {n_heads} by rope_leak's "
+          f"score (mean over i >= 1 of A[i,0]) > {args.sink_threshold}; sink-reading heads "
+          f"(> {args.reading_threshold}): {len(summary['sink_reading']['sink_reading_heads'])}")
+    _print_bos(summary["bos_status"])
+    check = summary["trajectory"]["max_within_token_deviation"]
+    print("closed-system check (causal; each trajectory token put on 2 prompts): max deviation between "
+          f"prompts sharing a token {'not estimable' if check is None else f'{check:.3g}'}")
+    print(f"fingerprint probe: {'run' if summary['probe_status']['run'] else summary['probe_status']['reason']}")
     table = result.bos_table()
     if table is not None:
+        fmt = lambda v: "not estimable" if v is None or v != v else f"{v:.3f}"  # noqa: E731
         for row in table.to_dict(orient="records")[1:]:
-            print(f"  {row['replacement']:>12}: L_resid removed {row['resid_removed_fraction']:+.3f} "
-                  f"[{row.get('resid_removed_fraction_low', float('nan')):+.3f}, "
-                  f"{row.get('resid_removed_fraction_high', float('nan')):+.3f}], "
-                  f"leakage {row['leakage_relative']:.3f}")
+            print(f"  {row['replacement']:>6}: scores' absolute-position SS x {fmt(row.get('scores_ss_relative'))} "
+                  f"[{fmt(row.get('scores_ss_relative_low'))}, {fmt(row.get('scores_ss_relative_high'))}], "
+                  f"L_total x {fmt(row.get('leakage_relative'))} of baseline")
     print(f"wrote {out}/sinks.json in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -361,8 +395,12 @@ def _run_shard(args, model, corpus, spec, settings, provenance, shard, resume) -
     prompts = shard_prompts(len(corpus.tokens), args.batch_size, shard)
     started = time.perf_counter()
     # What `analyze` records of a whole run, so that the merged results.json is the same.
+    from rope_leak.metrics.bos_status import bos_status
+
     inputs = {"model": model_fingerprint(model), "tokens_sha256": tokens_sha256(corpus.tokens),
-              "batch_size": args.batch_size, "on_missing_bos": "error", "prompt_ids": None}
+              "batch_size": args.batch_size, "on_missing_bos": "error", "prompt_ids": None,
+              # of the whole corpus (a short causal prefix pass), so the merge reports it
+              "bos": bos_status(model, corpus.tokens, batch_size=max(args.batch_size, 64))}
     stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=spec,
                            batch_size=args.batch_size, prompt_ids=prompts,
                            n_buckets=default_buckets(len(corpus.tokens)),  # as the whole run's
@@ -392,8 +430,9 @@ def run_merge(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
     started = time.perf_counter()
     stats, provenance = load_shards(args.shards)
-    analysis = Analysis(stats, target=provenance["settings"]["target"],
-                        inputs=stats.metadata.pop("inputs", {}))
+    inputs = stats.metadata.pop("inputs", {})
+    analysis = Analysis(stats, target=provenance["settings"]["target"], inputs=inputs,
+                        bos=inputs.pop("bos", None))
     run_info = {"merged_shards": [str(s) for s in args.shards],
                 "merge_seconds": time.perf_counter() - started}
     out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,

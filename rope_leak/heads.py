@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping
 from numbers import Integral
 from typing import Any, Union
 
-HeadSpec = Union[None, int, str, tuple, Mapping, Iterable]
-LayerSpec = Union[None, int, str, Iterable]
+HeadSpec = Union[None, int, str, tuple, Mapping, Iterable]  # noqa: UP007 (a runtime alias)
+LayerSpec = Union[None, int, str, Iterable]  # noqa: UP007
 
 _HEAD_LABEL = re.compile(r"\s*L(\d+)\s*H(\d+)\s*", re.IGNORECASE)
 _LAYER_LABEL = re.compile(r"\s*L(\d+)\s*", re.IGNORECASE)

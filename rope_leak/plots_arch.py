@@ -105,8 +105,13 @@ def controls_section(controls: pd.DataFrame, include_plotlyjs: bool | str = "cdn
 def comparison_html(table: pd.DataFrame, layers: pd.DataFrame, settings: dict | None = None) -> str:
     """A standalone HTML page for ``rope-leak compare``."""
     fig = pio.to_html(comparison_figure(table, layers), full_html=False, include_plotlyjs=True)
-    cols = [c for c in ("model", "L_total", "L_mask", "L_resid", "composition", "sink_heads",
-                        "depth_slope_L_resid", "depth_slope_L_mask", "additivity_violated")
+    table = table.copy()
+    for name in ("sink_heads", "sink_heads_gu"):
+        if name in table and "n_heads_total" in table:
+            table[name] = [f"{k} / {n}" for k, n in zip(table[name], table["n_heads_total"])]
+    cols = [c for c in ("model", "bos", "n_ctx", "window", "L_total", "L_mask", "L_resid", "composition",
+                        "sink_heads", "sink_heads_gu", "depth_slope_L_resid", "depth_slope_L_mask",
+                        "additivity_violated")
             if c in table]
     settings_html = (f"<pre>{html.escape(str(settings))}</pre>" if settings else "")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>rope-leak compare</title>"
@@ -115,5 +120,8 @@ def comparison_html(table: pd.DataFrame, layers: pd.DataFrame, settings: dict | 
             "<h1>rope-leak compare</h1>" + settings_html + _table_html(table[cols]) + fig +
             "<p>Shares are debiased; CIs: 95% pivotal (basic) intervals of a bootstrap of prompt "
             "buckets, one joint resample for both masks (sink-head counts: percentile); see "
-            "comparison.csv for all interval columns.</p>"
+            "comparison.csv for all interval columns. sink_heads: rope_leak's sink score (mean over "
+            "queries i ≥ 1 of A[i,0]) above 0.3; sink_heads_gu: Gu et al. (ICLR 2025) α₀ (query 0 "
+            "included) above ε = 0.3; both out of all heads. n_ctx: the context the loaded model "
+            "accepts (capped at 2048 unless raised); window: sliding window of the local layers.</p>"
             "</body></html>")

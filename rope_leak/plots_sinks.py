@@ -53,7 +53,7 @@ def sink_reading_heatmaps(reading: SinkReading, sink_scores: np.ndarray | None =
     panels = [(f"relative change (sink-reading > {reading.threshold})", reading.relative_change),
               ("fraction of output through key 0", reading.key0_fraction)]
     if sink_scores is not None:
-        panels.append(("sink score mean A[i,0]", np.asarray(sink_scores)))
+        panels.append(("rope_leak sink score (mean over i ≥ 1 of A[i,0])", np.asarray(sink_scores)))
     n_layers, n_heads = reading.relative_change.shape
     labels = _labels(n_layers, n_heads)
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
@@ -72,37 +72,80 @@ def sink_reading_heatmaps(reading: SinkReading, sink_scores: np.ndarray | None =
     return fig
 
 
+NOT_ESTIMABLE = "not estimable"
+
+
+def _ratio_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """``(ratio column, its baseline quantity, panel title)`` present in ``table``."""
+    found = [("scores_ss_relative", "scores_ss", "scores' absolute-position SS / baseline"),
+             ("leakage_relative", "L_total", "L_total (pattern) / baseline"),
+             ("L_resid_relative", "L_resid", "L_resid (bidirectional) / baseline")]
+    return [f for f in found if f[0] in table]
+
+
 def bos_interventions_figure(table: pd.DataFrame) -> go.Figure:
-    """Fraction of ``L_resid`` removed and ``L_total`` relative to baseline, per
-    replacement, with bootstrap CIs."""
+    """Each replacement's effect relative to the baseline, with bootstrap CIs: the scores'
+    absolute-position sum of squares and ``L_total`` at early queries. A ratio whose
+    baseline CI includes 0 is not estimable: no bar, the panel title says so."""
     rows = table[table["replacement"] != "baseline"]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[
-        "fraction of L_resid removed (early queries)", "L_total relative to baseline"])
-    for col, metric in enumerate(("resid_removed_fraction", "leakage_relative"), start=1):
+    panels = _ratio_columns(table)
+    titles = []
+    for metric, _, title in panels:
+        ok = bool(table[f"{metric}_estimable"].iloc[0]) if f"{metric}_estimable" in table else True
+        titles.append(title if ok else f"{title}: {NOT_ESTIMABLE} (baseline CI includes 0)")
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles)
+    for col, (metric, _, _) in enumerate(panels, start=1):
         error = None
-        if f"{metric}_low" in rows:
+        if f"{metric}_low" in rows and rows[f"{metric}_low"].notna().any():
             error = dict(type="data", symmetric=False, array=rows[f"{metric}_high"] - rows[metric],
                          arrayminus=rows[metric] - rows[f"{metric}_low"])
         fig.add_bar(x=rows["replacement"], y=rows[metric], error_y=error, name=metric, row=1, col=col,
-                    hovertemplate="%{x}<br>%{y:.3f}<extra></extra>", showlegend=False)
-    fig.add_hline(y=1.0, line_dash="dot", row=1, col=2)
-    fig.update_layout(title="BOS interventions on the decomposition (95% bootstrap CIs over prompts)")
+                    hovertemplate="%{x}<br>%{y:.3f} x baseline<extra></extra>", showlegend=False)
+        fig.add_hline(y=1.0, line_dash="dot", row=1, col=col)
+        fig.update_yaxes(type="log", row=1, col=col)
+    fig.update_yaxes(title_text="relative to baseline (log scale; 1 = unchanged)", row=1, col=1)
+    fig.update_layout(title=f"Position-0 interventions at early queries (i < "
+                            f"{table['early_queries'].iloc[0] if 'early_queries' in table else '?'}), "
+                            "95% bootstrap CIs over prompts")
+    for annotation in fig.layout.annotations:
+        annotation.font.size = 12
     return fig
+
+
+def _cell(row: dict, metric: str) -> str:
+    value = row.get(metric)
+    if value is None or not np.isfinite(value):
+        return "–"
+    low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+    ci = f" [{low:.3g}, {high:.3g}]" if low is not None and np.isfinite(low) else ""
+    return f"{value:.4g}{ci}"
 
 
 def bos_table_figure(table: pd.DataFrame) -> go.Figure:
-    """The BOS-intervention table as a plotly table (point estimate [CI])."""
-    def cell(row, metric):
-        low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
-        ci = f" [{low:.3f}, {high:.3f}]" if low is not None and pd.notna(low) else ""
-        return f"{row[metric]:.4f}{ci}"
-
-    metrics = ["L_total", "L_resid", "L_mask", "resid_removed_fraction", "leakage_relative"]
+    """The BOS-intervention table as a plotly table (point estimate [CI]; a dash where a
+    quantity is not estimable)."""
+    metrics = [m for m in ("scores_ss", "scores_ss_relative", "L_total", "leakage_relative",
+                           "L_resid", "L_resid_relative") if m in table]
     records = table.to_dict(orient="records")
-    columns = [[r["replacement"] for r in records]] + [[cell(r, m) for r in records] for m in metrics]
+    columns = [[r["replacement"] for r in records]] + [[_cell(r, m) for r in records] for m in metrics]
     fig = go.Figure(go.Table(header=dict(values=["replacement", *metrics]), cells=dict(values=columns)))
-    fig.update_layout(title="BOS interventions (mean over heads; point [95% CI])")
+    fig.update_layout(title="Position-0 interventions (mean over heads; point [95% CI]; – = not estimable)")
     return fig
+
+
+def bos_table_html(table: pd.DataFrame) -> str:
+    """The same table as HTML (a dash where not estimable)."""
+    metrics = [m for m in ("scores_ss", "scores_ss_relative", "L_total", "leakage_relative",
+                           "L_resid", "L_resid_relative") if m in table]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["replacement", *metrics])
+    body = "".join("<tr><th>" + html.escape(str(r["replacement"])) + "</th>"
+                   + "".join(f"<td>{html.escape(_cell(r, m))}</td>" for m in metrics) + "</tr>"
+                   for r in table.to_dict(orient="records"))
+    notes = [f"{title}: {NOT_ESTIMABLE}, the baseline's CI includes 0"
+             for metric, _, title in _ratio_columns(table)
+             if f"{metric}_estimable" in table and not bool(table[f"{metric}_estimable"].iloc[0])]
+    note = "".join(f"<p class='note'>{html.escape(n)}.</p>" for n in notes)
+    return f"<table><tr>{head}</tr>{body}</table>{note}"
 
 
 def patching_heatmap(result, source: str | int = 0) -> go.Figure:
@@ -120,16 +163,44 @@ def patching_heatmap(result, source: str | int = 0) -> go.Figure:
 
 
 SECTION_CAPTIONS = {
-    "trajectory": "Residual stream at position 0 through the layers. Prompts sharing the position-0 "
-                  "token have identical trajectories under the causal mask (std exactly 0); different "
-                  "tokens give different ones; the bidirectional ablation lets position 0 see the prompt.",
+    "trajectory": "Residual stream at position 0 through the layers, for a few position-0 tokens put on "
+                  "two prompts each. Left: different tokens give different trajectories. Right: prompts "
+                  "sharing the token are identical under the causal mask (the closed system: this checks it, "
+                  "the 0 is not a property of the corpus); the bidirectional ablation lets position 0 see "
+                  "the prompt. Groups of one prompt are not estimable and not drawn.",
     "sink_reading": "A head is sink-reading when patching only position 0 of its layer input (from a "
                     "run with another position-0 token) changes its output at queries i ≥ 1 by more "
                     "than the threshold (relative norm). Key-0 fraction = share of the output's mass "
                     "A[i,0]|v_0 W_O| / Σ_j A[i,j]|v_j W_O|.",
-    "bos": "Replacing what enters at position 0, the fraction of the residual-stream component "
-           "L_resid removed at early queries and the total leakage relative to baseline.",
+    "bos": "The position-0 embedding replaced before the forward pass (another token, the mean embedding, "
+           "zeros, norm-matched noise); causal mask, prompts cut to the early queries. Effect on the scores' "
+           "absolute-position sum of squares (what the residual stream gives the logits, debiased) and on "
+           "the pattern's L_total, relative to the baseline. A ratio whose baseline CI includes 0 is "
+           "not estimable.",
 }
+
+
+def bos_status_html(status: dict | None) -> str:
+    """The BOS status and the measured position-0 spread by token, as HTML."""
+    from rope_leak.metrics.bos_status import bos_label, spread_text
+
+    if not status:
+        return ""
+    return (f"<p><b>BOS: {html.escape(bos_label(status))}</b>. {html.escape(status['implication'])}</p>"
+            f"<p class='note'>{html.escape(spread_text(status))}.</p>")
+
+
+def sink_metrics_html(metrics: dict) -> str:
+    """Both sink metrics by name, with the threshold's source."""
+    if not metrics:
+        return ""
+    gu, own = metrics["gu_et_al_2025"], metrics["rope_leak_sink_score"]
+    return (f"<ul><li><b>Gu et al. (ICLR 2025) α₀</b> = (1/T) Σ<sub>i≥0</sub> A[i,0] (query 0 included): "
+            f"{len(gu['sink_heads'])} of {gu['n_heads']} heads above ε = {gu['epsilon']} "
+            f"(sink ratio {gu['sink_ratio']:.3f}; ε from {html.escape(gu['epsilon_source'])}).</li>"
+            f"<li><b>rope_leak sink score</b> = mean over queries i ≥ 1 of A[i,0] (a different metric): "
+            f"{len(own['sink_heads'])} of {own['n_heads']} heads above {own['threshold']} "
+            f"({html.escape(own['threshold_source'])}).</li></ul>")
 
 
 def sink_sections(result) -> list[tuple[str, str, go.Figure]]:
@@ -142,26 +213,36 @@ def sink_sections(result) -> list[tuple[str, str, go.Figure]]:
     ]
     table = result.bos_table()
     if table is not None:
-        sections.append(("BOS interventions", SECTION_CAPTIONS["bos"], bos_interventions_figure(table)))
-        sections.append(("BOS-intervention table", SECTION_CAPTIONS["bos"], bos_table_figure(table)))
+        sections.append(("Position-0 (BOS) interventions", SECTION_CAPTIONS["bos"],
+                         bos_interventions_figure(table)))
     return sections
 
 
 def sections_html(result, include_plotlyjs: bool | str = False) -> str:
-    """HTML of :func:`sink_sections` (headings, captions, figures) for a report page."""
-    parts = []
+    """HTML of the sink analysis for a report page: BOS status, both sink metrics, the
+    figures of :func:`sink_sections`, the BOS table and the probe (or why it was not run)."""
+    parts = ["<h2>Sinks and position 0</h2>", bos_status_html(getattr(result, "bos_status", None)),
+             sink_metrics_html(getattr(result, "sink_metrics", {}))]
     for index, (title, caption, fig) in enumerate(sink_sections(result)):
         div = pio.to_html(fig, full_html=False, include_plotlyjs=include_plotlyjs if index == 0 else False)
         parts.append(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(caption)}</p>{div}")
+    table = result.bos_table()
+    if table is not None:
+        parts.append("<h3>Position-0 intervention table</h3>" + bos_table_html(table))
+    status = getattr(result, "probe_status", {}) or {}
     if result.probe is not None:
         parts.append("<h2>Fingerprint probe</h2><p class='note'>Cross-validated ridge probe from each "
-                     "feature set to the prompts' bag of tokens (out-of-fold R², permutation p-value).</p>"
+                     f"feature set to the prompts' {html.escape(str(status.get('target')))} (out-of-fold "
+                     "R², permutation p-value).</p>"
                      + result.probe.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0))
+    else:
+        parts.append("<h2>Fingerprint probe</h2><p class='flag'>"
+                     + html.escape(status.get("reason", "not run")) + "</p>")
     return "".join(parts)
 
 
 def sinks_html(result) -> str:
-    """A standalone page with every sink section."""
+    """A standalone page with every sink section (plotly.js inlined: opens offline)."""
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>rope_leak sinks</title></head>"
-            f"<body><h1>rope_leak: attention sinks and position 0</h1>{sections_html(result, 'cdn')}"
+            f"<body><h1>rope_leak: attention sinks and position 0</h1>{sections_html(result, True)}"
             "</body></html>")

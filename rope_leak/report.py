@@ -112,6 +112,16 @@ def _ci(values) -> str:
     return f"[{values[0]:.4f}, {values[1]:.4f}]"
 
 
+def _bos_header(status: dict) -> str:
+    """BOS status first: whether position 0 holds a BOS, what follows, the measured spread."""
+    from rope_leak.metrics.bos_status import bos_label, spread_text
+
+    return (f"<p class='headline' id='bos-status'><b>BOS: {html.escape(bos_label(status))}.</b> "
+            f"{html.escape(str(status.get('implication', '')))}</p>"
+            f"<p class='note'>{html.escape(spread_text(status))} (– / not estimable: no token held by "
+            "two prompts, or a single token).</p>")
+
+
 def summary_html(analysis: Analysis) -> str:
     s = analysis.summary()
     comp = s["composition"]
@@ -137,7 +147,12 @@ def summary_html(analysis: Analysis) -> str:
         ("degenerate heads (left out of means and pools)", len(s["heads_degenerate"])),
         (f"heads with L_total > 0 (BH q < {s['fdr_level']})", s["heads_significant_total"]),
         (f"heads with L_resid > 0 (BH q < {s['fdr_level']})", s["heads_significant_resid"]),
-        ("sink heads", len(s["sink_heads"])),
+        ("sink heads: rope_leak score (mean over i ≥ 1 of A[i,0]) > "
+         f"{analysis.sink_threshold}", f"{len(s['sink_heads'])} of {analysis.n_layers * analysis.n_heads}"),
+        ("sink heads: Gu et al. (ICLR 2025) α₀ > "
+         f"{s['sink_metrics']['gu_et_al_2025']['epsilon']} (query 0 included)",
+         f"{len(s['sink_metrics']['gu_et_al_2025']['sink_heads'])} of {analysis.n_layers * analysis.n_heads} "
+         f"(sink ratio {s['sink_metrics']['gu_et_al_2025']['sink_ratio']:.3f})"),
         ("heads with L_mask < 0 beyond their CI (additivity violated)", s["heads_additivity_violated"]),
         ("max cross-prompt std at position 0 (causal)", s["position_zero_max_std"].get("causal")),
     ]
@@ -152,7 +167,7 @@ def summary_html(analysis: Analysis) -> str:
         warn = ("<p class='flag'>Additivity violated: the bidirectional ablation raised the mean "
                 "share (L_mask &lt; 0 beyond its CI). Read the ablation-based decomposition with care "
                 "and compare the renormalisation split.</p>")
-    return (f"<section id='summary'><h2>Summary</h2>{headline}<table>{body}</table>{warn}"
+    return (f"<section id='summary'><h2>Summary</h2>{_bos_header(s['bos'])}{headline}<table>{body}</table>{warn}"
             f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}. ΔR² = "
             f"R²(M_abs) − R²(M_rel): 0 means offset alone explains the head's "
             f"{html.escape(s['target'])} as well as absolute position does. Debiased shares are "

@@ -12,9 +12,9 @@ from rope_leak.engine.accumulate import LayerAccumulator, NonFiniteAttentionErro
 from rope_leak.engine.pairs import PairDesign, PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import SPLIT_TARGETS, TARGETS, RunStatistics
+from rope_leak.metrics.shares import absolute_sum_of_squares, fit_shares
 
 MASKED_TARGETS = tuple(t for t in TARGETS if t not in SPLIT_TARGETS)
-from rope_leak.metrics.shares import absolute_sum_of_squares, fit_shares
 
 
 def masked(scores: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Per-head patching helpers and BOS interventions on the
-decomposition: each claim a test that fails when it is false."""
+"""Per-head patching helpers: each claim a test that fails when it is false. (The BOS
+interventions are tested in tests/test_bos.py.)"""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from rope_leak import patching
-from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.interventions.position_zero import replace_position_zero
-from rope_leak.metrics.bos import REPLACEMENTS, bos_interventions, default_replacement_token
 from rope_leak.metrics.shares import fit_shares
 
 BUCKETS = 8
@@ -106,109 +104,3 @@ def test_patching_rejects_missing_heads(tiny_model, prompts):
         patching.mask_swap_by_layer(tiny_model, prompts[:3])
 
 
-# -- BOS interventions ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def bos_result(tiny_model, prompts):
-    return bos_interventions(tiny_model, prompts, spec=PairSpec(max_query=12), n_boot=30, n_buckets=BUCKETS)
-
-
-def test_bos_table_has_every_replacement_with_cis(bos_result):
-    table = bos_result.table().set_index("replacement")
-    assert list(table.index) == ["baseline", *REPLACEMENTS]
-    assert table.loc["baseline", "leakage_relative"] == pytest.approx(1.0)
-    assert table.loc["baseline", "resid_removed_fraction"] == pytest.approx(0.0)
-    for metric in ("L_total", "L_resid", "leakage_relative", "resid_removed_fraction"):
-        # percentile intervals of a cross-fitted (biased) statistic need not contain the
-        # point estimate; they must be ordered, finite and not degenerate
-        assert (table[f"{metric}_low"] <= table[f"{metric}_high"]).all()
-        assert np.isfinite(table[[f"{metric}_low", f"{metric}_high"]].to_numpy()).all()
-    assert (table.loc[list(REPLACEMENTS), "L_resid_high"] > table.loc[list(REPLACEMENTS), "L_resid_low"]).all()
-    # the debiased share's pivotal interval is centred on the estimate's scale: it covers it
-    assert ((table["L_resid_low"] <= table["L_resid"]) & (table["L_resid"] <= table["L_resid_high"])).all()
-    np.testing.assert_allclose(table["L_mask"], table["L_total"] - table["L_resid"])
-    assert (table["n_prompts"] == 8).all()
-
-
-def test_bos_estimators_agree_with_the_share_fits(bos_result):
-    from rope_leak.metrics.bos import BosInterventions
-    from rope_leak.stats.debias import debiased_share
-
-    for name, cond in bos_result.statistics.conditions.items():
-        np.testing.assert_allclose(bos_result.shares[name], debiased_share(cond.targets["pattern"]))
-    crossfit = BosInterventions(bos_result.statistics, bos_result.replacements, bos_result.token_id,
-                                n_boot=5, estimator="crossfit")
-    for name, cond in bos_result.statistics.conditions.items():
-        np.testing.assert_allclose(crossfit.shares[name], fit_shares(cond.targets["pattern"]).share, rtol=1e-5,
-                                   atol=1e-10)
-    assert (crossfit.table()["estimator"] == "crossfit").all()
-    with pytest.raises(ValueError, match="estimator"):
-        BosInterventions(bos_result.statistics, [], 0, estimator="bogus")
-
-
-def test_bos_median_aggregate(tiny_model, prompts, bos_result):
-    from rope_leak.metrics.bos import BosInterventions
-
-    median = BosInterventions(bos_result.statistics, bos_result.replacements, bos_result.token_id,
-                              n_boot=0, aggregate="median").table().set_index("replacement")
-    for name in median.index:
-        assert median.loc[name, "L_resid"] == pytest.approx(
-            np.median(bos_result.shares[f"{name}/bidirectional"]))
-    with pytest.raises(ValueError, match="aggregate"):
-        BosInterventions(bos_result.statistics, [], 0, aggregate="max")
-
-
-def test_every_replacement_changes_the_residual_component(bos_result):
-    table = bos_result.table().set_index("replacement")
-    for replacement in REPLACEMENTS:
-        assert abs(table.loc[replacement, "resid_removed_fraction"]) > 1e-3, replacement
-
-
-def test_replace_all_equals_token_under_causal_but_not_bidirectional(bos_result):
-    shares = bos_result.shares
-    np.testing.assert_allclose(shares["replace_all/causal"], shares["token/causal"], atol=1e-5)
-    assert np.abs(shares["replace_all/bidirectional"] - shares["token/bidirectional"]).max() > 1e-3
-
-
-def test_replacing_bos_by_itself_removes_nothing(tiny_model, prompts):
-    result = bos_interventions(tiny_model, prompts, replacements=("token", "replace_all"), token_id=0,
-                               spec=PairSpec(max_query=12), n_boot=0, n_buckets=BUCKETS)
-    table = result.table().set_index("replacement")
-    assert table.loc["token", "resid_removed_fraction"] == pytest.approx(0.0, abs=1e-6)
-    assert table.loc["token", "leakage_relative"] == pytest.approx(1.0, abs=1e-6)
-    assert table.loc["replace_all", "leakage_relative"] == pytest.approx(1.0, abs=1e-5)
-    # The ablation-free split sees no change either.
-    assert table.loc["token", "split_resid_relative"] == pytest.approx(1.0, abs=1e-6)
-    assert table.loc["token", "split_mask"] == pytest.approx(table.loc["baseline", "split_mask"], rel=1e-6)
-
-
-def test_bos_swap_is_read_by_both_decompositions(tiny_model, prompts):
-    table = bos_interventions(tiny_model, prompts, replacements=("zeros",), n_boot=0,
-                              n_buckets=BUCKETS).table().set_index("replacement")
-    assert {"split_resid", "split_mask", "split_composition"} <= set(table.columns)
-    # Zeroing position 0 changes what the residual stream carries: the split's scores part moves.
-    assert table.loc["zeros", "split_resid_relative"] != pytest.approx(1.0, abs=1e-3)
-
-
-def test_bos_interventions_validate_inputs(tiny_model, prompts):
-    with pytest.raises(ValueError, match="unknown replacements"):
-        bos_interventions(tiny_model, prompts, replacements=("bogus",))
-    assert default_replacement_token(torch.tensor([[0, 3, 3, 2], [0, 2, 3, 1]])) == 3
-
-
-@pytest.mark.real_model
-def test_real_bos_interventions_change_the_residual_component(real_model):
-    from rope_leak.corpus import load_corpus
-
-    tokens = load_corpus(real_model, "wikipedia", n_prompts=8, n_tokens=48, seed=0).tokens
-    result = bos_interventions(real_model, tokens, replacements=("token", "zeros", "replace_all"),
-                               n_boot=50, n_buckets=8)
-    # 8 prompts are far too few for the fractions themselves (cross-fitted shares are
-    # biased low); check what holds at any sample size
-    # equal up to float rounding (the pinned trajectory comes from a one-token pass), which
-    # heads with a nearly constant pattern amplify: relative tolerance as well
-    np.testing.assert_allclose(result.shares["replace_all/causal"], result.shares["token/causal"],
-                               atol=1e-4, rtol=1e-3)
-    base = result.shares["baseline/bidirectional"]
-    for replacement in ("token", "zeros", "replace_all"):
-        assert np.abs(result.shares[f"{replacement}/bidirectional"] - base).max() > 1e-3
-    assert np.isfinite(result.table()["L_resid"]).all()

@@ -63,3 +63,30 @@ def test_patching_and_bos_figures(tiny_model):
     table = bos_interventions(tiny_model, tokens, replacements=("zeros",), n_boot=5, n_buckets=8).table()
     assert len(plots_sinks.bos_interventions_figure(table).data) == 2
     assert plots_sinks.bos_table_figure(table).data[0].type == "table"
+
+
+def test_sink_analysis_reuses_the_main_pass(tiny_model, tiny_tokens, monkeypatch):
+    """Given the main analysis' statistics, the sink analysis reads sink scores and position-0
+    profiles from them: its only streaming run is the BOS interventions' short causal one."""
+    import rope_leak.metrics.bos as bos_module
+    import rope_leak.sink_analysis as sink_module
+    from rope_leak.analysis import analyze
+
+    analysis = analyze(tiny_model, tiny_tokens, progress=False, n_boot=20)
+    calls = []
+
+    def counting(run):
+        def wrapped(model, tokens, **kwargs):
+            calls.append((tuple(tokens.shape), sorted(kwargs.get("conditions") or ["causal", "bidirectional"])))
+            return run(model, tokens, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(sink_module, "run_statistics", counting(sink_module.run_statistics))
+    monkeypatch.setattr(bos_module, "run_statistics", counting(bos_module.run_statistics))
+    result = analyze_sinks(tiny_model, tiny_tokens[:8], statistics=analysis.statistics, bos_status=analysis.bos,
+                           n_boot=10, early_queries=6)
+    assert len(calls) == 1 and calls[0][0] == (8, 6)
+    assert all(name.endswith("/causal") for name in calls[0][1])
+    np.testing.assert_array_equal(result.sink_scores, analysis.sink_scores())
+    assert result.summary()["bos_status"] is analysis.bos
+    assert result.probe_status["run"] is False and "not run" in result.probe_status["reason"]

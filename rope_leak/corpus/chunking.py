@@ -28,8 +28,8 @@ from jaxtyping import Int
 
 from rope_leak.corpus.document import Document
 from rope_leak.corpus.errors import CorpusError
-from rope_leak.display import Displayable
 from rope_leak.corpus.tokenize import encode_text, tokenizer_name
+from rope_leak.display import Displayable
 
 __all__ = ["Corpus", "Document", "make_chunks", "corpus_sha256", "MIN_PROMPTS"]
 

@@ -1,39 +1,48 @@
-"""BOS interventions on the decomposition (DESIGN.md §2, "BOS interventions").
+"""BOS interventions: replace what enters the model at position 0 and measure what changes
+at early queries.
 
-For each replacement of what enters at position 0 the share of every head is refitted
-under the causal mask (``L_total``) and under the bidirectional ablation (``L_resid``),
-on the same prompts and early-query pairs (default ``PairSpec(max_query=32)``):
+For each replacement of the position-0 embedding (before the forward pass):
 
-* ``token``   — embedding of another token (``token_id``; default: the most common token
+* ``token`` — embedding of another token (``token_id``; default: the most common token
   of the prompts' positions ``>= 1``, see :func:`default_replacement_token`);
-* ``mean``    — the mean token embedding;
-* ``zeros``   — a zero vector;
-* ``noise``   — Gaussian noise rescaled to the norm of the embedding it replaces;
-* ``replace_all`` — position 0's residual stream at the input of *every* layer pinned to
-  the replacement token's causal trajectory
-  (:func:`rope_leak.interventions.position_zero_patch.replace_all_position_zero`): every
-  position-0-derived input (key 0, value 0 and position 0's own stream, in every layer)
-  is changed at once. Under the causal mask it coincides with ``token`` (position 0 is a
-  closed system); under the bidirectional ablation it also cuts what position 0 would
-  otherwise absorb from later positions.
+* ``mean``  — the mean token embedding;
+* ``zeros`` — a zero vector;
+* ``noise`` — Gaussian noise rescaled to the norm of the embedding it replaces;
 
-Reported, per replacement, aggregated over all heads by ``aggregate`` (default the mean,
-so the fractions are ratios of means, as in :class:`~rope_leak.metrics.decomposition.Decomposition`;
-``"median"`` resists heads whose cross-fitted R² explodes because a replacement leaves
-their pattern nearly constant):
+the prompts are run under the causal mask and scored on the early-query pairs
+(``1 <= j <= i < early``, default ``early = 32``). Under the causal mask query ``i`` sees
+tokens ``0..i`` only, so the prompts are cut to their first ``early`` tokens: later tokens
+cannot change anything that is scored (tested against full-length runs).
 
-* ``resid_removed_fraction = 1 - L_resid(replacement) / L_resid(baseline)``
-* ``leakage_relative = L_total(replacement) / L_total(baseline)``
+**What is measured.** The quantity that is there at early queries: the *scores'
+absolute-position sum of squares*, ``SS_abs(s) = ||D mu||^2`` where ``mu`` is the
+expected per-prompt cell vector of the pre-softmax scores on the scored pairs and ``D =
+H_abs - H_rel`` projects onto what absolute position adds to the saturated offset model
+(:mod:`rope_leak.stats.projection`). It is estimated without bias by the U-statistic over
+pairs of distinct prompts (``sum_{p != p'} <D y_p, D y_p'> / #pairs``; the same numerator as
+the debiased share), per head, and averaged over heads. The scores carry what the residual
+stream gives the logits (the causal denominator is not in them), so this is where a change
+of the position-0 stream shows. Beside it, ``L_total``: the debiased absolute-position share
+of the pattern at the same pairs.
 
-with bootstrap CIs from a paired bootstrap over prompt buckets (the same resampled prompts
-for every condition; buckets resampled within each cross-fitting fold; pivotal "basic"
-intervals by default, see :mod:`rope_leak.stats.bootstrap`).
+Ratios to the baseline (``scores_ss_relative``, ``leakage_relative``) come with paired
+bootstrap CIs (one resample of prompt buckets for every condition). A ratio whose
+baseline's CI includes 0 is **not estimable**: NaN in the table, null in JSON, a dash in
+the report (``*_estimable`` columns say which).
 
-Shares: ``estimator="debiased"`` (default; :func:`rope_leak.stats.debias.debiased_share`,
-unbiased numerator) or ``"crossfit"`` (:func:`rope_leak.metrics.shares.fit_shares`).
-Small samples: cross-fitted shares are biased low (DESIGN.md §2) — with 8 SmolLM2 prompts
-the cross-fitted baseline ``L_resid`` came out negative — and with few prompts per fold
-the ratios above are unstable either way. Use P >= 64 for numbers to report.
+Gauge caveat: adding any ``c_i`` to every score of query ``i`` leaves the pattern unchanged
+and moves the scores' query effect, which ``D`` counts. ``SS_abs(s)`` therefore measures the
+scores as the model computes them (``q_i . k_j / sqrt(d_head)``), not a property of ``A``
+alone; ``L_total`` is the pattern-level companion.
+
+Not included: "replace all" (position 0's stream pinned at every layer to another token's
+trajectory). Under the causal mask position 0 is a closed system, so it equals the
+``token`` replacement exactly (tested in ``tests/test_sinks.py``) and adds nothing; the
+context manager stays available as
+:func:`rope_leak.interventions.position_zero_patch.replace_all_position_zero`.
+The bidirectional ablation's ``L_resid`` is available with ``bidirectional=True`` (full-length
+prompts under both masks; six times the cost): the replacements change bidirectional
+patterns too.
 """
 
 from __future__ import annotations
@@ -50,17 +59,14 @@ from transformer_lens import HookedTransformer
 
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
-from rope_leak.engine.statistics import RunStatistics
-from rope_leak.interventions.mask import bidirectional
+from rope_leak.engine.statistics import RunStatistics, TargetStatistics
+from rope_leak.interventions.mask import bidirectional as bidirectional_mask
 from rope_leak.interventions.position_zero import replace_position_zero
-from rope_leak.interventions.position_zero_patch import replace_all_position_zero
-from rope_leak.metrics.split import SPLIT_INPUTS, renormalisation_split
-from rope_leak.stats.bootstrap import bootstrap_statistic
+from rope_leak.stats.bootstrap import bootstrap_statistic, bucket_weights
 from rope_leak.stats.projection import BucketProjection
 
 ESTIMATORS = ("debiased", "crossfit")
-
-REPLACEMENTS = ("token", "mean", "zeros", "noise", "replace_all")
+REPLACEMENTS = ("token", "mean", "zeros", "noise")
 EARLY_QUERIES = PairSpec(max_query=32)
 
 
@@ -72,8 +78,6 @@ def default_replacement_token(tokens: Tensor) -> int:
 
 
 def _replacement_condition(replacement: str, token_id: int, seed: int):
-    if replacement == "replace_all":
-        return partial(replace_all_position_zero, token_id=token_id)
     if replacement == "token":
         return partial(replace_position_zero, replacement="token", token_id=token_id)
     return partial(replace_position_zero, replacement=replacement, seed=seed)
@@ -86,15 +90,48 @@ def _with_mask(replacement_condition, mask: bool):
             if replacement_condition is not None:
                 stack.enter_context(replacement_condition(model))
             if mask:
-                stack.enter_context(bidirectional(model))
+                stack.enter_context(bidirectional_mask(model))
             yield model
 
     return condition
 
 
+def absolute_sum_of_squares(projection: BucketProjection, weights: np.ndarray | None = None,
+                            debiased: bool = True) -> np.ndarray:
+    """``||D mu||^2`` per head, ``[B, layer, head]``, for bucket weights ``[B, bucket]``.
+
+    ``debiased``: the U-statistic over pairs of distinct prompt draws (unbiased for the
+    population value); else the plug-in ``||D c_bar||^2`` of the weighted cell means (the
+    value of the bootstrap world)."""
+    w = np.ones((1, projection.n_buckets)) if weights is None else np.atleast_2d(np.asarray(weights, float))
+    products = projection.bucket_products()  # [layer, head, g, g']
+    full = np.einsum("bg,lhgk,bk->blh", w, products, w)
+    n = w @ projection.count
+    if not debiased:
+        return full / (n**2)[:, None, None]
+    self_sq = np.einsum("lhgg->glh", products)
+    cross = full - np.einsum("bg,glh->blh", w, self_sq)
+    pairs = n**2 - w @ projection.count**2
+    if np.any(pairs <= 0):
+        raise ValueError("the debiased sum of squares needs prompts in at least two buckets.")
+    return cross / pairs[:, None, None]
+
+
+def _interval(estimate, truth, samples, level: float):
+    alpha = (1 - level) / 2
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.nanquantile(samples, [alpha, 1 - alpha], axis=0)
+    return estimate + truth - hi, estimate + truth - lo  # pivotal ("basic")
+
+
+def _excludes_zero(low, high) -> np.ndarray:
+    return np.isfinite(low) & np.isfinite(high) & ((low > 0) | (high < 0))
+
+
 @dataclass
 class BosInterventions:
-    """Statistics of every (replacement, mask) condition and the table derived from them."""
+    """Statistics of every condition (``"{replacement}/causal"``, and ``/bidirectional``
+    when run) and the tables derived from them."""
 
     statistics: RunStatistics
     replacements: list[str]
@@ -104,109 +141,120 @@ class BosInterventions:
     seed: int = 0
     aggregate: str = "mean"
     estimator: str = "debiased"
+    level: float = 0.95
     shares: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> [layer, head]
+    scores_ss: dict[str, np.ndarray] = field(default_factory=dict)  # replacement -> [layer, head]
 
     def __post_init__(self) -> None:
         if self.aggregate not in ("mean", "median"):
             raise ValueError(f"aggregate must be 'mean' or 'median', got {self.aggregate!r}.")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}.")
-        self._projections = {name: BucketProjection.from_statistics(cond.targets[self.target])
-                             for name, cond in self.statistics.conditions.items()}
-        for name, projection in self._projections.items():
-            self.shares[name] = self._share(projection, None)[0]
+        for name, cond in self.statistics.conditions.items():
+            projection = BucketProjection.from_statistics(cond.targets[self.target])
+            self.shares[name] = (projection.debiased_share(None) if self.estimator == "debiased"
+                                 else projection.crossfit_share(None))[0]
+        for name in self.rows:
+            cond = self.statistics.conditions[f"{name}/causal"]
+            if "scores" in cond.targets:
+                self.scores_ss[name] = absolute_sum_of_squares(
+                    BucketProjection.from_statistics(cond.targets["scores"]))[0]
 
-    def _share(self, projection: BucketProjection, weights: np.ndarray | None) -> np.ndarray:
-        """``[n_weights, layer, head]`` shares under bucket weights (None: all prompts once)."""
-        if self.estimator == "debiased":
-            return projection.debiased_share(weights)
-        return projection.crossfit_share(weights)
+    @property
+    def rows(self) -> list[str]:
+        return ["baseline", *self.replacements]
 
-    METRICS = ("L_total", "L_resid", "L_mask", "leakage_relative", "resid_removed_fraction")
+    @property
+    def has_bidirectional(self) -> bool:
+        return "baseline/bidirectional" in self.statistics.conditions
 
-    def _summary_array(self, shares: dict[str, np.ndarray]) -> np.ndarray:
-        """``{condition: [B, layer, head]}`` -> ``[B, row, metric]`` (rows: baseline, then
-        the replacements; metrics: :attr:`METRICS`)."""
-        agg = np.nanmean if self.aggregate == "mean" else np.nanmedian
+    def _agg(self, values: np.ndarray) -> np.ndarray:
+        return (np.nanmean if self.aggregate == "mean" else np.nanmedian)(values, axis=(-2, -1))
+
+    def _stats(self, name: str, mask: str, target: str) -> TargetStatistics:
+        return self.statistics.conditions[f"{name}/{mask}"].targets[target]
+
+    def _share_rows(self, mask: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Aggregated share per row with pivotal CIs, and the paired bootstrap replicates of
+        the ratios to the baseline: ``(point, low, high, ratio_samples)``."""
+        stats = {name: self._stats(name, mask, self.target) for name in self.rows}
+        fn = lambda sh: np.stack([self._agg(sh[name]) for name in self.rows], -1)  # noqa: E731
+        if self.n_boot <= 0:
+            point = fn({k: v[None] for k, v in self._point_shares(mask).items()})[0]
+            return point, np.full_like(point, np.nan), np.full_like(point, np.nan), None
+        result = bootstrap_statistic(stats, fn, n_boot=self.n_boot, seed=self.seed, level=self.level,
+                                     share=self.estimator, method="basic", keep_samples=True)
+        return result.estimate, result.ci_low, result.ci_high, result.samples
+
+    def _point_shares(self, mask: str) -> dict[str, np.ndarray]:
+        return {name: self.shares[f"{name}/{mask}"] for name in self.rows}
+
+    def _ss_rows(self):
+        """Aggregated ``SS_abs(scores)`` per row: point, pivotal CI, paired replicates."""
+        projections = [BucketProjection.from_statistics(self._stats(name, "causal", "scores"))
+                       for name in self.rows]
+        point = np.array([self._agg(p_ss[None])[0] for p_ss in (self.scores_ss[n] for n in self.rows)])
+        if self.n_boot <= 0:
+            return point, np.full_like(point, np.nan), np.full_like(point, np.nan), None
+        count = projections[0].count
+        weights = bucket_weights(count, self.n_boot, np.random.default_rng(self.seed))
+        samples = np.stack([self._agg(absolute_sum_of_squares(p, weights)) for p in projections], -1)
+        truth = np.array([self._agg(absolute_sum_of_squares(p, None, debiased=False))[0] for p in projections])
+        low, high = _interval(point, truth, samples, self.level)
+        return point, low, high, samples
+
+    def _ratios(self, point, low, high, samples) -> dict[str, np.ndarray]:
+        """Ratio of every row to the baseline (row 0) with a percentile CI of the paired
+        replicates; NaN where the baseline's CI includes 0 (or without bootstrap: where the
+        baseline is not positive)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            base_total = agg(shares["baseline/causal"], axis=(-2, -1))
-            base_resid = agg(shares["baseline/bidirectional"], axis=(-2, -1))
-            rows = []
-            for name in ["baseline", *self.replacements]:
-                total = agg(shares[f"{name}/causal"], axis=(-2, -1))
-                resid = agg(shares[f"{name}/bidirectional"], axis=(-2, -1))
-                rows.append(np.stack([total, resid, total - resid, total / base_total,
-                                      1 - resid / base_resid], -1))
-        return np.stack(rows, 1)
+            ratio = point / point[0]
+            if samples is not None:
+                alpha = (1 - self.level) / 2
+                r_lo, r_hi = np.nanquantile(samples / samples[:, :1], [alpha, 1 - alpha], axis=0)
+            else:
+                r_lo = r_hi = np.full_like(ratio, np.nan)
+        estimable = bool(_excludes_zero(low[0], high[0])) if samples is not None else bool(point[0] > 0)
+        if not estimable:
+            ratio, r_lo, r_hi = (np.full_like(ratio, np.nan) for _ in range(3))
+        return {"value": ratio, "low": r_lo, "high": r_hi, "estimable": estimable}
 
-    def table(self, confidence: float = 0.95, method: str = "basic") -> pd.DataFrame:
-        """One row per replacement (and the baseline): point estimates and bootstrap CIs.
-
-        CIs: :func:`rope_leak.stats.bootstrap.bootstrap_statistic` — one bucket resample
-        shared by every condition (paired), ``method="basic"`` (pivotal; the one valid for
-        the debiased share) or ``"percentile"``.
-        """
-        rows = ["baseline", *self.replacements]
-        if self.n_boot > 0:
-            stats = {name: cond.targets[self.target] for name, cond in self.statistics.conditions.items()}
-            result = bootstrap_statistic(stats, self._summary_array, n_boot=self.n_boot, seed=self.seed,
-                                         level=confidence, share=self.estimator, method=method)
-            point, low, high = result.estimate, result.ci_low, result.ci_high
-        else:
-            point = self._summary_array({k: v[None] for k, v in self.shares.items()})[0]
-            low = high = None
-        records = []
-        for r, name in enumerate(rows):
-            record = {"replacement": name}
-            for m, metric in enumerate(self.METRICS):
-                record[metric] = float(point[r, m])
-                if low is not None:
-                    record[f"{metric}_low"], record[f"{metric}_high"] = float(low[r, m]), float(high[r, m])
-            records.append(record)
-        table = pd.DataFrame(records)
-        split = self.split_table()
-        if split is not None:
-            table = table.merge(split, on="replacement", how="left")
+    def table(self) -> pd.DataFrame:
+        """One row per replacement (and the baseline), aggregated over heads by
+        :attr:`aggregate`, with pivotal bootstrap CIs (see the module docstring)."""
+        table = pd.DataFrame({"replacement": self.rows})
+        blocks = []
+        if self.scores_ss:
+            blocks.append(("scores_ss", "scores_ss_relative", self._ss_rows()))
+        blocks.append(("L_total", "leakage_relative", self._share_rows("causal")))
+        if self.has_bidirectional:
+            blocks.append(("L_resid", "L_resid_relative", self._share_rows("bidirectional")))
+        for name, ratio_name, (point, low, high, samples) in blocks:
+            table[name], table[f"{name}_low"], table[f"{name}_high"] = point, low, high
+            ratio = self._ratios(point, low, high, samples)
+            table[ratio_name] = ratio["value"]
+            table[f"{ratio_name}_low"], table[f"{ratio_name}_high"] = ratio["low"], ratio["high"]
+            table[f"{ratio_name}_estimable"] = ratio["estimable"]
+        if self.has_bidirectional:
+            table["L_mask"] = table["L_total"] - table["L_resid"]
         table["n_prompts"] = self.statistics.conditions["baseline/causal"].n_prompts
         table["token_id"] = self.token_id
         table["aggregate"] = self.aggregate
         table["estimator"] = self.estimator
-        table["ci_method"] = method if low is not None else None
-        return table
-
-    def split_table(self) -> pd.DataFrame | None:
-        """The same replacements read by the renormalisation split of ``log_pattern`` (causal
-        runs only, so in distribution): mean unmasked-scores part ``split_resid``, mean
-        mask part ``split_mask`` and the split's pooled composition, with its bootstrap CI."""
-        conditions = self.statistics.conditions
-        if not all(t in conditions["baseline/causal"].targets for t in SPLIT_INPUTS):
-            return None
-        records = []
-        for name in ["baseline", *self.replacements]:
-            split = renormalisation_split(conditions[f"{name}/causal"], n_boot=self.n_boot, seed=self.seed)
-            frac = split.fractions()
-            ci = split.ci.get("composition", (np.nan, np.nan))
-            records.append({
-                "replacement": name, "split_resid": float(np.nanmean(frac["resid"])),
-                "split_mask": float(np.nanmean(frac["mask"])),
-                "split_composition": split.composition(),
-                "split_composition_low": ci[0],
-                "split_composition_high": ci[1],
-            })
-        table = pd.DataFrame(records)
-        base = table.loc[table["replacement"] == "baseline", "split_resid"].iloc[0]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            table["split_resid_relative"] = table["split_resid"] / base
+        table["ci_method"] = "basic" if self.n_boot > 0 else None
+        table["early_queries"] = self.statistics.metadata.get("early_queries")
         return table
 
     def head_table(self) -> pd.DataFrame:
-        """Long format: every head's share under every condition."""
+        """Long format: every head's share (and scores' SS_abs) under every condition."""
         rows = []
         for name, share in self.shares.items():
             replacement, mask = name.split("/")
+            ss = self.scores_ss.get(replacement) if mask == "causal" else None
             for (layer, head), value in np.ndenumerate(share):
-                rows.append({"replacement": replacement, "mask": mask, "layer": layer,
-                             "head": head, "share": float(value)})
+                rows.append({"replacement": replacement, "mask": mask, "layer": layer, "head": head,
+                             "share": float(value),
+                             "scores_ss": None if ss is None else float(ss[layer, head])})
         return pd.DataFrame(rows)
 
 
@@ -216,8 +264,10 @@ def bos_interventions(
     *,
     replacements: Iterable[str] = REPLACEMENTS,
     token_id: int | None = None,
-    spec: PairSpec = EARLY_QUERIES,
+    early_queries: int = 32,
+    spec: PairSpec | None = None,
     target: str = "pattern",
+    bidirectional: bool = False,
     n_boot: int = 200,
     batch_size: int = 8,
     n_buckets: int | None = None,
@@ -226,29 +276,35 @@ def bos_interventions(
     estimator: str = "debiased",
     progress: bool = False,
 ) -> BosInterventions:
-    """Run baseline and every replacement under the causal and bidirectional masks
-    (``2 * (1 + len(replacements))`` forward passes per prompt); see the module docstring.
+    """Run the baseline and every replacement (see the module docstring).
 
-    Returns a :class:`BosInterventions`; ``.table()`` is the DataFrame of the design's
-    "fraction of L_resid removed" and "leakage relative to baseline".
+    Causal only (default): the prompts are cut to their first ``early_queries`` tokens, and
+    all of them go through in one batch per condition (``1 + len(replacements)`` short
+    passes). ``bidirectional=True`` also runs every condition under the bidirectional
+    ablation, on the full-length prompts (its early queries see the whole prompt).
+    ``spec`` overrides the scored pairs (its ``max_query`` then sets the cut).
     """
     replacements = list(replacements)
     unknown = set(replacements) - set(REPLACEMENTS)
     if unknown:
-        raise ValueError(f"unknown replacements {sorted(unknown)}; choose from {REPLACEMENTS}.")
+        raise ValueError(f"unknown replacements {sorted(unknown)}; choose from {REPLACEMENTS} "
+                         "('replace_all' equals 'token' under the causal mask and is not run).")
     if len(tokens) < 4:
         raise ValueError(f"{len(tokens)} prompts are too few to cross-fit; use at least 4 (64 recommended).")
+    spec = PairSpec(max_query=int(early_queries)) if spec is None else spec
     token_id = default_replacement_token(tokens) if token_id is None else int(token_id)
+    cut = tokens.shape[1] if (bidirectional or spec.max_query is None) else min(spec.max_query, tokens.shape[1])
     conditions = {}
     for name in ["baseline", *replacements]:
         replacement = None if name == "baseline" else _replacement_condition(name, token_id, seed)
         conditions[f"{name}/causal"] = _with_mask(replacement, mask=False)
-        conditions[f"{name}/bidirectional"] = _with_mask(replacement, mask=True)
-    # The split's targets too, so the BOS-swap effect is also read by the renormalisation split.
-    targets = tuple(dict.fromkeys((target, *SPLIT_INPUTS)))
-    stats = run_statistics(model, tokens, conditions=conditions, targets=targets, spec=spec,
-                           unmasked_conditions=[c for c in conditions if c.endswith("/causal")],
-                           batch_size=batch_size, n_buckets=n_buckets, progress=progress,
-                           metadata={"replacements": replacements, "token_id": token_id})
+        if bidirectional:
+            conditions[f"{name}/bidirectional"] = _with_mask(replacement, mask=True)
+    targets = tuple(dict.fromkeys((target, "scores")))
+    stats = run_statistics(model, tokens[:, :cut], conditions=conditions, targets=targets, spec=spec,
+                           batch_size=batch_size if bidirectional else max(batch_size, min(len(tokens), 64)),
+                           n_buckets=n_buckets, progress=progress,
+                           metadata={"replacements": replacements, "token_id": token_id,
+                                     "early_queries": spec.max_query, "prompt_tokens": int(cut)})
     return BosInterventions(stats, replacements, token_id, target=target, n_boot=n_boot, seed=seed,
                             aggregate=aggregate, estimator=estimator)

@@ -17,6 +17,7 @@ cell, a fit on fold ``a`` needs only ``m_a = X^T y_a / N_a`` and the shared Gram
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from rope_leak.engine.pairs import PairDesign

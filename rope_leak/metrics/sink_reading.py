@@ -229,7 +229,9 @@ def sink_reading(
         batch = tokens[start:start + batch_size].to(model.cfg.device)
         source_tokens = batch.clone()
         source_tokens[:, 0] = int(source_token_id)
-        source = record_position_zero(model, source_tokens)  # [layer+1, batch, d_model]
+        # Under the causal mask position 0 sees no later token: a short prefix of the source
+        # prompts gives the same position-0 stream as the full-length run.
+        source = record_position_zero(model, source_tokens[:, :8])  # [layer+1, batch, d_model]
         for store in (resid_pre, z_clean, values, fractions, captured):
             store.clear()
 

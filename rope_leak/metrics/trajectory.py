@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
+from scipy.spatial.distance import pdist
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -34,6 +35,7 @@ class Trajectories(Displayable):
     resid: np.ndarray  # [prompt, depth, d_model], float64
     position_zero_tokens: np.ndarray  # [prompt]
     condition: str = "causal"
+    forced_tokens: bool = False
 
     @property
     def n_depths(self) -> int:
@@ -50,14 +52,16 @@ class Trajectories(Displayable):
 
     def within_token_spread(self) -> pd.DataFrame:
         """Per position-0 token and depth: the number of prompts, the largest absolute
-        deviation from the group's first prompt (exactly 0 when all are identical) and
-        the cross-prompt std (root-mean over the model dimension)."""
+        deviation from the group's first prompt and the cross-prompt std (root-mean over
+        the model dimension). A token held by one prompt only has no within-token spread to
+        estimate: both are NaN ("not estimable"), never 0."""
         rows = []
         for token, idx in self.groups().items():
             group = self.resid[idx]
-            dev = np.abs(group - group[:1]).max(axis=(0, 2))
+            dev = np.full(self.n_depths, np.nan)
             std = np.full(self.n_depths, np.nan)
             if len(idx) > 1:
+                dev = np.abs(group - group[:1]).max(axis=(0, 2))
                 std = np.sqrt((group.std(0, ddof=1) ** 2).mean(-1))
                 std[dev == 0] = 0.0
             for depth in range(self.n_depths):
@@ -65,7 +69,15 @@ class Trajectories(Displayable):
                              "max_abs_deviation": float(dev[depth]), "std": float(std[depth])})
         return pd.DataFrame(rows)
 
-    def max_within_token_deviation(self) -> float:
+    def within_token_estimable(self) -> bool:
+        """Whether some position-0 token is held by at least two prompts."""
+        return any(len(idx) > 1 for idx in self.groups().values())
+
+    def max_within_token_deviation(self) -> float | None:
+        """Largest within-token deviation over tokens and depths; None when no token is held
+        by two prompts (not estimable)."""
+        if not self.within_token_estimable():
+            return None
         return float(self.within_token_spread()["max_abs_deviation"].max())
 
     def between_token_distance(self) -> pd.DataFrame:
@@ -78,23 +90,33 @@ class Trajectories(Displayable):
         for depth in range(self.n_depths):
             x = reps[:, depth]
             norm = float(np.linalg.norm(x, axis=-1).mean())
-            dists = [np.linalg.norm(x[a] - x[b]) for a in range(len(x)) for b in range(a + 1, len(x))]
+            dists = pdist(x)  # every pair of different tokens
+            found = len(dists) > 0
             rows.append({
                 "depth": depth,
-                "min_distance": float(min(dists)) if dists else np.nan,
-                "mean_distance": float(np.mean(dists)) if dists else np.nan,
-                "relative_min_distance": float(min(dists)) / norm if dists and norm > 0 else np.nan,
+                "min_distance": float(dists.min()) if found else np.nan,
+                "mean_distance": float(dists.mean()) if found else np.nan,
+                "relative_min_distance": float(dists.min()) / norm if found and norm > 0 else np.nan,
                 "mean_norm": norm,
             })
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
+        """JSON summary; within-token numbers are None where not estimable (no token held by
+        two prompts), and ``forced_tokens`` says whether the position-0 tokens were put there
+        by the caller (then a within-token deviation of 0 under the causal mask is the
+        closed-system property checked, not a property of the corpus)."""
         spread = self.within_token_spread()
+        estimable = self.within_token_estimable()
+        per_depth = spread.groupby("depth")["std"].max()  # NaN-skipping: only estimable groups
         return {
             "condition": self.condition,
             "tokens": sorted(self.groups()),
-            "max_within_token_deviation": float(spread["max_abs_deviation"].max()),
-            "within_token_std": spread.groupby("depth")["std"].max().tolist(),
+            "forced_tokens": self.forced_tokens,
+            "prompts_per_token": {str(t): int(len(i)) for t, i in self.groups().items()},
+            "within_token_estimable": estimable,
+            "max_within_token_deviation": self.max_within_token_deviation(),
+            "within_token_std": [None if not np.isfinite(v) else float(v) for v in per_depth.tolist()],
             "between_token_relative_min_distance":
                 self.between_token_distance()["relative_min_distance"].tolist(),
         }
@@ -137,4 +159,5 @@ def position_zero_trajectories(
                 rows.append(record_position_zero(model, batch))
     resid = torch.cat(rows, 1).permute(1, 0, 2).double().numpy()
     name = condition_name or ("causal" if condition is None else getattr(condition, "__name__", "condition"))
-    return Trajectories(resid, tokens[:, 0].numpy().copy(), name)
+    return Trajectories(resid, tokens[:, 0].numpy().copy(), name,
+                        forced_tokens=position_zero_tokens is not None)

@@ -14,3 +14,7 @@ class UnsupportedModelError(ValueError):
     positions make the question moot) and for architectures TransformerLens 3.x cannot
     convert.
     """
+
+
+class IncompleteModelFileError(ValueError):
+    """A model file (GGUF, safetensors) is truncated or internally inconsistent."""

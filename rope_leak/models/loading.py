@@ -46,6 +46,7 @@ from rope_leak.cache import (
     sha256_file,
 )
 from rope_leak.models.errors import UnknownModelError, UnsupportedModelError
+from rope_leak.models.files import check_model_files
 from rope_leak.models.zoo import ZOO, ZooEntry, get_entry
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def load_model(
     """
     kind, resolved = _resolve(name)
     label = str(name)
+    check_model_files(kind, resolved)  # a truncated or corrupt file: a clear error, not a reader's
     if kind == "official":
         return _load_official(resolved, label=label, device=device, dtype=dtype, n_ctx=n_ctx)
 
