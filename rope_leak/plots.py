@@ -114,30 +114,42 @@ def layer_composition(analysis: Analysis, target: str | None = None) -> go.Figur
                       legend=dict(orientation="h", y=-0.2), height=450)
     fig.update_xaxes(title_text="layer")
     fig.update_yaxes(title_text="mean ΔR² over heads", row=1, col=1)
-    fig.update_yaxes(title_text="fraction from the mask", range=[-0.25, 1.25], row=1, col=2)
+    fig.update_yaxes(title_text="fraction from the mask", row=1, col=2)
     return fig
 
 
 def _composition_lines(fig: go.Figure, analysis: Analysis, row=None, col=None) -> None:
+    """Per-layer mask shares with CIs. A layer whose CI is wider than 1 (its pooled total
+    is about 0, so the ratio is noise) is not estimable: marked at the bottom, not drawn."""
     layers = np.arange(analysis.n_layers)
 
-    def band(estimate, low, high, name):
+    def band(estimate, low, high, name, color):
         estimate, low, high = (np.asarray(a, dtype=float) for a in (estimate, low, high))
+        ok = np.isfinite(estimate) & np.isfinite(low) & np.isfinite(high) & (high - low <= 1.0)
+        shown = np.where(ok, estimate, np.nan)
         fig.add_scatter(
-            x=layers, y=estimate, mode="lines+markers", name=name,
-            error_y=dict(type="data", symmetric=False, array=high - estimate, arrayminus=estimate - low),
+            x=layers, y=shown, mode="lines+markers", name=name, line=dict(color=color),
+            error_y=dict(type="data", symmetric=False, array=np.where(ok, high - estimate, np.nan),
+                         arrayminus=np.where(ok, estimate - low, np.nan)),
             hovertemplate="layer %{x}<br>" + name + " = %{y:.3f}<extra></extra>", row=row, col=col,
         )
+        if (~ok).any():
+            fig.add_scatter(x=layers[~ok], y=np.full((~ok).sum(), -0.15), mode="markers",
+                            marker=dict(symbol="x-thin", size=9, color=color, line=dict(width=2, color=color)),
+                            name=f"not estimable (CI wider than 1): {name.split(':')[0]}",
+                            hovertemplate="layer %{x}: not estimable<extra></extra>", row=row, col=col)
 
     split = analysis.split()
     if split is not None:
         comp = split.layer_table()["composition"]
         ci = split.layer_ci.get("composition", np.stack([comp, comp], 1))
-        band(comp, ci[:, 0], ci[:, 1], "renormalisation split: SS(m) / (SS(m) + SS(log A^full))")
+        band(comp, ci[:, 0], ci[:, 1], "renormalisation split: SS(m) / (SS(m) + SS(log A^full))", "#636efa")
     ablation = analysis.inference("log_pattern").layer_composition
-    band(ablation.estimate, ablation.low, ablation.high, "bidirectional ablation: L_mask / L_total (log A)")
+    band(ablation.estimate, ablation.low, ablation.high,
+         "bidirectional ablation: L_mask / L_total (log A)", "#ef553b")
     for y in (0, 1):
         fig.add_hline(y=y, line_dash="dot", line_color="grey", row=row, col=col)
+    fig.update_yaxes(range=[-0.25, 1.25], row=row, col=col)
 
 
 def sink_map(analysis: Analysis) -> go.Figure:

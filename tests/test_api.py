@@ -39,7 +39,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def analysis(model, corpus):
-    return rl.analyze(model, corpus, n_boot=40, progress=False)
+    return rl.analyze(model, corpus, n_boot=40, progress=False, cell_maps=True)
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ values, ``SS(log A) = SS(log A^full) + SS(m) + 2 <D mu_full, D mu_m>`` per promp
 term is estimated without the upward bias of an in-sample sum of squares by a
 U-statistic over pairs of distinct prompt buckets (independent noise):
 ``sum_{g != g'} <z_g^a, z_g'^b> / (N^2 - sum_g N_g^2)``. Bucket weights give bootstrap
-intervals; copies of a bucket in a bootstrap draw never pair with each other (the same
-rule as the debiased share).
+intervals (copies of a bucket in a bootstrap draw are treated as in the debiased share:
+:func:`rope_leak.stats.projection.pair_products`).
 
 Aggregation over heads pools sums of squares (``sum_h SS_mask / sum_h (SS_mask +
 SS_resid)``), so a head's weight is what it actually varies, and heads whose scored

@@ -132,8 +132,8 @@ class BucketProjection:
     def debiased_share(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Unbiased-numerator share ``[B, layer, head]`` (see :mod:`rope_leak.stats.debias`).
 
-        Weights are multiplicities; copies of a bucket never pair with each other (their
-        noise is shared), as in :func:`pair_products`."""
+        Weights are multiplicities, as in :func:`pair_products` (the one rule for every
+        U-statistic here)."""
         weights = self._weights(weights)
         return _safe_ratio(pair_products(self, self, weights), self.per_prompt_sst(weights))
 
@@ -159,14 +159,15 @@ class BucketProjection:
 
 def pair_products(a: BucketProjection, b: BucketProjection, weights: np.ndarray) -> np.ndarray:
     """U-statistic of the per-prompt ``<D mu_a, D mu_b>`` per head, ``[B, layer, head]``,
-    for bucket weights ``[B, bucket]`` (multiplicities). Only pairs of distinct buckets
-    enter: copies of a bucket in a bootstrap draw never pair with each other, since their
-    noise is shared and pairing them would bring back the bias the U-statistic removes."""
+    for bucket weights ``[B, bucket]`` (multiplicities). Only pairs of distinct draws
+    enter: each bucket's pairing with itself carries the noise and is left out; copies of
+    a bucket in a bootstrap draw count as distinct draws (so the bootstrap reproduces the
+    in-sample world around which its intervals are calibrated: tests/test_stats.py)."""
     weights = np.asarray(weights, dtype=float)
     products = a.bucket_products(b)  # [layer, head, g, g']
-    self_terms = np.einsum("bg,lhgg->blh", weights**2, products)
+    self_terms = np.einsum("bg,lhgg->blh", weights, products)
     n = weights @ a.count
-    pairs = n**2 - weights**2 @ a.count**2
+    pairs = n**2 - weights @ a.count**2
     if np.any(pairs <= 0):
         raise ValueError("this estimate needs prompts in at least two buckets. Fix: use at "
                          "least 4 prompts (64 recommended).")
