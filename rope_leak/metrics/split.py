@@ -151,8 +151,8 @@ def _terms(projections: dict[str, BucketProjection], weights: np.ndarray) -> dic
 def renormalisation_split(
     stats: ConditionStatistics, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> RenormalisationSplit:
-    """The split of a causal run's ``log_pattern``, with percentile bootstrap intervals
-    (over prompt buckets) of the pooled compositions, model-wide and per layer."""
+    """The split of a causal run's ``log_pattern``, with basic (pivotal) bootstrap
+    intervals (over prompt buckets) of the pooled compositions, model-wide and per layer."""
     missing = [t for t in SPLIT_INPUTS if t not in stats.targets]
     if missing:
         raise ValueError(
@@ -162,9 +162,9 @@ def renormalisation_split(
         )
     projections = {t: BucketProjection.from_statistics(stats.targets[t]) for t in SPLIT_INPUTS}
     count = stats.targets["log_pattern"].count
-    point = {k: v[0] for k, v in _terms(projections, np.ones((1, len(count)))).items()}
-    degenerate = degenerate_heads(point["sst"])
-    split = RenormalisationSplit(**point, degenerate=degenerate, level=level)
+    point_terms = {k: v[0] for k, v in _terms(projections, np.ones((1, len(count)))).items()}
+    degenerate = degenerate_heads(point_terms["sst"])
+    split = RenormalisationSplit(**point_terms, degenerate=degenerate, level=level)
     if n_boot > 0:
         weights = bucket_weights(count, n_boot, np.random.default_rng(seed))
         keep = ~degenerate
@@ -173,10 +173,17 @@ def renormalisation_split(
             terms = _terms(projections, weights[start:start + 100])
             model.append(RenormalisationSplit.pooled(terms, keep[None], axis=(1, 2)))
             layers.append(RenormalisationSplit.pooled(terms, keep[None], axis=2))
+        # Basic (pivotal) intervals, as for the debiased shares: resampled buckets that
+        # repeat bring their noise back into the sums of squares, so the draws are
+        # shifted against the estimate, and the pivot removes that shift.
         alpha = (1 - level) / 2
+        point = {**RenormalisationSplit.pooled(point_terms, keep, axis=(0, 1))}
+        point_layers = RenormalisationSplit.pooled(point_terms, keep, axis=1)
         for name in model[0]:
             draws = np.concatenate([m[name] for m in model])
-            split.ci[name] = tuple(float(q) for q in np.nanquantile(draws, [alpha, 1 - alpha]))
+            low, high = np.nanquantile(draws, [alpha, 1 - alpha])
+            split.ci[name] = (float(2 * point[name] - high), float(2 * point[name] - low))
             per_layer = np.concatenate([m[name] for m in layers])
-            split.layer_ci[name] = np.nanquantile(per_layer, [alpha, 1 - alpha], axis=0).T
+            q = np.nanquantile(per_layer, [alpha, 1 - alpha], axis=0)
+            split.layer_ci[name] = np.stack([2 * point_layers[name] - q[1], 2 * point_layers[name] - q[0]], 1)
     return split
