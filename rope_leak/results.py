@@ -130,11 +130,11 @@ def save_analysis(
     payload = results_dict(analysis, provenance)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
-        atomic_write_text(staging / "heads.csv", analysis.heads().to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(staging / "heads.csv", analysis.heads().to_csv(index=False, float_format="%.17g"))  # full float64 precision
         layers = [analysis.layers(t) for t in analysis.targets]
         import pandas as pd
 
-        atomic_write_text(staging / "layers.csv", pd.concat(layers).to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(staging / "layers.csv", pd.concat(layers).to_csv(index=False, float_format="%.17g"))  # full float64 precision
         if statistics:  # mergeable, but large (~1.5 GB for SmolLM2 at n = 256)
             analysis.statistics.save(staging / "statistics.npz")
         if run_info is not None:

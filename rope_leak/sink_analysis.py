@@ -234,17 +234,17 @@ def save_sinks(result: SinkAnalysis, out_dir: str | Path, *, provenance: dict | 
                            "provenance": {"versions": package_versions(), **(provenance or {})},
                            **result.summary()})
     atomic_write_text(out / "sinks.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(out / "sink_heads.csv", result.heads().to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "sink_heads.csv", result.heads().to_csv(index=False, float_format="%.17g"))  # full float64 precision
     traj = result.trajectory.within_token_spread().merge(
         result.trajectory.between_token_distance(), on="depth")
-    atomic_write_text(out / "trajectory.csv", traj.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "trajectory.csv", traj.to_csv(index=False, float_format="%.17g"))  # full float64 precision
     probe = result.probe
     if probe is None:  # say so in the file too, never leave it out silently
         probe = pd.DataFrame([{"features": None, "run": False,
                                "reason": result.probe_status.get("reason", "not run")}])
-    atomic_write_text(out / "probe.csv", probe.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "probe.csv", probe.to_csv(index=False, float_format="%.17g"))  # full float64 precision
     if result.bos is not None:
         atomic_write_text(out / "bos_interventions.csv",
-                          result.bos.table().to_csv(index=False, float_format="%.6g"))
+                          result.bos.table().to_csv(index=False, float_format="%.17g"))  # full float64 precision
     atomic_write_text(out / "sinks.html", sinks_html(result))
     return out

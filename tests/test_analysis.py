@@ -105,3 +105,12 @@ def test_real_model_analysis(real_model):
     assert min(pz["bidirectional"]["std"][1:]) > 0.0
     # SmolLM2 has strong attention sinks.
     assert len(analysis.sink_heads()) > 10
+
+
+def test_heads_csv_keeps_full_precision(tiny_model, tiny_tokens, tmp_path):
+    analysis = analyze(tiny_model, tiny_tokens, progress=False, n_boot=20)
+    analysis.save(tmp_path / "out")
+    written = pd.read_csv(tmp_path / "out" / "heads.csv")
+    expected = analysis.heads()
+    for column in ("L_total_debiased", "pattern_L_total_crossfit", "split_mask"):
+        np.testing.assert_array_equal(written[column].to_numpy(), expected[column].to_numpy())
