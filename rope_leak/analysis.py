@@ -312,9 +312,13 @@ class Analysis(Displayable):
             table["composition_debiased"] = inf.layer_composition.estimate
             table["composition_ci_low"] = inf.layer_composition.low
             table["composition_ci_high"] = inf.layer_composition.high
-            table["L_total_debiased"] = inf.total.estimate.mean(1)
-            table["L_resid_debiased"] = inf.resid.estimate.mean(1)
-            table["L_mask_debiased"] = inf.mask.estimate.mean(1)
+            keep = np.where(inf.degenerate, np.nan, 1.0)  # degenerate heads left out
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a layer of degenerate heads: NaN
+                table["L_total_debiased"] = np.nanmean(inf.total.estimate * keep, 1)
+                table["L_resid_debiased"] = np.nanmean(inf.resid.estimate * keep, 1)
+                table["L_mask_debiased"] = np.nanmean(inf.mask.estimate * keep, 1)
+            table["degenerate_heads"] = inf.degenerate.sum(1)
         split = self.split()
         if split is not None:
             fractions = split.fractions()
@@ -393,9 +397,7 @@ class Analysis(Displayable):
             out[f"{key}_debiased_ci"] = out[f"{key}_ci"] = inf[f"{name}_ci"]
         out["estimators"] = ("*_debiased: debiased shares (headline; unsuffixed keys are the same); "
                              "crossfit: cross-fitted shares of the definition")
-        out["composition_aggregation"] = (
-            "sum over heads of L_mask / sum over heads of (L_mask + L_resid), debiased shares"
-        )
+        out["composition_aggregation"] = inf["aggregation"]
         out["ci_level"] = inf["level"]
         out["heads_significant_total"] = inf["heads_significant_total"]
         out["heads_significant_resid"] = inf["heads_significant_resid"]
