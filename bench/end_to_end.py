@@ -27,30 +27,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def bare_forward(model, tokens, batch_size: int) -> float:
+def bare_forward(model, tokens, batch_size: int) -> tuple[float, float]:
+    """Wall and CPU (process) seconds of the bare forward passes."""
     from rope_leak.engine.run import DEFAULT_CONDITIONS
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start:start + batch_size]
             for condition in DEFAULT_CONDITIONS.values():
                 with condition(model):
                     model(batch, return_type=None)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
-def end_to_end(prompts: int, tokens: int, batch_size: int, out: Path) -> tuple[float, dict]:
+def end_to_end(prompts: int, tokens: int, batch_size: int, out: Path) -> tuple[float, float, dict]:
     from rope_leak.cli import main
 
     args = ["analyze", "--prompts", str(prompts), "--tokens", str(tokens), "--batch-size", str(batch_size),
             "--out", str(out), "--overwrite", "--no-progress"]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     code = main(args)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     if code != 0:
         raise SystemExit(f"rope-leak analyze failed with exit code {code}")
-    return seconds, json.loads((out / "run_info.json").read_text())
+    return seconds, cpu, json.loads((out / "run_info.json").read_text())
 
 
 def main() -> None:
@@ -77,22 +78,31 @@ def main() -> None:
     say(f"rope_leak end to end (SmolLM2-135M-Instruct, {args.prompts} x {args.tokens} Wikipedia chunks, "
         f"CPU float32, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
         f"load average {os.getloadavg()[0]:.2f})")
-    bare, full, infos = [], [], []
+    bare, full, bare_cpu, full_cpu, infos = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
-            bare.append(bare_forward(model, tokens, args.batch_size))
-            seconds, info = end_to_end(args.prompts, args.tokens, args.batch_size, Path(tmp) / "out")
+            seconds, cpu, info = end_to_end(args.prompts, args.tokens, args.batch_size, Path(tmp) / "out")
             full.append(seconds)
+            full_cpu.append(cpu)
             infos.append(info)
+            seconds, cpu = bare_forward(model, tokens, args.batch_size)
+            bare.append(seconds)
+            bare_cpu.append(cpu)
     ratios = [f / b for f, b in zip(full, bare)]
+    cpu_ratios = [f / b for f, b in zip(full_cpu, bare_cpu)]
     fmt = lambda xs: " / ".join(f"{x:.1f}" for x in (min(xs), statistics.median(xs), max(xs)))  # noqa: E731
     say(f"  bare forward passes of the main analysis (causal + bidirectional) [s]: {fmt(bare)}")
     say(f"  rope-leak analyze end to end (load, main analysis, sink analysis, report) [s]: {fmt(full)}")
     for key in ("load_seconds", "main_analysis_seconds", "sink_analysis_seconds"):
         say(f"    {key.removesuffix('_seconds').replace('_', ' '):>15} [s]: {fmt([i[key] for i in infos])}")
     say(f"    {'save + report':>15} [s]: {fmt([f - i['seconds'] for f, i in zip(full, infos)])}")
-    say(f"  ratio end to end / bare forward (min / median / max): "
+    say(f"  ratio end to end / bare forward, wall time (min / median / max): "
         f"{' / '.join(f'{r:.2f}' for r in (min(ratios), statistics.median(ratios), max(ratios)))}   target <= 1.5")
+    say(f"  CPU time of this process [s]: bare {fmt(bare_cpu)}, end to end {fmt(full_cpu)}")
+    say(f"  ratio end to end / bare forward, CPU time (min / median / max): "
+        f"{' / '.join(f'{r:.2f}' for r in (min(cpu_ratios), statistics.median(cpu_ratios), max(cpu_ratios)))}"
+        "   (less sensitive to other processes on a shared machine)")
+    say(f"  load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 

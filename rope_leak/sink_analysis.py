@@ -184,8 +184,8 @@ def analyze_sinks(
     trajectory = position_zero_trajectories(model, rows, [t for t in trajectory_tokens for _ in (0, 1)],
                                             batch_size=max(batch_size, n_traj))
     # Bidirectional: position 0 sees the whole prompt (full length needed); the main pass
-    # already has the cross-prompt spread over all prompts, so 4 prompts show the trajectory.
-    trajectory_b = position_zero_trajectories(model, tokens[:min(len(tokens), 4)],
+    # already has the cross-prompt spread over all prompts, so 2 prompts show the trajectory.
+    trajectory_b = position_zero_trajectories(model, tokens[:min(len(tokens), 2)],
                                               condition=bidirectional, condition_name="bidirectional")
     reading = sink_reading(model, tokens[:reading_prompts], source_token_id=source,
                            threshold=reading_threshold, batch_size=batch_size)

@@ -221,7 +221,15 @@ class BosInterventions:
 
     def table(self) -> pd.DataFrame:
         """One row per replacement (and the baseline), aggregated over heads by
-        :attr:`aggregate`, with pivotal bootstrap CIs (see the module docstring)."""
+        :attr:`aggregate`, with pivotal bootstrap CIs (see the module docstring). Computed
+        once per setting (the report, the JSON and the CSV all ask for it)."""
+        key = (self.n_boot, self.seed, self.aggregate, self.estimator, self.level)
+        cache = self.__dict__.setdefault("_tables", {})
+        if key not in cache:
+            cache[key] = self._table()
+        return cache[key].copy()
+
+    def _table(self) -> pd.DataFrame:
         table = pd.DataFrame({"replacement": self.rows})
         blocks = []
         if self.scores_ss:

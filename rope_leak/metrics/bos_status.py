@@ -18,7 +18,7 @@ the position-0 token, on the prompts themselves:
 
 Spreads are the root-mean over the model dimension of per-coordinate standard deviations
 (``ddof=1``), the convention of the analysis' position-0 profile. Position 0 cannot see
-later tokens under the causal mask, so a short prefix of each prompt (``prefix`` tokens)
+later tokens under the causal mask, so a short prefix of each prompt (``prefix`` tokens, 2)
 gives exactly the stream of the full-length run; the cost is ``prefix / n`` of one pass.
 """
 
@@ -83,7 +83,7 @@ def _spreads(resid: np.ndarray, first: np.ndarray) -> dict:
     }
 
 
-def bos_status(model: HookedTransformer, tokens: Tensor, *, prefix: int = 8,
+def bos_status(model: HookedTransformer, tokens: Tensor, *, prefix: int = 2,
                batch_size: int = 64, measure: bool = True) -> dict:
     """BOS facts of a run on ``tokens`` (``[prompt, pos]``) and, with ``measure``, the
     position-0 spread against the position-0 token (see the module docstring).
