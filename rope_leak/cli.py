@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
     _add_run_arguments(analyze)
     analyze.add_argument("--save-statistics", action="store_true",
-                         help="also write statistics.npz, the run's sufficient statistics (large: "
-                              "~1.5 GB for SmolLM2 at 256 tokens), to merge or refit later")
+                         help="also write statistics.npz, the run's sufficient statistics (O(n) "
+                              "per head and prompt bucket), to merge or refit later")
+    analyze.add_argument("--cell-maps", action="store_true",
+                         help="also keep per-cell sums (O(n^2) per head): the cell-mean ceiling "
+                              "M_cell in heads.csv, the permutation null and per-cell maps")
     analyze.add_argument("--no-sinks", action="store_true",
                          help="skip the sink analysis (sink reading, position-0 trajectories, "
                               "fingerprint probe, BOS interventions) and its report sections")
@@ -153,7 +156,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     spec = PairSpec(include_sink=args.include_sink, min_query=args.min_query, max_query=args.max_query)
     started = time.perf_counter()
     print(f"rope-leak: loading {args.model} ...", file=sys.stderr)
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    # the default context cap is 2048 tokens; longer prompts raise it explicitly
+    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype],
+                       n_ctx=args.tokens if args.tokens > 2048 else None)
     loaded = time.perf_counter()
     corpus = load_corpus(model, args.corpus, n_prompts=args.prompts, n_tokens=args.tokens, seed=args.seed)
     settings = {
@@ -161,7 +166,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         "seed": args.seed, "target": args.target, "pairs": spec.to_dict(), "dtype": args.dtype,
         "batch_size": args.batch_size, "no_sinks": args.no_sinks, "sink_prompts": args.sink_prompts,
         "bos_prompts": args.bos_prompts, "reading_prompts": args.reading_prompts,
-        "save_statistics": args.save_statistics,
+        "save_statistics": args.save_statistics, "cell_maps": args.cell_maps,
     }
     provenance = {
         "model": dict(getattr(model, "rope_leak_source", {"name": args.model})),
@@ -172,7 +177,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     if shard is not None:
         return _run_shard(args, model, corpus, spec, settings, provenance, shard, resume)
     analysis = analyze(model, corpus.tokens, target=args.target, spec=spec, batch_size=args.batch_size,
-                       progress=not args.no_progress, metadata={"settings": settings}, **resume)
+                       progress=not args.no_progress, metadata={"settings": settings},
+                       cell_maps=args.cell_maps, **resume)
     sinks, sections = None, ()
     main_done = time.perf_counter()
     if not args.no_sinks:
@@ -408,6 +414,7 @@ def _run_shard(args, model, corpus, spec, settings, provenance, shard, resume) -
     stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=spec,
                            batch_size=args.batch_size, prompt_ids=prompts,
                            n_buckets=default_buckets(len(corpus.tokens)),  # as the whole run's
+                           cell_maps=args.cell_maps,
                            progress=not args.no_progress,
                            metadata={"settings": settings, "inputs": inputs}, **resume)
     out = write_shard(stats, args.out, shard=shard, n_prompts=len(corpus.tokens), provenance=provenance)

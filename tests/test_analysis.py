@@ -114,3 +114,16 @@ def test_heads_csv_keeps_full_precision(tiny_model, tiny_tokens, tmp_path):
     expected = analysis.heads()
     for column in ("L_total_debiased", "pattern_L_total_crossfit", "split_mask"):
         np.testing.assert_array_equal(written[column].to_numpy(), expected[column].to_numpy())
+
+
+def test_cli_cell_maps_add_the_cell_mean_ceiling(tiny_folder, text_corpus, tmp_path):
+    args = ["analyze", "--model", str(tiny_folder), "--corpus", str(text_corpus), "--prompts", "8",
+            "--tokens", "24", "--no-progress", "--no-sinks"]
+    assert main(args + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(args + ["--cell-maps", "--out", str(tmp_path / "cells")]) == 0
+    plain = pd.read_csv(tmp_path / "plain" / "heads.csv")
+    cells = pd.read_csv(tmp_path / "cells" / "heads.csv")
+    assert not any("r2_cell" in c for c in plain.columns)  # O(n) statistics only
+    assert np.isfinite(cells["pattern_causal_r2_cell"]).all()
+    # per-cell sums change nothing else
+    np.testing.assert_array_equal(cells["L_total_debiased"], plain["L_total_debiased"])
