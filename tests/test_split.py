@@ -149,3 +149,30 @@ def test_unmasked_pass_leaves_the_model_output_unchanged(double_model):
         seen["logits"] = double_model(tokens)
     torch.testing.assert_close(seen["logits"], expected, rtol=0, atol=1e-12)
     assert all(b.attn._attention_dir_override is None for b in double_model.blocks)
+
+
+def test_degenerate_heads_by_total_or_fold_variance():
+    from rope_leak.metrics.degenerate import DEGENERATE_FLOOR, degenerate_heads
+
+    sst = np.array([[1.0, 2.0, 0.5, 1e-6]])
+    folds = np.stack([sst, sst.copy()])
+    folds[1, 0, 2] = 1e-7  # one fold of head 2 has almost no variance (a ratio of tiny numbers)
+    assert degenerate_heads(sst).tolist() == [[False, False, False, True]]
+    assert degenerate_heads(sst, fold_sst=folds).tolist() == [[False, False, True, True]]
+    assert degenerate_heads(sst * 0).all()  # no variance anywhere
+    assert DEGENERATE_FLOOR == 1e-3
+
+
+def test_a_sink_head_is_degenerate_and_left_out_of_the_pooled_composition():
+    """A head with all its attention on key 0 (not scored) has a pattern of about 0 on
+    every scored pair: flagged, and the pooled composition is that of the other head."""
+    from rope_leak.stats.inference import decomposition_inference
+
+    full = torch.cat([heads(seed=1), heads(seed=2)], 1)
+    full[:, 1, :, 0] += 60.0  # head 1: a sink
+    _, causal = split_of(full)
+    _, solo = split_of(full[:, :1])
+    both = decomposition_inference(causal, causal, "pattern", n_boot=20, n_flips=20)
+    one = decomposition_inference(solo, solo, "pattern", n_boot=20, n_flips=20)
+    assert both.degenerate.tolist() == [[False, True]]
+    assert float(both.means.estimate[0]) == pytest.approx(float(one.means.estimate[0]), rel=1e-12)

@@ -41,7 +41,7 @@ import numpy as np
 from scipy.stats import norm
 
 from rope_leak.engine.statistics import ConditionStatistics
-from rope_leak.metrics.degenerate import degenerate_heads
+from rope_leak.metrics.degenerate import degenerate_heads, fold_scored_variance
 from rope_leak.stats.projection import BucketProjection, pair_products
 
 SPLIT_INPUTS = ("log_pattern", "unmasked_log_pattern", "renormalisation")
@@ -163,7 +163,8 @@ def renormalisation_split(
     projections = {t: BucketProjection.from_statistics(stats.targets[t]) for t in SPLIT_INPUTS}
     count = stats.targets["log_pattern"].count
     point_terms = {k: v[0] for k, v in _terms(projections, np.ones((1, len(count)))).items()}
-    degenerate = degenerate_heads(point_terms["sst"])
+    degenerate = degenerate_heads(point_terms["sst"],
+                                  fold_sst=fold_scored_variance(projections["log_pattern"]))
     split = RenormalisationSplit(**point_terms, degenerate=degenerate, level=level)
     if n_boot > 0:
         # Delete-one-bucket jackknife: the terms are U-statistics over buckets and the

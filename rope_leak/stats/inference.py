@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rope_leak.engine.statistics import ConditionStatistics
-from rope_leak.metrics.degenerate import degenerate_heads
+from rope_leak.metrics.degenerate import degenerate_heads, fold_scored_variance
 from rope_leak.stats.bootstrap import bootstrap_statistic, bucket_weights
 from rope_leak.stats.fdr import benjamini_hochberg
 from rope_leak.stats.nulls import signflip_null
@@ -110,8 +110,11 @@ def decomposition_inference(
     seed: int = 0,
 ) -> DecompositionInference:
     pair = {"causal": causal.targets[target], "bidirectional": bidirectional.targets[target]}
-    sst = {c: BucketProjection.from_statistics(st).per_prompt_sst()[0] for c, st in pair.items()}
-    degenerate = degenerate_heads(sst["causal"]) | degenerate_heads(sst["bidirectional"])
+    projections = {c: BucketProjection.from_statistics(st) for c, st in pair.items()}
+    sst = {c: bp.per_prompt_sst()[0] for c, bp in projections.items()}
+    degenerate = np.zeros(sst["causal"].shape, dtype=bool)
+    for c, bp in projections.items():
+        degenerate |= degenerate_heads(sst[c], fold_sst=fold_scored_variance(bp))
     w_c, w_b = (np.where(degenerate, 0.0, sst[c]) for c in ("causal", "bidirectional"))
     keep = np.where(degenerate, np.nan, 1.0)
     heads = bootstrap_statistic(
