@@ -1,4 +1,4 @@
-"""Claims of DESIGN.md §2 "Sinks" / issue 3 points 2-4, each a test that fails if the
+"""Claims about sinks and position 0 (docs/method.md), each a test that fails if the
 claim is false: the position-0 trajectory, sink-reading heads, the fingerprint."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def relative_logits(n: int, n_heads: int, rng: np.random.Generator) -> np.ndarra
     (RoPE-like frequencies that are multiples of 2π/n). Periodicity makes every row of
     the bidirectional softmax a cyclic shift of row 0, so Z_i is the same for all i and
     even ``pattern`` is purely relative on the causal cells (a non-periodic f would
-    leak absolute position through Z_i, as DESIGN.md §2 warns)."""
+    leak absolute position through Z_i)."""
     d = np.arange(n)[:, None] - np.arange(n)[None, :]
     out = np.zeros((n_heads, n, n))
     for m in (1, 2, 3):
@@ -191,7 +191,7 @@ def test_signflip_pvalues_roughly_uniform_under_null():
 def test_debiased_share_is_mean_zero_for_relative_heads(n_prompts):
     """Simulation: purely relative heads (bidirectional, ``scores``): the debiased share
     has mean 0 within 3 standard errors; the cross-fitted share is clearly negative (the
-    small-sample bias of DESIGN.md §2), which the bias estimate accounts for."""
+    small-sample bias), which the bias estimate accounts for."""
     debiased, crossfit, corrected = [], [], []
     for seed in range(4):
         stats, _ = simulate(16, n_prompts, 50, 16, seed=seed, sigma=1.0)

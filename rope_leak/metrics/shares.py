@@ -1,6 +1,6 @@
 """Absolute-position share of every head, fitted exactly from sufficient statistics.
 
-Models (DESIGN.md §2), all least squares over the scored cells:
+Models (docs/method.md), all least squares over the scored cells:
 
 * ``M_rel``:  ``y ~ a[i - j]``            (saturated relative baseline)
 * ``M_abs``:  ``y ~ a[i - j] + b[i] + c[j]``
@@ -9,9 +9,10 @@ Models (DESIGN.md §2), all least squares over the scored cells:
 Cross-fitting: fit on the even prompts, score on the odd ones, and the reverse; R² of
 each direction uses the scored fold's own total sum of squares; the two are averaged.
 ``share = R²(M_abs) - R²(M_rel)``. Since every prompt contributes one observation per
-cell, a fit on fold ``a`` needs only ``m_a = X^T y_a / N_a`` and the shared Gram
-``G = X^T X``; its error on fold ``b`` is
-``SSE_b = sum y_b^2 - 2 beta_a . X^T y_b + N_b beta_a^T G beta_a``.
+cell, a fit on fold ``a`` needs only ``X^T y_a / N_a``: ``M_rel``'s error on fold ``b`` is
+``sum y_b^2 - 2 a . X_R^T y_b + N_b sum_d N_d a_d^2`` (``a`` the offset means), and
+``M_abs`` gains on it what :mod:`rope_leak.metrics.position_models` computes from the same
+sums.
 """
 
 from __future__ import annotations

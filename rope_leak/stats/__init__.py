@@ -1,5 +1,5 @@
 """Statistics of the absolute-position share: bootstrap intervals, per-head nulls,
-Benjamini–Hochberg FDR and a debiased share (DESIGN.md §2, "Statistics").
+Benjamini–Hochberg FDR and a debiased share (definitions: docs/method.md).
 
 Corpus stratification (``sampling``) is not here: it belongs with the corpus code.
 """

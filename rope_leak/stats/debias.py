@@ -1,11 +1,11 @@
-"""A share whose estimator is unbiased under noise (issue: estimator bias).
+"""A share whose estimator is unbiased under noise.
 
 The cross-fitted share of :func:`rope_leak.metrics.shares.fit_shares` is
 ``N_b (2 <Dc_a, Dc_b> - ||Dc_a||²) / SST_b`` per direction (``D = H_abs - H_rel``,
 ``c_f`` the cell means of fold ``f``). With prompt-level noise of covariance ``Σ`` its
 numerator has expectation ``||Dμ||² - tr(DΣ) / N_a`` per prompt: it is biased low by the
 noise that ``M_abs``'s ~2n extra parameters absorb, which is what made small samples
-come out negative (DESIGN.md §2, "Small samples").
+come out negative at small prompt counts.
 
 The debiased share removes that term exactly, with a U-statistic over prompt buckets.
 Buckets are independent (prompts are), so for bucket sums ``S_g`` of ``m_g`` prompts

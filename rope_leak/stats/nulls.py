@@ -13,7 +13,7 @@ Two nulls, both for ``H0: the cell means are purely relative`` (``μ = a[i - j]`
   Because whole buckets are flipped, any correlation of the noise *within* a prompt (token
   content shared across cells, key-specific effects) is kept: the null is cluster-robust,
   like the bootstrap. Resolution: ``2^(G-1)`` distinct flips for ``G`` non-empty buckets.
-* :func:`permutation_null` (within offset diagonals; as suggested in DESIGN.md). Under H0
+* :func:`permutation_null` (within offset diagonals). Under H0
   with noise exchangeable across the cells of each diagonal ``i - j = d``, permuting those
   cells leaves the law of the fold-level cell sums unchanged; the same permutation is
   applied to both folds' ``cell_sum`` (so each cell keeps its pair of fold sums), which
