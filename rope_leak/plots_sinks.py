@@ -84,26 +84,33 @@ def _ratio_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 
 def bos_interventions_figure(table: pd.DataFrame) -> go.Figure:
-    """Each replacement's effect relative to the baseline, with bootstrap CIs: the scores'
-    absolute-position sum of squares and ``L_total`` at early queries. A ratio whose
-    baseline CI includes 0 is not estimable: no bar, the panel title says so."""
+    """Each replacement's effect with bootstrap CIs: the scores' absolute-position sum of
+    squares and ``L_total`` at early queries, relative to the baseline. Where a ratio is
+    not estimable (its baseline CI includes 0) the panel shows the quantity itself for
+    every row, baseline included, on a linear scale, and its title says why."""
     rows = table[table["replacement"] != "baseline"]
     panels = _ratio_columns(table)
-    titles = []
-    for metric, _, title in panels:
-        ok = bool(table[f"{metric}_estimable"].iloc[0]) if f"{metric}_estimable" in table else True
-        titles.append(title if ok else f"{title}: {NOT_ESTIMABLE} (baseline CI includes 0)")
+    estimable = [bool(table[f"{m}_estimable"].iloc[0]) if f"{m}_estimable" in table else True
+                 for m, _, _ in panels]
+    titles = [title if ok else f"{title.split(' / ')[0]} (ratio {NOT_ESTIMABLE}: baseline CI includes 0)"
+              for (_, quantity, title), ok in zip(panels, estimable)]
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles)
-    for col, (metric, _, _) in enumerate(panels, start=1):
+    for col, ((metric, quantity, _), ok) in enumerate(zip(panels, estimable), start=1):
+        shown, column = (rows, metric) if ok else (table, quantity)
         error = None
-        if f"{metric}_low" in rows and rows[f"{metric}_low"].notna().any():
-            error = dict(type="data", symmetric=False, array=rows[f"{metric}_high"] - rows[metric],
-                         arrayminus=rows[metric] - rows[f"{metric}_low"])
-        fig.add_bar(x=rows["replacement"], y=rows[metric], error_y=error, name=metric, row=1, col=col,
-                    hovertemplate="%{x}<br>%{y:.3f} x baseline<extra></extra>", showlegend=False)
-        fig.add_hline(y=1.0, line_dash="dot", row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
-    fig.update_yaxes(title_text="relative to baseline (log scale; 1 = unchanged)", row=1, col=1)
+        if f"{column}_low" in shown and shown[f"{column}_low"].notna().any():
+            error = dict(type="data", symmetric=False, array=shown[f"{column}_high"] - shown[column],
+                         arrayminus=shown[column] - shown[f"{column}_low"])
+        unit = " x baseline" if ok else ""
+        fig.add_bar(x=shown["replacement"], y=shown[column], error_y=error, name=column, row=1, col=col,
+                    hovertemplate="%{x}<br>%{y:.3f}" + unit + "<extra></extra>", showlegend=False)
+        if ok:
+            fig.add_hline(y=1.0, line_dash="dot", row=1, col=col)
+            fig.update_yaxes(type="log", title_text="relative to baseline (log; 1 = unchanged)",
+                             row=1, col=col)
+        else:
+            fig.add_hline(y=0.0, line_dash="dot", row=1, col=col)
+            fig.update_yaxes(title_text=titles[col - 1].split(" (ratio")[0], row=1, col=col)
     fig.update_layout(title=f"Position-0 interventions at early queries (i < "
                             f"{table['early_queries'].iloc[0] if 'early_queries' in table else '?'}), "
                             "95% bootstrap CIs over prompts")
