@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rope_leak.engine.pairs import PairDesign, PairSpec
+from rope_leak.engine.pairs import PairDesign
 from rope_leak.heads import normalize_head, normalize_layers
 from rope_leak.interventions.hooks import act_name
 from rope_leak.interventions.mask import bidirectional
@@ -277,67 +277,26 @@ def position_zero_patch(
 
 
 # -- BOS interventions --------------------------------------------------------------------------
-DEFAULT_INTERVENTIONS = (
-    ("mean embedding", {"replacement": "mean"}),
-    ("zeros", {"replacement": "zeros"}),
-    ("norm-matched noise", {"replacement": "noise"}),
-)
-
-
 def bos_interventions(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     *,
     early_queries: int = 32,
     target: str = "pattern",
-    interventions=None,
     batch_size: int = 8,
     progress: bool = True,
+    **kwargs,
 ) -> pd.DataFrame:
-    """Replace the embedding at position 0 and re-measure at early queries (``i < early_queries``).
-
-    One row per condition (``baseline`` first): mean ``L_total``, ``L_resid``, ``L_mask`` over
-    heads, the fraction of the baseline ``L_resid`` the replacement removes
-    (``1 - L_resid / L_resid_baseline``) and the leakage relative to baseline
-    (``L_total / L_total_baseline``). ``interventions`` = ``[(name, kwargs of
-    replace_position_zero)]``; default: mean embedding, zeros, norm-matched noise, and
-    another token's embedding. ``progress``: a progress bar over the conditions.
-    """
-    from tqdm.auto import tqdm
-
-    from rope_leak.analysis import analyze
+    """The position-0 (BOS) interventions of :func:`rope_leak.metrics.bos.bos_interventions`
+    as a table: per replacement, the scores' absolute-position sum of squares and
+    ``L_total`` at queries ``i < early_queries`` with bootstrap CIs, and their ratios to
+    the baseline, "not estimable" (NaN) where the baseline's CI includes 0. Other keyword
+    arguments go to that function."""
+    from rope_leak.metrics.bos import bos_interventions as run
 
     require_rope(model, "bos_interventions")
-
-    n = tokens.shape[1]
-    spec = PairSpec(max_query=min(early_queries, n))
-    if interventions is None:
-        other = int(tokens[0, 1]) if int(tokens[0, 1]) != int(tokens[0, 0]) else (int(tokens[0, 0]) + 1) % model.cfg.d_vocab
-        interventions = [*DEFAULT_INTERVENTIONS, (f"token {other}", {"replacement": "token", "token_id": other})]
-    rows = []
-
-    bar = tqdm(total=1 + len(interventions), desc="BOS interventions", disable=not progress)
-
-    def measure(name):
-        bar.set_postfix_str(name)
-        a = analyze(model, tokens, target=target, spec=spec, progress=False, batch_size=batch_size)
-        s = a.decomposition(target).summary()
-        rows.append({"condition": name, "L_total": s["L_total"], "L_resid": s["L_resid"],
-                     "L_mask": s["L_mask"], "composition": s["composition"]})
-        bar.update()
-
-    with bar:
-        measure("baseline")
-        for name, kwargs in interventions:
-            with replace_position_zero(model, **kwargs):
-                measure(name)
-    table = pd.DataFrame(rows)
-    base = table.iloc[0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        table["L_resid_removed"] = 1 - table["L_resid"] / base["L_resid"]
-        table["leakage_vs_baseline"] = table["L_total"] / base["L_total"]
-    table.attrs["early_queries"] = spec.label()
-    table.attrs["estimator"] = "cross-fitted shares"
-    return table
+    result = run(model, tokens, early_queries=early_queries, target=target, batch_size=batch_size,
+                 progress=progress, **kwargs)
+    return result.table()
 
 

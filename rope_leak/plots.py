@@ -307,24 +307,6 @@ def offset_profiles(pattern: np.ndarray, offsets=(0, 1, 2, 4), title: str = "") 
     return fig
 
 
-def interventions_figure(table) -> go.Figure:
-    """BOS interventions: fraction of the baseline L_resid each replacement removes, and the
-    leakage (L_total) relative to baseline."""
-    rows = table[table["condition"] != "baseline"]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["fraction of L_resid removed",
-                                                        "leakage relative to baseline"])
-    fig.add_bar(x=rows["condition"], y=rows["L_resid_removed"], name="L_resid removed",
-                hovertemplate="%{x}<br>removed %{y:.1%} of L_resid<extra></extra>", row=1, col=1)
-    fig.add_bar(x=rows["condition"], y=rows["leakage_vs_baseline"], name="L_total / baseline",
-                hovertemplate="%{x}<br>L_total = %{y:.1%} of baseline<extra></extra>", row=1, col=2)
-    fig.update_yaxes(title_text="fraction (1 = all removed)", tickformat=".0%", row=1, col=1)
-    fig.update_yaxes(title_text="L_total / L_total(baseline)", tickformat=".0%", row=1, col=2)
-    fig.update_xaxes(title_text="what replaces the position-0 embedding")
-    fig.update_layout(title=f"BOS interventions (early queries {table.attrs.get('early_queries', '')})",
-                      showlegend=False)
-    return fig
-
-
 def decompositions_by_layer(analysis: Analysis) -> go.Figure:
     """Per-layer mask share of ``log A``'s absolute position by the two decompositions."""
     fig = go.Figure()
