@@ -408,7 +408,15 @@ class Analysis(Displayable):
         out["crossfit"] = {t: self.decomposition(t).summary() for t in self.targets}
         out["crossfit"][self.target]["L_total_median"] = float(np.median(dec.total))
         out["crossfit"][self.target]["L_resid_median"] = float(np.median(dec.resid))
-        out["heads_degenerate"] = [head_label(l, h) for l, h in zip(*np.nonzero(self.inference().degenerate))]
+        inference = self.inference()
+        out["heads_degenerate"] = [head_label(l, h) for l, h in zip(*np.nonzero(inference.degenerate))]
+        # Beside the pooled composition: the mean of per-head compositions L_mask / L_total
+        # over the non-degenerate heads whose L_total CI excludes 0 (elsewhere the ratio is
+        # not estimable); None when no head qualifies.
+        usable = ~inference.degenerate & (inference.total.low > 0)
+        ratios = inference.mask.estimate[usable] / inference.total.estimate[usable]
+        out["mean_head_composition"] = float(ratios.mean()) if ratios.size else None
+        out["mean_head_composition_heads"] = int(usable.sum())
         split = self.split()
         if split is not None:
             out["renormalisation_split"] = split.summary()

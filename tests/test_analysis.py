@@ -127,3 +127,12 @@ def test_cli_cell_maps_add_the_cell_mean_ceiling(tiny_folder, text_corpus, tmp_p
     assert np.isfinite(cells["pattern_causal_r2_cell"]).all()
     # per-cell sums change nothing else
     np.testing.assert_array_equal(cells["L_total_debiased"], plain["L_total_debiased"])
+
+
+def test_mean_head_composition_beside_the_pooled_one(tiny_model, tiny_tokens):
+    analysis = analyze(tiny_model, tiny_tokens, progress=False, n_boot=50)
+    summary, inf = analysis.summary(), analysis.inference()
+    usable = ~inf.degenerate & (inf.total.low > 0)
+    expected = (inf.mask.estimate[usable] / inf.total.estimate[usable]).mean()
+    assert summary["mean_head_composition"] == pytest.approx(expected)
+    assert summary["mean_head_composition_heads"] == int(usable.sum()) > 0
