@@ -22,8 +22,9 @@ def main() -> None:
 
     rl.tune_allocator()
     model = rl.load_model("smollm2-135m")
-    print("SmolLM2-135M, Wikipedia chunks, target pattern, CPU float32; 95% CIs (bootstrap over "
-          "prompt buckets); compositions pooled over non-degenerate heads")
+    print("SmolLM2-135M, Wikipedia chunks, target pattern, CPU float32; 95% CIs over prompt "
+          "buckets (ablation: bootstrap; split: jackknife); compositions pooled over "
+          "non-degenerate heads")
     print(f"{'P':>4} {'n':>5} {'mean L_total':>13} {'ablation composition':>28} "
           f"{'split: mask share of log A':>30} {'degenerate':>10} {'s':>6}")
     for cell in args.grid.split(","):

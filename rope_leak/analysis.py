@@ -216,7 +216,7 @@ class Analysis(Displayable):
                 scopes.append(("layer", f"L{layer}", abl, comp[layer], tuple(layer_ci[layer])))
             for scope, where, abl, split_value, split_ci in scopes:
                 low, high = float(abl.low), float(abl.high)
-                if high < split_ci[0] or low > split_ci[1]:
+                if high < split_ci[0] - 1e-9 or low > split_ci[1] + 1e-9:  # ties are not disagreements
                     rows.append({
                         "scope": scope, "where": where, "issue": "decompositions disagree",
                         "reason": (f"mask share of log_pattern: ablation {float(abl.estimate):.3f} "
