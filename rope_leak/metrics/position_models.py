@@ -39,11 +39,6 @@ def offset_means(design: PairDesign, xty: Float[np.ndarray, "... column"]) -> np
     return xty[..., design.relative_columns] / design.offset_count
 
 
-def relative_fit_sum_of_squares(design: PairDesign, xty_fit, xty_score) -> np.ndarray:
-    """``beta_fit . X^T y_score`` for ``M_rel`` fitted on ``xty_fit`` (per prompt mean)."""
-    return (offset_means(design, xty_fit) * xty_score[..., design.relative_columns]).sum(-1)
-
-
 @dataclass(frozen=True)
 class AbsoluteProjector:
     """Coordinates of the part of ``y`` that needs absolute position (``M_abs`` beyond
