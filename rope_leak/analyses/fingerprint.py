@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from rope_leak.analyses.values import values_per_query_head
 from rope_leak.backends.requirements import require_rope
 from rope_leak.display import Displayable
 from rope_leak.heads import head_label, normalize_heads
@@ -150,9 +151,7 @@ def fingerprint(
             W_O = model.blocks[layer].attn.W_O.detach().float()[hs]  # [k, d_head, d_model]
 
             def on_v(v, hook):
-                if v.shape[2] != model.cfg.n_heads:
-                    v = v.repeat_interleave(model.cfg.n_heads // v.shape[2], dim=2)
-                v = v[:, :, hs].float()  # [b, pos, k, d_head]
+                v = values_per_query_head(v, model.cfg.n_heads)[:, :, hs].float()  # [b, pos, k, d_head]
                 store["value", layer] = torch.einsum("bkd,kdm->bkm", v[:, 0], W_O)
                 store["cvalue", layer] = torch.einsum("bkd,kdm->bkm", v[:, j], W_O)
 

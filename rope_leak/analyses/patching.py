@@ -36,7 +36,7 @@ from transformer_lens import HookedTransformer
 from rope_leak.backends.requirements import require_rope
 from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairDesign, PairSpec
-from rope_leak.engine.run import ConditionRun, check_tokens, default_buckets
+from rope_leak.engine.run import Condition, ConditionRun, check_tokens, default_buckets
 from rope_leak.fits.shares import fit_shares
 from rope_leak.heads import (
     HeadSpec,
@@ -51,7 +51,6 @@ from rope_leak.interventions.hooks import act_name, intervention_hooks
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.interventions.position_zero_patch import resid_pre_name
 
-Condition = Callable[[HookedTransformer], ContextManager]
 BatchCondition = Callable[[HookedTransformer, Tensor], ContextManager]
 """``(model, batch_tokens) -> context manager``: a condition that may depend on the batch
 (e.g. patches recorded from a source run on the same batch)."""

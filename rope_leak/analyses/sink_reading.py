@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from rope_leak.analyses.values import values_per_query_head
 from rope_leak.backends.requirements import require_rope
 from rope_leak.display import Displayable
 from rope_leak.heads import head_label
@@ -179,9 +180,7 @@ def _value_norms(
     v: Float[Tensor, "batch pos kv_head d_head"], W_O: Float[Tensor, "head d_head d_model"]
 ) -> Float[Tensor, "batch head pos"]:
     """``|v_j W_O^h|`` for every head (GQA value heads repeated to the query heads)."""
-    n_heads = W_O.shape[0]
-    if v.shape[2] != n_heads:
-        v = v.repeat_interleave(n_heads // v.shape[2], dim=2)
+    v = values_per_query_head(v, W_O.shape[0])
     return torch.einsum("bphd,hdm->bhpm", v.float(), W_O.float()).norm(dim=-1)
 
 
