@@ -10,7 +10,7 @@ from rope_leak.stats.bootstrap import (
     bootstrap_statistic,
     bucket_weights,
 )
-from rope_leak.stats.debias import crossfit_bias, debiased_share, null_centered_share
+from rope_leak.stats.debias import crossfit_bias, debiased_share
 from rope_leak.stats.fdr import FDRResult, benjamini_hochberg
 from rope_leak.stats.nulls import NullResult, permutation_null, signflip_null
 from rope_leak.stats.projection import BucketProjection, absolute_basis
@@ -27,7 +27,6 @@ __all__ = [
     "bucket_weights",
     "crossfit_bias",
     "debiased_share",
-    "null_centered_share",
     "permutation_null",
     "signflip_null",
 ]
