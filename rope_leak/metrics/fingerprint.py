@@ -202,8 +202,8 @@ def bag_of_tokens(
     return freq.astype(np.float64), top
 
 
-@dataclass
-class ProbeResult:
+@dataclass(repr=False)
+class ProbeResult(Displayable):
     """Cross-validated ridge probe from features to content."""
 
     r2: float  # mean over targets of the out-of-fold R²
@@ -211,6 +211,11 @@ class ProbeResult:
     p_value: float  # permutation p-value of r2
     null_r2: np.ndarray = field(repr=False)
     n_features_used: int = 0
+
+    def _display_items(self):
+        return [("r2", self.r2), ("p_value", self.p_value), ("targets", len(self.r2_per_target)),
+                ("null_r2_mean", float(self.null_r2.mean()) if len(self.null_r2) else float("nan")),
+                ("permutations", len(self.null_r2)), ("n_features_used", self.n_features_used)]
 
     def to_dict(self) -> dict:
         return {"r2": self.r2, "p_value": self.p_value, "n_features_used": self.n_features_used,
