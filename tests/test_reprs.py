@@ -85,3 +85,10 @@ def test_probe_repr():
     facts = result.to_dict()
     assert facts["r2"] > 0.9
     check_display(result, f"r2={facts['r2']:.4g}", f"p_value={facts['p_value']:.4g}", "permutations=20")
+
+
+def test_head_repr_names_the_degenerate_flag(analysis):
+    result = analysis.head("L1H2")
+    assert "degenerate" not in repr(result) or bool(result["degenerate"])
+    result.numbers["degenerate"] = True
+    assert "flags='degenerate" in repr(result) and "degenerate" in result._repr_html_()
