@@ -34,6 +34,10 @@ PATTERN_HEADS = 12
 #: Mean patterns are averaged over square blocks so that neither side exceeds this.
 PATTERN_SIDE = 96
 
+#: Most profile values embedded (all heads together); beyond it the profiles are averaged
+#: over runs of consecutive positions (SmolLM2-135M at n = 256 needs 207k, so none are).
+PROFILE_BUDGET = 300_000
+
 #: Columns of ``Analysis.heads()`` the explorer shows (those present are embedded).
 NUMBERS = (
     "L_total_debiased", "L_total_ci_low", "L_total_ci_high", "L_total_qvalue", "L_total_significant",
@@ -59,18 +63,18 @@ def _rounded(values, digits: int = DIGITS) -> list:
     return [_round(v, digits) for v in np.asarray(values).ravel().tolist()]
 
 
-def _block_mean(grid: np.ndarray, side: int) -> tuple[np.ndarray, int]:
-    """Mean over ``step x step`` blocks (NaN cells ignored) so that no side exceeds ``side``."""
-    step = max(1, math.ceil(max(grid.shape) / side))
+def _block_mean(grid: np.ndarray, step: int) -> np.ndarray:
+    """Mean over ``step x step`` blocks of a 2-D grid (NaN cells ignored; a ``[1, n]`` grid
+    gives means over runs of ``step``)."""
     if step == 1:
-        return grid, 1
-    rows, cols = (math.ceil(s / step) * step for s in grid.shape)
+        return grid
+    rows, cols = (math.ceil(s / step) * step if s > 1 else 1 for s in grid.shape)
     padded = np.full((rows, cols), np.nan)
     padded[:grid.shape[0], :grid.shape[1]] = grid
-    blocks = padded.reshape(rows // step, step, cols // step, step)
+    blocks = padded.reshape(max(rows // step, 1), min(step, rows), cols // step, step)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks above the diagonal
-        return np.nanmean(blocks, axis=(1, 3)), step
+        return np.nanmean(blocks, axis=(1, 3))
 
 
 def _patterns(analysis: Analysis, table, k: int, side: int, digits: int) -> dict:
@@ -84,7 +88,9 @@ def _patterns(analysis: Analysis, table, k: int, side: int, digits: int) -> dict
     ranked = table[~table["degenerate"]].nlargest(k, "L_total_debiased")
     out = {}
     for layer, head in zip(ranked["layer"], ranked["head"]):
-        grid, step = _block_mean(cells_to_grid(stats.design, means[layer, head]), side)
+        grid = cells_to_grid(stats.design, means[layer, head])
+        step = max(1, math.ceil(max(grid.shape) / side))
+        grid = _block_mean(grid, step)
         out[head_label(layer, head)] = {
             "step": step,
             "z": [[_round(v, digits) for v in row] for row in grid.tolist()],
@@ -93,11 +99,14 @@ def _patterns(analysis: Analysis, table, k: int, side: int, digits: int) -> dict
 
 
 def explorer_data(analysis: Analysis, sinks=None, *, digits: int = DIGITS,
-                  pattern_heads: int = PATTERN_HEADS, pattern_side: int = PATTERN_SIDE) -> dict:
+                  pattern_heads: int = PATTERN_HEADS, pattern_side: int = PATTERN_SIDE,
+                  profile_budget: int = PROFILE_BUDGET) -> dict:
     """The explorer's data: every head's numbers (columns of :meth:`Analysis.heads`, one
     list per column in ``layer * n_heads + head`` order), its ``M_abs`` profiles (the same
     as :meth:`Analysis.head`'s ``a``, ``b``, ``c``, causal condition, headline target) and
-    the top heads' mean patterns when the analysis kept per-cell sums.
+    the top heads' mean patterns when the analysis kept per-cell sums. When all profiles
+    together exceed ``profile_budget`` values they are averaged over runs of
+    ``profile_step`` consecutive positions (and so are their positions).
 
     ``sinks``: a :class:`rope_leak.sink_analysis.SinkAnalysis` of the same model, for the
     sink-reading flag (absent: the page says it was not measured)."""
@@ -108,11 +117,15 @@ def explorer_data(analysis: Analysis, sinks=None, *, digits: int = DIGITS,
     if sinks is not None:
         numbers["sink_reading"] = _rounded(sinks.reading.is_reading(), digits)
         numbers["sink_reading_change"] = _rounded(sinks.reading.relative_change, digits)
+    positions = {"a": design.offsets, "b": design.queries, "c": design.keys}
+    n_values = len(table) * sum(len(p) for p in positions.values())
+    step = max(1, math.ceil(n_values / profile_budget))
+    thin = lambda values: _block_mean(np.asarray(values, dtype=float)[None], step)[0]  # noqa: E731
     profiles = {"a": [], "b": [], "c": []}
     for layer, head in zip(table["layer"], table["head"]):
         fit = abs_profiles(stats, int(layer), int(head))
         for name, series in (("a", fit.offset), ("b", fit.query), ("c", fit.key)):
-            profiles[name].append(_rounded(series.to_numpy(), digits))
+            profiles[name].append(_rounded(thin(series.to_numpy()), digits))
     cells = stats.has_cells
     return {
         "colorscale": get_colorscale(DIVERGING),
@@ -120,8 +133,9 @@ def explorer_data(analysis: Analysis, sinks=None, *, digits: int = DIGITS,
         "labels": table["label"].tolist(), "target": analysis.target,
         "level": analysis.inference().level, "sink_threshold": analysis.sink_threshold,
         "reading_threshold": None if sinks is None else sinks.reading.threshold,
-        "offsets": design.offsets.tolist(), "queries": design.queries.tolist(),
-        "keys": design.keys.tolist(), "n_tokens": int(design.n_tokens),
+        **{axis: positions[name].tolist() if step == 1 else _rounded(thin(positions[name]), 8)
+           for name, axis in (("a", "offsets"), ("b", "queries"), ("c", "keys"))},
+        "profile_step": step, "n_tokens": int(design.n_tokens),
         "numbers": numbers, "profiles": profiles, "cell_maps": cells,
         "patterns": _patterns(analysis, table, pattern_heads, pattern_side, digits),
         "pattern_heads": pattern_heads,
@@ -230,7 +244,8 @@ SCRIPT = r"""
       profileTraces(D.keys, D.profiles.c[i], 'c[j] (key position)', '3', '#2ca02c')];
     var traces = [].concat(parts[0].traces, parts[1].traces, parts[2].traces);
     var names = ['offset d = i − j', 'query position i', 'key position j'], layout = {
-      title: {text: D.labels[i] + ': fitted M_abs profiles (' + esc(D.target) + ', causal)', font: {size: 14}},
+      title: {text: D.labels[i] + ': fitted M_abs profiles (' + esc(D.target) + ', causal' +
+             (D.profile_step > 1 ? '; means over runs of ' + D.profile_step + ' positions' : '') + ')', font: {size: 14}},
       height: 330, margin: {l: 55, r: 10, t: 60, b: 45}, showlegend: false, grid: {rows: 1, columns: 3, pattern: 'independent'},
       annotations: []};
     ['', '2', '3'].forEach(function (ax, k) {

@@ -141,3 +141,18 @@ def test_explorer_json_is_compact_and_script_safe(analysis):
     data = explorer_data(analysis)
     numbers = [v for values in data["profiles"]["a"] for v in values if v is not None]
     assert all(len(f"{abs(v):e}".split("e")[0].rstrip("0").replace(".", "")) <= 4 for v in numbers)
+
+
+def test_explorer_thins_profiles_beyond_its_budget(analysis):
+    """Past the budget each profile is averaged over runs of ``profile_step`` positions."""
+    full = explorer_data(analysis, pattern_heads=0)
+    n_values = sum(len(v) for name in "abc" for v in full["profiles"][name])
+    thin = explorer_data(analysis, pattern_heads=0, profile_budget=n_values // 3)
+    step = thin["profile_step"]
+    assert step == 3 and full["profile_step"] == 1
+    result = analysis.head(1, 1)
+    for name, series, axis in (("a", result.a, "offsets"), ("b", result.b, "queries"), ("c", result.c, "keys")):
+        values, index = series.to_numpy(), series.index.to_numpy(dtype=float)
+        expected = [values[k:k + step].mean() for k in range(0, len(values), step)]
+        assert_rounded(thin["profiles"][name][1 * analysis.n_heads + 1], expected)
+        assert_rounded(thin[axis], [index[k:k + step].mean() for k in range(0, len(index), step)], digits=8)
