@@ -17,7 +17,6 @@ import math
 import warnings
 
 import numpy as np
-
 from plotly.colors import get_colorscale
 
 from rope_leak.analysis import Analysis

@@ -22,9 +22,9 @@ from rope_leak.cache import atomic_write_text
 from rope_leak.display import Displayable
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics
+from rope_leak.heads import head_label
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.metrics.bos import BosInterventions, bos_interventions, default_replacement_token
-from rope_leak.heads import head_label
 from rope_leak.metrics.bos_status import bos_label
 from rope_leak.metrics.bos_status import bos_status as measure_bos_status
 from rope_leak.metrics.fingerprint import bag_of_tokens, fingerprint, probe_table
