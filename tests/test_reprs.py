@@ -92,3 +92,13 @@ def test_head_repr_names_the_degenerate_flag(analysis):
     assert "degenerate" not in repr(result) or bool(result["degenerate"])
     result.numbers["degenerate"] = True
     assert "flags='degenerate" in repr(result) and "degenerate" in result._repr_html_()
+
+
+def test_fingerprint_repr_names_its_spread(tiny_model, tokens):
+    from rope_leak.metrics.fingerprint import fingerprint
+
+    result = fingerprint(tiny_model, tokens[:6], [(1, 0), (1, 2)])
+    # the same position-0 token in every prompt: v_0 W_O is identical across prompts
+    std = np.sqrt(result.value.var(0, ddof=1).mean(-1)).max()
+    attention = result.attention0.mean()
+    check_display(result, "L1H0", f"max_fingerprint_std={std:.4g}", f"mean_attention0={attention:.4g}")

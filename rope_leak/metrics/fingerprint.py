@@ -59,9 +59,13 @@ class Fingerprint(Displayable):
     control_layer: int
 
     def _display_items(self):
+        spread = self.spread()  # per head; cheap (a std over prompts)
         return [("heads", [head_label(l, h) for l, h in self.heads]), ("prompts", len(self.value)),
                 ("d_model", self.value.shape[-1]), ("control_position", self.control_position),
-                ("control_layer", self.control_layer)]
+                ("control_layer", self.control_layer),
+                ("max_fingerprint_std", float(spread["fingerprint_std"].max())),
+                ("max_written_std", float(spread["written_std"].max())),
+                ("mean_attention0", float(self.attention0.mean()))]
 
     @property
     def written(self) -> np.ndarray:
