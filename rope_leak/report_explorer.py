@@ -327,9 +327,9 @@ SCRIPT = r"""
 def explorer_html(analysis: Analysis, sinks=None, **options) -> str:
     """The explorer's section (needs plotly.js on the page, loaded before it)."""
     data = explorer_data(analysis, sinks, **options)
-    order = np.argsort(-np.nan_to_num(np.asarray(data["numbers"]["L_total_debiased"], dtype=float),
-                                      nan=-np.inf), kind="stable")
-    first = data["labels"][int(order[0])]
+    total = np.asarray(data["numbers"]["L_total_debiased"], dtype=float)
+    total[np.asarray(data["numbers"]["degenerate"], dtype=bool)] = np.nan
+    first = data["labels"][int(np.argmax(np.nan_to_num(total, nan=-np.inf)))]
     options_html = "".join(f"<option value='{i}'>{html.escape(label)}</option>"
                            for i, label in enumerate(data["labels"]))
     return (
@@ -337,7 +337,7 @@ def explorer_html(analysis: Analysis, sinks=None, **options) -> str:
         f"<p class='caption'>{html.escape(CAPTION)}</p>"
         "<div id='explorer'><p><label>Head: <select id='explorer-select' "
         f"data-first='{html.escape(first)}'>{options_html}</select></label> "
-        "<span class='note'>(or click a head on the map; the page opens on the largest L_total, "
+        "<span class='note'>(or click a head on the map; the page opens on the non-degenerate head with the largest L_total, "
         "and <code>#head=L3H1</code> in the address picks one)</span></p>"
         "<div style='display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start'>"
         "<div id='explorer-map' style='flex:1 1 420px;min-width:360px'></div>"

@@ -156,3 +156,14 @@ def test_explorer_thins_profiles_beyond_its_budget(analysis):
         expected = [values[k:k + step].mean() for k in range(0, len(values), step)]
         assert_rounded(thin["profiles"][name][1 * analysis.n_heads + 1], expected)
         assert_rounded(thin[axis], [index[k:k + step].mean() for k in range(0, len(index), step)], digits=8)
+
+
+def test_explorer_opens_on_the_top_non_degenerate_head(analysis, monkeypatch):
+    from rope_leak.report_explorer import explorer_html
+
+    heads = analysis.heads()
+    first, second = heads.nlargest(2, "L_total_debiased")["label"]
+    assert f"data-first='{first}'" in explorer_html(analysis, pattern_heads=0)
+    heads.loc[heads["label"] == first, "degenerate"] = True  # as if the top head were degenerate
+    monkeypatch.setattr(type(analysis), "heads", lambda self: heads.copy())
+    assert f"data-first='{second}'" in explorer_html(analysis, pattern_heads=0)
