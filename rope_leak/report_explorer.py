@@ -14,7 +14,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import warnings
 
 import numpy as np
 from plotly.colors import get_colorscale
@@ -62,24 +61,34 @@ def _rounded(values, digits: int = DIGITS) -> list:
     return [_round(v, digits) for v in np.asarray(values).ravel().tolist()]
 
 
-def _block_mean(grid: np.ndarray, step: int) -> np.ndarray:
-    """Mean over ``step x step`` blocks of a 2-D grid (NaN cells ignored; a ``[1, n]`` grid
-    gives means over runs of ``step``)."""
+def _bin_means(bins: np.ndarray, values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Mean of ``values`` in each of ``n_bins`` bins (``bins``: each value's bin); NaN for
+    an empty bin."""
+    sums = np.bincount(bins, weights=values, minlength=n_bins)
+    counts = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / counts, np.nan)
+
+
+def _thin(values: np.ndarray, step: int) -> np.ndarray:
+    """Means over runs of ``step`` consecutive values."""
+    values = np.asarray(values, dtype=float)
     if step == 1:
-        return grid
-    rows, cols = (math.ceil(s / step) * step if s > 1 else 1 for s in grid.shape)
-    padded = np.full((rows, cols), np.nan)
-    padded[:grid.shape[0], :grid.shape[1]] = grid
-    blocks = padded.reshape(max(rows // step, 1), min(step, rows), cols // step, step)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks above the diagonal
-        return np.nanmean(blocks, axis=(1, 3))
+        return values
+    return _bin_means(np.arange(len(values)) // step, values, math.ceil(len(values) / step))
+
+
+def _block_grid(design, values: np.ndarray, step: int) -> np.ndarray:
+    """Scored-cell values ``[cell]`` as a query x key grid of ``step x step`` block means
+    (NaN where a block holds no scored cell)."""
+    queries, keys = design.cells
+    side = math.ceil(design.n_tokens / step)
+    bins = (queries // step) * side + keys // step
+    return _bin_means(bins, np.asarray(values, dtype=float), side * side).reshape(side, side)
 
 
 def _patterns(analysis: Analysis, table, k: int, side: int, digits: int) -> dict:
     """Mean cell maps of the top ``k`` non-degenerate heads (empty without per-cell sums)."""
-    from rope_leak.explore import cells_to_grid
-
     stats = analysis.statistics.conditions["causal"].targets[analysis.target]
     if not stats.has_cells or k <= 0:
         return {}
@@ -87,9 +96,8 @@ def _patterns(analysis: Analysis, table, k: int, side: int, digits: int) -> dict
     ranked = table[~table["degenerate"]].nlargest(k, "L_total_debiased")
     out = {}
     for layer, head in zip(ranked["layer"], ranked["head"]):
-        grid = cells_to_grid(stats.design, means[layer, head])
-        step = max(1, math.ceil(max(grid.shape) / side))
-        grid = _block_mean(grid, step)
+        step = max(1, math.ceil(stats.design.n_tokens / side))
+        grid = _block_grid(stats.design, means[layer, head], step)
         out[head_label(layer, head)] = {
             "step": step,
             "z": [[_round(v, digits) for v in row] for row in grid.tolist()],
@@ -119,7 +127,7 @@ def explorer_data(analysis: Analysis, sinks=None, *, digits: int = DIGITS,
     positions = {"a": design.offsets, "b": design.queries, "c": design.keys}
     n_values = len(table) * sum(len(p) for p in positions.values())
     step = max(1, math.ceil(n_values / profile_budget))
-    thin = lambda values: _block_mean(np.asarray(values, dtype=float)[None], step)[0]  # noqa: E731
+    thin = lambda values: _thin(values, step)  # noqa: E731
     profiles = {"a": [], "b": [], "c": []}
     for layer, head in zip(table["layer"], table["head"]):
         fit = abs_profiles(stats, int(layer), int(head))

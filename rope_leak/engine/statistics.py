@@ -257,11 +257,9 @@ class ConditionStatistics(Displayable):
     position_zero: PositionZeroStatistics
 
     def _display_items(self):
-        from rope_leak.metrics.sinks import sink_scores
-
         first = next(iter(self.targets.values()))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scores = sink_scores(self)
+        with np.errstate(invalid="ignore", divide="ignore"):  # mean over prompts, per head
+            scores = self.sink_sum.sum(0) / first.n_prompts
         return [("condition", self.condition), ("targets", len(self.targets)),
                 ("prompts", first.n_prompts), ("n_tokens", first.design.n_tokens),
                 ("heads", f"{first.n_layers} layers x {first.n_heads} heads"),
