@@ -69,8 +69,8 @@ def machine() -> dict:
 
 
 def load(prompts: int, tokens: int, seed: int = 0):
+    from rope_leak.backends import load_model
     from rope_leak.corpus import load_corpus
-    from rope_leak.models import load_model
 
     model = load_model("smollm2-135m")
     corpus = load_corpus(model, "wikipedia", n_prompts=prompts, n_tokens=tokens, seed=seed)
@@ -91,7 +91,7 @@ def bare_forward(model, tokens, batch_size: int) -> float:
 
 
 def rope_leak_analysis(model, tokens, batch_size: int):
-    from rope_leak.analysis import analyze
+    from rope_leak.analyses.analysis import analyze
 
     started = time.perf_counter()
     analysis = analyze(model, tokens, batch_size=batch_size, progress=False)
@@ -155,7 +155,7 @@ def common_way(model, tokens, batch_size: int) -> tuple[float, dict]:
 
 def memory_child(prompts: int, tokens: int, batch_size: int) -> None:
     model, toks = load(prompts, tokens)
-    from rope_leak.analysis import analyze
+    from rope_leak.analyses.analysis import analyze
 
     analyze(model, toks, batch_size=batch_size, progress=False)
     status = Path("/proc/self/status").read_text()

@@ -63,8 +63,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the printed lines to this file")
     args = parser.parse_args()
 
+    from rope_leak.backends import load_model
     from rope_leak.corpus import load_corpus
-    from rope_leak.models import load_model
 
     lines: list[str] = []
 

@@ -29,10 +29,10 @@ def peak_mib() -> float:
 def child(mode: str, prompts: int, tokens: int) -> None:
     import torch
 
+    from rope_leak.backends import load_model
     from rope_leak.corpus import load_corpus
     from rope_leak.engine.allocator import tune_allocator
     from rope_leak.engine.run import DEFAULT_CONDITIONS
-    from rope_leak.models import load_model
 
     tune_allocator()
     model = load_model("smollm2-135m", n_ctx=max(2048, tokens))
@@ -47,7 +47,7 @@ def child(mode: str, prompts: int, tokens: int) -> None:
                     with condition(model):
                         model(corpus.tokens[k:k + 1], return_type=None)
     else:
-        from rope_leak.analysis import analyze
+        from rope_leak.analyses.analysis import analyze
 
         analysis = analyze(model, corpus.tokens, batch_size=1, progress=False, n_boot=200)
         analysis.summary()

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rope_leak.analysis import analyze  # noqa: E402
+from rope_leak.analyses.analysis import analyze  # noqa: E402
+from rope_leak.backends import load_model  # noqa: E402
 from rope_leak.corpus import load_corpus  # noqa: E402
-from rope_leak.models import load_model  # noqa: E402
 
 
 def main() -> None:

@@ -38,10 +38,11 @@ import pandas as pd
 import plotly.io as pio
 import torch
 
-from rope_leak import explore, plots
-from rope_leak.analysis import analyze
+from rope_leak.analyses import explore
+from rope_leak.analyses.analysis import analyze
+from rope_leak.backends import TINY_BOS_TOKEN_ID, tiny_rope_model
 from rope_leak.corpus import make_random_corpus
-from rope_leak.models import TINY_BOS_TOKEN_ID, tiny_rope_model
+from rope_leak.output import plots
 
 pio.renderers.default = "plotly_mimetype+notebook"  # figures work offline, also in exported HTML
 torch.set_grad_enabled(False)

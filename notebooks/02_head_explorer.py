@@ -40,8 +40,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import torch
 
-from rope_leak import explore, plots
-from rope_leak.analysis import analyze
+from rope_leak.analyses import explore
+from rope_leak.analyses.analysis import analyze
+from rope_leak.output import plots
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.set_grad_enabled(False)

@@ -40,9 +40,10 @@ import pandas as pd
 import plotly.io as pio
 import torch
 
-from rope_leak import explore, plots, plots_sinks
-from rope_leak.analysis import analyze
-from rope_leak.results import save_analysis
+from rope_leak.analyses import explore
+from rope_leak.analyses.analysis import analyze
+from rope_leak.output import plots, plots_sinks
+from rope_leak.output.results import save_analysis
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.set_grad_enabled(False)

@@ -8,9 +8,10 @@ The top-level names are the ones a session needs::
     analysis.head("L3H1")
 """
 
-__version__ = "0.1.0"
-
-from rope_leak.analysis import Analysis, analyze
+from rope_leak import moved_modules
+from rope_leak.analyses.analysis import Analysis, analyze
+from rope_leak.backends import load_hf_model, load_model, tiny_rope_model
+from rope_leak.backends.requirements import NotRoPEModelError, require_rope
 from rope_leak.corpus import Corpus, load_corpus
 from rope_leak.engine.allocator import tune_allocator
 from rope_leak.engine.pairs import PairSpec
@@ -19,9 +20,10 @@ from rope_leak.engine.statistics import RunStatistics
 from rope_leak.heads import HeadSpecError, head_label, normalize_heads, normalize_layers
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
-from rope_leak.models import load_hf_model, load_model, tiny_rope_model
-from rope_leak.models.requirements import NotRoPEModelError, require_rope
-from rope_leak.results import save_analysis
+from rope_leak.output.results import save_analysis
+from rope_leak.version import __version__ as __version__
+
+moved_modules.install()
 
 __all__ = [
     "Analysis",

@@ -139,12 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from rope_leak.analysis import analyze
+    from rope_leak.analyses.analysis import analyze
+    from rope_leak.analyses.sinks import SINK_FILES
+    from rope_leak.backends import load_model
     from rope_leak.corpus import load_corpus
-    from rope_leak.models import load_model
-    from rope_leak.results import RESULT_FILES, check_output_dir, save_analysis
-    from rope_leak.scale import CHECKPOINT_FILE, check_shard_output, parse_shard
-    from rope_leak.sink_analysis import SINK_FILES
+    from rope_leak.output.results import RESULT_FILES, check_output_dir, save_analysis
+    from rope_leak.output.shards import CHECKPOINT_FILE, check_shard_output, parse_shard
 
     shard = parse_shard(getattr(args, "shard", None))
     if shard is None:
@@ -182,8 +182,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     sinks, sections = None, ()
     main_done = time.perf_counter()
     if not args.no_sinks:
-        from rope_leak.plots_sinks import sections_html
-        from rope_leak.sink_analysis import analyze_sinks
+        from rope_leak.analyses.sinks import analyze_sinks
+        from rope_leak.output.plots_sinks import sections_html
 
         count = min(args.sink_prompts, len(corpus.tokens))
         print(f"rope-leak: sink analysis on {count} prompts ...", file=sys.stderr)
@@ -203,7 +203,7 @@ def run_analyze(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite, extra_sections=sections,
                         statistics=args.save_statistics)
     if sinks is not None:
-        from rope_leak.sink_analysis import save_sinks
+        from rope_leak.analyses.sinks import save_sinks
 
         save_sinks(sinks, out, provenance=provenance, overwrite=True)
     if checkpoint is not None:
@@ -220,7 +220,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def _print_bos(status: dict) -> None:
-    from rope_leak.metrics.bos_status import bos_label, spread_text
+    from rope_leak.output.bos_text import bos_label, spread_text
 
     print(f"BOS: {bos_label(status)}. {status.get('implication', '')}")
     print(spread_text(status))
@@ -230,11 +230,11 @@ def run_compare(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from rope_leak.analysis_arch import compare_models, parse_model_spec
-    from rope_leak.cache import atomic_write_text
+    from rope_leak.analyses.architectures import compare_models, parse_model_spec
+    from rope_leak.backends import load_model
     from rope_leak.corpus import load_corpus
-    from rope_leak.models import load_model
-    from rope_leak.plots_arch import comparison_html
+    from rope_leak.download_cache import atomic_write_text
+    from rope_leak.output.plots_architectures import comparison_html
 
     for model_spec in args.models:
         parse_model_spec(model_spec)  # fail on a bad spec before any loading
@@ -311,9 +311,9 @@ def _clean(value):
 
 
 def run_sinks(args: argparse.Namespace) -> int:
+    from rope_leak.analyses.sinks import analyze_sinks, save_sinks
+    from rope_leak.backends import load_model
     from rope_leak.corpus import load_corpus
-    from rope_leak.models import load_model
-    from rope_leak.sink_analysis import analyze_sinks, save_sinks
 
     out = args.out
     started = time.perf_counter()
@@ -364,7 +364,7 @@ def run_sinks(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# Scale out and resume: `analyze --shard k/N`, checkpoints, `merge` (rope_leak.scale)
+# Scale out and resume: `analyze --shard k/N`, checkpoints, `merge` (rope_leak.output.shards)
 # --------------------------------------------------------------------------------------
 def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scale out and resume")
@@ -398,14 +398,14 @@ def _resume_options(args: argparse.Namespace, checkpoint) -> dict:
 
 
 def _run_shard(args, model, corpus, spec, settings, provenance, shard, resume) -> int:
-    from rope_leak.analysis import model_fingerprint, tokens_sha256
+    from rope_leak.analyses.analysis import model_fingerprint, tokens_sha256
     from rope_leak.engine.run import default_buckets, run_statistics
-    from rope_leak.scale import shard_prompts, write_shard
+    from rope_leak.output.shards import shard_prompts, write_shard
 
     prompts = shard_prompts(len(corpus.tokens), args.batch_size, shard)
     started = time.perf_counter()
     # What `analyze` records of a whole run, so that the merged results.json is the same.
-    from rope_leak.metrics.bos_status import bos_status
+    from rope_leak.analyses.bos_status import bos_status
 
     inputs = {"model": model_fingerprint(model), "tokens_sha256": tokens_sha256(corpus.tokens),
               "batch_size": args.batch_size, "on_missing_bos": "error", "prompt_ids": None,
@@ -434,9 +434,9 @@ def _add_merge_parser(sub) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from rope_leak.analysis import Analysis
-    from rope_leak.results import check_output_dir, save_analysis
-    from rope_leak.scale import load_shards
+    from rope_leak.analyses.analysis import Analysis
+    from rope_leak.output.results import check_output_dir, save_analysis
+    from rope_leak.output.shards import load_shards
 
     check_output_dir(args.out, args.overwrite)
     started = time.perf_counter()

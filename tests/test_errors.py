@@ -37,13 +37,13 @@ from fake_wheel import (
     temp_leftovers,
 )
 
-import rope_leak.cache as cache_mod
-from rope_leak.analysis import MissingBOSError, MissingBOSWarning, analyze
-from rope_leak.cache import FetchError, fetch_wheel_member
+import rope_leak.download_cache as cache_mod
+from rope_leak.analyses.analysis import MissingBOSError, MissingBOSWarning, analyze
 from rope_leak.cli import main
+from rope_leak.download_cache import FetchError, fetch_wheel_member
 from rope_leak.engine.accumulate import NonFiniteAttentionError
 from rope_leak.engine.statistics import RunStatistics
-from rope_leak.results import RESULT_FILES, save_analysis
+from rope_leak.output.results import RESULT_FILES, save_analysis
 
 FIX = re.compile(r"Fix:", re.IGNORECASE)
 
@@ -244,7 +244,7 @@ def test_prompts_without_bos_on_purpose(tiny_model, tiny_tokens):
 
 
 def test_model_without_bos_expectation_is_not_checked(tiny_tokens):
-    from rope_leak.models import tiny_rope_model
+    from rope_leak.backends import tiny_rope_model
 
     model = tiny_rope_model(default_prepend_bos=False)
     analyze(model, no_bos(tiny_tokens), progress=False, n_boot=20)  # no error, no warning
@@ -427,7 +427,7 @@ def test_output_path_is_a_file(capsys, tiny_folder, text_corpus, tmp_path):
 def test_interrupted_save_leaves_nothing(tiny_model, tiny_tokens, tmp_path, monkeypatch):
     """Ctrl-C while the report is being written: no partial set of results, no temp files;
     and with --overwrite the earlier complete results survive untouched."""
-    import rope_leak.report as report_mod
+    import rope_leak.output.report as report_mod
 
     analysis = analyze(tiny_model, tiny_tokens, progress=False, n_boot=20)
 
@@ -484,7 +484,7 @@ def test_float16_overflow_through_cli(capsys, hot_folder, text_corpus, tmp_path)
 def test_injected_non_finite_scores_through_analyze(tiny_tokens, value):
     """A user hook (e.g. a buggy patch) puts inf/NaN in layer 0, head 1's scores: the error
     names layer and head, and the model is left as it was (no engine hooks, causal mask)."""
-    from rope_leak.models import tiny_rope_model
+    from rope_leak.backends import tiny_rope_model
 
     model = tiny_rope_model()
     before = model(tiny_tokens)
@@ -517,7 +517,7 @@ def test_cli_error_output_is_one_line_not_a_traceback(capsys, tmp_path, text_cor
 
 
 def test_merge_refuses_a_bogus_shard_description(tmp_path):
-    from rope_leak.scale import SHARD_FILE, STATISTICS_FILE, load_shards
+    from rope_leak.output.shards import SHARD_FILE, STATISTICS_FILE, load_shards
 
     shard = tmp_path / "shard0"
     shard.mkdir()

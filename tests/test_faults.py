@@ -25,9 +25,9 @@ import itertools
 import pytest
 import torch
 
+from rope_leak.backends import tiny_rope_model
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
-from rope_leak.models import tiny_rope_model
 
 INTERVENTIONS = {
     "bidirectional_all": lambda m: bidirectional(m),

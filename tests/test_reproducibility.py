@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rope_leak.analysis import analyze
-from rope_leak.cache import sha256_file
+from rope_leak.analyses.analysis import analyze
+from rope_leak.backends import tiny_rope_model
 from rope_leak.cli import build_parser, main
-from rope_leak.models import tiny_rope_model
-from rope_leak.results import save_analysis
+from rope_leak.download_cache import sha256_file
+from rope_leak.output.results import save_analysis
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from rope_leak.analysis import analyze
+from rope_leak.analyses.analysis import analyze
+from rope_leak.analyses.fingerprint import probe
+from rope_leak.analyses.sinks import analyze_sinks
 from rope_leak.display import MAX_REPR
-from rope_leak.metrics.fingerprint import probe
-from rope_leak.sink_analysis import analyze_sinks
 
 
 def check_display(obj, *must_contain):
@@ -95,7 +95,7 @@ def test_head_repr_names_the_degenerate_flag(analysis):
 
 
 def test_fingerprint_repr_names_its_spread(tiny_model, tokens):
-    from rope_leak.metrics.fingerprint import fingerprint
+    from rope_leak.analyses.fingerprint import fingerprint
 
     result = fingerprint(tiny_model, tokens[:6], [(1, 0), (1, 2)])
     # the same position-0 token in every prompt: v_0 W_O is identical across prompts

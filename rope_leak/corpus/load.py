@@ -7,13 +7,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from rope_leak.backends import bos_token_id
 from rope_leak.corpus.chunking import Corpus, make_chunks
 from rope_leak.corpus.document import Document
 from rope_leak.corpus.errors import CorpusError
 from rope_leak.corpus.files import read_documents
 from rope_leak.corpus.tokenize import ByteTokenizer
 from rope_leak.corpus.wikipedia import WIKIPEDIA_ATTRIBUTION, wikipedia_documents
-from rope_leak.models import bos_token_id
 
 
 def model_tokenizer(model: Any) -> Any:
@@ -26,7 +26,7 @@ def model_bos_token_id(model: Any) -> int | None:
     """The token id to prepend, or None when the model prepends no BOS.
 
     A BOS is prepended only when ``model.cfg.default_prepend_bos`` is True; its id is
-    :func:`rope_leak.models.bos_token_id` (the model's own BOS, as recorded by the
+    :func:`rope_leak.backends.bos_token_id` (the model's own BOS, as recorded by the
     loader before TransformerLens substitutes EOS for a missing one).
     """
     if not getattr(model.cfg, "default_prepend_bos", False):

@@ -4,7 +4,7 @@ The source is the shortened English Wikipedia dump that ships as a test fixture 
 ``gensim==4.4.0`` wheel,
 ``gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``
 (1.7 MB bz2, about 100 articles). Only that one file is extracted from the wheel (via
-``rope_leak.cache.fetch_wheel_member``, sha256-checked); gensim itself is never
+``rope_leak.download_cache.fetch_wheel_member``, sha256-checked); gensim itself is never
 installed or imported.
 
 Attribution: the text is from English Wikipedia (https://en.wikipedia.org), by
@@ -40,15 +40,15 @@ from pathlib import Path
 
 import mwparserfromhell
 
-from rope_leak.cache import (
+from rope_leak.corpus.document import Document
+from rope_leak.corpus.errors import CorpusError
+from rope_leak.download_cache import (
     atomic_write_text,
     cache_dir,
     fetch_wheel_member,
     file_lock,
     remove_stale_temporaries,
 )
-from rope_leak.corpus.document import Document
-from rope_leak.corpus.errors import CorpusError
 
 __all__ = [
     "WIKIPEDIA_ATTRIBUTION",

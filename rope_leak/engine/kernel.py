@@ -28,7 +28,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-from rope_leak.cache import cache_dir, file_lock
+from rope_leak.download_cache import cache_dir, file_lock
 
 SOURCE = Path(__file__).with_name("_accumulate.c")
 KERNEL_ENV_VAR = "ROPE_LEAK_KERNEL"

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
+from rope_leak.backends.bridge import is_bridge, layer_kinds, window_size
+from rope_leak.backends.requirements import require_rope
 from rope_leak.engine.accumulate import LayerAccumulator
 from rope_leak.engine.pairs import PairDesign, PairSpec
 from rope_leak.engine.statistics import (
@@ -36,8 +38,6 @@ from rope_leak.engine.statistics import (
     required_targets,
 )
 from rope_leak.interventions.mask import bidirectional, causal
-from rope_leak.models.bridge import is_bridge, layer_kinds, window_size
-from rope_leak.models.requirements import require_rope
 
 Condition = Callable[[HookedTransformer], ContextManager]
 """A condition is a callable ``model -> context manager`` (an intervention)."""

@@ -10,7 +10,7 @@ prompts):
 * ``count[g]`` = number of prompts.
 
 That is ``O(n)`` per head and bucket, and every fit, share, bootstrap and null works
-from it (:mod:`rope_leak.metrics.position_models`). Optionally (``cell_maps=True``), per
+from it (:mod:`rope_leak.fits.position_models`). Optionally (``cell_maps=True``), per
 fold, the sums of ``y`` at every scored cell, ``cell_sum[f, l, h, c]``: ``O(n^2)``, for
 the cell-mean ceiling ``M_cell``, the within-diagonal permutation null and per-cell maps.
 Memory is independent of the number of prompts; runs over disjoint prompts merge by
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rope_leak.cache import atomic_path
 from rope_leak.display import Displayable
+from rope_leak.download_cache import atomic_path
 from rope_leak.engine.pairs import PairDesign, PairSpec
 
 TARGETS = ("pattern", "log_pattern", "scores", "neg_log_z", "unmasked_log_pattern",

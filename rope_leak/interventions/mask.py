@@ -9,14 +9,16 @@ also when the body raises.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rope_leak.backends.bridge import is_bridge, layer_kinds, window_size
 from rope_leak.heads import HeadSpec, LayerSpec, heads_by_layer, normalize_heads, normalize_layers
 from rope_leak.interventions.hooks import act_name, intervention_hooks
 
@@ -88,8 +90,6 @@ def bidirectional(
     """
     if window not in WINDOW_MODES:
         raise ValueError(f"window={window!r} is not one of {WINDOW_MODES}.")
-    from rope_leak.models.bridge import bridge_bidirectional, is_bridge
-
     chosen_heads = layer_heads(model, layers, heads)
     if is_bridge(model):  # TransformerBridge: swap the HF mask instead (same semantics)
         with bridge_bidirectional(model, heads=chosen_heads, window=window):
@@ -122,3 +122,68 @@ def bidirectional(
 def causal(model: HookedTransformer) -> Iterator[HookedTransformer]:
     """The model's own mask: a no-op context, so conditions can be written uniformly."""
     yield model
+
+
+# TransformerBridge: the mask is a keyword argument of each HF attention module.
+
+def _open_mask(like: Tensor | None, hidden: Tensor, window: int | None) -> Tensor:
+    """Additive 4D mask ``[batch, 1, q, k]``: 0 where visible, ``finfo.min`` elsewhere."""
+    dtype = like.dtype if isinstance(like, Tensor) and like.is_floating_point() else hidden.dtype
+    batch, n = hidden.shape[0], hidden.shape[1]
+    mask = torch.zeros(batch, 1, n, n, dtype=dtype, device=hidden.device)
+    if window is not None:
+        pos = torch.arange(n, device=hidden.device)
+        outside = (pos[:, None] - pos[None, :]).abs() >= window
+        mask = mask.masked_fill(outside, torch.finfo(dtype).min)
+    return mask
+
+
+def _replace_mask_hook(module, args, kwargs, window: int | None):
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if hidden is None:
+        raise RuntimeError("cannot find hidden_states to size the bidirectional mask.")
+    if kwargs.get("past_key_values") is not None and getattr(kwargs["past_key_values"], "get_seq_length", lambda: 0)():
+        raise RuntimeError("bidirectional swap on a bridge does not support a KV cache.")
+    kwargs = dict(kwargs)
+    kwargs["attention_mask"] = _open_mask(kwargs.get("attention_mask"), hidden, window)
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def bridge_bidirectional(
+    bridge: Any,
+    layers: Iterable[int] | None = None,
+    heads: Mapping[int, Iterable[int]] | None = None,
+    window: str = "symmetric",
+) -> Iterator[Any]:
+    """The bridge counterpart of :func:`rope_leak.interventions.mask.bidirectional`
+    (same arguments and semantics; restores the bridge on exit, also on error)."""
+    if window not in WINDOW_MODES:
+        raise ValueError(f"window={window!r} is not one of {WINDOW_MODES}.")
+    n_heads = int(bridge.cfg.n_heads)
+    if heads is not None:
+        layer_heads = heads_by_layer(normalize_heads(heads, bridge))
+    else:
+        layer_heads = {l: list(range(n_heads)) for l in normalize_layers(layers, bridge)}
+    kinds = layer_kinds(bridge)
+    w = window_size(bridge)
+    handles = []
+    mask_hooks = []
+    for layer, hs in layer_heads.items():
+        causal_heads = [h for h in range(n_heads) if h not in hs]
+        if causal_heads:
+            fn = partial(_mask_keys, window=None, causal_heads=causal_heads)
+            mask_hooks.append((act_name("attn_scores", layer), lambda scores, hook, fn=fn: fn(scores)))
+    try:
+        for layer in layer_heads:
+            attn = bridge.blocks[layer].attn
+            kept = w if kinds[layer] == "local" and window == "symmetric" else None
+            # The mask is a keyword argument of the HF attention module, not an activation:
+            # it can only be replaced by a plain torch pre-hook (not listed by list_hooks()).
+            handles.append(attn.register_forward_pre_hook(
+                partial(_replace_mask_hook, window=kept), with_kwargs=True, prepend=True))
+        with intervention_hooks(bridge, mask_hooks, prepend=True):
+            yield bridge
+    finally:
+        for handle in handles:
+            handle.remove()

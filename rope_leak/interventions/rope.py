@@ -35,14 +35,14 @@ Tables = tuple[Float[Tensor, "rows rotary_dim"], Float[Tensor, "rows rotary_dim"
 
 def rotary_modules(model: HookedTransformer) -> list:
     """The attention modules of ``model`` that carry rotary tables, in layer order."""
-    from rope_leak.models.bridge import is_bridge
-    from rope_leak.models.requirements import require_rope
+    from rope_leak.backends.bridge import is_bridge
+    from rope_leak.backends.requirements import require_rope
 
     if is_bridge(model):
         raise ValueError(
             "RoPE controls act on HookedTransformer rotary tables; a TransformerBridge takes "
             "cos/sin from the Hugging Face rotary_emb module. Fix: convert the model with "
-            "rope_leak.models.hooked_from_hf."
+            "rope_leak.backends.hooked_from_hf."
         )
     require_rope(model, "RoPE controls")
     attns = [block.attn for block in model.blocks if hasattr(block.attn, "rotary_sin")]

@@ -1,0 +1,402 @@
+"""Across architectures: RoPE controls (the additivity check), model specs with RoPE
+variants, and the per-model comparison behind ``rope-leak compare``.
+
+**RoPE controls** (:func:`rope_controls`). The decomposition ``L_total = L_mask + L_resid``
+assumes the causal-mask and residual-stream parts add. It is recomputed with the RoPE
+of every layer replaced by the identity (no rotation: logits carry no position at all
+except through the residual stream) and by a scrambled RoPE (a fixed permutation of
+the position ids within the prompt length), each composed with both masks
+(``causal+identity``, ``bidirectional+identity``, ...). If additivity holds, the
+composition ratios of the controls agree with the real one; the table reports each
+difference and flags disagreement beyond a tolerance.
+
+**Model specs** (:func:`parse_model_spec`). ``NAME[+VARIANT]`` where ``NAME`` is anything
+:func:`rope_leak.backends.load_model` accepts and ``VARIANT`` one of
+
+* ``ntk<F>``: NTK-by-parts scaling (Llama-3.1 formula) with factor ``F``, low/high
+  frequency factors 1 / 4, original context ``cfg.n_ctx`` (2048 for zoo models);
+* ``linear<F>``: linear position interpolation by ``F``;
+* ``base<B>``: RoPE base ``B`` for the global layers (e.g. ``base5e5``).
+
+e.g. ``smollm2-135m+ntk4``. Scaling applies to global layers only (local sliding-window
+layers keep their RoPE, as in Gemma 3), at inference, via
+:mod:`rope_leak.interventions.rope`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+from transformer_lens import HookedTransformer
+
+from rope_leak.analyses.sink_scores import SINK_THRESHOLD
+from rope_leak.engine.pairs import PairSpec
+from rope_leak.engine.run import Condition, run_statistics
+from rope_leak.engine.statistics import RunStatistics
+from rope_leak.fits.decomposition import Decomposition
+from rope_leak.fits.depth import (
+    CI_LEVEL,
+    depth_slope,
+    layer_profile,
+    percentile_interval,
+    slopes_over_depth,
+)
+from rope_leak.fits.shares import fit_shares
+from rope_leak.interventions.mask import bidirectional, causal
+from rope_leak.interventions.rope import identity_rope, rope_base, rope_scaling, scrambled_rope
+
+MASKS: dict[str, Condition] = {"causal": causal, "bidirectional": bidirectional}
+CONTROL_NAMES = ("real", "identity", "scrambled")
+#: |composition(control) - composition(real)| above this flags "disagrees".
+CONTROL_TOLERANCE = 0.1
+
+
+def compose(*contexts: Condition) -> Condition:
+    """A condition that enters ``contexts`` in order (the first outermost)."""
+
+    @contextlib.contextmanager
+    def composed(model: HookedTransformer) -> Iterator[HookedTransformer]:
+        with contextlib.ExitStack() as stack:
+            for ctx in contexts:
+                stack.enter_context(ctx(model))
+            yield model
+
+    return composed
+
+
+# ------------------------------------------------------------------ RoPE controls
+
+
+def control_conditions(n_positions: int, seed: int = 0) -> dict[str, Condition]:
+    """``{"causal", "bidirectional", "causal+identity", ..., "bidirectional+scrambled"}``."""
+    ropes: dict[str, Condition | None] = {
+        "real": None,
+        "identity": identity_rope,
+        "scrambled": partial(scrambled_rope, seed=seed, n_positions=n_positions),
+    }
+    out: dict[str, Condition] = {}
+    for rope_name, rope in ropes.items():
+        for mask_name, mask in MASKS.items():
+            name = mask_name if rope is None else f"{mask_name}+{rope_name}"
+            out[name] = mask if rope is None else compose(rope, mask)
+    return out
+
+
+def _condition_name(mask: str, control: str) -> str:
+    return mask if control == "real" else f"{mask}+{control}"
+
+
+def controls_table(
+    stats: RunStatistics,
+    target: str = "pattern",
+    tolerance: float = CONTROL_TOLERANCE,
+    n_boot: int = 0,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The RoPE-controls table from statistics holding the six control conditions.
+
+    Components and compositions use the debiased shares (as the analysis headline does),
+    with pivotal bucket-bootstrap CIs when ``n_boot`` > 0; the cross-fitted composition is
+    kept as ``composition_crossfit``."""
+    from rope_leak.fits.projection import BucketProjection
+    from rope_leak.inference import bootstrap_statistic
+
+    rows = []
+    for control in CONTROL_NAMES:
+        c = stats.conditions[_condition_name("causal", control)].targets[target]
+        b = stats.conditions[_condition_name("bidirectional", control)].targets[target]
+        debiased = Decomposition(BucketProjection.from_statistics(c).debiased_share()[0],
+                                 BucketProjection.from_statistics(b).debiased_share()[0])
+        s = debiased.summary()
+        row = {"control": control, "target": target, **{k: s[k] for k in (
+            "L_total", "L_resid", "L_mask", "composition", "heads_additivity_violated",
+            "additivity_violated")}}
+        row["composition_crossfit"] = Decomposition(fit_shares(c).share, fit_shares(b).share).composition()
+        if n_boot:
+            boot = bootstrap_statistic({"causal": c, "bidirectional": b}, _model_statistics,
+                                       n_boot=n_boot, seed=seed, share="debiased", method="basic")
+            row["composition_ci_low"], row["composition_ci_high"] = (
+                float(boot.ci_low[3]), float(boot.ci_high[3]))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    real = table.loc[table["control"] == "real", "composition"].iloc[0]
+    table["composition_minus_real"] = table["composition"] - real
+    table["agrees_with_real"] = table["composition_minus_real"].abs() <= tolerance
+    table["tolerance"] = tolerance
+    return table
+
+
+def rope_controls(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    *,
+    target: str = "pattern",
+    spec: PairSpec = PairSpec(),
+    batch_size: int = 8,
+    n_buckets: int | None = None,
+    seed: int = 0,
+    tolerance: float = CONTROL_TOLERANCE,
+    n_boot: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Recompute the decomposition under identity and scrambled RoPE (six conditions,
+    one streaming pass) and compare each composition ratio with the real one.
+
+    Returns one row per control (``real``, ``identity``, ``scrambled``): ``L_total``,
+    ``L_resid``, ``L_mask`` (head means), ``composition`` (ratio of sums over heads),
+    heads with ``L_mask < 0``, ``composition_minus_real`` and ``agrees_with_real``
+    (``|difference| <= tolerance``); with ``n_boot`` > 0 also a bucket-bootstrap CI of
+    each composition. The scrambled permutation covers positions ``0..n-1`` of the
+    prompts (``seed`` fixes it).
+    """
+    stats = run_statistics(
+        model, tokens, conditions=control_conditions(tokens.shape[1], seed), targets=(target,),
+        spec=spec, batch_size=batch_size, n_buckets=n_buckets, progress=progress,
+    )
+    return controls_table(stats, target, tolerance, n_boot, seed)
+
+
+# ------------------------------------------------------------------ model specs
+
+_VARIANT = re.compile(r"^(?P<name>.+)\+(?P<kind>ntk|linear|base)(?P<value>\d+(?:\.\d+)?(?:e\d+)?)$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model name plus an optional RoPE variant applied at inference."""
+
+    spec: str
+    name: str
+    variant: str | None = None  # "ntk" | "linear" | "base"
+    value: float | None = None
+
+    def rope_context(self) -> Condition | None:
+        if self.variant == "ntk":
+            return partial(rope_scaling, kind="ntk_by_parts", factor=self.value)
+        if self.variant == "linear":
+            return partial(rope_scaling, kind="linear", factor=self.value)
+        if self.variant == "base":
+            return partial(rope_base, base=self.value)
+        return None
+
+    def conditions(self) -> dict[str, Condition]:
+        rope = self.rope_context()
+        if rope is None:
+            return dict(MASKS)
+        return {name: compose(rope, mask) for name, mask in MASKS.items()}
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """``"smollm2-135m+ntk4"`` -> ``ModelSpec(name="smollm2-135m", variant="ntk", value=4)``.
+    A spec without a recognised ``+variant`` suffix is a plain model name."""
+    match = _VARIANT.match(str(spec))
+    if match is None:
+        return ModelSpec(str(spec), str(spec))
+    value = float(match["value"])
+    if value <= 0 or (match["kind"] == "base" and value <= 1):
+        raise ValueError(f"bad RoPE variant value in {spec!r}.")
+    return ModelSpec(str(spec), match["name"], match["kind"], value)
+
+
+# ------------------------------------------------------------------ comparison
+
+
+@dataclass
+class ModelComparison:
+    """Per-model summary row and per-layer profile, with bootstrap replicates' intervals."""
+
+    row: dict
+    layers: pd.DataFrame
+    extra: dict = field(default_factory=dict)
+
+
+STAT_NAMES = ("L_total", "L_mask", "L_resid", "composition",
+              "depth_slope_L_resid", "depth_slope_L_mask", "depth_slope_L_total")
+
+
+def _model_statistics(shares: dict[str, np.ndarray]) -> np.ndarray:
+    """``{"causal", "bidirectional": [B, layer, head]}`` -> ``[B, len(STAT_NAMES)]``."""
+    total, resid = shares["causal"], shares["bidirectional"]
+    mask = total - resid
+    with np.errstate(divide="ignore", invalid="ignore"):
+        composition = mask.sum((1, 2)) / (mask.sum((1, 2)) + resid.sum((1, 2)))
+    return np.stack([
+        total.mean((1, 2)), mask.mean((1, 2)), resid.mean((1, 2)), composition,
+        slopes_over_depth(resid.mean(2)), slopes_over_depth(mask.mean(2)),
+        slopes_over_depth(total.mean(2)),
+    ], axis=1)
+
+
+def summarize_model(
+    stats: RunStatistics,
+    spec: str,
+    *,
+    target: str = "pattern",
+    n_boot: int = 200,
+    seed: int = 0,
+    sink_threshold: float = SINK_THRESHOLD,
+    level: float = CI_LEVEL,
+) -> ModelComparison:
+    """Components, composition, sink heads and depth slopes of one model, with CIs.
+
+    Headline numbers (``L_total``, ``L_mask``, ``L_resid``, ``composition``,
+    ``depth_slope_*``) are computed from the *debiased* shares of
+    :mod:`rope_leak.inference` (the cross-fitted share is biased low at small prompt
+    counts); their ``*_ci_low`` / ``*_ci_high`` are the pivotal ("basic") cluster-bootstrap
+    intervals over prompt buckets with one joint resample for both masks
+    (:func:`rope_leak.inference.bootstrap_statistic`). The cross-fitted values (what
+    :class:`~rope_leak.fits.decomposition.Decomposition` holds) are kept as
+    ``*_crossfit``. Depth slopes also carry the ``linregress`` t interval over layers
+    (``*_t_low`` / ``*_t_high``). ``sink_heads`` counts heads with sink score above the
+    threshold; its interval is a percentile interval over the same kind of resample.
+    """
+    from rope_leak.fits.projection import BucketProjection
+    from rope_leak.inference import bootstrap_statistic, bucket_weights
+
+    c = stats.conditions["causal"]
+    b = stats.conditions["bidirectional"]
+    cs, bs = c.targets[target], b.targets[target]
+    crossfit = Decomposition(fit_shares(cs).share, fit_shares(bs).share)
+    debiased = Decomposition(BucketProjection.from_statistics(cs).debiased_share(None)[0],
+                             BucketProjection.from_statistics(bs).debiased_share(None)[0])
+    point = _model_statistics({"causal": debiased.total[None], "bidirectional": debiased.resid[None]})[0]
+    cross = _model_statistics({"causal": crossfit.total[None], "bidirectional": crossfit.resid[None]})[0]
+    if n_boot:
+        boot = bootstrap_statistic({"causal": cs, "bidirectional": bs}, _model_statistics,
+                                   n_boot=n_boot, seed=seed, level=level, share="debiased",
+                                   method="basic")
+        low, high = boot.ci_low, boot.ci_high
+    else:
+        low = high = np.full(len(STAT_NAMES), np.nan)
+    row: dict = {"model": spec, "target": target, "n_prompts": c.n_prompts,
+                 "n_tokens": int(cs.design.n_tokens) if hasattr(cs.design, "n_tokens") else None,
+                 "n_layers": crossfit.total.shape[0], "n_heads": crossfit.total.shape[1]}
+    for k, name in enumerate(STAT_NAMES):
+        row[name] = float(point[k])
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low[k]), float(high[k])
+    for k, name in enumerate(STAT_NAMES):
+        row[f"{name}_crossfit"] = float(cross[k])
+    slopes = {}
+    for name in ("L_resid", "L_mask", "L_total"):
+        fit = depth_slope(layer_profile(debiased)[name].to_numpy(), level)
+        row[f"depth_slope_{name}_t_low"], row[f"depth_slope_{name}_t_high"] = fit.ci_low, fit.ci_high
+        slopes[name] = fit.to_dict()
+    violated = crossfit.additivity_violated()
+    row["heads_additivity_violated"] = int(violated.sum())
+    row["additivity_violated"] = bool(point[1] < 0)
+    sink = c.sink_sum.sum(0) / c.n_prompts
+    row["sink_heads"] = int((sink > sink_threshold).sum())
+    if n_boot:
+        weights = bucket_weights(cs.count, n_boot, np.random.default_rng(seed + 1))
+        boot_sinks = (np.einsum("bg,glh->blh", weights, c.sink_sum)
+                      / (weights @ cs.count)[:, None, None] > sink_threshold).sum((1, 2))
+        row["sink_heads_ci_low"], row["sink_heads_ci_high"] = percentile_interval(boot_sinks, level)
+    else:
+        row["sink_heads_ci_low"] = row["sink_heads_ci_high"] = np.nan
+    row["n_boot"] = n_boot
+    layers = layer_profile(debiased)
+    layers.insert(0, "model", spec)
+    cross_layers = layer_profile(crossfit)
+    for name in ("L_total", "L_resid", "L_mask"):
+        layers[f"{name}_crossfit"] = cross_layers[name]
+    if n_boot:
+        per_layer = bootstrap_statistic(
+            {"causal": cs, "bidirectional": bs},
+            lambda sh: np.stack([sh["bidirectional"].mean(2),
+                                 (sh["causal"] - sh["bidirectional"]).mean(2)], axis=1),
+            n_boot=n_boot, seed=seed, level=level, share="debiased", method="basic")
+        for k, name in enumerate(("L_resid", "L_mask")):
+            layers[f"{name}_ci_low"] = per_layer.ci_low[k]
+            layers[f"{name}_ci_high"] = per_layer.ci_high[k]
+    layers["sink_heads"] = (sink > sink_threshold).sum(1)
+    return ModelComparison(row, layers, {"slopes_t": slopes})
+
+
+def model_facts(model: HookedTransformer, tokens: torch.Tensor, stats: RunStatistics) -> dict:
+    """What ``compare`` shows beside the numbers: head total, BOS status, context and
+    sliding window, and Gu et al.'s sink-head count (alpha_0 > 0.3)."""
+    from rope_leak.analyses.bos_status import bos_label, bos_status
+    from rope_leak.analyses.sink_scores import GU_EPSILON, gu_alpha0
+    from rope_leak.backends.bridge import is_bridge, layer_kinds, window_size
+
+    status = bos_status(model, tokens, measure=False)
+    if is_bridge(model):
+        kinds, window = layer_kinds(model), window_size(model)
+    else:
+        kinds = [getattr(block.attn, "attn_type", "global") for block in model.blocks]
+        window = getattr(model.cfg, "window_size", None)
+    local = sum(kind == "local" for kind in kinds)
+    return {
+        "n_heads_total": int(model.cfg.n_layers * model.cfg.n_heads),
+        "sink_heads_gu": int((gu_alpha0(stats.conditions["causal"]) > GU_EPSILON).sum()),
+        "bos": bos_label(status),
+        "model_prepends_bos": status["model_prepends_bos"],
+        "prompts_with_bos_at_position_zero": status["prompts_with_bos_at_position_zero"],
+        "n_ctx": int(model.cfg.n_ctx),
+        "window": int(window) if local and window is not None else None,
+        "local_layers": int(local),
+    }
+
+
+def compare_models(
+    specs: Iterable[str],
+    *,
+    load: Callable[[str], HookedTransformer],
+    tokens_for: Callable[[HookedTransformer], torch.Tensor],
+    target: str = "pattern",
+    spec: PairSpec = PairSpec(),
+    batch_size: int = 8,
+    n_buckets: int | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Run every model spec through the same corpus (tokenised by each model) and
+    summarise. Variants of one base model share one loaded model and one token set.
+
+    Returns ``(table, layers, info)``: one row per spec, one row per (spec, layer), and
+    per spec the depth-slope fits and timings.
+    """
+    parsed = [parse_model_spec(s) for s in specs]
+    loaded: dict[str, tuple[HookedTransformer, torch.Tensor]] = {}
+    rows, layer_tables, info = [], [], {}
+    import time
+
+    first_seen = {ms.name: k for k, ms in reversed(list(enumerate(parsed)))}
+    # process variants of one base model together (one load), report in the given order
+    order = sorted(range(len(parsed)), key=lambda k: (first_seen[parsed[k].name], k))
+    results: dict[int, tuple[dict, pd.DataFrame, dict]] = {}
+    for k in order:
+        ms = parsed[k]
+        if ms.name not in loaded:
+            loaded.clear()  # keep one model in memory at a time
+            log(f"loading {ms.name} ...")
+            model = load(ms.name)
+            loaded[ms.name] = (model, tokens_for(model))
+        model, tokens = loaded[ms.name]
+        log(f"running {ms.spec} on {tokens.shape[0]} x {tokens.shape[1]} tokens ...")
+        started = time.perf_counter()
+        stats = run_statistics(model, tokens, conditions=ms.conditions(), targets=(target,),
+                               spec=spec, batch_size=batch_size, n_buckets=n_buckets,
+                               progress=progress)
+        result = summarize_model(stats, ms.spec, target=target, n_boot=n_boot, seed=seed)
+        result.row.update(model_facts(model, tokens, stats))
+        result.row["seconds"] = time.perf_counter() - started
+        results[k] = (result.row, result.layers, {
+            **result.extra, "seconds": result.row["seconds"], "variant": ms.variant,
+            "variant_value": ms.value, "base_model": ms.name,
+            "tokens_shape": list(tokens.shape)})
+    for k, ms in enumerate(parsed):
+        row, layer_table, extra = results[k]
+        rows.append(row)
+        layer_tables.append(layer_table)
+        info[ms.spec] = extra
+    return pd.DataFrame(rows), pd.concat(layer_tables, ignore_index=True), info

@@ -1,0 +1,271 @@
+"""The sinks analysis: sink heads (two named metrics), the BOS status and the position-0
+stream by token, the position-0 trajectory, sink-reading heads, the fingerprint probe and
+the BOS-intervention table, in one call.
+
+``analyze_sinks(model, tokens)`` returns a :class:`SinkAnalysis`; ``save_sinks(result,
+out_dir)`` writes ``sinks.json``, ``sink_heads.csv``, ``trajectory.csv``, ``probe.csv``,
+``bos_interventions.csv`` and ``sinks.html``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rope_leak.analyses.bos_interventions import (
+    BosInterventions,
+    bos_interventions,
+    default_replacement_token,
+)
+from rope_leak.analyses.bos_status import bos_status as measure_bos_status
+from rope_leak.analyses.fingerprint import bag_of_tokens, fingerprint, probe_table
+from rope_leak.analyses.sink_reading import SINK_READING_THRESHOLD, SinkReading, sink_reading
+from rope_leak.analyses.sink_scores import (
+    SINK_THRESHOLD,
+    position_zero_profile,
+    sink_heads,
+    sink_metrics,
+    sink_scores,
+)
+from rope_leak.analyses.trajectory import Trajectories, position_zero_trajectories
+from rope_leak.display import Displayable
+from rope_leak.download_cache import atomic_write_text
+from rope_leak.engine.run import run_statistics
+from rope_leak.engine.statistics import RunStatistics
+from rope_leak.heads import head_label
+from rope_leak.interventions.mask import bidirectional
+from rope_leak.output.bos_text import bos_label
+
+SINK_FILES = ("sinks.json", "sink_heads.csv", "trajectory.csv", "probe.csv",
+              "bos_interventions.csv", "sinks.html")
+
+
+@dataclass(repr=False)
+class SinkAnalysis(Displayable):
+    sink_scores: np.ndarray  # [layer, head], rope_leak's score (mean over i >= 1 of A[i, 0])
+    sink_threshold: float
+    position_zero: dict  # causal / bidirectional profiles (std, norms)
+    trajectory: Trajectories
+    trajectory_bidirectional: Trajectories
+    reading: SinkReading
+    probe: pd.DataFrame | None
+    fingerprint_spread: pd.DataFrame | None
+    bos: BosInterventions | None
+    settings: dict = field(default_factory=dict)
+    n_boot: int = 200
+    sink_metrics: dict = field(default_factory=dict)  # both metrics by name (metrics.sinks)
+    bos_status: dict = field(default_factory=dict)  # metrics.bos_status.bos_status
+    probe_status: dict = field(default_factory=dict)  # {"run": bool, "reason": str, "target": ...}
+
+    def sink_heads(self) -> list[tuple[int, int]]:
+        return sink_heads(self.sink_scores, self.sink_threshold)
+
+    def _display_items(self):
+        scores = np.asarray(self.sink_scores)
+        l, h = np.unravel_index(np.nanargmax(scores), scores.shape)
+        gu = self.sink_metrics.get("gu_et_al_2025", {})
+        items = [("bos", bos_label(self.bos_status)),
+                 ("sink_heads", f"{len(self.sink_heads())} of {scores.size} (score > {self.sink_threshold})"),
+                 ("top_sink", f"{head_label(l, h)} {scores[l, h]:.3f}")]
+        if "sink_ratio" in gu:
+            items.append(("sink_ratio_gu", gu["sink_ratio"]))
+        items += [("sink_reading_heads", len(self.reading.heads())),
+                  ("probe", "run" if self.probe_status.get("run") else "not run"),
+                  ("bos_interventions", "not run" if self.bos is None else self.bos.replacements)]
+        return items
+
+    def heads(self) -> pd.DataFrame:
+        table = self.reading.table(sink_scores=self.sink_scores, n_boot=self.n_boot)
+        table["sink_head"] = table["sink_score"] > self.sink_threshold
+        gu = self.sink_metrics.get("gu_et_al_2025")
+        if gu:
+            table["alpha0_gu"] = np.asarray(gu["alpha0"]).ravel()
+            table["sink_head_gu"] = table["alpha0_gu"] > gu["epsilon"]
+        return table
+
+    def bos_table(self) -> pd.DataFrame | None:
+        return None if self.bos is None else self.bos.table()
+
+    def summary(self) -> dict:
+        out = {
+            "sink_threshold": self.sink_threshold,
+            "sink_heads": [f"L{l}H{h}" for l, h in self.sink_heads()],
+            "sink_metrics": self.sink_metrics,
+            "bos_status": self.bos_status,
+            "sink_reading": self.reading.to_dict(),
+            "trajectory": self.trajectory.to_dict(),
+            "trajectory_bidirectional": self.trajectory_bidirectional.to_dict(),
+            "position_zero": self.position_zero,
+            "probe_status": self.probe_status,
+            "settings": self.settings,
+        }
+        if self.probe is not None:
+            out["probe"] = self.probe.to_dict(orient="records")
+        if self.bos is not None:
+            out["bos_interventions"] = self.bos.table().to_dict(orient="records")
+        return out
+
+
+def content_targets(tokens: Tensor, doc_ids: list | None = None) -> tuple[np.ndarray, str]:
+    """What the fingerprint probe predicts, and its name: the one-hot document of each
+    prompt (``"document"``) when some document holds at least two prompts, else
+    :func:`bag_of_tokens` of 20 tokens (``"bag_of_tokens"``)."""
+    if doc_ids is not None:
+        ids, inverse, counts = np.unique(np.asarray(doc_ids), return_inverse=True, return_counts=True)
+        if len(ids) >= 2 and counts.max() >= 2:
+            return np.eye(len(ids))[inverse][:, counts >= 2], "document"
+    return bag_of_tokens(tokens, k=20)[0], "bag_of_tokens"
+
+
+def analyze_sinks(
+    model: HookedTransformer,
+    tokens: Tensor,
+    *,
+    statistics: RunStatistics | None = None,
+    bos_status: dict | None = None,
+    sink_threshold: float = SINK_THRESHOLD,
+    reading_threshold: float = SINK_READING_THRESHOLD,
+    source_token_id: int | None = None,
+    doc_ids: list | None = None,
+    trajectory_tokens: list[int] | None = None,
+    reading_prompts: int = 8,
+    early_queries: int = 32,
+    bos: bool = True,
+    bos_bidirectional: bool = False,
+    bos_tokens: Tensor | None = None,
+    probe: bool = True,
+    n_boot: int = 200,
+    n_permutations: int = 100,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> SinkAnalysis:
+    """Sink heads, BOS status, position-0 trajectory, sink reading, fingerprint probe and BOS
+    interventions on ``tokens`` (``[prompt, pos]``).
+
+    Args:
+        statistics: the causal / bidirectional statistics of a main analysis
+            (``Analysis.statistics``, possibly over more prompts): sink scores and the
+            position-0 profiles are read from them instead of running both masks again.
+        bos_status: :func:`rope_leak.analyses.bos_status.bos_status` of the main analysis
+            (default: measured here on ``tokens``).
+        source_token_id: the other position-0 token used by sink reading and the ``token``
+            BOS replacement (default: the prompts' most common token).
+        trajectory_tokens: position-0 tokens put on 2 prompts each to compare trajectories
+            (default: the prompts' own position-0 token, the source token and the prompts'
+            second most common token). The within-token deviation of *these* groups is the
+            closed-system property checked, not a property of the corpus: the corpus'
+            own grouping is in ``bos_status``.
+        doc_ids: document of each prompt. The fingerprint probe runs only when some
+            document holds at least two prompts (it then predicts the document, one-hot)
+            and there are at least 10 prompts; otherwise it is not run and
+            ``probe_status["reason"]`` says why.
+        reading_prompts: prompts used for sink reading (it reruns every layer).
+        early_queries: BOS interventions score queries ``i < early_queries`` and run only the
+            first ``early_queries`` tokens of each prompt.
+        bos_bidirectional: also run the BOS interventions under the bidirectional ablation
+            (full-length prompts; about six times the cost of the default).
+        bos_tokens: prompts for the BOS interventions (default ``tokens``). They run only
+            the first ``early_queries`` tokens, so more prompts cost little there.
+    """
+    source = default_replacement_token(tokens) if source_token_id is None else int(source_token_id)
+    n_buckets = 2 * max(1, min(16, len(tokens) // 2))
+    if statistics is None:
+        statistics = run_statistics(model, tokens, targets=("pattern",), batch_size=batch_size,
+                                    n_buckets=n_buckets, progress=progress)
+    causal_stats = statistics.conditions["causal"]
+    bidir_stats = statistics.conditions["bidirectional"]
+    scores = sink_scores(causal_stats)
+    metrics = sink_metrics(causal_stats, sink_threshold)
+    profiles = {"causal": position_zero_profile(causal_stats.position_zero),
+                "bidirectional": position_zero_profile(bidir_stats.position_zero)}
+    status = bos_status if bos_status is not None else measure_bos_status(model, tokens)
+    bos_result = None
+    if bos:
+        bos_prompts = tokens if bos_tokens is None else bos_tokens
+        bos_result = bos_interventions(model, bos_prompts, token_id=source, n_boot=n_boot,
+                                       early_queries=min(early_queries, tokens.shape[1]),
+                                       bidirectional=bos_bidirectional, batch_size=batch_size,
+                                       n_buckets=2 * max(1, min(16, len(bos_prompts) // 2)),
+                                       progress=progress)
+
+    if trajectory_tokens is None:
+        ids, counts = np.unique(tokens[:, 1:].reshape(-1).numpy(), return_counts=True)
+        second = int(ids[np.argsort(-counts, kind="stable")[1]]) if len(ids) > 1 else source
+        trajectory_tokens = list(dict.fromkeys([int(tokens[0, 0]), source, second]))
+    n_traj = 2 * len(trajectory_tokens)
+    rows = tokens[np.arange(n_traj) % len(tokens)]
+    # Causal: position 0 sees no later token, so a short prefix gives the same stream.
+    rows = rows[:, :min(rows.shape[1], max(2, early_queries))]
+    trajectory = position_zero_trajectories(model, rows, [t for t in trajectory_tokens for _ in (0, 1)],
+                                            batch_size=max(batch_size, n_traj))
+    # Bidirectional: position 0 sees the whole prompt (full length needed); the main pass
+    # already has the cross-prompt spread over all prompts, so 2 prompts show the trajectory.
+    trajectory_b = position_zero_trajectories(model, tokens[:min(len(tokens), 2)],
+                                              condition=bidirectional, condition_name="bidirectional")
+    reading = sink_reading(model, tokens[:reading_prompts], source_token_id=source,
+                           threshold=reading_threshold, batch_size=batch_size)
+    probe_result = spread = None
+    targets, target_kind = content_targets(tokens, doc_ids)
+    if not probe:
+        probe_status = {"run": False, "reason": "switched off (probe=False / --no-probe)"}
+    elif target_kind != "document":
+        probe_status = {"run": False, "reason": (
+            "not run: no document holds two of the prompts, so there is no prompt content shared "
+            "within a group for the probe to decode (one prompt per article: chance by design). Run "
+            "`rope-leak sinks --documents 4` (several prompts per article) for a meaningful probe")}
+    elif len(tokens) < 10:
+        probe_status = {"run": False, "reason": (
+            f"not run: {len(tokens)} prompts are too few for 5-fold cross-validation (need 10)")}
+    elif not reading.heads():
+        probe_status = {"run": False, "reason": "not run: no sink-reading head to take a fingerprint from"}
+    else:
+        fp = fingerprint(model, tokens, reading.heads(), batch_size=batch_size)
+        spread = fp.spread()
+        probe_result = probe_table(fp, targets, n_permutations=n_permutations)
+        probe_status = {"run": True, "reason": "several prompts per document: the probe predicts "
+                        "the document (one-hot)"}
+    probe_status["target"] = target_kind if probe_status["run"] else None
+    settings = {"source_token_id": source, "reading_threshold": reading_threshold,
+                "reading_prompts": int(min(reading_prompts, len(tokens))),
+                "early_queries": early_queries, "probe_target": probe_status["target"], "n_boot": n_boot,
+                "n_permutations": n_permutations, "bos_bidirectional": bos_bidirectional,
+                "trajectory_tokens": trajectory_tokens, "n_prompts": int(len(tokens)),
+                "n_tokens": int(tokens.shape[1]),
+                "bos_prompts": None if bos_result is None else int(bos_result.statistics.conditions[
+                    "baseline/causal"].n_prompts),
+                "sink_statistics_prompts": int(causal_stats.n_prompts)}
+    return SinkAnalysis(scores, sink_threshold, profiles, trajectory, trajectory_b, reading,
+                        probe_result, spread, bos_result, settings, n_boot, metrics, status, probe_status)
+
+
+def save_sinks(result: SinkAnalysis, out_dir: str | Path, *, provenance: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Write the sink result files (see :data:`SINK_FILES`) into ``out_dir``."""
+    from rope_leak.output.plots_sinks import sinks_html
+    from rope_leak.output.results import check_output_dir, package_versions, to_jsonable
+
+    out = check_output_dir(out_dir, overwrite, SINK_FILES)
+    payload = to_jsonable({"rope_leak_sinks": 1,
+                           "provenance": {"versions": package_versions(), **(provenance or {})},
+                           **result.summary()})
+    atomic_write_text(out / "sinks.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / "sink_heads.csv", result.heads().to_csv(index=False, float_format="%.17g"))  # full float64 precision
+    traj = result.trajectory.within_token_spread().merge(
+        result.trajectory.between_token_distance(), on="depth")
+    atomic_write_text(out / "trajectory.csv", traj.to_csv(index=False, float_format="%.17g"))  # full float64 precision
+    probe = result.probe
+    if probe is None:  # say so in the file too, never leave it out silently
+        probe = pd.DataFrame([{"features": None, "run": False,
+                               "reason": result.probe_status.get("reason", "not run")}])
+    atomic_write_text(out / "probe.csv", probe.to_csv(index=False, float_format="%.17g"))  # full float64 precision
+    if result.bos is not None:
+        atomic_write_text(out / "bos_interventions.csv",
+                          result.bos.table().to_csv(index=False, float_format="%.17g"))  # full float64 precision
+    atomic_write_text(out / "sinks.html", sinks_html(result))
+    return out

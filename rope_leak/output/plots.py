@@ -1,0 +1,332 @@
+"""Plotly figures of an analysis. Heads are labelled ``L{layer}H{head}``; heatmaps that
+are compared share one colour scale, centred on zero."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:  # types only: output sits below the analyses that call it
+    from rope_leak.analyses.analysis import Analysis
+
+
+DIVERGING = "RdBu_r"
+
+
+def _symmetric_range(*arrays: np.ndarray) -> float:
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    values = values[np.isfinite(values)]
+    return float(np.abs(values).max()) if values.size and np.abs(values).max() > 0 else 1.0
+
+
+def _robust_range(*arrays: np.ndarray, quantile: float = 0.98) -> float:
+    """A symmetric colour range set by the bulk of heads: the ``quantile`` of ``|value|``
+    (outliers saturate and are marked, never set the scale)."""
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    values = np.abs(values[np.isfinite(values)])
+    if not values.size:
+        return 1.0
+    top = float(np.quantile(values, quantile))
+    return top if top > 0 else (float(values.max()) or 1.0)
+
+
+def _marks(fig: go.Figure, mask: np.ndarray, symbol: str, name: str, row: int, col: int,
+           showlegend: bool) -> None:
+    """Markers on the heads where ``mask`` holds (outliers beyond the scale, degenerate)."""
+    layers, heads = np.nonzero(mask)
+    if not len(layers):
+        return
+    fig.add_scatter(x=heads, y=layers, mode="markers", name=name, legendgroup=name,
+                    showlegend=showlegend, marker=dict(symbol=symbol, size=7, color="black",
+                                                        line=dict(width=1)),
+                    hovertemplate="L%{y}H%{x}: " + name + "<extra></extra>", row=row, col=col)
+
+
+def _head_axes(fig: go.Figure, n_layers: int, n_heads: int, **where) -> None:
+    """Tick labels ``H0..`` / ``L0..`` on a layer x head heat map."""
+    fig.update_xaxes(tickmode="array", tickvals=list(range(n_heads)),
+                     ticktext=[f"H{h}" for h in range(n_heads)], **where)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(n_layers)),
+                     ticktext=[f"L{l}" for l in range(n_layers)], **where)
+
+
+def _labels(n_layers: int, n_heads: int) -> np.ndarray:
+    return np.array([[f"L{l}H{h}" for h in range(n_heads)] for l in range(n_layers)])
+
+
+def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
+    """Layer x head maps of the debiased shares and the renormalisation split's terms,
+    on one colour scale set by the bulk of heads. Heads beyond the scale are marked ×,
+    degenerate heads (scored variance below the floor; left blank) are marked ○."""
+    target = target or analysis.target
+    inf = analysis.inference(target)
+    degenerate = inf.degenerate
+    panels = [(f"L_total ({target}, causal)", inf.total.estimate)]
+    split = analysis.split()
+    if split is not None:
+        frac = split.fractions()
+        panels += [("split: unmasked scores' part (log A)", frac["resid"]),
+                   ("split: mask renormalisation (log A)", frac["mask"])]
+    panels += [(f"ablation L_mask ({target})", inf.mask.estimate)]
+    shown = [np.where(degenerate, np.nan, values) for _, values in panels]
+    zmax = _robust_range(*shown)
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
+                        shared_yaxes=True, horizontal_spacing=0.03)
+    n_layers, n_heads = degenerate.shape
+    labels = _labels(n_layers, n_heads)
+    for col, ((name, _), values) in enumerate(zip(panels, shown), start=1):
+        fig.add_trace(go.Heatmap(
+            z=values, x=list(range(n_heads)), y=list(range(n_layers)), customdata=labels,
+            zmin=-zmax, zmax=zmax, colorscale=DIVERGING, showscale=col == len(panels),
+            colorbar=dict(title="share of the head's<br>scored variance"),
+            hovertemplate="%{customdata}<br>" + name + " = %{z:.4f}<extra></extra>",
+        ), row=1, col=col)
+        _marks(fig, np.abs(np.nan_to_num(values)) > zmax, "x-thin", "beyond the colour scale",
+               1, col, col == 1)
+        _marks(fig, degenerate, "circle-open", "degenerate (left out)", 1, col, col == 1)
+        fig.update_xaxes(title_text="head", row=1, col=col)
+        _head_axes(fig, n_layers, n_heads, row=1, col=col)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(
+        title=("Absolute-position share per head (debiased; colour scale: 98% of heads, "
+               f"±{zmax:.3g})"),
+        height=max(380, 18 * n_layers + 170), legend=dict(orientation="h", y=-0.12),
+    )
+    return fig
+
+
+def layer_composition(analysis: Analysis, target: str | None = None) -> go.Figure:
+    """Per layer: the debiased components pooled over non-degenerate heads (bars) and the
+    mask's share of log A by the renormalisation split and by the ablation (lines, CIs)."""
+    target = target or analysis.target
+    inf = analysis.inference(target)
+    keep = np.where(inf.degenerate, np.nan, 1.0)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[
+        f"mean debiased components ({target}; non-degenerate heads)",
+        "mask's share of log A's absolute position (95% CI)"])
+    layers = np.arange(analysis.n_layers)
+    for name, part in (("L_total (causal)", inf.total), ("L_resid (bidirectional)", inf.resid),
+                       ("L_mask = L_total − L_resid", inf.mask)):
+        fig.add_bar(x=layers, y=np.nanmean(part.estimate * keep, 1), name=name, row=1, col=1,
+                    hovertemplate="layer %{x}<br>" + name + " = %{y:.4f}<extra></extra>")
+    _composition_lines(fig, analysis, row=1, col=2)
+    fig.update_layout(barmode="group", title=f"Decomposition by layer (target: {target})",
+                      legend=dict(orientation="h", y=-0.2), height=450)
+    fig.update_xaxes(title_text="layer")
+    fig.update_yaxes(title_text="mean ΔR² over heads", row=1, col=1)
+    fig.update_yaxes(title_text="fraction from the mask", row=1, col=2)
+    return fig
+
+
+def _composition_lines(fig: go.Figure, analysis: Analysis, row=None, col=None) -> None:
+    """Per-layer mask shares with CIs. A layer whose CI is wider than 1 (its pooled total
+    is about 0, so the ratio is noise) is not estimable: marked at the bottom, not drawn."""
+    layers = np.arange(analysis.n_layers)
+
+    def band(estimate, low, high, name, color):
+        estimate, low, high = (np.asarray(a, dtype=float) for a in (estimate, low, high))
+        ok = np.isfinite(estimate) & np.isfinite(low) & np.isfinite(high) & (high - low <= 1.0)
+        shown = np.where(ok, estimate, np.nan)
+        fig.add_scatter(
+            x=layers, y=shown, mode="lines+markers", name=name, line=dict(color=color),
+            error_y=dict(type="data", symmetric=False, array=np.where(ok, high - estimate, np.nan),
+                         arrayminus=np.where(ok, estimate - low, np.nan)),
+            hovertemplate="layer %{x}<br>" + name + " = %{y:.3f}<extra></extra>", row=row, col=col,
+        )
+        if (~ok).any():
+            fig.add_scatter(x=layers[~ok], y=np.full((~ok).sum(), -0.15), mode="markers",
+                            marker=dict(symbol="x-thin", size=9, color=color, line=dict(width=2, color=color)),
+                            name=f"not estimable (CI wider than 1): {name.split(':')[0]}",
+                            hovertemplate="layer %{x}: not estimable<extra></extra>", row=row, col=col)
+
+    split = analysis.split()
+    if split is not None:
+        comp = split.layer_table()["composition"]
+        ci = split.layer_ci.get("composition", np.stack([comp, comp], 1))
+        band(comp, ci[:, 0], ci[:, 1], "renormalisation split: SS(m) / (SS(m) + SS(log A^full))", "#636efa")
+    ablation = analysis.inference("log_pattern").layer_composition
+    band(ablation.estimate, ablation.low, ablation.high,
+         "bidirectional ablation: L_mask / L_total (log A)", "#ef553b")
+    for y in (0, 1):
+        fig.add_hline(y=y, line_dash="dot", line_color="grey", row=row, col=col)
+    fig.update_yaxes(range=[-0.25, 1.25], row=row, col=col)
+
+
+def sink_map(analysis: Analysis) -> go.Figure:
+    """Sink score per head under the causal mask and under the bidirectional ablation,
+    on one 0..1 colour scale."""
+    panels = [("causal mask", analysis.sink_scores("causal")),
+              ("bidirectional ablation", analysis.sink_scores("bidirectional"))]
+    n_layers, n_heads = panels[0][1].shape
+    labels = _labels(n_layers, n_heads)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[p[0] for p in panels], shared_yaxes=True,
+                        horizontal_spacing=0.05)
+    for col, (name, scores) in enumerate(panels, start=1):
+        fig.add_trace(go.Heatmap(
+            z=scores, customdata=labels, zmin=0, zmax=1, colorscale="Viridis", showscale=col == 2,
+            colorbar=dict(title="mean A[i,0]<br>(attention<br>weight)"),
+            hovertemplate="%{customdata}<br>sink score (" + name + ") = %{z:.3f}<extra></extra>",
+        ), row=1, col=col)
+        fig.update_xaxes(title_text="head", row=1, col=col)
+        _head_axes(fig, n_layers, n_heads, row=1, col=col)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=f"Sink score per head (mean attention to key 0 over queries i ≥ 1; "
+                            f"sink heads > {analysis.sink_threshold})",
+                      height=max(350, 18 * n_layers + 150))
+    return fig
+
+
+def position_zero_trajectory(analysis: Analysis) -> go.Figure:
+    """Cross-prompt std of the position-0 residual stream through the layers."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[
+        "cross-prompt std of resid at position 0", "norm of resid: position 0 vs others (causal)"])
+    profiles = analysis.position_zero()
+    for condition, profile in profiles.items():
+        depth = list(range(len(profile["std"])))
+        fig.add_scatter(x=depth, y=profile["std"], mode="lines+markers", name=f"std, {condition}",
+                        hovertemplate="resid_pre %{x}<br>std = %{y:.3g}<extra></extra>", row=1, col=1)
+    causal = profiles["causal"]
+    depth = list(range(len(causal["norm_position_zero"])))
+    fig.add_scatter(x=depth, y=causal["norm_position_zero"], name="|resid₀|", mode="lines+markers",
+                    hovertemplate="resid_pre %{x}<br>|resid₀| = %{y:.3g}<extra></extra>", row=1, col=2)
+    fig.add_scatter(x=depth, y=causal["norm_other_positions"], name="mean |resid_i|, i ≥ 1",
+                    mode="lines+markers",
+                    hovertemplate="resid_pre %{x}<br>mean |resid_i| = %{y:.3g}<extra></extra>", row=1, col=2)
+    fig.update_xaxes(title_text="layer (resid_pre; last = final resid_post)")
+    fig.update_yaxes(title_text="std (model units)", row=1, col=1)
+    fig.update_yaxes(title_text="L2 norm (model units, log scale)", type="log", row=1, col=2)
+    fig.update_layout(title="Position 0 is a closed system under the causal mask")
+    return fig
+
+
+def target_comparison(analysis: Analysis) -> go.Figure:
+    """Mean debiased L_total / L_resid / L_mask over non-degenerate heads for each target
+    (pattern, log pattern, scores), with bootstrap CIs: the mask part lives in the softmax
+    denominator, so it vanishes for scores."""
+    fig = go.Figure()
+    targets = analysis.targets
+    for k, component in enumerate(("L_total", "L_resid", "L_mask")):
+        means = [analysis.inference(t).means for t in targets]
+        est = np.array([m.estimate[k] for m in means])
+        low, high = np.array([m.low[k] for m in means]), np.array([m.high[k] for m in means])
+        fig.add_bar(x=targets, y=est, name=component,
+                    error_y=dict(type="data", symmetric=False, array=high - est, arrayminus=est - low),
+                    hovertemplate="target %{x}<br>mean " + component + " = %{y:.4f}<extra></extra>")
+    fig.update_layout(barmode="group", title="Components by target (debiased; mean over non-degenerate heads, 95% CI)",
+                      xaxis_title="target (response y)", yaxis_title="mean ΔR² (fraction of variance)")
+    return fig
+
+
+def top_heads_figure(table, value: str, label: str = "label", ci: tuple[str, str] | None = None,
+                     title: str = "Top heads") -> go.Figure:
+    """Dot plot of ``table[value]`` per head, with error bars when ``ci`` names the columns
+    of a confidence interval."""
+    fig = go.Figure()
+    error = None
+    if ci is not None and all(c in table for c in ci):
+        error = dict(type="data", symmetric=False, array=(table[ci[1]] - table[value]).to_numpy(),
+                     arrayminus=(table[value] - table[ci[0]]).to_numpy())
+    fig.add_scatter(x=table[label], y=table[value], mode="markers", error_y=error, name=value,
+                    hovertemplate="%{x}<br>" + value + " = %{y:.4f}<extra></extra>")
+    fig.update_layout(title=title, xaxis_title="head (L<layer>H<head>)",
+                      yaxis_title=f"{value} (ΔR², fraction of variance)")
+    return fig
+
+
+def _grid_heatmap(z, *, zmin, zmax, colorscale, name, unit, showscale=True, colorbar_x=None):
+    n_q, n_k = z.shape
+    return go.Heatmap(
+        z=z, x=list(range(n_k)), y=list(range(n_q)), zmin=zmin, zmax=zmax, colorscale=colorscale,
+        showscale=showscale, colorbar=dict(title=unit, x=colorbar_x) if colorbar_x is not None else dict(title=unit),
+        hovertemplate="query i = %{y}<br>key j = %{x}<br>" + name + " = %{z:.4g}<extra></extra>",
+    )
+
+
+def pattern_figure(patterns: dict[str, np.ndarray], title: str, zmax: float | None = None) -> go.Figure:
+    """Query x key attention patterns side by side on one 0..zmax colour scale (keys right,
+    queries down; masked entries are 0 under the causal mask)."""
+    names = list(patterns)
+    values = [np.asarray(patterns[n], dtype=float) for n in names]
+    zmax = zmax if zmax is not None else max(float(np.nanmax(v)) for v in values)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, shared_yaxes=True,
+                        horizontal_spacing=0.05)
+    for col, z in enumerate(values, start=1):
+        fig.add_trace(_grid_heatmap(z, zmin=0, zmax=zmax, colorscale="Viridis", name="A[i,j]",
+                                    unit="attention<br>weight", showscale=col == len(names)), row=1, col=col)
+        fig.update_xaxes(title_text="key position j", row=1, col=col)
+    fig.update_yaxes(title_text="query position i", row=1, col=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title, height=420)
+    return fig
+
+
+def head_fit_figure(maps: dict, label: str) -> go.Figure:
+    """One head: observed mean response per cell, its best relative fit ``M_rel`` (by offset),
+    and the residuals left by ``M_rel`` and by ``M_abs`` (offset + absolute query and key).
+    Observed and fit share one scale; the two residual maps share one symmetric scale, so
+    what ``M_abs`` removes is visible by eye."""
+    target = maps.get("target", "pattern")
+    unit = {"pattern": "attention<br>weight", "log_pattern": "log attention<br>weight",
+            "scores": "logit"}.get(target, target)
+    lo = float(np.nanmin([np.nanmin(maps["observed"]), np.nanmin(maps["fit_rel"])]))
+    hi = float(np.nanmax([np.nanmax(maps["observed"]), np.nanmax(maps["fit_rel"])]))
+    r = _symmetric_range(maps["resid_rel"], maps["resid_abs"])
+    titles = ["observed (mean over prompts)", "M_rel fit: a[i−j]", "residual after M_rel",
+              "residual after M_abs"]
+    fig = make_subplots(rows=1, cols=4, subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.06)
+    fig.add_trace(_grid_heatmap(maps["observed"], zmin=lo, zmax=hi, colorscale="Viridis", name="observed",
+                                unit=unit, showscale=False), row=1, col=1)
+    fig.add_trace(_grid_heatmap(maps["fit_rel"], zmin=lo, zmax=hi, colorscale="Viridis", name="M_rel fit",
+                                unit=unit, colorbar_x=0.47), row=1, col=2)
+    fig.add_trace(_grid_heatmap(maps["resid_rel"], zmin=-r, zmax=r, colorscale=DIVERGING,
+                                name="observed − M_rel", unit="residual", showscale=False), row=1, col=3)
+    fig.add_trace(_grid_heatmap(maps["resid_abs"], zmin=-r, zmax=r, colorscale=DIVERGING,
+                                name="observed − M_abs", unit="residual"), row=1, col=4)
+    for col in range(1, 5):
+        fig.update_xaxes(title_text="key j", row=1, col=col)
+    fig.update_yaxes(title_text="query i", row=1, col=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=f"{label}: fit by offset vs by absolute position "
+                            f"(target {target}, {maps.get('condition', 'causal')} mask; scored cells only)",
+                      height=420)
+    return fig
+
+
+def offset_profiles(pattern: np.ndarray, offsets=(0, 1, 2, 4), title: str = "") -> go.Figure:
+    """``A[i, i - d]`` against the query position ``i`` for a few offsets ``d``: flat lines
+    would mean a purely relative pattern."""
+    pattern = np.asarray(pattern, dtype=float)
+    fig = go.Figure()
+    for d in offsets:
+        values = np.diagonal(pattern, offset=-d)
+        fig.add_scatter(x=np.arange(d, d + len(values)), y=values, mode="lines+markers", name=f"i − j = {d}",
+                        hovertemplate="query i = %{x}<br>A[i, i−" + str(d) + "] = %{y:.4f}<extra></extra>")
+    fig.update_layout(title=title or "Attention at a fixed offset, by query position",
+                      xaxis_title="query position i", yaxis_title="attention weight A[i, i−d]")
+    return fig
+
+
+def decompositions_by_layer(analysis: Analysis) -> go.Figure:
+    """Per-layer mask share of ``log A``'s absolute position by the two decompositions."""
+    fig = go.Figure()
+    _composition_lines(fig, analysis)
+    fig.update_layout(title="Causal-mask share of log A's absolute position, by layer: the two decompositions",
+                      xaxis_title="layer", yaxis_title="fraction from the causal mask",
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def all_figures(analysis: Analysis) -> dict[str, go.Figure]:
+    return {
+        "shares": share_heatmaps(analysis),
+        "composition": layer_composition(analysis),
+        "decompositions": decompositions_by_layer(analysis),
+        "targets": target_comparison(analysis),
+        "sinks": sink_map(analysis),
+        "position_zero": position_zero_trajectory(analysis),
+    }

@@ -1,0 +1,127 @@
+"""Figures and report sections for the across-architecture analyses: the model
+comparison (``rope-leak compare``), the depth profile and the RoPE-controls
+(additivity) check. Kept apart from :mod:`rope_leak.output.plots` / :mod:`rope_leak.output.report`;
+every function returns a plotly figure or an HTML fragment that a report can include.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+COMPONENTS = ("L_total", "L_mask", "L_resid")
+
+
+def _err(table: pd.DataFrame, name: str) -> dict | None:
+    lo, hi = f"{name}_ci_low", f"{name}_ci_high"
+    if lo not in table or table[lo].isna().all():
+        return None
+    return dict(type="data", symmetric=False, array=(table[hi] - table[name]).to_numpy(),
+                arrayminus=(table[name] - table[lo]).to_numpy())
+
+
+def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
+    """Three panels: components per model (bars with 95% CIs), composition per model,
+    and the per-layer ``L_resid`` / ``L_mask`` over relative depth."""
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.38, 0.22, 0.40],
+                        subplot_titles=("Absolute-position share (mean over heads)",
+                                        "Composition L_mask / (L_mask + L_resid)",
+                                        "Depth profile (dashed: L_mask)"))
+    colors = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2"]
+    for k, comp in enumerate(COMPONENTS):
+        fig.add_trace(go.Bar(name=comp, x=table["model"], y=table[comp], error_y=_err(table, comp),
+                             marker_color=colors[k], legendgroup="components"), row=1, col=1)
+    fig.add_trace(go.Bar(name="composition", x=table["model"], y=table["composition"],
+                         error_y=_err(table, "composition"), marker_color="#9D755D",
+                         showlegend=False), row=1, col=2)
+    for k, (model, part) in enumerate(layers.groupby("model", sort=False)):
+        color = colors[k % len(colors)]
+        fig.add_trace(go.Scatter(x=part["relative_depth"], y=part["L_resid"], mode="lines+markers",
+                                 name=f"{model} L_resid", line=dict(color=color)), row=1, col=3)
+        fig.add_trace(go.Scatter(x=part["relative_depth"], y=part["L_mask"], mode="lines",
+                                 name=f"{model} L_mask", line=dict(color=color, dash="dash")),
+                      row=1, col=3)
+    fig.update_layout(barmode="group", height=460, width=1350, template="plotly_white",
+                      legend=dict(orientation="h", y=-0.2))
+    fig.update_xaxes(title_text="relative depth (layer / (n_layers - 1))", row=1, col=3)
+    return fig
+
+
+def depth_figure(layers: pd.DataFrame, title: str = "Depth profile") -> go.Figure:
+    """Per-layer ``L_resid`` and ``L_mask`` (with bootstrap bands when present)."""
+    fig = go.Figure()
+    for name, color in (("L_resid", "#54A24B"), ("L_mask", "#F58518")):
+        if f"{name}_ci_low" in layers:
+            fig.add_trace(go.Scatter(
+                x=np.r_[layers["relative_depth"], layers["relative_depth"][::-1]],
+                y=np.r_[layers[f"{name}_ci_high"], layers[f"{name}_ci_low"][::-1]],
+                fill="toself", line=dict(width=0), fillcolor=color, opacity=0.2,
+                showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=layers["relative_depth"], y=layers[name], name=name,
+                                 mode="lines+markers", line=dict(color=color)))
+    fig.update_layout(title=title, xaxis_title="relative depth", yaxis_title="share",
+                      template="plotly_white", height=380)
+    return fig
+
+
+def controls_figure(controls: pd.DataFrame) -> go.Figure:
+    """Composition of each RoPE control next to the real one."""
+    fig = go.Figure(go.Bar(x=controls["control"], y=controls["composition"],
+                           error_y=_err(controls, "composition"),
+                           marker_color=["#4C78A8" if c == "real" else "#BAB0AC"
+                                         for c in controls["control"]]))
+    fig.update_layout(title="Additivity check: composition under RoPE controls",
+                      yaxis_title="L_mask / (L_mask + L_resid)", template="plotly_white",
+                      height=360)
+    return fig
+
+
+def _table_html(table: pd.DataFrame, digits: int = 4) -> str:
+    return table.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", border=0,
+                         classes="rl-table")
+
+
+def controls_section(controls: pd.DataFrame, include_plotlyjs: bool | str = "cdn") -> str:
+    """HTML section: the controls table, a verdict sentence, and the figure."""
+    tol = float(controls["tolerance"].iloc[0]) if "tolerance" in controls else float("nan")
+    off = controls.loc[~controls["agrees_with_real"], "control"].tolist()
+    verdict = ("All controls agree with the real composition within "
+               f"{tol:.2f}: consistent with additivity." if not off else
+               f"Controls {', '.join(off)} differ from the real composition by more than "
+               f"{tol:.2f}: additivity is questionable; read L_mask / L_resid with care.")
+    violated = controls.loc[controls["additivity_violated"], "control"].tolist()
+    if violated:
+        verdict += (f" Mean L_mask < 0 (additivity violated) under: {', '.join(violated)}.")
+    fig = pio.to_html(controls_figure(controls), full_html=False, include_plotlyjs=include_plotlyjs)
+    return (f"<section><h2>RoPE controls (additivity check)</h2><p>{html.escape(verdict)}</p>"
+            f"{_table_html(controls)}{fig}</section>")
+
+
+def comparison_html(table: pd.DataFrame, layers: pd.DataFrame, settings: dict | None = None) -> str:
+    """A standalone HTML page for ``rope-leak compare``."""
+    fig = pio.to_html(comparison_figure(table, layers), full_html=False, include_plotlyjs=True)
+    table = table.copy()
+    for name in ("sink_heads", "sink_heads_gu"):
+        if name in table and "n_heads_total" in table:
+            table[name] = [f"{k} / {n}" for k, n in zip(table[name], table["n_heads_total"])]
+    cols = [c for c in ("model", "bos", "n_ctx", "window", "L_total", "L_mask", "L_resid", "composition",
+                        "sink_heads", "sink_heads_gu", "depth_slope_L_resid", "depth_slope_L_mask",
+                        "additivity_violated")
+            if c in table]
+    settings_html = (f"<pre>{html.escape(str(settings))}</pre>" if settings else "")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>rope-leak compare</title>"
+            "<style>body{font-family:sans-serif;margin:2em} .rl-table td,.rl-table th"
+            "{padding:2px 8px;text-align:right}</style></head><body>"
+            "<h1>rope-leak compare</h1>" + settings_html + _table_html(table[cols]) + fig +
+            "<p>Shares are debiased; CIs: 95% pivotal (basic) intervals of a bootstrap of prompt "
+            "buckets, one joint resample for both masks (sink-head counts: percentile); see "
+            "comparison.csv for all interval columns. sink_heads: rope_leak's sink score (mean over "
+            "queries i ≥ 1 of A[i,0]) above 0.3; sink_heads_gu: Gu et al. (ICLR 2025) α₀ (query 0 "
+            "included) above ε = 0.3; both out of all heads. n_ctx: the context the loaded model "
+            "accepts (capped at 2048 unless raised); window: sliding window of the local layers.</p>"
+            "</body></html>")

@@ -1,0 +1,231 @@
+"""A self-contained HTML report (plotly.js inlined once, so it opens offline)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
+
+from rope_leak.download_cache import atomic_write_text
+from rope_leak.output.bos_text import bos_label, spread_text
+from rope_leak.output.explorer import explorer_html
+from rope_leak.output.plots import all_figures, top_heads_figure
+
+if TYPE_CHECKING:  # types only: output sits below the analyses that call it
+    from rope_leak.analyses.analysis import Analysis
+
+CAPTIONS = {
+    "decompositions": "Two ways to split log A's absolute position, layer by layer, with 95% CIs. The "
+                      "renormalisation split stays in distribution: log A = log A^full + m, with A^full "
+                      "the softmax of the same scores over every key (mask ignored) and m the mask's "
+                      "renormalisation; both terms are unchanged by a per-query shift of the scores. "
+                      "The ablation swaps the causal mask for a bidirectional one (out of distribution). "
+                      "Where the bands do not overlap the decompositions disagree (listed under Diagnostics).",
+    "shares": "Each cell is one head (debiased shares, as fractions of the head's scored variance). "
+              "L_total: absolute-position share under the causal mask. The split's two terms: the "
+              "unmasked scores' part and the mask's renormalisation (of log A). Ablation L_mask: "
+              "L_total minus the share under a bidirectional mask. One colour scale for all panels, "
+              "set by 98% of the heads; × marks heads beyond it, ○ degenerate heads (scored "
+              "variance below the floor; blank, left out of every mean and pool).",
+    "composition": "Left: mean debiased components per layer over non-degenerate heads. Right: the "
+                   "mask's share of log A's absolute position per layer, pooled over heads (sums of "
+                   "squares), by the renormalisation split and by the ablation, with 95% CIs.",
+    "targets": "The same decomposition for each response: the pattern A, log A and the pre-softmax "
+               "scores s. The causal-mask part lives in the softmax denominator, so it should be near "
+               "zero for the scores, whose absolute position can only come from the residual stream.",
+    "intervals": "The 20 heads with the largest L_total and their confidence intervals (error bars), "
+                 "(bootstrap over prompt buckets, debiased share). An interval that reaches 0 "
+                 "means the head's absolute-position share is not distinguishable from none.",
+    "sinks": "Mean attention each head puts on key 0 (queries i ≥ 1), under the causal mask and under "
+             "the bidirectional ablation, on one 0–1 scale. Heads above the threshold are attention sinks.",
+    "position_zero": "Left: how much the residual stream at position 0 varies across prompts, layer by "
+                     "layer. With the same token at position 0 it is exactly 0 under the causal mask "
+                     "(position 0 only sees itself) and not under the bidirectional ablation. Right: its "
+                     "norm against the other positions (massive activations).",
+}
+
+TITLES = {
+    "decompositions": "Renormalisation split vs ablation",
+    "shares": "Absolute-position share per head",
+    "composition": "Causal mask vs residual stream, by layer",
+    "targets": "Pattern, log pattern and scores",
+    "intervals": "Uncertainty of the top heads",
+    "sinks": "Attention sinks",
+    "position_zero": "The position-0 trajectory",
+}
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}.note{color:#555;font-size:.95em}.flag{color:#b00}
+.caption{color:#333;font-size:.95em;max-width:60em}.headline{font-size:1.1em;max-width:60em}
+"""
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return html.escape(str(value))
+
+
+def _top_heads_table(analysis: Analysis, k: int = 10) -> pd.DataFrame:
+    """Top heads by the debiased L_total, with its CI, BH q-value and the components."""
+    return analysis.top_heads(k).rename(columns={
+        "L_total_debiased": "L_total", "L_total_ci_low": "ci_low", "L_total_ci_high": "ci_high",
+        "L_resid_debiased": "L_resid", "L_mask_debiased": "L_mask", "L_total_qvalue": "q (BH)",
+        f"{analysis.target}_L_total": "L_total (cross-fitted)",
+    })
+
+
+def _with_ci_column(table: pd.DataFrame, level: float) -> pd.DataFrame:
+    table = table.copy()
+    ci = [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in zip(table.pop("ci_low"), table.pop("ci_high"))]
+    table.insert(table.columns.get_loc("L_total") + 1, f"{level:.0%} CI", ci)
+    return table
+
+
+def _diagnostics_html(analysis: Analysis, limit: int = 40) -> str:
+    table = analysis.diagnostics()
+    if table.empty:
+        return "<p>No head or layer is flagged.</p>"
+    counts = ", ".join(f"{n} × {html.escape(issue)}" for issue, n in table["issue"].value_counts().items())
+    order = table["scope"].map({"model": 0, "layer": 1, "head": 2})
+    table = table.assign(_order=order).sort_values("_order", kind="stable").drop(columns="_order")
+    shown = table.head(limit).to_html(index=False, border=0)
+    more = f"<p class='note'>{len(table) - limit} more rows in results.json.</p>" if len(table) > limit else ""
+    return f"<p>{counts}. Nothing is clipped; these rows say where to read with care.</p>{shown}{more}"
+
+
+def _sink_heads_html(analysis: Analysis) -> str:
+    heads = analysis.heads()
+    sinks = heads[heads["sink_head"]].sort_values("sink_score", ascending=False)
+    if sinks.empty:
+        return f"<p>No head has a sink score above {analysis.sink_threshold}.</p>"
+    items = ", ".join(f"{html.escape(l)} ({v:.2f})" for l, v in zip(sinks["label"], sinks["sink_score"]))
+    return (f"<p><b>{len(sinks)} sink heads</b> (sink score &gt; {analysis.sink_threshold}, "
+            f"mean attention to key 0): {items}</p>")
+
+
+def _ci(values) -> str:
+    return f"[{values[0]:.4f}, {values[1]:.4f}]"
+
+
+def _bos_header(status: dict) -> str:
+    """BOS status first: whether position 0 holds a BOS, what follows, the measured spread."""
+
+    return (f"<p class='headline' id='bos-status'><b>BOS: {html.escape(bos_label(status))}.</b> "
+            f"{html.escape(str(status.get('implication', '')))}</p>"
+            f"<p class='note'>{html.escape(spread_text(status))} (– / not estimable: no token held by "
+            "two prompts, or a single token).</p>")
+
+
+def summary_html(analysis: Analysis) -> str:
+    s = analysis.summary()
+    comp = s["composition"]
+    comp_text = "n/a" if not np.isfinite(comp) else f"{comp:.0%}"
+    level = f"{s['ci_level']:.0%}"
+    headline = (
+        f"<p class='headline'>Under the model's causal mask, the absolute-position share of "
+        f"<b>{html.escape(s['target'])}</b> averages <b>{s['L_total']:.4f}</b> {_ci(s['L_total_ci'])} "
+        f"(ΔR², debiased, {level} CI) per head; the causal mask accounts for <b>{comp_text}</b> "
+        f"{_ci(s['composition_ci'])} of it and the residual stream for the rest "
+        f"(mean L_mask {s['L_mask']:.4f}, L_resid {s['L_resid']:.4f}; {s['n_prompts']} prompts).</p>")
+    split = s.get("renormalisation_split")
+    rows = [
+        ("target", s["target"]), ("prompts", s["n_prompts"]),
+        (f"mean L_total (causal) [{level} CI]", f"{s['L_total']:.4f} {_ci(s['L_total_ci'])}"),
+        (f"mean L_resid (bidirectional) [{level} CI]", f"{s['L_resid']:.4f} {_ci(s['L_resid_ci'])}"),
+        (f"mean L_mask [{level} CI]", f"{s['L_mask']:.4f} {_ci(s['L_mask_ci'])}"),
+        (f"composition (mask share) [{level} CI]", f"{comp:.3f} {_ci(s['composition_ci'])}"),
+        *([(f"renormalisation split: mask share SS(m) / (SS(m) + SS(log A^full)) [{level} CI]",
+            f"{split['composition']:.3f} {_ci(split.get('composition_ci', [np.nan, np.nan]))}"),
+           ("renormalisation split: cross term / SS(log A)", split["cross_fraction"])]
+          if split else []),
+        ("degenerate heads (left out of means and pools)", len(s["heads_degenerate"])),
+        (f"heads with L_total > 0 (BH q < {s['fdr_level']})", s["heads_significant_total"]),
+        (f"heads with L_resid > 0 (BH q < {s['fdr_level']})", s["heads_significant_resid"]),
+        ("sink heads: rope_leak score (mean over i ≥ 1 of A[i,0]) > "
+         f"{analysis.sink_threshold}", f"{len(s['sink_heads'])} of {analysis.n_layers * analysis.n_heads}"),
+        ("sink heads: Gu et al. (ICLR 2025) α₀ > "
+         f"{s['sink_metrics']['gu_et_al_2025']['epsilon']} (query 0 included)",
+         f"{len(s['sink_metrics']['gu_et_al_2025']['sink_heads'])} of {analysis.n_layers * analysis.n_heads} "
+         f"(sink ratio {s['sink_metrics']['gu_et_al_2025']['sink_ratio']:.3f})"),
+        ("heads with L_mask < 0 beyond their CI (additivity violated)", s["heads_additivity_violated"]),
+        ("max cross-prompt std at position 0 (causal)", s["position_zero_max_std"].get("causal")),
+    ]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
+    crossfit = pd.DataFrame([{"target": t, **{k: v for k, v in d.items() if isinstance(v, float)}}
+                             for t, d in s["crossfit"].items()])
+    crossfit_html = crossfit.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0)
+    top_html = _with_ci_column(_top_heads_table(analysis), s["ci_level"]).to_html(index=False, float_format=lambda x: f"{x:.4f}",
+                                                  border=0, na_rep="n/a")
+    warn = ""
+    if s["additivity_violated"]:
+        warn = ("<p class='flag'>Additivity violated: the bidirectional ablation raised the mean "
+                "share (L_mask &lt; 0 beyond its CI). Read the ablation-based decomposition with care "
+                "and compare the renormalisation split.</p>")
+    return (f"<section id='summary'><h2>Summary</h2>{_bos_header(s['bos'])}{headline}<table>{body}</table>{warn}"
+            f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}. ΔR² = "
+            f"R²(M_abs) − R²(M_rel): 0 means offset alone explains the head's "
+            f"{html.escape(s['target'])} as well as absolute position does. Debiased shares are "
+            f"unbiased for the population share; the cross-fitted shares of the definition are biased "
+            f"low at small prompt counts (table below). CIs: bootstrap over prompt buckets; "
+            f"q: sign-flip null, Benjamini–Hochberg across heads.</p>"
+            f"<h3>Top heads by L_total</h3>{top_html}"
+            f"<h3>Diagnostics</h3>{_diagnostics_html(analysis)}"
+            f"<h3>Sink heads</h3>{_sink_heads_html(analysis)}"
+            f"<h3>Cross-fitted shares by target (the definition; means over heads)</h3>{crossfit_html}</section>")
+
+
+def write_report(
+    analysis: Analysis,
+    path: str | Path,
+    *,
+    provenance: dict | None = None,
+    run_info: dict | None = None,
+    extra_sections: Sequence[str] = (),
+    sinks=None,
+) -> Path:
+    """Write a self-contained HTML report (opens offline: plotly.js is inlined once, in
+    the page's head).
+
+    ``extra_sections``: more HTML sections (e.g. :func:`rope_leak.output.plots_sinks.sections_html`
+    with ``include_plotlyjs=False``), placed after the analysis' own figures. ``sinks``: the
+    :class:`rope_leak.analyses.sinks.SinkAnalysis` of the same run, for the head explorer's
+    sink-reading flag."""
+    figures = all_figures(analysis)
+    figures["intervals"] = top_heads_figure(
+        _top_heads_table(analysis, k=20), "L_total", ci=("ci_low", "ci_high"),
+        title=f"Top heads by L_total (debiased) with {analysis.inference().level:.0%} CIs "
+              f"(target {analysis.target})")
+    sections = []
+    for key, fig in figures.items():
+        div = pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=f"fig-{key}")
+        sections.append(f"<section id='section-{key}'><h2>{TITLES[key]}</h2>"
+                        f"<p class='caption'>{CAPTIONS[key]}</p>{div}</section>")
+    model_name = html.escape(str((provenance or {}).get("model", {}).get("name", "model")))
+    footer = ""
+    if provenance:
+        items = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>"
+                        for k, v in sorted(provenance.get("versions", {}).items()))
+        footer += f"<h2>Provenance</h2><ul>{items}</ul>"
+        corpus = provenance.get("corpus", {})
+        if corpus.get("attribution"):
+            footer += f"<p class='note'>Text: {html.escape(corpus['attribution'])}</p>"
+    if run_info and "seconds" in run_info:
+        footer += f"<p class='note'>Run time: {run_info['seconds']:.0f} s.</p>"
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rope_leak report: {model_name}</title>"
+            f"<style>{STYLE}</style><script>window.PlotlyConfig = {{MathJaxConfig: 'local'}};</script>"
+            f"<script>{get_plotlyjs()}</script></head>"
+            f"<body><h1>rope_leak: where does absolute position come from? ({model_name})</h1>"
+            f"{summary_html(analysis)}{explorer_html(analysis, sinks)}{''.join(sections)}"
+            f"{''.join(extra_sections)}{footer}</body></html>")
+    return atomic_write_text(path, page)

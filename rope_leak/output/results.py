@@ -1,0 +1,164 @@
+"""Write an analysis to an output folder: JSON, CSV tables, statistics, HTML report.
+
+``results.json`` holds only what the inputs determine (settings, provenance, numbers),
+sorted and without timestamps, so the same inputs and seed give a byte-identical file;
+timings go to ``run_info.json``. Every file is first written into a hidden staging folder
+inside the output folder and only renamed into place once all of them are complete
+(``results.json`` last), so an error or an interrupt never leaves a partial set of results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rope_leak.download_cache import atomic_write_text
+
+if TYPE_CHECKING:  # types only: output sits below the analyses that call it
+    from rope_leak.analyses.analysis import Analysis
+
+RESULT_FILES = ("results.json", "heads.csv", "layers.csv", "statistics.npz", "report.html")
+STAGING_PREFIX = ".rope_leak_staging."
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder already holds results."""
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("rope_leak", "transformer-lens", "torch", "transformers", "numpy", "scipy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    if out["rope_leak"] == "not installed":
+        from rope_leak.version import __version__
+
+        out["rope_leak"] = __version__
+    out["python"] = platform.python_version()
+    return out
+
+
+def to_jsonable(value):
+    """Numpy/pandas values to plain JSON; NaN and inf become None (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool = False, files: Sequence[str] = RESULT_FILES) -> Path:
+    """Make ``out_dir`` if needed; refuse (unless ``overwrite``) when it holds any of ``files``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file. Fix: name a folder.")
+    existing = [name for name in files if (out / name).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"{out} already holds results ({', '.join(existing)}). Fix: choose another --out "
+            "folder, or pass --overwrite to replace them."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _provenance(analysis: Analysis, provenance: dict | None) -> dict:
+    """Versions, the caller's provenance, and the model fingerprint recorded by
+    :func:`rope_leak.analyses.analysis.analyze` (it fills what the caller left out or None)."""
+    out = {"versions": package_versions(), **(provenance or {})}
+    fingerprint = analysis.inputs.get("model")
+    if fingerprint:
+        given = dict(out.get("model") or {})
+        out["model"] = {**given, **{k: v for k, v in fingerprint.items() if given.get(k) is None}}
+    return out
+
+
+def results_dict(analysis: Analysis, provenance: dict | None = None) -> dict:
+    heads = analysis.heads()
+    return to_jsonable({
+        "rope_leak_results": 1,
+        "provenance": _provenance(analysis, provenance),
+        "analysis": analysis.settings(),
+        "metadata": analysis.statistics.metadata,
+        "summary": analysis.summary(),
+        "layers": {t: analysis.layers(t).to_dict(orient="list") for t in analysis.targets},
+        "heads": heads.to_dict(orient="list"),
+        "position_zero": analysis.position_zero(),
+        "diagnostics": analysis.diagnostics().to_dict(orient="records"),
+    })
+
+
+def save_analysis(
+    analysis: Analysis,
+    out_dir: str | Path,
+    *,
+    provenance: dict | None = None,
+    run_info: dict | None = None,
+    overwrite: bool = False,
+    report: bool = True,
+    extra_sections: Sequence[str] = (),
+    statistics: bool = True,
+    sinks=None,
+) -> Path:
+    """Write every result file of ``analysis`` into ``out_dir``.
+
+    All files are written into a hidden staging folder inside ``out_dir`` first; only when
+    every one is complete are they renamed into place, ``results.json`` last. An error or
+    interrupt while writing leaves ``out_dir`` as it was (no partial results, no
+    temporary files). With ``overwrite=True`` result files of an earlier run that this
+    run does not write (e.g. ``report.html`` with ``report=False``) are removed, so the
+    folder never mixes two runs. ``sinks``: the run's
+    :class:`rope_leak.analyses.sinks.SinkAnalysis`, for the report's sink-reading flags.
+    """
+    out = check_output_dir(out_dir, overwrite)
+    payload = results_dict(analysis, provenance)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        atomic_write_text(staging / "heads.csv", analysis.heads().to_csv(index=False, float_format="%.17g"))  # full float64 precision
+        layers = [analysis.layers(t) for t in analysis.targets]
+        import pandas as pd
+
+        atomic_write_text(staging / "layers.csv", pd.concat(layers).to_csv(index=False, float_format="%.17g"))  # full float64 precision
+        if statistics:  # mergeable, but large (~1.5 GB for SmolLM2 at n = 256)
+            analysis.statistics.save(staging / "statistics.npz")
+        if run_info is not None:
+            atomic_write_text(staging / "run_info.json",
+                              json.dumps(to_jsonable(run_info), indent=1, sort_keys=True))
+        if report:
+            from rope_leak.output.report import write_report
+
+            write_report(analysis, staging / "report.html", provenance=payload["provenance"],
+                         run_info=run_info, extra_sections=extra_sections, sinks=sinks)
+        atomic_write_text(staging / "results.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
+        written = sorted(p.name for p in staging.iterdir())
+        for name in written:
+            if name != "results.json":
+                os.replace(staging / name, out / name)
+        for name in (*RESULT_FILES, "run_info.json"):
+            if name not in written and (out / name).exists():
+                (out / name).unlink()  # stale, from an earlier run that is being replaced
+        os.replace(staging / "results.json", out / "results.json")  # last: marks completion
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

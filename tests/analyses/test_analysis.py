@@ -1,0 +1,138 @@
+"""The analysis, its files and the CLI, end to end on tiny models and on the real one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rope_leak.analyses.analysis import analyze
+from rope_leak.cli import main
+from rope_leak.corpus import load_corpus
+from rope_leak.output.results import OutputExistsError, save_analysis
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory, synthetic_text):
+    folder = tmp_path_factory.mktemp("texts")
+    for k in range(6):
+        (folder / f"doc{k}.txt").write_text(synthetic_text(600, seed=k))
+    return folder
+
+
+def test_analysis_tables_are_consistent(tiny_model, tiny_tokens):
+    analysis = analyze(tiny_model, tiny_tokens, progress=False, batch_size=5)
+    heads = analysis.heads()
+    assert len(heads) == 2 * 4 and heads["label"].iloc[5] == "L1H1"
+    np.testing.assert_allclose(heads["pattern_L_mask"], heads["pattern_L_total"] - heads["pattern_L_resid"])
+    layers = analysis.layers()
+    np.testing.assert_allclose(layers["L_total"], heads.groupby("layer")["pattern_L_total"].mean())
+    summary = analysis.summary()
+    dec = analysis.decomposition()
+    crossfit = summary["crossfit"]["pattern"]["composition"]
+    assert crossfit == pytest.approx(dec.mask.sum() / (dec.mask.sum() + dec.resid.sum()))
+    # The headline composition pools the debiased shares' sums of squares (sum dSS / sum
+    # SST per condition, degenerate heads left out), inside its own CI.
+    from rope_leak.fits.projection import BucketProjection
+
+    keep = ~heads["degenerate"].to_numpy()
+    pooled = {}
+    for condition, column in (("causal", "L_total_debiased"), ("bidirectional", "L_resid_debiased")):
+        sst = BucketProjection.from_statistics(
+            analysis.statistics.conditions[condition].targets["pattern"]).per_prompt_sst()[0].ravel()
+        pooled[condition] = (heads[column].to_numpy() * sst)[keep].sum() / sst[keep].sum()
+    assert summary["composition"] == pytest.approx(1 - pooled["bidirectional"] / pooled["causal"])
+    low, high = summary["composition_ci"]
+    assert np.isfinite(low) and low <= high
+    np.testing.assert_allclose(heads["L_mask_debiased"], heads["L_total_debiased"] - heads["L_resid_debiased"])
+    # The renormalisation split's total term, in share units, is log_pattern's debiased
+    # causal share (two separate code paths: projections of log A vs the inference).
+    split = analysis.split().fractions()
+    keep = ~analysis.split().degenerate
+    np.testing.assert_allclose(split["total"][keep],
+                               analysis.inference("log_pattern").total.estimate[keep], rtol=1e-6)
+    assert summary["position_zero_max_std"]["causal"] == 0.0
+    assert summary["position_zero_max_std"]["bidirectional"] > 0.0
+
+
+def test_too_few_prompts_is_a_clear_error(tiny_model, tiny_tokens):
+    with pytest.raises(ValueError, match="at least 4 prompts"):
+        analyze(tiny_model, tiny_tokens[:3], progress=False)
+
+
+def test_cli_writes_results_reproducibly(tiny_folder, text_corpus, tmp_path):
+    args = ["analyze", "--model", str(tiny_folder), "--corpus", str(text_corpus), "--prompts", "8",
+            "--tokens", "32", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    for name in ("results.json", "heads.csv", "layers.csv", "report.html", "sinks.json"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    assert not (tmp_path / "a" / "statistics.npz").exists()  # only with --save-statistics
+    first = (tmp_path / "a" / "results.json").read_bytes()
+    assert first == (tmp_path / "b" / "results.json").read_bytes()
+    results = json.loads(first)
+    assert results["provenance"]["settings"]["prompts"] == 8
+    assert {"rope_leak", "torch", "transformer-lens"} <= set(results["provenance"]["versions"])
+    assert results["provenance"]["corpus"]["sha256"]
+    heads = pd.read_csv(tmp_path / "a" / "heads.csv")
+    assert list(heads["label"][:2]) == ["L0H0", "L0H1"]
+    # An existing output folder is never silently overwritten.
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    assert (tmp_path / "a" / "results.json").read_bytes() == first
+    assert main(args + ["--out", str(tmp_path / "a"), "--overwrite"]) == 0
+
+
+def test_save_refuses_existing_results(tiny_model, tiny_tokens, tmp_path):
+    analysis = analyze(tiny_model, tiny_tokens, progress=False)
+    save_analysis(analysis, tmp_path, report=False)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_analysis(analysis, tmp_path, report=False)
+
+
+@pytest.mark.real_model
+def test_real_model_analysis(real_model):
+    corpus = load_corpus(real_model, "wikipedia", n_prompts=8, n_tokens=48, seed=0)
+    assert (corpus.tokens[:, 0] == 1).all()
+    analysis = analyze(real_model, corpus.tokens, progress=False)
+    heads = analysis.heads()
+    assert len(heads) == 30 * 9
+    assert np.isfinite(heads["pattern_L_total"]).all()
+    # Position 0 holds the same BOS in every prompt: a closed system under the causal mask.
+    pz = analysis.position_zero()
+    assert max(pz["causal"]["std"]) == 0.0
+    assert min(pz["bidirectional"]["std"][1:]) > 0.0
+    # SmolLM2 has strong attention sinks.
+    assert len(analysis.sink_heads()) > 10
+
+
+def test_heads_csv_keeps_full_precision(tiny_model, tiny_tokens, tmp_path):
+    analysis = analyze(tiny_model, tiny_tokens, progress=False, n_boot=20)
+    analysis.save(tmp_path / "out")
+    written = pd.read_csv(tmp_path / "out" / "heads.csv")
+    expected = analysis.heads()
+    for column in ("L_total_debiased", "pattern_L_total_crossfit", "split_mask"):
+        np.testing.assert_array_equal(written[column].to_numpy(), expected[column].to_numpy())
+
+
+def test_cli_cell_maps_add_the_cell_mean_ceiling(tiny_folder, text_corpus, tmp_path):
+    args = ["analyze", "--model", str(tiny_folder), "--corpus", str(text_corpus), "--prompts", "8",
+            "--tokens", "24", "--no-progress", "--no-sinks"]
+    assert main(args + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(args + ["--cell-maps", "--out", str(tmp_path / "cells")]) == 0
+    plain = pd.read_csv(tmp_path / "plain" / "heads.csv")
+    cells = pd.read_csv(tmp_path / "cells" / "heads.csv")
+    assert not any("r2_cell" in c for c in plain.columns)  # O(n) statistics only
+    assert np.isfinite(cells["pattern_causal_r2_cell"]).all()
+    # per-cell sums change nothing else
+    np.testing.assert_array_equal(cells["L_total_debiased"], plain["L_total_debiased"])
+
+
+def test_mean_head_composition_beside_the_pooled_one(tiny_model, tiny_tokens):
+    analysis = analyze(tiny_model, tiny_tokens, progress=False, n_boot=50)
+    summary, inf = analysis.summary(), analysis.inference()
+    usable = ~inf.degenerate & (inf.total.low > 0)
+    expected = (inf.mask.estimate[usable] / inf.total.estimate[usable]).mean()
+    assert summary["mean_head_composition"] == pytest.approx(expected)
+    assert summary["mean_head_composition_heads"] == int(usable.sum()) > 0

@@ -1,0 +1,154 @@
+"""The package layout: sub-packages named by the data flow, imports pointing one way.
+
+The import graph is read from the source (every ``import``, at module level or inside a
+function; ``if TYPE_CHECKING:`` blocks are left out, since they never run).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "rope_leak"
+
+# From the bottom up; a part may import only from parts listed before it.
+LAYERS = [
+    {"version", "heads", "display", "download_cache"},
+    {"backends"},
+    {"corpus", "interventions"},
+    {"engine"},
+    {"fits"},
+    {"inference"},
+    {"output"},
+    {"analyses"},
+    {"pipeline"},
+    {"cli", "__init__", "moved_modules"},
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST):
+    """Yield (module, [names]) of every import that runs, skipping TYPE_CHECKING blocks."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module, [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _graph() -> tuple[nx.DiGraph, list[tuple[str, str, str]]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = nx.DiGraph()
+    private = []
+    for name, path in modules.items():
+        graph.add_node(name)
+        for target, names in _imports(ast.parse(path.read_text(), str(path))):
+            if not target.startswith("rope_leak"):
+                continue
+            # `from rope_leak.x import y` may name a submodule y
+            for candidate in [f"{target}.{n}" for n in names if f"{target}.{n}" in modules] or [target]:
+                if candidate in modules and candidate != name:
+                    graph.add_edge(name, candidate)
+            if _part(name) != _part(target):
+                private += [(name, target, n) for n in names if n.startswith("_") and n != "__version__"]
+    return graph, private
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _layer(part: str) -> int:
+    for level, parts in enumerate(LAYERS):
+        if part in parts:
+            return level
+    raise AssertionError(f"rope_leak.{part} is not placed in LAYERS: add it where it belongs")
+
+
+def test_no_import_cycles():
+    graph, _ = _graph()
+    cycles = [sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1]
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_parts_import_only_downward():
+    graph, _ = _graph()
+    upward = [(a, b) for a, b in graph.edges if _layer(_part(b)) > _layer(_part(a))]
+    assert not upward, f"imports that point up the layers: {upward}"
+
+
+def test_no_private_names_across_parts():
+    _, private = _graph()
+    assert not private, f"private names imported across sub-packages: {private}"
+
+
+def test_every_part_says_what_it_owns():
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        assert ast.get_docstring(tree), f"{path.relative_to(ROOT)} has no opening docstring"
+
+
+def test_readme_layout_matches_the_tree():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = set(re.findall(r"^\s{2}([a-z_]+)(?:/|\.py)", block, re.M))
+    parts = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    parts |= {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert listed == parts, f"README layout lists {sorted(listed - parts)} not in the tree, " \
+                            f"misses {sorted(parts - listed)}"
+
+
+@pytest.mark.parametrize("old, new", [
+    ("rope_leak.analysis", "rope_leak.analyses.analysis"),
+    ("rope_leak.analysis_arch", "rope_leak.analyses.architectures"),
+    ("rope_leak.metrics.sinks", "rope_leak.analyses.sink_scores"),
+    ("rope_leak.models.bridge", "rope_leak.backends.bridge"),
+    ("rope_leak.plots_arch", "rope_leak.output.plots_architectures"),
+    ("rope_leak.sink_analysis", "rope_leak.analyses.sinks"),
+])
+def test_old_module_paths_resolve_to_the_moved_modules(old, new):
+    import rope_leak  # noqa: F401  (installs the old names)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        moved = importlib.import_module(old)
+    assert moved is importlib.import_module(new)
+    assert moved.__spec__.name == new  # the module keeps its own identity
+
+
+def test_an_old_module_path_warns_with_the_new_one():
+    code = ("import warnings, rope_leak\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import rope_leak.analysis_arch\n"
+            "print([str(w.message) for w in caught if w.category is DeprecationWarning])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "rope_leak.analysis_arch moved to rope_leak.analyses.architectures" in proc.stdout
