@@ -57,6 +57,7 @@ import pandas as pd
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics, TargetStatistics
@@ -128,8 +129,8 @@ def _excludes_zero(low, high) -> np.ndarray:
     return np.isfinite(low) & np.isfinite(high) & ((low > 0) | (high < 0))
 
 
-@dataclass
-class BosInterventions:
+@dataclass(repr=False)
+class BosInterventions(Displayable):
     """Statistics of every condition (``"{replacement}/causal"``, and ``/bidirectional``
     when run) and the tables derived from them."""
 
@@ -163,6 +164,17 @@ class BosInterventions:
     @property
     def rows(self) -> list[str]:
         return ["baseline", *self.replacements]
+
+    def _display_items(self):
+        """Cheap point values only (no bootstrap): the aggregated L_total per row."""
+        cond = self.statistics.conditions["baseline/causal"]
+        first = next(iter(cond.targets.values()))
+        items = [("token_id", self.token_id), ("prompts", cond.n_prompts),
+                 ("pairs", first.design.spec.label()), ("target", self.target)]
+        items += [(f"L_total[{name}]", float(self._agg(self.shares[f"{name}/causal"][None])[0]))
+                  for name in self.rows]
+        items.append(("bidirectional", self.has_bidirectional))
+        return items
 
     @property
     def has_bidirectional(self) -> bool:

@@ -60,9 +60,13 @@ class Fingerprint(Displayable):
     control_layer: int
 
     def _display_items(self):
+        spread = self.spread()  # per head; cheap (a std over prompts)
         return [("heads", [head_label(l, h) for l, h in self.heads]), ("prompts", len(self.value)),
                 ("d_model", self.value.shape[-1]), ("control_position", self.control_position),
-                ("control_layer", self.control_layer)]
+                ("control_layer", self.control_layer),
+                ("max_fingerprint_std", float(spread["fingerprint_std"].max())),
+                ("max_written_std", float(spread["written_std"].max())),
+                ("mean_attention0", float(self.attention0.mean()))]
 
     @property
     def written(self) -> np.ndarray:
@@ -201,8 +205,8 @@ def bag_of_tokens(
     return freq.astype(np.float64), top
 
 
-@dataclass
-class ProbeResult:
+@dataclass(repr=False)
+class ProbeResult(Displayable):
     """Cross-validated ridge probe from features to content."""
 
     r2: float  # mean over targets of the out-of-fold R²
@@ -210,6 +214,11 @@ class ProbeResult:
     p_value: float  # permutation p-value of r2
     null_r2: np.ndarray = field(repr=False)
     n_features_used: int = 0
+
+    def _display_items(self):
+        return [("r2", self.r2), ("p_value", self.p_value), ("targets", len(self.r2_per_target)),
+                ("null_r2_mean", float(self.null_r2.mean()) if len(self.null_r2) else float("nan")),
+                ("permutations", len(self.null_r2)), ("n_features_used", self.n_features_used)]
 
     def to_dict(self) -> dict:
         return {"r2": self.r2, "p_value": self.p_value, "n_features_used": self.n_features_used,

@@ -79,7 +79,8 @@ class HeadResult(Displayable):
         n = self.numbers
         ci = lambda name: (f"{n[name + '_debiased']:.4f} [{n[name + '_ci_low']:.4f}, "  # noqa: E731
                            f"{n[name + '_ci_high']:.4f}]")
-        flags = [name for name in ("sink_head", "additivity_violated") if bool(n.get(name, False))]
+        flags = [name for name in ("degenerate", "sink_head", "additivity_violated")
+                 if bool(n.get(name, False))]
         return [
             ("label", self.label), ("target", self.target),
             ("L_total", ci("L_total")), ("L_resid", ci("L_resid")), ("L_mask", ci("L_mask")),

@@ -34,17 +34,20 @@ from rope_leak.analyses.sink_scores import (
     sink_scores,
 )
 from rope_leak.analyses.trajectory import Trajectories, position_zero_trajectories
+from rope_leak.display import Displayable
 from rope_leak.download_cache import atomic_write_text
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics
+from rope_leak.heads import head_label
 from rope_leak.interventions.mask import bidirectional
+from rope_leak.output.bos_text import bos_label
 
 SINK_FILES = ("sinks.json", "sink_heads.csv", "trajectory.csv", "probe.csv",
               "bos_interventions.csv", "sinks.html")
 
 
-@dataclass
-class SinkAnalysis:
+@dataclass(repr=False)
+class SinkAnalysis(Displayable):
     sink_scores: np.ndarray  # [layer, head], rope_leak's score (mean over i >= 1 of A[i, 0])
     sink_threshold: float
     position_zero: dict  # causal / bidirectional profiles (std, norms)
@@ -62,6 +65,20 @@ class SinkAnalysis:
 
     def sink_heads(self) -> list[tuple[int, int]]:
         return sink_heads(self.sink_scores, self.sink_threshold)
+
+    def _display_items(self):
+        scores = np.asarray(self.sink_scores)
+        l, h = np.unravel_index(np.nanargmax(scores), scores.shape)
+        gu = self.sink_metrics.get("gu_et_al_2025", {})
+        items = [("bos", bos_label(self.bos_status)),
+                 ("sink_heads", f"{len(self.sink_heads())} of {scores.size} (score > {self.sink_threshold})"),
+                 ("top_sink", f"{head_label(l, h)} {scores[l, h]:.3f}")]
+        if "sink_ratio" in gu:
+            items.append(("sink_ratio_gu", gu["sink_ratio"]))
+        items += [("sink_reading_heads", len(self.reading.heads())),
+                  ("probe", "run" if self.probe_status.get("run") else "not run"),
+                  ("bos_interventions", "not run" if self.bos is None else self.bos.replacements)]
+        return items
 
     def heads(self) -> pd.DataFrame:
         table = self.reading.table(sink_scores=self.sink_scores, n_boot=self.n_boot)

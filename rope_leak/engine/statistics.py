@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rope_leak.display import Displayable
 from rope_leak.download_cache import atomic_path
 from rope_leak.engine.pairs import PairDesign, PairSpec
 
@@ -63,8 +64,12 @@ class StatisticsFileError(ValueError):
     """A statistics, shard or checkpoint file that cannot be read."""
 
 
-@dataclass
-class TargetStatistics:
+def _megabytes(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MB"
+
+
+@dataclass(repr=False)
+class TargetStatistics(Displayable):
     """Sufficient statistics of one target under one condition."""
 
     design: PairDesign
@@ -88,10 +93,11 @@ class TargetStatistics:
             raise ValueError(f"xty has shape {self.xty.shape}, expected "
                              f"{shape + (self.design.n_columns,)}.")
 
-    def __repr__(self) -> str:
-        cells = "" if self.cell_sum is None else ", cell maps"
-        return (f"TargetStatistics({self.n_prompts} prompts, n={self.design.n_tokens}, "
-                f"{self.n_layers}x{self.n_heads} heads, {self.n_buckets} buckets{cells})")
+    def _display_items(self):
+        return [("prompts", self.n_prompts), ("n_tokens", self.design.n_tokens),
+                ("heads", f"{self.n_layers} layers x {self.n_heads} heads"),
+                ("scored_cells", self.design.n_cells), ("buckets", self.n_buckets),
+                ("cell_maps", self.has_cells), ("size", _megabytes(self.nbytes))]
 
     @property
     def has_cells(self) -> bool:
@@ -153,8 +159,8 @@ class TargetStatistics:
         )
 
 
-@dataclass
-class PositionZeroStatistics:
+@dataclass(repr=False)
+class PositionZeroStatistics(Displayable):
     """Cross-prompt spread of the residual stream at position 0, layer by layer.
 
     Deviations are taken from a reference (the first prompt seen), so prompts with an
@@ -170,6 +176,15 @@ class PositionZeroStatistics:
     count: int = 0
     value_min: np.ndarray | None = None  # [layer + 1, d_model] elementwise extremes of resid_0:
     value_max: np.ndarray | None = None  # max_abs_dev from any reference, so merges stay exact
+
+    def _max_std(self) -> float:
+        std = self.std()
+        return float(np.nanmax(std)) if std.size and np.isfinite(std).any() else float("nan")
+
+    def _display_items(self):
+        return [("prompts", self.count), ("depths", 0 if self.reference is None else len(self.reference)),
+                ("max_std", self._max_std()),
+                ("max_abs_dev", float(self.max_abs_dev.max()) if self.max_abs_dev is not None else float("nan"))]
 
     def add(self, resid0: np.ndarray, other_norm: np.ndarray) -> None:
         """``resid0``: ``[prompt, layer + 1, d_model]``; ``other_norm``: ``[prompt, layer + 1]``."""
@@ -232,14 +247,24 @@ class PositionZeroStatistics:
         return np.sqrt(var.mean(-1) * self.count / (self.count - 1))
 
 
-@dataclass
-class ConditionStatistics:
+@dataclass(repr=False)
+class ConditionStatistics(Displayable):
     """Everything one condition (e.g. ``causal``, ``bidirectional``) accumulated."""
 
     condition: str
     targets: dict[str, TargetStatistics]
     sink_sum: np.ndarray  # [bucket, layer, head]: sum over prompts of mean_{i>=1} A[i, 0]
     position_zero: PositionZeroStatistics
+
+    def _display_items(self):
+        first = next(iter(self.targets.values()))
+        with np.errstate(invalid="ignore", divide="ignore"):  # mean over prompts, per head
+            scores = self.sink_sum.sum(0) / first.n_prompts
+        return [("condition", self.condition), ("targets", len(self.targets)),
+                ("prompts", first.n_prompts), ("n_tokens", first.design.n_tokens),
+                ("heads", f"{first.n_layers} layers x {first.n_heads} heads"),
+                ("max_sink_score", float(np.nanmax(scores)) if np.isfinite(scores).any() else float("nan")),
+                ("position_zero_max_std", self.position_zero._max_std())]
 
     def merge(self, other: ConditionStatistics) -> ConditionStatistics:
         if self.condition != other.condition or set(self.targets) != set(other.targets):
@@ -256,8 +281,8 @@ class ConditionStatistics:
         return next(iter(self.targets.values())).n_prompts
 
 
-@dataclass
-class RunStatistics:
+@dataclass(repr=False)
+class RunStatistics(Displayable):
     """All conditions of one run, with the metadata needed to merge and trace it."""
 
     conditions: dict[str, ConditionStatistics]
@@ -266,11 +291,16 @@ class RunStatistics:
     #: the accumulators' running sums (checkpoints only; not merged)
     state: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def __repr__(self) -> str:
+    def _display_items(self):
         first = next(iter(self.conditions.values()), None)
-        targets = sorted(first.targets) if first else []
-        return (f"RunStatistics({len(self.prompts_done)} prompts, conditions "
-                f"{sorted(self.conditions)}, targets {targets})")
+        items = [("prompts", len(self.prompts_done)), ("conditions", sorted(self.conditions))]
+        if first is not None:
+            stats = next(iter(first.targets.values()))
+            nbytes = sum(t.nbytes for c in self.conditions.values() for t in c.targets.values())
+            items += [("targets", len(first.targets)), ("n_tokens", stats.design.n_tokens),
+                      ("heads", f"{stats.n_layers} layers x {stats.n_heads} heads"),
+                      ("cell_maps", stats.has_cells), ("size", _megabytes(nbytes))]
+        return items
 
     def merge(self, other: RunStatistics) -> RunStatistics:
         overlap = set(self.prompts_done) & set(other.prompts_done)

@@ -20,10 +20,6 @@ over the per-prompt total sum of squares, i.e. the population ``dR2`` as ``P -> 
 the cross-fitted share. Its numerator has mean exactly 0 for a purely relative head;
 the ratio is consistent and, in the simulations of tests/inference/test_stats.py, mean-zero
 within error at P = 16, 32, 64 under the null. It can be negative (noise); do not clip.
-
-Alternative (not the default): cross-fitted share minus the mean of a permutation null
-(:func:`null_centered_share`), which removes the bias only as far as the permutation
-null reproduces ``tr(DΣ)`` (exact for noise exchangeable within offset diagonals).
 """
 
 from __future__ import annotations
@@ -61,8 +57,3 @@ def crossfit_bias(stats: TargetStatistics) -> np.ndarray:
             out = out + np.where(sst_b > 0, -nb * trace / (na * sst_b), np.nan)
     return out / 2
 
-
-def null_centered_share(observed: np.ndarray, null_samples: np.ndarray) -> np.ndarray:
-    """Observed share minus the mean of null replicates (``[R, ...]``, e.g. from
-    :func:`rope_leak.inference.nulls.permutation_null`)."""
-    return observed - np.nanmean(null_samples, axis=0)

@@ -40,8 +40,6 @@ class SlopeFit:
     ci_low: float  # t interval (linregress stderr, n_layers - 2 dof)
     ci_high: float
     p_value: float
-    boot_low: float = float("nan")  # bootstrap percentile interval over prompt buckets
-    boot_high: float = float("nan")
 
     def to_dict(self) -> dict:
         return {k: float(v) for k, v in asdict(self).items()}

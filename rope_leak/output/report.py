@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import plotly.io as pio
+from plotly.offline import get_plotlyjs
 
 from rope_leak.download_cache import atomic_write_text
 from rope_leak.output.bos_text import bos_label, spread_text
+from rope_leak.output.explorer import explorer_html
 from rope_leak.output.plots import all_figures, top_heads_figure
 
 if TYPE_CHECKING:  # types only: output sits below the analyses that call it
@@ -190,19 +192,23 @@ def write_report(
     provenance: dict | None = None,
     run_info: dict | None = None,
     extra_sections: Sequence[str] = (),
+    sinks=None,
 ) -> Path:
-    """Write a self-contained HTML report (opens offline: plotly.js is inlined once).
+    """Write a self-contained HTML report (opens offline: plotly.js is inlined once, in
+    the page's head).
 
     ``extra_sections``: more HTML sections (e.g. :func:`rope_leak.output.plots_sinks.sections_html`
-    with ``include_plotlyjs=False``), placed after the analysis' own figures."""
+    with ``include_plotlyjs=False``), placed after the analysis' own figures. ``sinks``: the
+    :class:`rope_leak.analyses.sinks.SinkAnalysis` of the same run, for the head explorer's
+    sink-reading flag."""
     figures = all_figures(analysis)
     figures["intervals"] = top_heads_figure(
         _top_heads_table(analysis, k=20), "L_total", ci=("ci_low", "ci_high"),
         title=f"Top heads by L_total (debiased) with {analysis.inference().level:.0%} CIs "
               f"(target {analysis.target})")
     sections = []
-    for index, (key, fig) in enumerate(figures.items()):
-        div = pio.to_html(fig, full_html=False, include_plotlyjs=(index == 0), div_id=f"fig-{key}")
+    for key, fig in figures.items():
+        div = pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=f"fig-{key}")
         sections.append(f"<section id='section-{key}'><h2>{TITLES[key]}</h2>"
                         f"<p class='caption'>{CAPTIONS[key]}</p>{div}</section>")
     model_name = html.escape(str((provenance or {}).get("model", {}).get("name", "model")))
@@ -217,6 +223,9 @@ def write_report(
     if run_info and "seconds" in run_info:
         footer += f"<p class='note'>Run time: {run_info['seconds']:.0f} s.</p>"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rope_leak report: {model_name}</title>"
-            f"<style>{STYLE}</style></head><body><h1>rope_leak: where does absolute position come from? "
-            f"({model_name})</h1>{summary_html(analysis)}{''.join(sections)}{''.join(extra_sections)}{footer}</body></html>")
+            f"<style>{STYLE}</style><script>window.PlotlyConfig = {{MathJaxConfig: 'local'}};</script>"
+            f"<script>{get_plotlyjs()}</script></head>"
+            f"<body><h1>rope_leak: where does absolute position come from? ({model_name})</h1>"
+            f"{summary_html(analysis)}{explorer_html(analysis, sinks)}{''.join(sections)}"
+            f"{''.join(extra_sections)}{footer}</body></html>")
     return atomic_write_text(path, page)

@@ -119,6 +119,7 @@ def save_analysis(
     report: bool = True,
     extra_sections: Sequence[str] = (),
     statistics: bool = True,
+    sinks=None,
 ) -> Path:
     """Write every result file of ``analysis`` into ``out_dir``.
 
@@ -127,7 +128,8 @@ def save_analysis(
     interrupt while writing leaves ``out_dir`` as it was (no partial results, no
     temporary files). With ``overwrite=True`` result files of an earlier run that this
     run does not write (e.g. ``report.html`` with ``report=False``) are removed, so the
-    folder never mixes two runs.
+    folder never mixes two runs. ``sinks``: the run's
+    :class:`rope_leak.analyses.sinks.SinkAnalysis`, for the report's sink-reading flags.
     """
     out = check_output_dir(out_dir, overwrite)
     payload = results_dict(analysis, provenance)
@@ -147,7 +149,7 @@ def save_analysis(
             from rope_leak.output.report import write_report
 
             write_report(analysis, staging / "report.html", provenance=payload["provenance"],
-                         run_info=run_info, extra_sections=extra_sections)
+                         run_info=run_info, extra_sections=extra_sections, sinks=sinks)
         atomic_write_text(staging / "results.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
         written = sorted(p.name for p in staging.iterdir())
         for name in written:

@@ -12,11 +12,13 @@ Skipped when no chromium is installed (CI: ``apt-get install -y chromium``).
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from rope_leak.analyses.analysis import analyze
@@ -53,10 +55,14 @@ window.addEventListener('load', function () {
 </script>"""
 
 
-def render(html_path, tmp_path) -> tuple[str, str]:
-    """``(dom, stderr)`` of chromium loading ``html_path`` with the error probe injected."""
+def render(html_path, tmp_path, after_load: str = "") -> tuple[str, str]:
+    """``(dom, stderr)`` of chromium loading ``html_path`` with the error probe injected
+    (and ``after_load``, JavaScript run on the load event after the page's own scripts)."""
     text = html_path.read_text(encoding="utf-8")
     probed = tmp_path / ("probed_" + html_path.name)
+    if after_load:
+        text = text.replace("</body>", f"<script>window.addEventListener('load', function () {{ {after_load} }});"
+                                       "</script></body>", 1)
     probed.write_text(text.replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
     profile = tmp_path / "chromium-profile"
     profile.mkdir(exist_ok=True)
@@ -112,16 +118,59 @@ def test_report_renders_without_script_errors(tiny_analysis, tmp_path):
     assert n_figures == len(all_figures(tiny_analysis)) + 1  # + the intervals figure
     loaded = re.search(r'id="__loaded" data-plots="(\d+)"', dom)
     assert loaded, "the page's load event never fired"
-    assert int(loaded.group(1)) == n_figures
+    explorer_plots = 2  # the head map and the profiles (no mean pattern: no cell maps)
+    assert int(loaded.group(1)) == n_figures + explorer_plots
     # plotly drew every figure: a plot container with its SVG layers and heatmap images/bars.
-    assert dom.count('class="plot-container') == n_figures
+    assert dom.count('class="plot-container') == n_figures + explorer_plots
     assert dom.count('class="main-svg"') >= n_figures
     assert "heatmaplayer" in dom or 'class="hm"' in dom
     # summary at the top, with the CI column and sink heads section, before the first figure
     assert dom.index("Summary") < dom.index('class="plot-container')
     assert "95% CI" in dom and "Sink heads" in dom
     assert 'id="fig-intervals"' in dom
-    # every figure section carries a sentence saying what it shows
-    assert dom.count('class="caption"') == n_figures
+    # every figure section (and the explorer) carries a sentence saying what it shows
+    assert dom.count('class="caption"') == n_figures + 1
     # readable head labels in the tables and hover data
     assert re.search(r"L\dH\d", dom)
+
+
+def _explorer_rows(dom: str) -> dict[str, str]:
+    table = re.search(r'id="explorer-table"(.*?)</table>', dom, re.S).group(1)
+    return {html.unescape(k): html.unescape(v)
+            for k, v in re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", table)}
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text)]
+
+
+def test_explorer_selects_heads(tiny_analysis, tmp_path):
+    """The explorer opens on the top head, and the drop-down and a click on the head map
+    each select another head: its table shows ``analysis.head``'s numbers and the
+    profiles figure is redrawn for it; without cell maps it says the pattern needs them."""
+    path = write_report(tiny_analysis, tmp_path / "report.html")
+    top = tiny_analysis.top_heads(1)["label"].item()
+    dom, stderr = render(path, tmp_path)
+    assert probe_errors(dom) is None, probe_errors(dom)
+    assert f'data-selected="{top}"' in dom
+    select = ("var s = document.getElementById('explorer-select'); s.value = '2'; "
+              "s.dispatchEvent(new Event('change'));")
+    click = ("document.getElementById('explorer-map').emit('plotly_click', "
+             "{points: [{x: 3, y: 1}]});")
+    for script, (layer, head) in ((select, (0, 2)), (click, (1, 3))):
+        dom, stderr = render(path, tmp_path, after_load=script)
+        assert probe_errors(dom) is None, probe_errors(dom)
+        assert not console_errors(stderr), "\n".join(console_errors(stderr))
+        result = tiny_analysis.head(layer, head)
+        assert f'data-selected="{result.label}"' in dom
+        rows = _explorer_rows(dom)
+        assert rows["head"] == result.label
+        for name in ("L_total", "L_resid", "L_mask"):
+            shown = _numbers(next(v for k, v in rows.items() if k.startswith(name + " ")))
+            expected = [result[f"{name}_debiased"], result[f"{name}_ci_low"], result[f"{name}_ci_high"]]
+            np.testing.assert_allclose(shown, expected, rtol=5e-4)
+        np.testing.assert_allclose(_numbers(rows["sink score (bidirectional)"]),
+                                   [result["sink_score_bidirectional"]], rtol=5e-4)
+        assert rows["sink-reading"].startswith("not measured")
+        assert f"{result.label}: fitted M_abs profiles" in dom
+        assert "--cell-maps" in dom
