@@ -6,6 +6,7 @@ The top-level names are the ones a session needs::
     corpus = load_corpus(model, "wikipedia", n_prompts=64, n_tokens=256)
     analysis = analyze(model, corpus)
     analysis.head("L3H1")
+    result = run("smollm2-135m", "wikipedia", "out/")   # what `rope-leak analyze` does
 """
 
 __version__ = "0.1.0"
@@ -21,25 +22,32 @@ from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.models import load_hf_model, load_model, tiny_rope_model
 from rope_leak.models.requirements import NotRoPEModelError, require_rope
+from rope_leak.pipeline import CompareResult, RunResult, compare, merge, run, run_sinks
 from rope_leak.results import save_analysis
 
 __all__ = [
     "Analysis",
+    "CompareResult",
     "Corpus",
     "HeadSpecError",
     "NotRoPEModelError",
     "PairSpec",
+    "RunResult",
     "RunStatistics",
     "analyze",
     "bidirectional",
+    "compare",
     "head_label",
     "load_corpus",
     "load_hf_model",
     "load_model",
+    "merge",
     "normalize_heads",
     "normalize_layers",
     "replace_position_zero",
     "require_rope",
+    "run",
+    "run_sinks",
     "run_statistics",
     "save_analysis",
     "tiny_rope_model",
