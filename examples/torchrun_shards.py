@@ -39,6 +39,7 @@ def run(argv: list[str]) -> int:
     if options["shard"] is not None or "--device" in argv or any(a.startswith("--device=") for a in argv):
         raise SystemExit("pass neither --shard nor --device: each rank picks its own.")
     out = Path(options.pop("out"))
+    rl.tune_allocator()  # as the command line does: malloc thresholds for long streaming passes
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
     rank, world = dist.get_rank(), dist.get_world_size()

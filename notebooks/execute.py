@@ -106,6 +106,16 @@ def render_png(figure_json: dict, png: Path, browser: str) -> None:
         shutil.move(shot, png)
 
 
+def drop_plotly_loader(nb) -> None:
+    """Remove the outputs that only load plotly.js into a live page (the ``notebook``
+    renderer's first output, ~5 MB of library code, no result)."""
+    for cell in nb.cells:
+        if "outputs" in cell:
+            cell["outputs"] = [o for o in cell["outputs"] if not (
+                set(o.get("data", {})) == {"text/html"} and len(o["data"]["text/html"]) > 100_000
+                and "plotly" in o["data"]["text/html"])]
+
+
 def add_static_figures(nb, stem: str, figures: Path, browser: str) -> list[Path]:
     """Put a PNG beside every plotly figure of ``nb`` (and keep it in ``figures``)."""
     written = []
@@ -141,6 +151,7 @@ def main(names: list[str]) -> int:
             nb = execute_notebook(path, env, kernel_dir)
             for old in figures.glob(f"{path.stem}_*.png"):
                 old.unlink()
+            drop_plotly_loader(nb)
             pngs = add_static_figures(nb, path.stem, figures, browser)
             nb.metadata["rope_leak"] = {"source": path.name,
                                         "sizes": {k: env.get(k) for k in SIZES.get(path.name, {})}}
