@@ -17,8 +17,8 @@
 # The full measurement (`docs/method.md`) on one model, printed as tables the way a paper
 # would, and the shareable HTML report:
 #
-# * **Table 1** — model-level absolute-position share and its split into causal mask and
-#   residual stream, for each target (`pattern`, `log_pattern`, `scores`);
+# * **Table 1** — model-level absolute-position share (debiased, with 95% CIs) and its split
+#   into causal mask and residual stream, for each target (`pattern`, `log_pattern`, `scores`);
 # * **Table 2** — the same by layer (target `pattern`);
 # * **Table 3** — the heads with the largest share, with their sink scores;
 # * **Table 4** — BOS interventions: replace the embedding at position 0 and report what
@@ -84,16 +84,25 @@ def print_table(title: str, table: pd.DataFrame, note: str = "") -> None:
 # ## Table 1: composition by target
 
 # %%
-table1 = pd.DataFrame([
-    {"target": t, **{k: v for k, v in analysis.decomposition(t).summary().items()
-                     if k in ("L_total", "L_resid", "L_mask", "composition", "heads_additivity_violated")}}
-    for t in analysis.targets
-])
-print_table(f"Table 1. Mean absolute-position share per head (ΔR², cross-fitted) under the causal mask "
-            f"(L_total) and the bidirectional ablation (L_resid); L_mask = L_total − L_resid. "
+def with_ci(value: float, ci) -> str:
+    return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+rows = []
+for t in analysis.targets:
+    inf = analysis.inference(t).summary()  # debiased shares, bootstrap CIs over prompt buckets
+    rows.append({"target": t, **{name: with_ci(inf[f"{name}_mean"], inf[f"{name}_mean_ci"])
+                                 for name in ("L_total", "L_resid", "L_mask")},
+                 "composition": with_ci(inf["composition"], inf["composition_ci"]),
+                 "degenerate heads": inf["degenerate_heads"],
+                 "composition (cross-fitted)": analysis.decomposition(t).composition()})
+table1 = pd.DataFrame(rows)
+print_table(f"Table 1. Mean absolute-position share per head (debiased ΔR², 95% CIs) under the causal "
+            f"mask (L_total) and the bidirectional ablation (L_resid); L_mask = L_total − L_resid. "
             f"{settings.model}, {analysis.n_prompts} prompts x {tokens.shape[1]} tokens.", table1,
-            f"Composition = {summary['composition_aggregation']}. Heads with L_mask < 0 are flagged "
-            "(additivity violated), not clipped.")
+            f"Aggregation: {summary['composition_aggregation']}. The cross-fitted composition (the "
+            "definition) is biased at few prompts. Heads with L_mask < 0 beyond their CI: "
+            f"{summary['heads_additivity_violated']} (additivity violated; flagged, not clipped).")
 
 # %% [markdown]
 # ## Table 2: by layer
