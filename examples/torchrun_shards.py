@@ -14,8 +14,10 @@ report.html), exactly as one `rope-leak analyze` over the whole corpus would.
     torchrun --nproc_per_node=2 examples/torchrun_shards.py --prompts 16 --out runs/cpu
 
 Every argument of `rope-leak analyze` is accepted except --shard and --device (each rank
-uses cuda:<local rank> when CUDA is available, else the CPU). A killed rank can be
-restarted with the same command: shards resume from their checkpoints.
+uses cuda:<local rank> when CUDA is available, else the CPU); they are parsed by the
+command line's parser and passed to `rope_leak.run` (each rank's shard) and
+`rope_leak.merge` (rank 0). A killed rank can be restarted with the same command: shards
+resume from their checkpoints.
 """
 
 from __future__ import annotations
@@ -28,38 +30,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rope_leak.cli import main
-
-
-def _option(argv: list[str], name: str, default: str | None = None) -> str | None:
-    for k, arg in enumerate(argv):
-        if arg == name and k + 1 < len(argv):
-            return argv[k + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return default
+import rope_leak as rl
+from rope_leak.cli import build_parser, run_options
 
 
 def run(argv: list[str]) -> int:
-    if _option(argv, "--shard") or _option(argv, "--device"):
+    options = run_options(build_parser().parse_args(["analyze", *argv]))
+    if options["shard"] is not None or "--device" in argv or any(a.startswith("--device=") for a in argv):
         raise SystemExit("pass neither --shard nor --device: each rank picks its own.")
-    out = Path(_option(argv, "--out", "rope_leak_out"))
-    rest, skip = [], False
-    for arg in argv:  # drop --out; each rank writes its own shard folder
-        if skip:
-            skip = False
-        elif arg == "--out":
-            skip = True
-        elif not arg.startswith("--out="):
-            rest.append(arg)
+    out = Path(options.pop("out"))
+    rl.tune_allocator()  # as the command line does: malloc thresholds for long streaming passes
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     try:
-        shard_dir = out / f"shard-{rank:04d}"
-        code = main(["analyze", *rest, "--shard", f"{rank}/{world}", "--device", device,
-                     "--out", str(shard_dir), *(["--overwrite"] if "--overwrite" in rest else [])])
+        try:
+            rl.run(**{**options, "device": device, "shard": (rank, world),
+                      "out": out / f"shard-{rank:04d}"})
+            code = 0
+        except Exception as err:  # reported here; rank 0 learns of it through the gather
+            print(f"rope-leak [rank {rank}]: error: {err}", file=sys.stderr)
+            code = 1
         codes = [None] * world
         dist.all_gather_object(codes, code)  # also the barrier: every shard is written
         if rank == 0:
@@ -67,8 +59,10 @@ def run(argv: list[str]) -> int:
                 print(f"rope-leak: shards failed on ranks {[r for r, c in enumerate(codes) if c]}",
                       file=sys.stderr)
                 return 1
-            merge = ["merge", *(str(out / f"shard-{r:04d}") for r in range(world)), "--out", str(out)]
-            return main(merge + (["--overwrite"] if "--overwrite" in rest else []))
+            result = rl.merge([out / f"shard-{r:04d}" for r in range(world)], out,
+                              overwrite=options["overwrite"])
+            print(f"merged {world} shards ({result.analysis.n_prompts} prompts) into {result.out}")
+            return 0
         return max(codes)
     finally:
         dist.destroy_process_group()

@@ -31,6 +31,10 @@
 # 32 tokens (this is how the tests run it). By default the real model also runs, on
 # `ROPE_LEAK_NOTEBOOK_PROMPTS` x `ROPE_LEAK_NOTEBOOK_TOKENS` Wikipedia chunks (default
 # 64 x 256, about 2 x 60 s of forward passes on 2 CPU cores; 4 x 32 is a quick look).
+#
+# Everything below uses the public API: `import rope_leak as rl` (`rl.load_model`,
+# `rl.load_corpus`, `rl.analyze`, `analysis.head("L3H1")`), the figure functions of
+# `rope_leak.output.plots` and the small step-by-step computations of `rope_leak.analyses.explore`.
 
 # %%
 import numpy as np
@@ -38,9 +42,9 @@ import pandas as pd
 import plotly.io as pio
 import torch
 
+import rope_leak as rl
 from rope_leak.analyses import explore
-from rope_leak.analyses.analysis import analyze
-from rope_leak.backends import TINY_BOS_TOKEN_ID, tiny_rope_model
+from rope_leak.backends import TINY_BOS_TOKEN_ID
 from rope_leak.corpus import make_random_corpus
 from rope_leak.output import plots
 
@@ -54,14 +58,15 @@ print("settings:", settings.to_dict())
 # and, unless in the small configuration, SmolLM2-135M with real text.
 
 # %%
-tiny = tiny_rope_model(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=64, d_vocab=50, seed=0)
-tiny_tokens = make_random_corpus(8, 32, tiny.cfg.d_vocab, seed=0, bos_token_id=TINY_BOS_TOKEN_ID).tokens
-runs = {"tiny": (tiny, tiny_tokens)}
+tiny = rl.tiny_rope_model(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=64, d_vocab=50, seed=0)
+tiny_corpus = make_random_corpus(8, 32, tiny.cfg.d_vocab, seed=0, bos_token_id=TINY_BOS_TOKEN_ID)
+runs = {"tiny": (tiny, tiny_corpus)}
 if settings.real_model:
-    real, real_tokens = explore.load_notebook_model(settings)
-    runs[settings.model] = (real, real_tokens)
-for name, (model, tokens) in runs.items():
-    print(f"{name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, prompts {tuple(tokens.shape)}")
+    real = rl.load_model(settings.model)
+    runs[settings.model] = (real, rl.load_corpus(real, "wikipedia", n_prompts=settings.n_prompts,
+                                                 n_tokens=settings.n_tokens, seed=0))
+for name, (model, corpus) in runs.items():
+    print(f"{name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, prompts {tuple(corpus.tokens.shape)}")
 
 # %% [markdown]
 # ## 1. RoPE logits are relative
@@ -77,9 +82,9 @@ for name, (model, tokens) in runs.items():
 
 # %%
 rows = []
-for name, (model, tokens) in runs.items():
+for name, (model, corpus) in runs.items():
     rotated = explore.rotated_dot_products(model, n=32)
-    scores, pattern = explore.repeated_token_scores(model, token_id=int(tokens[0, 1]), n=32, layer=0, head=0)
+    scores, pattern = explore.repeated_token_scores(model, token_id=int(corpus.tokens[0, 1]), n=32, layer=0, head=0)
     rows.append({
         "model": name,
         "max diagonal spread of q_i.k_j (fixed vectors)": explore.diagonal_spread(rotated).max(),
@@ -94,7 +99,7 @@ step1
 for name, row in step1.iterrows():
     print(f"STEP 1 [{name}]: scores are relative (spread ~ float rounding), patterns are not:",
           {k: f"{v:.2g}" for k, v in row.items()})
-_, pattern = explore.repeated_token_scores(tiny, token_id=int(tiny_tokens[0, 1]), n=32, layer=0, head=0)
+_, pattern = explore.repeated_token_scores(tiny, token_id=int(tiny_corpus.tokens[0, 1]), n=32, layer=0, head=0)
 plots.offset_profiles(pattern, title="Tiny model, layer 0 head 0, one token repeated: "
                       "the scores at a fixed offset are constant, the attention is not").show()
 
@@ -127,7 +132,7 @@ plots.offset_profiles(A, title="Purely relative logits under a causal mask: A[i,
 # denominator plays no role; for `pattern` and `log_pattern` it does.
 
 # %%
-analyses = {name: analyze(model, tokens, progress=False) for name, (model, tokens) in runs.items()}
+analyses = {name: rl.analyze(model, corpus, progress=False) for name, (model, corpus) in runs.items()}
 for name, a in analyses.items():
     if a.n_prompts < 32:
         print(f"note [{name}]: only {a.n_prompts} prompts. Cross-fitted shares are biased low with few "
@@ -172,6 +177,8 @@ for name, a in analyses.items():
           f"largest sink score {a.sink_scores().max():.3f}")
 last = list(analyses)[-1]
 plots.sink_map(analyses[last]).show()
+strongest = analyses[last].heads().nlargest(1, "sink_score")["label"].iloc[0]
+analyses[last].head(strongest)  # one head by its label: shares with CIs, sink score, flags
 
 # %% [markdown]
 # ## 5. The bidirectional ablation

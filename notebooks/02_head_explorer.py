@@ -40,28 +40,35 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import torch
 
+import rope_leak as rl
 from rope_leak.analyses import explore
-from rope_leak.analyses.analysis import analyze
+from rope_leak.backends import TINY_BOS_TOKEN_ID
+from rope_leak.corpus import make_random_corpus
 from rope_leak.output import plots
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.set_grad_enabled(False)
 settings = explore.notebook_settings(default_prompts=16, default_tokens=64)
-model, tokens = explore.load_notebook_model(settings)
-analysis = analyze(model, tokens, cell_maps=True)  # per-cell maps for the heat maps
 print("settings:", settings.to_dict())
+if settings.real_model:
+    model = rl.load_model(settings.model)
+    corpus = rl.load_corpus(model, "wikipedia", n_prompts=settings.n_prompts, n_tokens=settings.n_tokens)
+else:
+    model = rl.tiny_rope_model(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=64, d_vocab=50, seed=0)
+    corpus = make_random_corpus(settings.n_prompts, settings.n_tokens, model.cfg.d_vocab, seed=0,
+                                bos_token_id=TINY_BOS_TOKEN_ID)
+tokens = corpus.tokens
+analysis = rl.analyze(model, corpus, cell_maps=True, progress=False)  # per-cell maps for the heat maps
 analysis.top_heads(8).round(4)
 
 # %% [markdown]
 # ## Choose a head
 
 # %%
-choice = os.environ.get("ROPE_LEAK_HEAD")  # e.g. "L3H1"; checked against the model by analysis.head
-if choice:
-    chosen = analysis.head(choice.strip())
-else:
-    top = analysis.heads().nlargest(1, f"{analysis.target}_L_total_crossfit").iloc[0]
-    chosen = analysis.head(int(top["layer"]), int(top["head"]))
+# A label such as "L3H1" (checked against the model by analysis.head), or else the head
+# with the largest debiased share.
+choice = os.environ.get("ROPE_LEAK_HEAD") or analysis.top_heads(1)["label"].iloc[0]
+chosen = analysis.head(choice.strip())
 LAYER, HEAD = chosen.layer, chosen.head
 print("HEAD:", chosen.label)
 chosen  # a small table in a notebook

@@ -17,8 +17,8 @@
 # The full measurement (`docs/method.md`) on one model, printed as tables the way a paper
 # would, and the shareable HTML report:
 #
-# * **Table 1** — model-level absolute-position share and its split into causal mask and
-#   residual stream, for each target (`pattern`, `log_pattern`, `scores`);
+# * **Table 1** — model-level absolute-position share (debiased, with 95% CIs) and its split
+#   into causal mask and residual stream, for each target (`pattern`, `log_pattern`, `scores`);
 # * **Table 2** — the same by layer (target `pattern`);
 # * **Table 3** — the heads with the largest share, with their sink scores;
 # * **Table 4** — BOS interventions: replace the embedding at position 0 and report what
@@ -29,38 +29,48 @@
 # interventions on queries `i < 32`. `ROPE_LEAK_NOTEBOOK_SMALL=1` runs a tiny random model
 # on 8 x 32 tokens (tests); `ROPE_LEAK_NOTEBOOK_PROMPTS`/`_TOKENS` override the sizes and
 # `ROPE_LEAK_NOTEBOOK_OUT` names the output folder (default: a temporary folder).
+#
+# One call, `rl.run`, does what `rope-leak analyze` does: it loads the model and the
+# corpus, runs the main analysis and the sink analysis (with the BOS interventions) and
+# writes every result file and the report into the output folder.
 
 # %%
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 import plotly.io as pio
 import torch
 
+import rope_leak as rl
 from rope_leak.analyses import explore
-from rope_leak.analyses.analysis import analyze
+from rope_leak.backends import TINY_BOS_TOKEN_ID
+from rope_leak.corpus import make_random_corpus
 from rope_leak.output import plots, plots_sinks
-from rope_leak.output.results import save_analysis
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.set_grad_enabled(False)
 pd.set_option("display.precision", 4)
 settings = explore.notebook_settings(default_prompts=64, default_tokens=256)
-EARLY_QUERIES = 16 if settings.small else 32
 out_dir = Path(os.environ.get("ROPE_LEAK_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="rope_leak_repro_"))
 print("settings:", settings.to_dict(), "| output:", out_dir)
 
 # %%
-started = time.perf_counter()
-model, tokens = explore.load_notebook_model(settings)
-analysis = analyze(model, tokens, progress=not settings.small)
-seconds = time.perf_counter() - started
-summary = analysis.summary()
+if settings.real_model:  # a model name and a corpus source: rl.run loads both
+    model, corpus = settings.model, "wikipedia"
+else:  # a model and a Corpus built here are used as they are
+    model = rl.tiny_rope_model(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=64, d_vocab=50, seed=0)
+    corpus = make_random_corpus(settings.n_prompts, settings.n_tokens, model.cfg.d_vocab, seed=0,
+                                bos_token_id=TINY_BOS_TOKEN_ID)
+# progress=True (the default) shows a bar for every long step
+result = rl.run(model, corpus, out_dir, prompts=settings.n_prompts, tokens=settings.n_tokens,
+                overwrite=True, progress=False)
+model, analysis, summary = result.model, result.analysis, result.summary()
+tokens = result.corpus.tokens
 print(f"{settings.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads; "
-      f"{analysis.n_prompts} prompts x {tokens.shape[1]} tokens; {seconds:.0f} s")
+      f"{analysis.n_prompts} prompts x {tokens.shape[1]} tokens; {result.run_info['seconds']:.0f} s")
+result
 
 
 def print_table(title: str, table: pd.DataFrame, note: str = "") -> None:
@@ -75,16 +85,25 @@ def print_table(title: str, table: pd.DataFrame, note: str = "") -> None:
 # ## Table 1: composition by target
 
 # %%
-table1 = pd.DataFrame([
-    {"target": t, **{k: v for k, v in analysis.decomposition(t).summary().items()
-                     if k in ("L_total", "L_resid", "L_mask", "composition", "heads_additivity_violated")}}
-    for t in analysis.targets
-])
-print_table(f"Table 1. Mean absolute-position share per head (ΔR², cross-fitted) under the causal mask "
-            f"(L_total) and the bidirectional ablation (L_resid); L_mask = L_total − L_resid. "
+def with_ci(value: float, ci) -> str:
+    return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+rows = []
+for t in analysis.targets:
+    inf = analysis.inference(t).summary()  # debiased shares, bootstrap CIs over prompt buckets
+    rows.append({"target": t, **{name: with_ci(inf[f"{name}_mean"], inf[f"{name}_mean_ci"])
+                                 for name in ("L_total", "L_resid", "L_mask")},
+                 "composition": with_ci(inf["composition"], inf["composition_ci"]),
+                 "degenerate heads": inf["degenerate_heads"],
+                 "composition (cross-fitted)": analysis.decomposition(t).composition()})
+table1 = pd.DataFrame(rows)
+print_table(f"Table 1. Mean absolute-position share per head (debiased ΔR², 95% CIs) under the causal "
+            f"mask (L_total) and the bidirectional ablation (L_resid); L_mask = L_total − L_resid. "
             f"{settings.model}, {analysis.n_prompts} prompts x {tokens.shape[1]} tokens.", table1,
-            f"Composition = {summary['composition_aggregation']}. Heads with L_mask < 0 are flagged "
-            "(additivity violated), not clipped.")
+            f"Aggregation: {summary['composition_aggregation']}. The cross-fitted composition (the "
+            "definition) is biased at few prompts. Heads with L_mask < 0 beyond their CI: "
+            f"{summary['heads_additivity_violated']} (additivity violated; flagged, not clipped).")
 
 # %% [markdown]
 # ## Table 2: by layer
@@ -108,24 +127,26 @@ plots.share_heatmaps(analysis).show()
 # %% [markdown]
 # ## Table 4: BOS interventions
 #
-# Each row re-runs the causal model on the first tokens with the embedding at position 0
-# replaced before the forward pass (another token's embedding, the mean token embedding,
-# zeros, norm-matched noise), and measures what is there at early queries: the scores'
-# absolute-position sum of squares and `L_total`, with their ratios to the baseline
-# ("not estimable" where the baseline's CI includes 0).
+# The sink analysis of `rl.run` re-ran the causal model on the first tokens of its first
+# prompts with the embedding at position 0 replaced before the forward pass (another
+# token's embedding, the mean token embedding, zeros, norm-matched noise), and measured
+# what is there at early queries: the scores' absolute-position sum of squares and
+# `L_total`, with their ratios to the baseline ("not estimable" where the baseline's CI
+# includes 0).
 
 # %%
-table4 = explore.bos_interventions(model, tokens, early_queries=EARLY_QUERIES, progress=False)
-print_table(f"Table 4. BOS interventions at early queries (i < {EARLY_QUERIES}).", table4,
+table4 = result.sinks.bos_table()
+early = result.sinks.settings["early_queries"]
+print_table(f"Table 4. BOS interventions at early queries (i < {early}), "
+            f"{result.sinks.settings['bos_prompts']} prompts.", table4,
             "NaN ratio: not estimable (the baseline's CI includes 0).")
 plots_sinks.bos_interventions_figure(table4).show()
 
 # %% [markdown]
 # ## Results files and the HTML report
+#
+# `rl.run` wrote them (`result.files`); the same call from the command line is
+# `rope-leak analyze --out DIR`.
 
 # %%
-provenance = {"model": dict(getattr(model, "rope_leak_source", {"name": settings.model})),
-              "settings": settings.to_dict()}
-save_analysis(analysis, out_dir, provenance=provenance, run_info={"seconds": seconds}, overwrite=True)
-table4.to_csv(out_dir / "bos_interventions.csv", index=False)
-print("REPORT:", out_dir / "report.html", sorted(p.name for p in out_dir.iterdir()))
+print("REPORT:", out_dir / "report.html", result.files)

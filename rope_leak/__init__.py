@@ -6,6 +6,7 @@ The top-level names are the ones a session needs::
     corpus = load_corpus(model, "wikipedia", n_prompts=64, n_tokens=256)
     analysis = analyze(model, corpus)
     analysis.head("L3H1")
+    result = run("smollm2-135m", "wikipedia", "out/")   # what `rope-leak analyze` does
 """
 
 from rope_leak import moved_modules
@@ -21,27 +22,34 @@ from rope_leak.heads import HeadSpecError, head_label, normalize_heads, normaliz
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.output.results import save_analysis
+from rope_leak.pipeline import CompareResult, RunResult, compare, merge, run, run_sinks
 from rope_leak.version import __version__ as __version__
 
 moved_modules.install()
 
 __all__ = [
     "Analysis",
+    "CompareResult",
     "Corpus",
     "HeadSpecError",
     "NotRoPEModelError",
     "PairSpec",
+    "RunResult",
     "RunStatistics",
     "analyze",
     "bidirectional",
+    "compare",
     "head_label",
     "load_corpus",
     "load_hf_model",
     "load_model",
+    "merge",
     "normalize_heads",
     "normalize_layers",
     "replace_position_zero",
     "require_rope",
+    "run",
+    "run_sinks",
     "run_statistics",
     "save_analysis",
     "tiny_rope_model",

@@ -15,12 +15,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-import torch
-
 from rope_leak.engine.pairs import PairSpec
+from rope_leak.pipeline import DTYPES
 
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _number(cast: type, minimum: float, kind: str):
@@ -138,148 +136,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_analyze(args: argparse.Namespace) -> int:
-    from rope_leak.analyses.analysis import analyze
-    from rope_leak.analyses.sinks import SINK_FILES
-    from rope_leak.backends import load_model
-    from rope_leak.corpus import load_corpus
-    from rope_leak.output.results import RESULT_FILES, check_output_dir, save_analysis
-    from rope_leak.output.shards import CHECKPOINT_FILE, check_shard_output, parse_shard
+def _pairs(args: argparse.Namespace) -> PairSpec:
+    return PairSpec(include_sink=args.include_sink, min_query=args.min_query, max_query=args.max_query)
 
-    shard = parse_shard(getattr(args, "shard", None))
-    if shard is None:
-        # Fail before the long run, not after.
-        check_output_dir(args.out, args.overwrite, RESULT_FILES + (() if args.no_sinks else SINK_FILES))
-    else:
-        check_shard_output(args.out, args.overwrite)
-    checkpoint = _checkpoint_path(args, CHECKPOINT_FILE)
-    spec = PairSpec(include_sink=args.include_sink, min_query=args.min_query, max_query=args.max_query)
-    started = time.perf_counter()
-    print(f"rope-leak: loading {args.model} ...", file=sys.stderr)
-    # the default context cap is 2048 tokens; longer prompts raise it explicitly
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype],
-                       n_ctx=args.tokens if args.tokens > 2048 else None)
-    loaded = time.perf_counter()
-    corpus = load_corpus(model, args.corpus, n_prompts=args.prompts, n_tokens=args.tokens, seed=args.seed)
-    settings = {
-        "model": args.model, "corpus": args.corpus, "prompts": args.prompts, "tokens": args.tokens,
-        "seed": args.seed, "target": args.target, "pairs": spec.to_dict(), "dtype": args.dtype,
-        "batch_size": args.batch_size, "no_sinks": args.no_sinks, "sink_prompts": args.sink_prompts,
+
+def run_options(args: argparse.Namespace) -> dict:
+    """``rope-leak analyze`` arguments as keyword arguments of :func:`rope_leak.run`."""
+    return {
+        "model": args.model, "corpus": args.corpus, "out": args.out, "prompts": args.prompts,
+        "tokens": args.tokens, "seed": args.seed, "target": args.target, "pairs": _pairs(args),
+        "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype,
+        "sinks": not args.no_sinks, "sink_prompts": args.sink_prompts,
         "bos_prompts": args.bos_prompts, "reading_prompts": args.reading_prompts,
         "save_statistics": args.save_statistics, "cell_maps": args.cell_maps,
+        "shard": getattr(args, "shard", None),
+        "checkpoint_minutes": getattr(args, "checkpoint_minutes", 0.0),
+        "checkpoint_every": getattr(args, "checkpoint_every", 0),
+        "overwrite": args.overwrite, "progress": not args.no_progress,
     }
-    provenance = {
-        "model": dict(getattr(model, "rope_leak_source", {"name": args.model})),
-        "corpus": corpus.to_dict(),
-        "settings": settings,
-    }
-    resume = _resume_options(args, checkpoint)
-    if shard is not None:
-        return _run_shard(args, model, corpus, spec, settings, provenance, shard, resume)
-    analysis = analyze(model, corpus.tokens, target=args.target, spec=spec, batch_size=args.batch_size,
-                       progress=not args.no_progress, metadata={"settings": settings},
-                       cell_maps=args.cell_maps, **resume)
-    sinks, sections = None, ()
-    main_done = time.perf_counter()
-    if not args.no_sinks:
-        from rope_leak.analyses.sinks import analyze_sinks
-        from rope_leak.output.plots_sinks import sections_html
 
-        count = min(args.sink_prompts, len(corpus.tokens))
-        print(f"rope-leak: sink analysis on {count} prompts ...", file=sys.stderr)
-        # Sink scores and position-0 profiles come from the main pass (all prompts).
-        sinks = analyze_sinks(model, corpus.tokens[:count], doc_ids=corpus.doc_ids[:count],
-                              statistics=analysis.statistics, bos_status=analysis.bos,
-                              bos_tokens=corpus.tokens[:args.bos_prompts],
-                              reading_prompts=args.reading_prompts,
-                              batch_size=args.batch_size, progress=not args.no_progress)
-        sections = (sections_html(sinks, include_plotlyjs=False),)
-    finished = time.perf_counter()
-    run_info = {"seconds": finished - started, "load_seconds": loaded - started,
-                "analysis_seconds": finished - loaded, "main_analysis_seconds": main_done - loaded,
-                "sink_analysis_seconds": finished - main_done, "device": args.device,
-                "threads": torch.get_num_threads()}
-    out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
-                        overwrite=args.overwrite, extra_sections=sections,
-                        statistics=args.save_statistics)
-    if sinks is not None:
-        from rope_leak.analyses.sinks import save_sinks
 
-        save_sinks(sinks, out, provenance=provenance, overwrite=True)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)  # the results are written: nothing to resume
-    s = analysis.summary()
+def run_analyze(args: argparse.Namespace) -> int:
+    from rope_leak.pipeline import run, shard_range, stderr_log
+
+    result = run(**run_options(args), log=stderr_log)
+    if result.shard is not None:
+        prompts = shard_range(result)
+        k, n = result.shard
+        print(f"wrote shard {k}/{n} (prompts {prompts.start}..{prompts.stop - 1}) to {result.out} "
+              f"in {result.run_info['seconds']:.0f} s; combine with `rope-leak merge`")
+        return 0
+    s = result.analysis.summary()
     ci = lambda key: f"[{s[key + '_ci'][0]:.3f}, {s[key + '_ci'][1]:.3f}]"  # noqa: E731
     print(f"composition (mask share) = {s['composition']:.3f} {ci('composition')}; "
           f"mean L_total = {s['L_total']:.4f} {ci('L_total')}, L_resid = {s['L_resid']:.4f} "
           f"{ci('L_resid')}, L_mask = {s['L_mask']:.4f} {ci('L_mask')} (debiased, "
           f"{s['ci_level']:.0%} CIs); top heads: {', '.join(s['top_heads'])}")
     _print_bos(s["bos"])
-    print(f"wrote {out}/report.html in {finished - started:.0f} s")
+    print(f"wrote {result.out}/report.html in {result.run_info['seconds']:.0f} s")
     return 0
 
 
 def _print_bos(status: dict) -> None:
-    from rope_leak.output.bos_text import bos_label, spread_text
+    from rope_leak.analyses.bos_status import bos_label, spread_text
 
     print(f"BOS: {bos_label(status)}. {status.get('implication', '')}")
     print(spread_text(status))
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
+    from rope_leak.pipeline import compare, stderr_log
 
-    from rope_leak.analyses.architectures import compare_models, parse_model_spec
-    from rope_leak.backends import load_model
-    from rope_leak.corpus import load_corpus
-    from rope_leak.download_cache import atomic_write_text
-    from rope_leak.output.plots_architectures import comparison_html
-
-    for model_spec in args.models:
-        parse_model_spec(model_spec)  # fail on a bad spec before any loading
-    out = Path(args.out)
-    files = ("comparison.csv", "comparison_layers.csv", "comparison.json", "comparison.html")
-    if out.exists() and not args.overwrite and any((out / f).exists() for f in files):
-        raise FileExistsError(f"{out} already holds comparison results. Fix: pass --overwrite "
-                              "or choose another --out.")
-    if args.n_boot < 0:
-        raise ValueError(f"--n-boot must be >= 0, got {args.n_boot}.")
-    spec = PairSpec(include_sink=args.include_sink, min_query=args.min_query, max_query=args.max_query)
-    settings = {
-        "models": list(args.models), "corpus": args.corpus, "prompts": args.prompts,
-        "tokens": args.tokens, "seed": args.seed, "target": args.target, "pairs": spec.to_dict(),
-        "dtype": args.dtype, "n_boot": args.n_boot, "batch_size": args.batch_size,
-    }
-    corpora: dict[str, dict] = {}
-
-    def load(name: str):
-        return load_model(name, device=args.device, dtype=DTYPES[args.dtype])
-
-    def tokens_for(model):
-        corpus = load_corpus(model, args.corpus, n_prompts=args.prompts, n_tokens=args.tokens,
-                             seed=args.seed)
-        corpora[str(model.cfg.model_name)] = corpus.to_dict()
-        return corpus.tokens
-
-    started = time.perf_counter()
-    table, layers, info = compare_models(
-        args.models, load=load, tokens_for=tokens_for, target=args.target, spec=spec,
-        batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
-        progress=not args.no_progress, log=lambda msg: print(f"rope-leak: {msg}", file=sys.stderr),
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
-    atomic_write_text(out / "comparison_layers.csv", layers.to_csv(index=False))
-    payload = {"settings": settings, "models": table.to_dict(orient="records"), "details": info,
-               "corpora": corpora,
-               "ci": "95% percentile intervals over a bootstrap of prompt buckets within "
-                     "cross-fitting folds; depth_slope_*_ci_*: t interval of the linregress slope "
-                     "over layers, depth_slope_*_boot_*: bootstrap interval",
-               "seconds": time.perf_counter() - started}
-    atomic_write_text(out / "comparison.json",
-                      json.dumps(_clean(payload), indent=2, sort_keys=True, allow_nan=False))
-    atomic_write_text(out / "comparison.html", comparison_html(table, layers, settings))
+    result = compare(args.models, args.corpus, args.out, prompts=args.prompts, tokens=args.tokens,
+                     seed=args.seed, target=args.target, pairs=_pairs(args), batch_size=args.batch_size,
+                     device=args.device, dtype=args.dtype, n_boot=args.n_boot, overwrite=args.overwrite,
+                     progress=not args.no_progress, log=stderr_log)
+    table = result.table
     shown = table.assign(sink_heads=[f"{k} / {n}" for k, n in zip(table["sink_heads"], table["n_heads_total"])],
                          sink_heads_gu=[f"{k} / {n}" for k, n in zip(table["sink_heads_gu"], table["n_heads_total"])])
     cols = ["model", "bos", "n_ctx", "window", "L_total", "L_mask", "L_resid", "composition",
@@ -287,59 +199,26 @@ def run_compare(args: argparse.Namespace) -> int:
     print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("sink_heads: rope_leak sink score (mean over i >= 1 of A[i,0]) > 0.3; sink_heads_gu: Gu et al. "
           "(ICLR 2025) alpha_0 > 0.3; both out of all heads")
-    print(f"wrote {out}/comparison.html in {time.perf_counter() - started:.0f} s")
+    print(f"wrote {result.out}/comparison.html in {result.seconds:.0f} s")
     return 0
 
 
-def _clean(value):
-    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
-    import math
-
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def run_sinks(args: argparse.Namespace) -> int:
-    from rope_leak.analyses.sinks import analyze_sinks, save_sinks
-    from rope_leak.backends import load_model
-    from rope_leak.corpus import load_corpus
+    from rope_leak.pipeline import run_sinks as sinks
+    from rope_leak.pipeline import stderr_log
 
-    out = args.out
     started = time.perf_counter()
-    print(f"rope-leak: loading {args.model} ...", file=sys.stderr)
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
-    source = args.corpus
-    if args.documents is not None:
-        if args.corpus != "wikipedia":
-            raise ValueError("--documents works with --corpus wikipedia only. Fix: drop --documents.")
-        from rope_leak.corpus.wikipedia import wikipedia_documents
-
-        documents = sorted(wikipedia_documents(), key=lambda d: len(d.text))
-        source = documents[-args.documents:]
-    corpus = load_corpus(model, source, n_prompts=args.prompts, n_tokens=args.tokens, seed=args.seed)
-    result = analyze_sinks(
-        model, corpus.tokens, doc_ids=corpus.doc_ids, sink_threshold=args.sink_threshold,
-        reading_threshold=args.reading_threshold, source_token_id=args.source_token,
-        reading_prompts=args.reading_prompts, early_queries=args.early_queries, bos=not args.no_bos,
-        bos_bidirectional=args.bos_bidirectional,
+    run = sinks(
+        args.model, args.corpus, args.out, prompts=args.prompts, tokens=args.tokens, seed=args.seed,
+        documents=args.documents, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+        settings={k: v for k, v in vars(args).items() if k != "func"}, log=stderr_log,
+        sink_threshold=args.sink_threshold, reading_threshold=args.reading_threshold,
+        source_token_id=args.source_token, reading_prompts=args.reading_prompts,
+        early_queries=args.early_queries, bos=not args.no_bos, bos_bidirectional=args.bos_bidirectional,
         probe=not args.no_probe, n_boot=args.bootstrap, n_permutations=args.permutations,
         batch_size=args.batch_size, progress=not args.no_progress,
     )
-    provenance = {"model": dict(getattr(model, "rope_leak_source", {"name": args.model})),
-                  "corpus": corpus.to_dict(),
-                  "settings": {k: v for k, v in vars(args).items() if k != "func"}}
-    save_sinks(result, out, provenance=provenance, overwrite=args.overwrite)
+    result, out = run.sinks, args.out
     summary = result.summary()
     gu = summary["sink_metrics"]["gu_et_al_2025"]
     n_heads = gu["n_heads"]
@@ -380,51 +259,6 @@ def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also checkpoint after every K batches (default 0: off)")
 
 
-def _checkpoint_path(args: argparse.Namespace, name: str):
-    from pathlib import Path
-
-    if getattr(args, "checkpoint_minutes", 0) or getattr(args, "checkpoint_every", 0):
-        return Path(args.out) / name
-    return None
-
-
-def _resume_options(args: argparse.Namespace, checkpoint) -> dict:
-    if checkpoint is None:
-        return {}
-    if checkpoint.exists():
-        print(f"rope-leak: resuming from {checkpoint}", file=sys.stderr)
-    return {"checkpoint": checkpoint, "checkpoint_every": getattr(args, "checkpoint_every", 0),
-            "checkpoint_seconds": 60.0 * getattr(args, "checkpoint_minutes", 0.0)}
-
-
-def _run_shard(args, model, corpus, spec, settings, provenance, shard, resume) -> int:
-    from rope_leak.analyses.analysis import model_fingerprint, tokens_sha256
-    from rope_leak.engine.run import default_buckets, run_statistics
-    from rope_leak.output.shards import shard_prompts, write_shard
-
-    prompts = shard_prompts(len(corpus.tokens), args.batch_size, shard)
-    started = time.perf_counter()
-    # What `analyze` records of a whole run, so that the merged results.json is the same.
-    from rope_leak.analyses.bos_status import bos_status
-
-    inputs = {"model": model_fingerprint(model), "tokens_sha256": tokens_sha256(corpus.tokens),
-              "batch_size": args.batch_size, "on_missing_bos": "error", "prompt_ids": None,
-              # of the whole corpus (a short causal prefix pass), so the merge reports it
-              "bos": bos_status(model, corpus.tokens, batch_size=max(args.batch_size, 64))}
-    stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=spec,
-                           batch_size=args.batch_size, prompt_ids=prompts,
-                           n_buckets=default_buckets(len(corpus.tokens)),  # as the whole run's
-                           cell_maps=args.cell_maps,
-                           progress=not args.no_progress,
-                           metadata={"settings": settings, "inputs": inputs}, **resume)
-    out = write_shard(stats, args.out, shard=shard, n_prompts=len(corpus.tokens), provenance=provenance)
-    if resume:
-        resume["checkpoint"].unlink(missing_ok=True)
-    print(f"wrote shard {shard[0]}/{shard[1]} (prompts {prompts.start}..{prompts.stop - 1}) to {out} "
-          f"in {time.perf_counter() - started:.0f} s; combine with `rope-leak merge`")
-    return 0
-
-
 def _add_merge_parser(sub) -> None:
     merge = sub.add_parser("merge", help="combine `analyze --shard` outputs into the full results")
     merge.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="--out folders of the shards")
@@ -434,21 +268,10 @@ def _add_merge_parser(sub) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from rope_leak.analyses.analysis import Analysis
-    from rope_leak.output.results import check_output_dir, save_analysis
-    from rope_leak.output.shards import load_shards
+    from rope_leak.pipeline import merge
 
-    check_output_dir(args.out, args.overwrite)
-    started = time.perf_counter()
-    stats, provenance = load_shards(args.shards)
-    inputs = stats.metadata.pop("inputs", {})
-    analysis = Analysis(stats, target=provenance["settings"]["target"], inputs=inputs,
-                        bos=inputs.pop("bos", None))
-    run_info = {"merged_shards": [str(s) for s in args.shards],
-                "merge_seconds": time.perf_counter() - started}
-    out = save_analysis(analysis, args.out, provenance=provenance, run_info=run_info,
-                        overwrite=args.overwrite, report=not args.no_report)
-    print(f"merged {len(args.shards)} shards ({analysis.n_prompts} prompts) into {out}")
+    result = merge(args.shards, args.out, overwrite=args.overwrite, report=not args.no_report)
+    print(f"merged {len(args.shards)} shards ({result.analysis.n_prompts} prompts) into {result.out}")
     return 0
 
 

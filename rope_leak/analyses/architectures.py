@@ -34,6 +34,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from rope_leak.analyses.sink_scores import SINK_THRESHOLD
@@ -243,6 +244,7 @@ def summarize_model(
     seed: int = 0,
     sink_threshold: float = SINK_THRESHOLD,
     level: float = CI_LEVEL,
+    progress: bool = False,
 ) -> ModelComparison:
     """Components, composition, sink heads and depth slopes of one model, with CIs.
 
@@ -256,6 +258,7 @@ def summarize_model(
     ``*_crossfit``. Depth slopes also carry the ``linregress`` t interval over layers
     (``*_t_low`` / ``*_t_high``). ``sink_heads`` counts heads with sink score above the
     threshold; its interval is a percentile interval over the same kind of resample.
+    ``progress``: a progress bar over the bootstrap steps.
     """
     from rope_leak.fits.projection import BucketProjection
     from rope_leak.inference import bootstrap_statistic, bucket_weights
@@ -268,10 +271,13 @@ def summarize_model(
                              BucketProjection.from_statistics(bs).debiased_share(None)[0])
     point = _model_statistics({"causal": debiased.total[None], "bidirectional": debiased.resid[None]})[0]
     cross = _model_statistics({"causal": crossfit.total[None], "bidirectional": crossfit.resid[None]})[0]
+    bar = tqdm(total=2 if n_boot else 0, desc=f"bootstrap CIs of {spec} ({n_boot} resamples)",
+               disable=not progress or not n_boot, leave=False)
     if n_boot:
         boot = bootstrap_statistic({"causal": cs, "bidirectional": bs}, _model_statistics,
                                    n_boot=n_boot, seed=seed, level=level, share="debiased",
                                    method="basic")
+        bar.update()
         low, high = boot.ci_low, boot.ci_high
     else:
         low = high = np.full(len(STAT_NAMES), np.nan)
@@ -315,6 +321,8 @@ def summarize_model(
         for k, name in enumerate(("L_resid", "L_mask")):
             layers[f"{name}_ci_low"] = per_layer.ci_low[k]
             layers[f"{name}_ci_high"] = per_layer.ci_high[k]
+        bar.update()
+    bar.close()
     layers["sink_heads"] = (sink > sink_threshold).sum(1)
     return ModelComparison(row, layers, {"slopes_t": slopes})
 
@@ -387,7 +395,8 @@ def compare_models(
         stats = run_statistics(model, tokens, conditions=ms.conditions(), targets=(target,),
                                spec=spec, batch_size=batch_size, n_buckets=n_buckets,
                                progress=progress)
-        result = summarize_model(stats, ms.spec, target=target, n_boot=n_boot, seed=seed)
+        result = summarize_model(stats, ms.spec, target=target, n_boot=n_boot, seed=seed,
+                                 progress=progress)
         result.row.update(model_facts(model, tokens, stats))
         result.row["seconds"] = time.perf_counter() - started
         results[k] = (result.row, result.layers, {

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from rope_leak.analyses.bos_interventions import (
@@ -143,7 +144,7 @@ def analyze_sinks(
     n_boot: int = 200,
     n_permutations: int = 100,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: bool = True,
 ) -> SinkAnalysis:
     """Sink heads, BOS status, position-0 trajectory, sink reading, fingerprint probe and BOS
     interventions on ``tokens`` (``[prompt, pos]``).
@@ -172,6 +173,8 @@ def analyze_sinks(
             (full-length prompts; about six times the cost of the default).
         bos_tokens: prompts for the BOS interventions (default ``tokens``). They run only
             the first ``early_queries`` tokens, so more prompts cost little there.
+        progress: progress bars for every step that makes forward passes (statistics, BOS
+            interventions, trajectories, sink reading, fingerprint and probe); False hides them.
     """
     source = default_replacement_token(tokens) if source_token_id is None else int(source_token_id)
     n_buckets = 2 * max(1, min(16, len(tokens) // 2))
@@ -202,14 +205,17 @@ def analyze_sinks(
     rows = tokens[np.arange(n_traj) % len(tokens)]
     # Causal: position 0 sees no later token, so a short prefix gives the same stream.
     rows = rows[:, :min(rows.shape[1], max(2, early_queries))]
-    trajectory = position_zero_trajectories(model, rows, [t for t in trajectory_tokens for _ in (0, 1)],
-                                            batch_size=max(batch_size, n_traj))
-    # Bidirectional: position 0 sees the whole prompt (full length needed); the main pass
-    # already has the cross-prompt spread over all prompts, so 2 prompts show the trajectory.
-    trajectory_b = position_zero_trajectories(model, tokens[:min(len(tokens), 2)],
-                                              condition=bidirectional, condition_name="bidirectional")
+    with tqdm(total=2, desc="position-0 trajectories", disable=not progress, leave=False) as bar:
+        trajectory = position_zero_trajectories(model, rows, [t for t in trajectory_tokens for _ in (0, 1)],
+                                                batch_size=max(batch_size, n_traj))
+        bar.update()
+        # Bidirectional: position 0 sees the whole prompt (full length needed); the main pass
+        # already has the cross-prompt spread over all prompts, so 2 prompts show the trajectory.
+        trajectory_b = position_zero_trajectories(model, tokens[:min(len(tokens), 2)],
+                                                  condition=bidirectional, condition_name="bidirectional")
+        bar.update()
     reading = sink_reading(model, tokens[:reading_prompts], source_token_id=source,
-                           threshold=reading_threshold, batch_size=batch_size)
+                           threshold=reading_threshold, batch_size=batch_size, progress=progress)
     probe_result = spread = None
     targets, target_kind = content_targets(tokens, doc_ids)
     if not probe:
@@ -225,9 +231,9 @@ def analyze_sinks(
     elif not reading.heads():
         probe_status = {"run": False, "reason": "not run: no sink-reading head to take a fingerprint from"}
     else:
-        fp = fingerprint(model, tokens, reading.heads(), batch_size=batch_size)
+        fp = fingerprint(model, tokens, reading.heads(), batch_size=batch_size, progress=progress)
         spread = fp.spread()
-        probe_result = probe_table(fp, targets, n_permutations=n_permutations)
+        probe_result = probe_table(fp, targets, n_permutations=n_permutations, progress=progress)
         probe_status = {"run": True, "reason": "several prompts per document: the probe predicts "
                         "the document (one-hot)"}
     probe_status["target"] = target_kind if probe_status["run"] else None
