@@ -55,7 +55,7 @@ CHILD = textwrap.dedent(
 
 
 def start_child(tmp_path: Path, dest: Path, data: bytes, linger: float) -> subprocess.Popen:
-    script = CHILD.format(cache_py=str(ROOT / "rope_leak" / "cache.py"), log=str(tmp_path / "log"),
+    script = CHILD.format(cache_py=str(ROOT / "rope_leak" / "download_cache.py"), log=str(tmp_path / "log"),
                           go=str(tmp_path / "go"), req=FAKE_REQUIREMENT, member=FAKE_MEMBER,
                           sha=sha256(data), dest=str(dest))
     env = pip_env(tmp_path / "index")
