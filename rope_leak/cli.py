@@ -197,6 +197,16 @@ def run_compare(args: argparse.Namespace) -> int:
     cols = ["model", "bos", "n_ctx", "window", "L_total", "L_mask", "L_resid", "composition",
             "sink_heads", "sink_heads_gu", "depth_slope_L_resid"]
     print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if "L_resid_local_minus_global" in table:
+        kind_rows = table[table["L_resid_local_minus_global"].notna()]
+
+        def ci(r, name: str) -> str:
+            return f"{r[name]:.4f} [{r[name + '_ci_low']:.4f}, {r[name + '_ci_high']:.4f}]"
+
+        for _, r in kind_rows.iterrows():
+            print(f"{r['model']}: L_resid over {int(r['n_local_layers'])} sliding-window layers {ci(r, 'L_resid_local')}, "
+                  f"over {int(r['n_global_layers'])} global layers {ci(r, 'L_resid_global')}, "
+                  f"difference {ci(r, 'L_resid_local_minus_global')}")
     print("sink_heads: rope_leak sink score (mean over i >= 1 of A[i,0]) > 0.3; sink_heads_gu: Gu et al. "
           "(ICLR 2025) alpha_0 > 0.3; both out of all heads")
     print(f"wrote {result.out}/comparison.html in {result.seconds:.0f} s")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -220,6 +220,26 @@ class ModelComparison:
 
 STAT_NAMES = ("L_total", "L_mask", "L_resid", "composition",
               "depth_slope_L_resid", "depth_slope_L_mask", "depth_slope_L_total")
+COMPONENT_NAMES = ("L_total", "L_mask", "L_resid")
+#: Summary of sliding-window ("local") against global layers, per component.
+KIND_STAT_NAMES = tuple(f"{comp}_{part}" for comp in COMPONENT_NAMES
+                        for part in ("local", "global", "local_minus_global"))
+
+
+def _layer_components(shares: dict[str, np.ndarray]) -> np.ndarray:
+    """``{"causal", "bidirectional": [B, layer, head]}`` -> ``[B, 3, layer]``: head means of
+    ``L_total``, ``L_mask``, ``L_resid`` per layer (order of :data:`COMPONENT_NAMES`)."""
+    total, resid = shares["causal"], shares["bidirectional"]
+    return np.stack([total.mean(2), (total - resid).mean(2), resid.mean(2)], axis=1)
+
+
+def _kind_statistics(shares: dict[str, np.ndarray], local: np.ndarray) -> np.ndarray:
+    """``[B, len(KIND_STAT_NAMES)]``: per component, the mean of the per-layer values over
+    the sliding-window layers (``local``, bool per layer), over the global layers, and
+    their difference."""
+    per_layer = _layer_components(shares)
+    loc, glo = per_layer[:, :, local].mean(2), per_layer[:, :, ~local].mean(2)
+    return np.stack([loc, glo, loc - glo], axis=2).reshape(len(per_layer), -1)
 
 
 def _model_statistics(shares: dict[str, np.ndarray]) -> np.ndarray:
@@ -245,6 +265,7 @@ def summarize_model(
     sink_threshold: float = SINK_THRESHOLD,
     level: float = CI_LEVEL,
     progress: bool = False,
+    kinds: Sequence[str] | None = None,
 ) -> ModelComparison:
     """Components, composition, sink heads and depth slopes of one model, with CIs.
 
@@ -259,6 +280,13 @@ def summarize_model(
     (``*_t_low`` / ``*_t_high``). ``sink_heads`` counts heads with sink score above the
     threshold; its interval is a percentile interval over the same kind of resample.
     ``progress``: a progress bar over the bootstrap steps.
+
+    ``kinds`` (``"local"`` for a sliding-window layer, ``"global"`` otherwise, one per
+    layer) adds a ``kind`` column to the per-layer table and, when both kinds occur, the
+    row's ``{L_total,L_mask,L_resid}_{local,global,local_minus_global}``: the mean of the
+    per-layer values over the sliding-window layers, over the global layers, and their
+    difference, each with its pivotal bucket-bootstrap interval (the same resample as
+    the other intervals, so the difference keeps the pairing of the two means).
     """
     from rope_leak.fits.projection import BucketProjection
     from rope_leak.inference import bootstrap_statistic, bucket_weights
@@ -314,17 +342,44 @@ def summarize_model(
         layers[f"{name}_crossfit"] = cross_layers[name]
     if n_boot:
         per_layer = bootstrap_statistic(
-            {"causal": cs, "bidirectional": bs},
-            lambda sh: np.stack([sh["bidirectional"].mean(2),
-                                 (sh["causal"] - sh["bidirectional"]).mean(2)], axis=1),
+            {"causal": cs, "bidirectional": bs}, _layer_components,
             n_boot=n_boot, seed=seed, level=level, share="debiased", method="basic")
-        for k, name in enumerate(("L_resid", "L_mask")):
+        for k, name in enumerate(COMPONENT_NAMES):
             layers[f"{name}_ci_low"] = per_layer.ci_low[k]
             layers[f"{name}_ci_high"] = per_layer.ci_high[k]
         bar.update()
     bar.close()
     layers["sink_heads"] = (sink > sink_threshold).sum(1)
+    if kinds is not None:
+        kinds = [str(k) for k in kinds]
+        if len(kinds) != len(layers):
+            raise ValueError(f"kinds has {len(kinds)} entries for {len(layers)} layers.")
+        layers.insert(2, "kind", kinds)
+        local = np.array([k == "local" for k in kinds])
+        row["n_local_layers"], row["n_global_layers"] = int(local.sum()), int((~local).sum())
+        if local.any() and not local.all():
+            fn = partial(_kind_statistics, local=local)
+            point_kind = fn({"causal": debiased.total[None], "bidirectional": debiased.resid[None]})[0]
+            if n_boot:
+                boot_kind = bootstrap_statistic({"causal": cs, "bidirectional": bs}, fn,
+                                                n_boot=n_boot, seed=seed, level=level,
+                                                share="debiased", method="basic")
+                low_kind, high_kind = boot_kind.ci_low, boot_kind.ci_high
+            else:
+                low_kind = high_kind = np.full(len(KIND_STAT_NAMES), np.nan)
+            for k, name in enumerate(KIND_STAT_NAMES):
+                row[name] = float(point_kind[k])
+                row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low_kind[k]), float(high_kind[k])
     return ModelComparison(row, layers, {"slopes_t": slopes})
+
+
+def model_layer_kinds(model: HookedTransformer) -> list[str]:
+    """``"local"`` (sliding-window) or ``"global"`` for every layer of ``model``."""
+    from rope_leak.backends.bridge import is_bridge, layer_kinds
+
+    if is_bridge(model):
+        return layer_kinds(model)
+    return [str(getattr(block.attn, "attn_type", "global")) for block in model.blocks]
 
 
 def model_facts(model: HookedTransformer, tokens: torch.Tensor, stats: RunStatistics) -> dict:
@@ -332,14 +387,11 @@ def model_facts(model: HookedTransformer, tokens: torch.Tensor, stats: RunStatis
     sliding window, and Gu et al.'s sink-head count (alpha_0 > 0.3)."""
     from rope_leak.analyses.bos_status import bos_label, bos_status
     from rope_leak.analyses.sink_scores import GU_EPSILON, gu_alpha0
-    from rope_leak.backends.bridge import is_bridge, layer_kinds, window_size
+    from rope_leak.backends.bridge import is_bridge, window_size
 
     status = bos_status(model, tokens, measure=False)
-    if is_bridge(model):
-        kinds, window = layer_kinds(model), window_size(model)
-    else:
-        kinds = [getattr(block.attn, "attn_type", "global") for block in model.blocks]
-        window = getattr(model.cfg, "window_size", None)
+    kinds = model_layer_kinds(model)
+    window = window_size(model) if is_bridge(model) else getattr(model.cfg, "window_size", None)
     local = sum(kind == "local" for kind in kinds)
     return {
         "n_heads_total": int(model.cfg.n_layers * model.cfg.n_heads),
@@ -396,7 +448,7 @@ def compare_models(
                                spec=spec, batch_size=batch_size, n_buckets=n_buckets,
                                progress=progress)
         result = summarize_model(stats, ms.spec, target=target, n_boot=n_boot, seed=seed,
-                                 progress=progress)
+                                 progress=progress, kinds=model_layer_kinds(model))
         result.row.update(model_facts(model, tokens, stats))
         result.row["seconds"] = time.perf_counter() - started
         results[k] = (result.row, result.layers, {

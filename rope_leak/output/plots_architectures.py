@@ -27,7 +27,8 @@ def _err(table: pd.DataFrame, name: str) -> dict | None:
 
 def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
     """Three panels: components per model (bars with 95% CIs), composition per model,
-    and the per-layer ``L_resid`` / ``L_mask`` over relative depth."""
+    and the per-layer ``L_resid`` / ``L_mask`` over relative depth (open diamonds: the
+    global layers of a model that also has sliding-window layers)."""
     fig = make_subplots(rows=1, cols=3, column_widths=[0.38, 0.22, 0.40],
                         subplot_titles=("Absolute-position share (mean over heads)",
                                         "Composition L_mask / (L_mask + L_resid)",
@@ -46,6 +47,13 @@ def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Scatter(x=part["relative_depth"], y=part["L_mask"], mode="lines",
                                  name=f"{model} L_mask", line=dict(color=color, dash="dash")),
                       row=1, col=3)
+        if "kind" in part and (part["kind"] == "local").any() and (part["kind"] != "local").any():
+            glob = part[part["kind"] != "local"]
+            fig.add_trace(go.Scatter(x=glob["relative_depth"], y=glob["L_resid"], mode="markers",
+                                     name=f"{model} global layers (L_resid)",
+                                     marker=dict(color=color, symbol="diamond-open", size=13,
+                                                 line=dict(width=2))),
+                          row=1, col=3)
     fig.update_layout(barmode="group", height=460, width=1350, template="plotly_white",
                       legend=dict(orientation="h", y=-0.2))
     fig.update_xaxes(title_text="relative depth (layer / (n_layers - 1))", row=1, col=3)
@@ -102,6 +110,28 @@ def controls_section(controls: pd.DataFrame, include_plotlyjs: bool | str = "cdn
             f"{_table_html(controls)}{fig}</section>")
 
 
+def kind_summary_html(table: pd.DataFrame) -> str:
+    """Sliding-window against global layers (models with both kinds): per component the
+    mean of the per-layer values over each kind and their difference, with 95% CIs."""
+    if "L_resid_local_minus_global" not in table:
+        return ""
+    rows = []
+    for _, r in table[table["L_resid_local_minus_global"].notna()].iterrows():
+        for comp in COMPONENTS:
+            cells = [f"{r[f'{comp}_{part}']:.4f} [{r[f'{comp}_{part}_ci_low']:.4f}, "
+                     f"{r[f'{comp}_{part}_ci_high']:.4f}]"
+                     for part in ("local", "global", "local_minus_global")]
+            rows.append({"model": r["model"], "component": comp,
+                         "layers (sliding / global)": f"{int(r['n_local_layers'])} / "
+                                                      f"{int(r['n_global_layers'])}",
+                         "sliding": cells[0], "global": cells[1], "sliding - global": cells[2]})
+    if not rows:
+        return ""
+    return ("<h2>Sliding-window vs global layers</h2><p>Mean over layers of each kind of the "
+            "per-layer head-mean component; 95% pivotal bucket-bootstrap CIs (one resample for "
+            "both kinds).</p>" + pd.DataFrame(rows).to_html(index=False, border=0, classes="rl-table"))
+
+
 def comparison_html(table: pd.DataFrame, layers: pd.DataFrame, settings: dict | None = None) -> str:
     """A standalone HTML page for ``rope-leak compare``."""
     fig = pio.to_html(comparison_figure(table, layers), full_html=False, include_plotlyjs=True)
@@ -114,10 +144,11 @@ def comparison_html(table: pd.DataFrame, layers: pd.DataFrame, settings: dict | 
                         "additivity_violated")
             if c in table]
     settings_html = (f"<pre>{html.escape(str(settings))}</pre>" if settings else "")
+    kind_html = kind_summary_html(table)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>rope-leak compare</title>"
             "<style>body{font-family:sans-serif;margin:2em} .rl-table td,.rl-table th"
             "{padding:2px 8px;text-align:right}</style></head><body>"
-            "<h1>rope-leak compare</h1>" + settings_html + _table_html(table[cols]) + fig +
+            "<h1>rope-leak compare</h1>" + settings_html + _table_html(table[cols]) + kind_html + fig +
             "<p>Shares are debiased; CIs: 95% pivotal (basic) intervals of a bootstrap of prompt "
             "buckets, one joint resample for both masks (sink-head counts: percentile); see "
             "comparison.csv for all interval columns. sink_heads: rope_leak's sink score (mean over "

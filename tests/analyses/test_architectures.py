@@ -174,6 +174,65 @@ def test_summarize_model_on_tiny(tiny_model, tiny_tokens):
     assert {"L_resid_ci_low", "L_mask_ci_high", "L_resid_crossfit"} <= set(result.layers.columns)
 
 
+def test_sliding_vs_global_summary_on_tiny_gemma(tiny_gemma_hooked):
+    """Per-layer kinds and the sliding-vs-global summary on a model with both kinds
+    (layers 0, 2 local with window 4; 1, 3 global) and prompts longer than the window.
+    Checked against the per-layer table (the point estimates) and against a direct
+    reconstruction of the pivotal interval from per-layer bootstrap replicates."""
+    from rope_leak.analyses.architectures import model_layer_kinds, summarize_model
+    from rope_leak.engine.run import run_statistics
+    from rope_leak.fits.projection import BucketProjection
+    from rope_leak.inference import bootstrap_statistic
+
+    model = tiny_gemma_hooked
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(2, 50, (12, 3 * WINDOW), generator=gen)
+    tokens[:, 0] = 0
+    stats = run_statistics(model, tokens, targets=("pattern",), n_buckets=6, progress=False)
+    kinds = model_layer_kinds(model)
+    assert kinds == ["local", "global", "local", "global"]
+    n_boot, seed = 60, 5
+    result = summarize_model(stats, "tiny-g3", n_boot=n_boot, seed=seed, kinds=kinds)
+    row, layers = result.row, result.layers
+    assert list(layers["kind"]) == kinds
+    assert (row["n_local_layers"], row["n_global_layers"]) == (2, 2)
+    for comp in ("L_total", "L_mask", "L_resid"):
+        assert (layers[f"{comp}_ci_low"] <= layers[f"{comp}_ci_high"]).all()
+        local = layers.loc[layers["kind"] == "local", comp].mean()
+        glob = layers.loc[layers["kind"] == "global", comp].mean()
+        assert row[f"{comp}_local"] == pytest.approx(local, abs=1e-12)
+        assert row[f"{comp}_global"] == pytest.approx(glob, abs=1e-12)
+        assert row[f"{comp}_local_minus_global"] == pytest.approx(local - glob, abs=1e-12)
+    # the overall mean over heads is the layer-weighted mix of the two kinds
+    assert row["L_resid"] == pytest.approx((row["L_resid_local"] + row["L_resid_global"]) / 2)
+
+    # the difference's interval from per-layer replicates of the same resample
+    c = stats.conditions["causal"].targets["pattern"]
+    b = stats.conditions["bidirectional"].targets["pattern"]
+    boot = bootstrap_statistic({"causal": c, "bidirectional": b},
+                               lambda sh: sh["bidirectional"].mean(2), n_boot=n_boot, seed=seed,
+                               share="debiased", method="percentile", keep_samples=True)
+    is_local = np.array([k == "local" for k in kinds])
+    diff = boot.samples[:, is_local].mean(1) - boot.samples[:, ~is_local].mean(1)
+    q_lo, q_hi = np.quantile(diff, [0.025, 0.975])
+    plug_in = BucketProjection.from_statistics(b).in_sample_share().mean(-1)[0]
+    truth = plug_in[is_local].mean() - plug_in[~is_local].mean()
+    estimate = row["L_resid_local_minus_global"]
+    assert row["L_resid_local_minus_global_ci_low"] == pytest.approx(estimate + truth - q_hi, abs=1e-10)
+    assert row["L_resid_local_minus_global_ci_high"] == pytest.approx(estimate + truth - q_lo, abs=1e-10)
+
+
+def test_kind_summary_absent_with_one_kind(tiny_model, tiny_tokens):
+    from rope_leak.analyses.architectures import model_layer_kinds, summarize_model
+    from rope_leak.engine.run import run_statistics
+
+    stats = run_statistics(tiny_model, tiny_tokens, targets=("pattern",), n_buckets=4, progress=False)
+    result = summarize_model(stats, "tiny", n_boot=0, kinds=model_layer_kinds(tiny_model))
+    assert list(result.layers["kind"]) == ["global", "global"]
+    assert "L_resid_local_minus_global" not in result.row
+    assert result.row["n_local_layers"] == 0
+
+
 # ------------------------------------------------------------------ compare CLI
 
 
@@ -233,6 +292,15 @@ def test_compare_cli_on_tiny_hf_folders(tiny_folders, compare_corpus, tmp_path):
     assert table["L_total"].iloc[0] != table["L_total"].iloc[2]
     layers = pd.read_csv(out / "comparison_layers.csv")
     assert len(layers) == 3 + 4 + 3
+    assert list(layers["kind"]) == ["global"] * 3 + ["local", "global"] * 2 + ["global"] * 3
+    assert {"L_total_ci_low", "L_total_ci_high"} <= set(layers.columns)
+    # the sliding-vs-global summary exists for the tiny Gemma only, and is the per-layer means'
+    g3 = layers[layers["model"] == str(gemma)]
+    diff = (g3.loc[g3["kind"] == "local", "L_resid"].mean()
+            - g3.loc[g3["kind"] == "global", "L_resid"].mean())
+    assert table["L_resid_local_minus_global"].iloc[1] == pytest.approx(diff, abs=1e-12)
+    assert table["L_resid_local_minus_global"].iloc[[0, 2]].isna().all()
+    assert (table["n_local_layers"].tolist(), table["n_global_layers"].tolist()) == ([0, 2, 0], [3, 2, 3])
     payload = json.loads((out / "comparison.json").read_text())
     assert payload["settings"]["models"][2].endswith("+ntk4") and len(payload["models"]) == 3
     assert "plotly" in (out / "comparison.html").read_text()[:5_000_000]
