@@ -78,17 +78,22 @@ class RowPartXty:
     minus: np.ndarray | None = None  # [bucket, layer, head, n], subtracted from rows
     base: TargetStatistics | None = None
 
+    #: at most this many numbers of ``X^T y`` derived per step (bounds the temporaries)
+    chunk_elements: int = 1 << 22
+
     def xty(self) -> np.ndarray:
-        """``[bucket, layer, head, column]``, computed one bucket at a time."""
+        """``[bucket, layer, head, column]``, computed a few buckets at a time."""
         out = np.empty(self.rows.shape[:-1] + (self.design.n_columns,))
-        for g in range(len(self.rows)):
-            rows = torch.from_numpy(self.rows[g])
+        per_bucket = max(1, out[0].size)
+        step = max(1, self.chunk_elements // per_bucket)
+        for g in range(0, len(self.rows), step):
+            rows = torch.from_numpy(self.rows[g:g + step])
             if self.minus is not None:
-                rows = rows - torch.from_numpy(self.minus[g])
+                rows = rows - torch.from_numpy(self.minus[g:g + step])
             xty = self.design.row_xty(rows)
             if self.base is not None:
-                xty += torch.from_numpy(self.base.xty[g])
-            out[g] = xty.numpy()
+                xty += torch.from_numpy(self.base.xty[g:g + step])
+            out[g:g + step] = xty.numpy()
         return out
 
     def arrays(self) -> tuple[np.ndarray, ...]:
