@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,8 +52,13 @@ def child(mode: str, prompts: int, tokens: int) -> None:
 
         analysis = analyze(model, corpus.tokens, batch_size=1, progress=False, n_boot=200)
         analysis.summary()
-        out["statistics_mib"] = sum(st.nbytes for cond in analysis.statistics.conditions.values()
-                                    for st in cond.targets.values()) / 2**20
+        held = {}  # every array the statistics hold, once (derived targets share row sums)
+        for cond in analysis.statistics.conditions.values():
+            for st in cond.targets.values():
+                for array in (*st.arrays(), st.sumsq, st.count, st.cell_sum):
+                    if array is not None:
+                        held[id(array)] = array.nbytes
+        out["statistics_mib"] = sum(held.values()) / 2**20
     out["seconds"] = time.perf_counter() - started
     out["peak_mib"] = peak_mib()
     print(json.dumps(out))
@@ -77,13 +83,15 @@ def main() -> None:
         return
     print(f"rope_leak memory against n (SmolLM2-135M, P={args.prompts} Wikipedia chunks, batch 1, "
           "CPU float32; fresh process per cell)")
+    print("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"{'n':>6} {'loaded':>9} {'bare peak':>10} {'analysis peak':>14} {'excess':>9} "
-          f"{'statistics':>11} {'time ratio':>11}   [MiB]")
+          f"{'statistics':>11} {'time ratio':>11} {'bare [s]':>9} {'load':>6}   [MiB]")
     for n in (int(t) for t in args.tokens.split(",")):
         bare, analysis = run("bare", args.prompts, n), run("analysis", args.prompts, n)
         print(f"{n:>6} {bare['loaded_mib']:>9.0f} {bare['peak_mib']:>10.0f} {analysis['peak_mib']:>14.0f} "
               f"{analysis['peak_mib'] - bare['peak_mib']:>9.0f} {analysis['statistics_mib']:>11.1f} "
-              f"{analysis['seconds'] / bare['seconds']:>11.2f}", flush=True)
+              f"{analysis['seconds'] / bare['seconds']:>11.2f} {bare['seconds']:>9.0f} "
+              f"{os.getloadavg()[0]:>6.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ along each query row, so its statistics come from per-row sums:
   with its own mask.
 
 A row part's sums of squares are ``sum s^2 + 2 sum_i r_i (sum_j s_ij) + sum_i n_i r_i^2``
-per prompt; its ``X^T y`` is derived once, in :meth:`LayerAccumulator.to_statistics`.
+per prompt; its ``X^T y`` is derived from the row sums whenever it is read
+(:class:`~rope_leak.engine.statistics.RowPartXty`), so it is never stored.
 Per-cell sums (``O(n^2)``) are kept only with ``cell_maps=True``.
 
 Two implementations give the same statistics (to float32 rounding of the per-element
@@ -35,7 +36,13 @@ from torch import Tensor
 
 from rope_leak.engine.kernel import load_kernel, thread_pool
 from rope_leak.engine.pairs import PairDesign
-from rope_leak.engine.statistics import SPLIT_TARGETS, TARGETS, TargetStatistics, required_targets
+from rope_leak.engine.statistics import (
+    SPLIT_TARGETS,
+    TARGETS,
+    RowPartXty,
+    TargetStatistics,
+    required_targets,
+)
 
 DENSE_TARGETS = ("pattern", "scores")
 """Targets summed element by element, in the kernel's order (bit ``k`` of its ``want``)."""
@@ -332,25 +339,8 @@ class LayerAccumulator:
         return row, sumsq
 
     def row_xty(self, row_sum: Float[Tensor, "... q"]) -> Float[Tensor, "... column"]:
-        """``X^T y`` of responses constant along each query row, from their row sums:
-        row ``i`` adds ``r_i`` to offsets ``0..n_i - 1`` and keys ``lo_i..i``, and
-        ``n_i r_i`` to its query (difference arrays, ``O(n)``)."""
-        n = self.design.n_tokens
-        lead = row_sum.shape[:-1]
-        rows = self.queries
-        r = row_sum[..., rows]
-
-        def ranges(starts: Tensor, stops: Tensor) -> Tensor:  # sum of r over [start, stop)
-            change = torch.zeros(lead + (n + 1,), dtype=row_sum.dtype, device=row_sum.device)
-            change.index_add_(-1, starts, r)
-            change.index_add_(-1, stops, -r)
-            return change.cumsum(-1)[..., :n]
-
-        counts = self.row_count[rows].long()
-        by_offset = ranges(torch.zeros_like(rows), counts)
-        by_key = ranges(self.key_start[rows], rows + 1)
-        return torch.cat([by_offset[..., self.offsets], (row_sum * self.row_count)[..., rows],
-                          by_key[..., self.keys]], -1)
+        """``X^T y`` of responses constant along each query row (:meth:`PairDesign.row_xty`)."""
+        return self.design.row_xty(row_sum)
 
     def to_statistics(self) -> dict[str, TargetStatistics]:
         """Every target's statistics (the one transfer to the host)."""
@@ -369,24 +359,30 @@ class LayerAccumulator:
                 cell_sum=None if cells is None or not self.cell_maps else numpy(cells))
 
         out = {t: stats(t, self.xty[t], self.cell_sum.get(t)) for t in self.dense}
-        scores_xty = self.xty.get("scores")
         scores_cells = self.cell_sum.get("scores")
-        derived = {}
+        host = {}  # each row-sum accumulator copied to the host once, shared by its targets
+        derived = {}  # target: (row sums, subtracted row sums, scores added)
         if self.row_sum is not None:
-            derived["neg_log_z"] = (self.row_sum, None)
-            derived["log_pattern"] = (self.row_sum, "scores")
+            derived["neg_log_z"] = (self.row_sum, None, False)
+            derived["log_pattern"] = (self.row_sum, None, True)
         if self.full_row_sum is not None:
-            derived["unmasked_log_pattern"] = (self.full_row_sum, "scores")
-            derived["renormalisation"] = (self.row_sum - self.full_row_sum, None)
-        for target, (rows, base) in derived.items():
+            derived["unmasked_log_pattern"] = (self.full_row_sum, None, True)
+            derived["renormalisation"] = (self.row_sum, self.full_row_sum, False)
+        for target, (rows, minus, with_scores) in derived.items():
             if target not in self.targets:
                 continue
-            xty = self.row_xty(rows)
-            cells = fold_rows(rows) if self.cell_maps else None
-            if base is not None:
-                xty = xty + scores_xty
-                cells = None if cells is None else cells + scores_cells
-            out[target] = stats(target, xty, cells)
+            base = out["scores"] if with_scores else None
+            cells = None
+            if self.cell_maps:
+                cells = fold_rows(rows if minus is None else rows - minus)
+                cells = numpy(cells if base is None else cells + scores_cells)
+            rows_host, minus_host = (None if t is None else host.setdefault(id(t), numpy(t))
+                                     for t in (rows, minus))
+            # X^T y is derived on access from the row sums (RowPartXty), never stored
+            out[target] = TargetStatistics(
+                self.design, self.n_layers, self.n_heads, self.n_buckets, count=count.copy(),
+                sumsq=numpy(self.sumsq[target]), cell_sum=cells,
+                derived=RowPartXty(self.design, rows_host, minus_host, base))
         return {t: out[t] for t in TARGETS if t in self.targets}
 
     def state(self) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,32 @@ class PairDesign:
         out[:nq, nq:] = cross
         out[nq:, :nq] = cross.T
         return out
+
+    def row_xty(self, row_sum: torch.Tensor) -> torch.Tensor:
+        """``X^T y`` (``[..., column]``) of responses constant along each query row, from
+        their row sums ``[..., n]`` (float64, on any device): row ``i`` adds ``r_i`` to
+        offsets ``0..n_i - 1`` and keys ``lo_i..i``, and ``n_i r_i`` to its query
+        (difference arrays, ``O(n)``)."""
+        n = self.n_tokens
+        device = row_sum.device
+        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
+        rows = as_long(self.queries)
+        row_count = torch.as_tensor(self.row_count, dtype=torch.float64, device=device)
+        key_start = as_long(np.minimum(self.key_start, n))
+        lead = row_sum.shape[:-1]
+        r = row_sum[..., rows]
+
+        def ranges(starts: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:  # sum of r over [start, stop)
+            change = torch.zeros(lead + (n + 1,), dtype=row_sum.dtype, device=device)
+            change.index_add_(-1, starts, r)
+            change.index_add_(-1, stops, -r)
+            return change.cumsum(-1)[..., :n]
+
+        counts = row_count[rows].long()
+        by_offset = ranges(torch.zeros_like(rows), counts)
+        by_key = ranges(key_start[rows], rows + 1)
+        return torch.cat([by_offset[..., as_long(self.offsets)], (row_sum * row_count)[..., rows],
+                          by_key[..., as_long(self.keys)]], -1)
 
     # -- per-cell arrays (O(n^2): maps, tests and references) ------------------------
     @cached_property

@@ -142,7 +142,7 @@ class ConditionRun:
         def unmasked_hook(scores: Tensor, hook) -> Tensor:
             full = scores.detach()
             masked = attn.apply_causal_mask(full)
-            self.acc.add_layer(layer, masked, self._prompt_ids, torch.logsumexp(full, dim=-1))
+            self.acc.add_layer(layer, masked, self._prompt_ids, row_logsumexp(full))
             return masked
 
         return unmasked_hook
@@ -190,6 +190,18 @@ class ConditionRun:
             name, self.acc.to_statistics(), self.acc.sink_sum.cpu().numpy(),
             self.position_zero.statistics(),
         )
+
+
+def row_logsumexp(scores: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head q"]:
+    """``logsumexp`` over the keys, one ``[q, k]`` matrix at a time: ``torch.logsumexp`` of
+    the whole batch makes temporaries the size of the scores (``n^2`` per head), which at
+    long prompts exceed the forward pass' own activations. Each row is reduced exactly as
+    in one call (same values)."""
+    out = torch.empty(scores.shape[:-1], dtype=scores.dtype, device=scores.device)
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            torch.logsumexp(scores[b, h], dim=-1, out=out[b, h])
+    return out
 
 
 def check_tokens(model: HookedTransformer, tokens: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rope_leak.display import Displayable
 from rope_leak.download_cache import atomic_path
@@ -68,9 +69,50 @@ def _megabytes(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MB"
 
 
+@dataclass(eq=False)
+class RowPartXty:
+    """``X^T y`` of a target that is a part constant along each query row (``rows``,
+    minus ``minus`` when given), plus the ``X^T y`` of ``base`` (the scores) when given.
+
+    Derived on each access (:meth:`xty`, ``O(n)`` per head and bucket) from the per-row
+    sums, so the targets that are the scores plus a row part (``log_pattern``,
+    ``unmasked_log_pattern``, ...) hold no ``3 n`` sums of their own."""
+
+    design: PairDesign
+    rows: np.ndarray  # [bucket, layer, head, n] per-bucket sums over prompts of r_i
+    minus: np.ndarray | None = None  # [bucket, layer, head, n], subtracted from rows
+    base: TargetStatistics | None = None
+
+    #: at most this many numbers of ``X^T y`` derived per step (bounds the temporaries)
+    chunk_elements: int = 1 << 22
+
+    def xty(self) -> np.ndarray:
+        """``[bucket, layer, head, column]``, computed a few buckets at a time."""
+        out = np.empty(self.rows.shape[:-1] + (self.design.n_columns,))
+        per_bucket = max(1, out[0].size)
+        step = max(1, self.chunk_elements // per_bucket)
+        for g in range(0, len(self.rows), step):
+            rows = torch.from_numpy(self.rows[g:g + step])
+            if self.minus is not None:
+                rows = rows - torch.from_numpy(self.minus[g:g + step])
+            xty = self.design.row_xty(rows)
+            if self.base is not None:
+                xty += torch.from_numpy(self.base.xty[g:g + step])
+            out[g:g + step] = xty.numpy()
+        return out
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The arrays the derivation reads (to test whether a cached result is current)."""
+        base = () if self.base is None else self.base.arrays()
+        return (self.rows,) + (() if self.minus is None else (self.minus,)) + base
+
+
 @dataclass(repr=False)
 class TargetStatistics(Displayable):
-    """Sufficient statistics of one target under one condition."""
+    """Sufficient statistics of one target under one condition.
+
+    ``xty`` is stored, or, with ``derived`` given, computed from it on each access (see
+    :class:`RowPartXty`)."""
 
     design: PairDesign
     n_layers: int
@@ -80,11 +122,19 @@ class TargetStatistics(Displayable):
     sumsq: np.ndarray = field(default=None)  # [bucket, layer, head]
     count: np.ndarray = field(default=None)  # [bucket]
     cell_sum: np.ndarray | None = field(default=None)  # [fold, layer, head, cell], optional
+    derived: RowPartXty | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.n_buckets < 2 or self.n_buckets % 2:
             raise ValueError(f"n_buckets must be even and >= 2, got {self.n_buckets}.")
         shape = (self.n_buckets, self.n_layers, self.n_heads)
+        if self.derived is not None:
+            if self.__dict__["_xty"] is not None:
+                raise ValueError("give xty or derived, not both.")
+            if self.derived.rows.shape != shape + (self.design.n_tokens,):
+                raise ValueError(f"derived row sums have shape {self.derived.rows.shape}, "
+                                 f"expected {shape + (self.design.n_tokens,)}.")
+            return
         if self.xty is None:
             self.xty = np.zeros(shape + (self.design.n_columns,))
             self.sumsq = np.zeros(shape)
@@ -129,8 +179,20 @@ class TargetStatistics(Displayable):
         return np.array([self.count[0::2].sum(), self.count[1::2].sum()])
 
     @property
+    def is_derived(self) -> bool:
+        """Whether ``xty`` is computed on access rather than stored."""
+        return self.derived is not None
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The arrays ``xty`` is read from (stored, or those of its derivation)."""
+        return (self.__dict__["_xty"],) if self.derived is None else self.derived.arrays()
+
+    @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.xty, self.sumsq, self.count, self.cell_sum)
+        """Bytes this object holds itself (a derived target: its row sums, which other
+        targets of the same condition may share)."""
+        own = (self.derived.rows, self.derived.minus) if self.derived is not None else (self.xty,)
+        return sum(a.nbytes for a in (*own, self.sumsq, self.count, self.cell_sum)
                    if a is not None)
 
     def compatible(self, other: TargetStatistics) -> bool:
@@ -157,6 +219,22 @@ class TargetStatistics(Displayable):
             count=self.count + other.count,
             cell_sum=None if self.cell_sum is None else self.cell_sum + other.cell_sum,
         )
+
+
+def _get_xty(self: TargetStatistics) -> np.ndarray:
+    stored = self.__dict__.get("_xty")
+    if stored is None and self.__dict__.get("derived") is not None:
+        return self.derived.xty()
+    return stored
+
+
+def _set_xty(self: TargetStatistics, value: np.ndarray | None) -> None:
+    self.__dict__["_xty"] = value
+
+
+# ``xty[g, l, h, :]``: stored, or derived on access (set after the dataclass is built, so
+# that ``xty`` stays an ordinary constructor argument)
+TargetStatistics.xty = property(_get_xty, _set_xty)
 
 
 @dataclass(repr=False)

@@ -18,8 +18,8 @@ on the keys, and ``b[i] = i, c[j] = -j``, which are functions of ``i - j``), and
 those directions) acts as ``S^+`` on every ``u``, and its Cholesky factor ``L`` gives
 coordinates ``z = L^{-1} u`` with ``z.z' = ||(H_abs - H_rel) y||``-inner products. For
 designs with further singular directions (e.g. a single scored row) the factor is
-replaced by an eigendecomposition of ``S``. Memory is ``O(n^2)`` for ``S`` alone, so long
-prompts (n = 4096: 0.5 GB) fit.
+replaced by an eigendecomposition of ``S``. Memory is one ``m x m`` array (``m ~ 2 n``;
+0.5 GB at n = 4096): ``S`` is filled in row blocks from prefix sums and factored in place.
 """
 
 from __future__ import annotations
@@ -105,15 +105,37 @@ class AbsoluteProjector:
         return self.factor.shape[0]
 
 
-def _schur_complement(design: PairDesign, block: int = 1024) -> np.ndarray:
-    """``S = X_A^T X_A - C^T N^{-1} C`` built in row blocks (no second ``m x m`` array)."""
-    s = design.absolute_gram()
-    c = design.offset_incidence()
-    c_scaled = torch.from_numpy(c / design.offset_count[:, None])
-    c_t = torch.from_numpy(c)
-    s_t = torch.from_numpy(s)
-    for start in range(0, s.shape[0], block):
-        s_t[start:start + block] -= c_scaled[:, start:start + block].T @ c_t
+def _schur_complement(design: PairDesign, block: int = 128) -> np.ndarray:
+    """``S = X_A^T X_A - C^T N^{-1} C``, the only ``m x m`` array built.
+
+    Each query row and key column meets a contiguous range of diagonals
+    (:attr:`PairDesign.offset_ranges`), so ``(C^T N^{-1} C)[p, q]`` is the sum of
+    ``1 / N_d`` over the overlap of two ranges: a difference of prefix sums, accumulated
+    in extended precision (so the difference of two sums near ``log n`` keeps float64
+    accuracy even for one-diagonal overlaps). Filled in row blocks: no ``n x m``
+    incidence matrix and no matrix product."""
+    q, k = design.queries, design.keys
+    nq, m = len(q), len(q) + len(k)
+    lo, hi = design.offset_ranges
+    prefix = np.concatenate([[0.0], np.cumsum(1.0 / design.offset_count.astype(np.longdouble))])
+    counts = design.column_count[len(design.offsets):]
+    key_start = design.key_start[q]
+    s = np.empty((m, m))
+    for start in range(0, m, block):
+        stop = min(start + block, m)
+        first = np.maximum(lo[start:stop, None], lo[None, :])
+        last = np.minimum(hi[start:stop, None], hi[None, :])
+        out = s[start:stop]
+        np.subtract(prefix[first], prefix[np.maximum(last + 1, first)], out=out, casting="same_kind")
+        del first, last
+        # X_A^T X_A: cells per query / key on the diagonal, 1 where query row i holds key j
+        r = np.arange(start, stop)
+        out[r - start, r] += counts[r]
+        rq, rk = r[r < nq], r[r >= nq] - nq
+        if len(rq):
+            out[:len(rq), nq:] += (k[None, :] >= key_start[rq, None]) & (k[None, :] <= q[rq, None])
+        if len(rk):
+            out[len(rq):, :nq] += (key_start[None, :] <= k[rk, None]) & (q[None, :] >= k[rk, None])
     return s
 
 
@@ -125,6 +147,21 @@ def _singular_directions(design: PairDesign) -> np.ndarray:
     trend = np.concatenate([design.queries, -design.keys]).astype(float)
     basis, singular, _ = np.linalg.svd(np.stack([ones_q, ones_k, trend], 1), full_matrices=False)
     return basis[:, singular > singular.max() * 1e-12]
+
+
+def _cholesky_in_place(s: np.ndarray) -> tuple[np.ndarray, int]:
+    """Lower Cholesky factor of the symmetric C-ordered ``s``, written over ``s`` (LAPACK
+    ``potrf`` on the column-major view ``s.T``: its upper factor is ``s``'s lower one), so
+    that no second ``m x m`` array exists. Returns the factor (upper triangle zeroed; a
+    view of ``s``) and LAPACK's ``info`` (0: positive definite)."""
+    from scipy.linalg.lapack import dpotrf
+
+    upper, info = dpotrf(s.T, lower=0, clean=1, overwrite_a=1)
+    if not np.shares_memory(upper, s):  # the wrapper copied: keep one array alive
+        s[...] = upper.T
+        del upper
+        return s, int(info)
+    return upper.T, int(info)
 
 
 @lru_cache(maxsize=8)
@@ -141,11 +178,12 @@ def absolute_projector(design: PairDesign, method: str = "auto") -> AbsoluteProj
         if residual <= 1e-9 * scale:
             s_t = torch.from_numpy(s)
             s_t.addmm_(torch.from_numpy(v), torch.from_numpy(v.T), alpha=scale)  # in place
-            factor, info = torch.linalg.cholesky_ex(s_t)
-            pivots = torch.diagonal(factor) ** 2
-            if int(info) == 0 and float(pivots.min()) > 1e-10 * float(pivots.max()):
-                return AbsoluteProjector(design, factor.numpy(), "cholesky")
-            s = _schur_complement(design)  # s was modified in place
+            factor, info = _cholesky_in_place(s)
+            pivots = np.diagonal(factor) ** 2
+            if info == 0 and float(pivots.min()) > 1e-10 * float(pivots.max()):
+                return AbsoluteProjector(design, factor, "cholesky")
+            del factor
+            s = _schur_complement(design)  # s was overwritten by the factor
         if method == "cholesky":
             raise np.linalg.LinAlgError(
                 "this pair set has singular directions beyond the three of every design; "

@@ -61,14 +61,18 @@ class BucketProjection:
     def from_statistics(cls, stats: TargetStatistics) -> BucketProjection:
         """The projection of ``stats`` (computed once per statistics object and kept on it:
         the inference, the split and the BOS tables all start from it)."""
+        sources = stats.arrays()  # what xty is read from (a derived xty is new on each read)
         cached = getattr(stats, "_bucket_projection", None)
-        if cached is not None and cached[0] is stats.xty:
+        if (cached is not None and len(cached[0]) == len(sources)
+                and all(a is b for a, b in zip(cached[0], sources))):
             return cached[1]
         design = stats.design
-        z = absolute_projector(design).project(stats.xty)
-        total = stats.xty[..., design.relative_columns].sum(-1)
+        xty = stats.xty
+        z = absolute_projector(design).project(xty)
+        total = xty[..., design.relative_columns].sum(-1)
+        del xty
         out = cls(z, total, stats.sumsq.astype(float), stats.count.astype(float), design.n_cells)
-        stats._bucket_projection = (stats.xty, out)
+        stats._bucket_projection = (sources, out)
         return out
 
     def bucket_products(self, other: BucketProjection | None = None) -> np.ndarray:

@@ -49,14 +49,15 @@ class ShareFit:
 def _fold_sums(stats: TargetStatistics, weights: np.ndarray | None):
     """Weighted per-fold ``X^T y``, ``sum y^2`` and prompt counts (fold = bucket parity)."""
     out = []
+    xty = stats.xty  # read once: a derived target's is computed on each read
     for fold in (0, 1):
         if weights is None:
-            out.append((stats.xty[fold::2].sum(0), stats.sumsq[fold::2].sum(0),
+            out.append((xty[fold::2].sum(0), stats.sumsq[fold::2].sum(0),
                         float(stats.count[fold::2].sum())))
             continue
         wf = np.asarray(weights, dtype=float)[fold::2]
         out.append((
-            np.tensordot(wf, stats.xty[fold::2], axes=1),
+            np.tensordot(wf, xty[fold::2], axes=1),
             np.tensordot(wf, stats.sumsq[fold::2], axes=1),
             float(wf @ stats.count[fold::2]),
         ))

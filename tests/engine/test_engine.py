@@ -233,9 +233,12 @@ def test_allocator_keeps_freed_memory_so_a_second_pass_does_not_fault():
         "    for _ in range(3):\n"
         "        a = torch.ones(5_000_000); b = torch.ones(5_000_000); del a, b\n"
         "passes()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "passes()\n"
-        "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "faults = []\n"
+        "for _ in range(3):  # the least of three: a busy machine can add stray faults\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    passes()\n"
+        "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "print(applied, min(faults))\n"
     )
     import os
     from pathlib import Path
@@ -252,8 +255,8 @@ def test_allocator_keeps_freed_memory_so_a_second_pass_does_not_fault():
 
     applied, faults = run("1")
     assert applied and faults < 100, faults  # 2 x 20 MB re-used: no fresh pages
-    applied, _ = run("0")
-    assert not applied
+    applied, faults = run("0")
+    assert not applied and faults > 1000, faults  # untuned, glibc returns the pages each time
 
 
 
