@@ -16,12 +16,6 @@ if TYPE_CHECKING:  # types only: output sits below the analyses that call it
 DIVERGING = "RdBu_r"
 
 
-def _symmetric_range(*arrays: np.ndarray) -> float:
-    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
-    values = values[np.isfinite(values)]
-    return float(np.abs(values).max()) if values.size and np.abs(values).max() > 0 else 1.0
-
-
 def _robust_range(*arrays: np.ndarray, quantile: float = 0.98) -> float:
     """A symmetric colour range set by the bulk of heads: the ``quantile`` of ``|value|``
     (outliers saturate and are marked, never set the scale)."""
@@ -33,16 +27,36 @@ def _robust_range(*arrays: np.ndarray, quantile: float = 0.98) -> float:
     return top if top > 0 else (float(values.max()) or 1.0)
 
 
+def _quantile_range(*arrays: np.ndarray, low: float = 0.01, high: float = 0.99) -> tuple[float, float]:
+    """A colour range ``(zmin, zmax)`` set by the bulk of the cells: their ``low`` and ``high``
+    quantiles (a few extreme cells saturate and are marked, never set the scale)."""
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return 0.0, 1.0
+    lo, hi = (float(q) for q in np.quantile(values, [low, high]))
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
 def _marks(fig: go.Figure, mask: np.ndarray, symbol: str, name: str, row: int, col: int,
-           showlegend: bool) -> None:
-    """Markers on the heads where ``mask`` holds (outliers beyond the scale, degenerate)."""
-    layers, heads = np.nonzero(mask)
-    if not len(layers):
+           showlegend: bool, where: str = "L%{y}H%{x}", size: int = 7) -> None:
+    """Markers on the cells where ``mask`` holds (outliers beyond the scale, degenerate heads);
+    ``where`` names a cell in the hover text."""
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
         return
-    fig.add_scatter(x=heads, y=layers, mode="markers", name=name, legendgroup=name,
-                    showlegend=showlegend, marker=dict(symbol=symbol, size=7, color="black",
+    fig.add_scatter(x=cols, y=rows, mode="markers", name=name, legendgroup=name,
+                    showlegend=showlegend, marker=dict(symbol=symbol, size=size, color="black",
                                                         line=dict(width=1)),
-                    hovertemplate="L%{y}H%{x}: " + name + "<extra></extra>", row=row, col=col)
+                    hovertemplate=where + ": " + name + "<extra></extra>", row=row, col=col)
+
+
+def _beyond(z: np.ndarray, zmin: float, zmax: float) -> np.ndarray:
+    """Cells outside the colour range ``[zmin, zmax]`` (they saturate)."""
+    z = np.asarray(z, dtype=float)
+    return np.isfinite(z) & ((z > zmax) | (z < zmin))
 
 
 def _head_axes(fig: go.Figure, n_layers: int, n_heads: int, **where) -> None:
@@ -57,6 +71,15 @@ def _labels(n_layers: int, n_heads: int) -> np.ndarray:
     return np.array([[f"L{l}H{h}" for h in range(n_heads)] for l in range(n_layers)])
 
 
+def _bottom_legend(fig: go.Figure, plot_height: int, rows: int) -> None:
+    """A horizontal legend of ``rows`` rows below the plots, in a margin of its own, so the
+    plots keep ``plot_height`` pixels whatever the legend holds."""
+    bottom = 70 + 21 * rows
+    fig.update_layout(height=plot_height + bottom + 100, margin=dict(t=100, b=bottom),
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom",
+                                  x=0, xanchor="left"))
+
+
 def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
     """Layer x head maps of the debiased shares and the renormalisation split's terms,
     on one colour scale set by the bulk of heads. Heads beyond the scale are marked ×,
@@ -64,13 +87,13 @@ def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
     target = target or analysis.target
     inf = analysis.inference(target)
     degenerate = inf.degenerate
-    panels = [(f"L_total ({target}, causal)", inf.total.estimate)]
+    panels = [(f"L_total<br>({target}, causal)", inf.total.estimate)]
     split = analysis.split()
     if split is not None:
         frac = split.fractions()
-        panels += [("split: unmasked scores' part (log A)", frac["resid"]),
-                   ("split: mask renormalisation (log A)", frac["mask"])]
-    panels += [(f"ablation L_mask ({target})", inf.mask.estimate)]
+        panels += [("split: unmasked<br>scores' part (log A)", frac["resid"]),
+                   ("split: mask<br>renormalisation (log A)", frac["mask"])]
+    panels += [(f"ablation<br>L_mask ({target})", inf.mask.estimate)]
     shown = [np.where(degenerate, np.nan, values) for _, values in panels]
     zmax = _robust_range(*shown)
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
@@ -82,9 +105,9 @@ def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
             z=values, x=list(range(n_heads)), y=list(range(n_layers)), customdata=labels,
             zmin=-zmax, zmax=zmax, colorscale=DIVERGING, showscale=col == len(panels),
             colorbar=dict(title="share of the head's<br>scored variance"),
-            hovertemplate="%{customdata}<br>" + name + " = %{z:.4f}<extra></extra>",
+            hovertemplate="%{customdata}<br>" + name.replace("<br>", " ") + " = %{z:.4f}<extra></extra>",
         ), row=1, col=col)
-        _marks(fig, np.abs(np.nan_to_num(values)) > zmax, "x-thin", "beyond the colour scale",
+        _marks(fig, _beyond(values, -zmax, zmax), "x-thin", "beyond the colour scale",
                1, col, col == 1)
         _marks(fig, degenerate, "circle-open", "degenerate (left out)", 1, col, col == 1)
         fig.update_xaxes(title_text="head", row=1, col=col)
@@ -94,9 +117,15 @@ def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
     fig.update_layout(
         title=("Absolute-position share per head (debiased; colour scale: 98% of heads, "
                f"±{zmax:.3g})"),
-        height=max(380, 18 * n_layers + 170), legend=dict(orientation="h", y=-0.12),
     )
+    _bottom_legend(fig, max(220, 18 * n_layers + 60), rows=1)
+    fig.update_layout(margin=dict(t=120))
     return fig
+
+
+#: The y range of the per-layer mask-share panels; a share outside it is drawn as a triangle
+#: at the edge (its value and CI on hover).
+SHARE_AXIS = (-0.25, 1.25)
 
 
 def layer_composition(analysis: Analysis, target: str | None = None) -> go.Figure:
@@ -114,8 +143,8 @@ def layer_composition(analysis: Analysis, target: str | None = None) -> go.Figur
         fig.add_bar(x=layers, y=np.nanmean(part.estimate * keep, 1), name=name, row=1, col=1,
                     hovertemplate="layer %{x}<br>" + name + " = %{y:.4f}<extra></extra>")
     _composition_lines(fig, analysis, row=1, col=2)
-    fig.update_layout(barmode="group", title=f"Decomposition by layer (target: {target})",
-                      legend=dict(orientation="h", y=-0.2), height=450)
+    fig.update_layout(barmode="group", title=f"Decomposition by layer (target: {target})")
+    _bottom_legend(fig, 320, rows=(len(fig.data) + 1) // 2)
     fig.update_xaxes(title_text="layer")
     fig.update_yaxes(title_text="mean ΔR² over heads", row=1, col=1)
     fig.update_yaxes(title_text="fraction from the mask", row=1, col=2)
@@ -124,19 +153,34 @@ def layer_composition(analysis: Analysis, target: str | None = None) -> go.Figur
 
 def _composition_lines(fig: go.Figure, analysis: Analysis, row=None, col=None) -> None:
     """Per-layer mask shares with CIs. A layer whose CI is wider than 1 (its pooled total
-    is about 0, so the ratio is noise) is not estimable: marked at the bottom, not drawn."""
+    is about 0, so the ratio is noise) is not estimable: marked at the bottom, not drawn.
+    A share outside ``SHARE_AXIS`` is a triangle at that edge, its value and CI on hover."""
     layers = np.arange(analysis.n_layers)
+    bottom, top = SHARE_AXIS
+    off_axis = "off the axis (▲/▼ at the edge; value on hover)"
 
     def band(estimate, low, high, name, color):
         estimate, low, high = (np.asarray(a, dtype=float) for a in (estimate, low, high))
         ok = np.isfinite(estimate) & np.isfinite(low) & np.isfinite(high) & (high - low <= 1.0)
-        shown = np.where(ok, estimate, np.nan)
+        outside = ok & ((estimate < bottom) | (estimate > top))
+        drawn = ok & ~outside
         fig.add_scatter(
-            x=layers, y=shown, mode="lines+markers", name=name, line=dict(color=color),
-            error_y=dict(type="data", symmetric=False, array=np.where(ok, high - estimate, np.nan),
-                         arrayminus=np.where(ok, estimate - low, np.nan)),
+            x=layers, y=np.where(drawn, estimate, np.nan), mode="lines+markers", name=name,
+            line=dict(color=color),
+            error_y=dict(type="data", symmetric=False, array=np.where(drawn, high - estimate, np.nan),
+                         arrayminus=np.where(drawn, estimate - low, np.nan)),
             hovertemplate="layer %{x}<br>" + name + " = %{y:.3f}<extra></extra>", row=row, col=col,
         )
+        if outside.any():
+            above = estimate[outside] > top
+            fig.add_scatter(
+                x=layers[outside], y=np.where(above, top - 0.03, bottom + 0.03), mode="markers",
+                marker=dict(symbol=np.where(above, "triangle-up", "triangle-down"), size=10, color=color),
+                customdata=np.stack([estimate[outside], low[outside], high[outside]], 1),
+                name=off_axis, legendgroup=off_axis, showlegend=not any(t.name == off_axis for t in fig.data),
+                hovertemplate=("layer %{x}<br>" + name + " = %{customdata[0]:.3f} "
+                               "[%{customdata[1]:.3f}, %{customdata[2]:.3f}] (off the axis)<extra></extra>"),
+                row=row, col=col)
         if (~ok).any():
             fig.add_scatter(x=layers[~ok], y=np.full((~ok).sum(), -0.15), mode="markers",
                             marker=dict(symbol="x-thin", size=9, color=color, line=dict(width=2, color=color)),
@@ -153,7 +197,7 @@ def _composition_lines(fig: go.Figure, analysis: Analysis, row=None, col=None) -
          "bidirectional ablation: L_mask / L_total (log A)", "#ef553b")
     for y in (0, 1):
         fig.add_hline(y=y, line_dash="dot", line_color="grey", row=row, col=col)
-    fig.update_yaxes(range=[-0.25, 1.25], row=row, col=col)
+    fig.update_yaxes(range=list(SHARE_AXIS), row=row, col=col)
 
 
 def sink_map(analysis: Analysis) -> go.Figure:
@@ -238,62 +282,80 @@ def top_heads_figure(table, value: str, label: str = "label", ci: tuple[str, str
     return fig
 
 
-def _grid_heatmap(z, *, zmin, zmax, colorscale, name, unit, showscale=True, colorbar_x=None):
+def _grid_heatmap(z, *, zmin, zmax, colorscale, name, unit, showscale=True, colorbar=None):
     n_q, n_k = z.shape
     return go.Heatmap(
         z=z, x=list(range(n_k)), y=list(range(n_q)), zmin=zmin, zmax=zmax, colorscale=colorscale,
-        showscale=showscale, colorbar=dict(title=unit, x=colorbar_x) if colorbar_x is not None else dict(title=unit),
+        showscale=showscale, colorbar=dict(title=unit, **(colorbar or {})),
         hovertemplate="query i = %{y}<br>key j = %{x}<br>" + name + " = %{z:.4g}<extra></extra>",
     )
 
 
+_GRID_BEYOND = "beyond the colour scale"
+
+
+def _mark_beyond(fig: go.Figure, z: np.ndarray, zmin: float, zmax: float, col: int) -> None:
+    """Marks the cells of a query x key map outside ``[zmin, zmax]`` (one legend entry)."""
+    shown = any(t.name == _GRID_BEYOND and t.showlegend for t in fig.data)
+    _marks(fig, _beyond(z, zmin, zmax), "x-thin", _GRID_BEYOND, 1, col, not shown,
+           where="query i = %{y}, key j = %{x}", size=4)
+
+
 def pattern_figure(patterns: dict[str, np.ndarray], title: str, zmax: float | None = None) -> go.Figure:
     """Query x key attention patterns side by side on one 0..zmax colour scale (keys right,
-    queries down; masked entries are 0 under the causal mask)."""
+    queries down; masked entries are 0 under the causal mask). By default ``zmax`` is the
+    99th percentile of the cells, so a few large weights (A[0,0] = 1) do not set the scale:
+    they saturate and are marked ×, and the title states the range."""
     names = list(patterns)
     values = [np.asarray(patterns[n], dtype=float) for n in names]
-    zmax = zmax if zmax is not None else max(float(np.nanmax(v)) for v in values)
+    zmax = zmax if zmax is not None else _quantile_range(*values)[1]
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, shared_yaxes=True,
                         horizontal_spacing=0.05)
     for col, z in enumerate(values, start=1):
         fig.add_trace(_grid_heatmap(z, zmin=0, zmax=zmax, colorscale="Viridis", name="A[i,j]",
                                     unit="attention<br>weight", showscale=col == len(names)), row=1, col=col)
+        _mark_beyond(fig, z, 0, zmax, col)
         fig.update_xaxes(title_text="key position j", row=1, col=col)
     fig.update_yaxes(title_text="query position i", row=1, col=1)
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=title, height=420)
+    fig.update_layout(title=f"{title}<br><sup>colour scale 0 to {zmax:.3g} (99th percentile of the cells); "
+                            "cells above it marked ×</sup>",
+                      height=440, margin=dict(t=100), legend=dict(orientation="h", y=-0.2))
     return fig
 
 
 def head_fit_figure(maps: dict, label: str) -> go.Figure:
     """One head: observed mean response per cell, its best relative fit ``M_rel`` (by offset),
     and the residuals left by ``M_rel`` and by ``M_abs`` (offset + absolute query and key).
-    Observed and fit share one scale; the two residual maps share one symmetric scale, so
-    what ``M_abs`` removes is visible by eye."""
+    Observed and fit share one scale (1st to 99th percentile of their cells); the two
+    residual maps share one symmetric scale (99th percentile of ``|residual|``), so what
+    ``M_abs`` removes is visible by eye. Cells beyond a scale saturate and are marked ×."""
     target = maps.get("target", "pattern")
     unit = {"pattern": "attention<br>weight", "log_pattern": "log attention<br>weight",
             "scores": "logit"}.get(target, target)
-    lo = float(np.nanmin([np.nanmin(maps["observed"]), np.nanmin(maps["fit_rel"])]))
-    hi = float(np.nanmax([np.nanmax(maps["observed"]), np.nanmax(maps["fit_rel"])]))
-    r = _symmetric_range(maps["resid_rel"], maps["resid_abs"])
+    lo, hi = _quantile_range(maps["observed"], maps["fit_rel"])
+    r = _robust_range(maps["resid_rel"], maps["resid_abs"], quantile=0.99)
     titles = ["observed (mean over prompts)", "M_rel fit: a[i−j]", "residual after M_rel",
               "residual after M_abs"]
-    fig = make_subplots(rows=1, cols=4, subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.06)
-    fig.add_trace(_grid_heatmap(maps["observed"], zmin=lo, zmax=hi, colorscale="Viridis", name="observed",
-                                unit=unit, showscale=False), row=1, col=1)
-    fig.add_trace(_grid_heatmap(maps["fit_rel"], zmin=lo, zmax=hi, colorscale="Viridis", name="M_rel fit",
-                                unit=unit, colorbar_x=0.47), row=1, col=2)
-    fig.add_trace(_grid_heatmap(maps["resid_rel"], zmin=-r, zmax=r, colorscale=DIVERGING,
-                                name="observed − M_rel", unit="residual", showscale=False), row=1, col=3)
-    fig.add_trace(_grid_heatmap(maps["resid_abs"], zmin=-r, zmax=r, colorscale=DIVERGING,
-                                name="observed − M_abs", unit="residual"), row=1, col=4)
-    for col in range(1, 5):
+    fig = make_subplots(rows=1, cols=4, subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.04)
+    grids = [(maps["observed"], lo, hi, "Viridis", "observed", unit),
+             (maps["fit_rel"], lo, hi, "Viridis", "M_rel fit", unit),
+             (maps["resid_rel"], -r, r, DIVERGING, "observed − M_rel", "residual"),
+             (maps["resid_abs"], -r, r, DIVERGING, "observed − M_abs", "residual")]
+    bars = {2: dict(y=1.0, yanchor="top", len=0.48), 4: dict(y=0.0, yanchor="bottom", len=0.48)}
+    for col, (z, zmin, zmax, colorscale, name, bar_title) in enumerate(grids, start=1):
+        fig.add_trace(_grid_heatmap(z, zmin=zmin, zmax=zmax, colorscale=colorscale, name=name,
+                                    unit=bar_title, showscale=col in bars, colorbar=bars.get(col)),
+                      row=1, col=col)
+        _mark_beyond(fig, z, zmin, zmax, col)
         fig.update_xaxes(title_text="key j", row=1, col=col)
     fig.update_yaxes(title_text="query i", row=1, col=1)
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=f"{label}: fit by offset vs by absolute position "
-                            f"(target {target}, {maps.get('condition', 'causal')} mask; scored cells only)",
-                      height=420)
+                            f"(target {target}, {maps.get('condition', 'causal')} mask; scored cells only)"
+                            f"<br><sup>colour scales: {lo:.3g} to {hi:.3g} (1st–99th percentile), "
+                            f"residuals ±{r:.3g} (99th percentile of |residual|); cells beyond marked ×</sup>",
+                      height=460, margin=dict(t=100), legend=dict(orientation="h", y=-0.2))
     return fig
 
 
@@ -316,8 +378,8 @@ def decompositions_by_layer(analysis: Analysis) -> go.Figure:
     fig = go.Figure()
     _composition_lines(fig, analysis)
     fig.update_layout(title="Causal-mask share of log A's absolute position, by layer: the two decompositions",
-                      xaxis_title="layer", yaxis_title="fraction from the causal mask",
-                      legend=dict(orientation="h", y=-0.2))
+                      xaxis_title="layer", yaxis_title="fraction from the causal mask")
+    _bottom_legend(fig, 340, rows=len(fig.data))
     return fig
 
 

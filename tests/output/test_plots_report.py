@@ -16,7 +16,8 @@ from rope_leak.analyses.sink_reading import SinkReading
 from rope_leak.backends import TINY_BOS_TOKEN_ID, tiny_rope_model
 from rope_leak.corpus import make_random_corpus
 from rope_leak.output.explorer import explorer_data
-from rope_leak.output.plots import all_figures, head_fit_figure, sink_map
+from rope_leak.output.plots import (SHARE_AXIS, all_figures, decompositions_by_layer, head_fit_figure,
+                                    pattern_figure, sink_map)
 from rope_leak.output.report import write_report
 
 
@@ -43,7 +44,7 @@ def test_compared_heatmaps_share_one_colour_scale(analysis):
         assert len({(t.zmin, t.zmax, str(t.colorscale)) for t in heatmaps}) == 1
         assert all(re.fullmatch(r"L\dH\d", c) for c in np.asarray(heatmaps[0].customdata).ravel())
     fig = head_fit_figure(head_cell_maps(analysis, 1, 0), "L1H0")
-    residuals = [t for t in fig.data if t.colorbar.title.text == "residual"]
+    residuals = [t for t in fig.data if t.type == "heatmap" and t.colorbar.title.text == "residual"]
     assert len(residuals) == 2
     assert len({(t.zmin, t.zmax) for t in residuals}) == 1 and residuals[0].zmin == -residuals[0].zmax
 
@@ -167,3 +168,76 @@ def test_explorer_opens_on_the_top_non_degenerate_head(analysis, monkeypatch):
     heads.loc[heads["label"] == first, "degenerate"] = True  # as if the top head were degenerate
     monkeypatch.setattr(type(analysis), "heads", lambda self: heads.copy())
     assert f"data-first='{second}'" in explorer_html(analysis, pattern_heads=0)
+
+
+def _heatmap(fig, col=1):
+    return [t for t in fig.data if t.type == "heatmap"][col - 1]
+
+
+def _marked_cells(fig):
+    return {(int(y), int(x)) for t in fig.data if t.type == "scatter" and t.name == "beyond the colour scale"
+            for x, y in zip(t.x, t.y)}
+
+
+def test_pattern_colour_scale_is_set_by_the_bulk():
+    rng = np.random.default_rng(0)
+    pattern = np.tril(rng.uniform(0.0, 0.1, (32, 32)))
+    pattern[0, 0] = 1.0  # one planted outlier
+    fig = pattern_figure({"a": pattern}, "planted")
+    assert _heatmap(fig).zmax < 0.1 < 1.0
+    assert (0, 0) in _marked_cells(fig)
+    assert f"{_heatmap(fig).zmax:.3g}" in fig.layout.title.text  # the range is stated
+
+
+def test_head_fit_residual_scale_excludes_an_outlier(analysis):
+    maps = dict(head_cell_maps(analysis, 1, 0))
+    resid = np.array(maps["resid_rel"], dtype=float)
+    bulk = np.nanmax(np.abs(resid))
+    i, j = np.argwhere(np.isfinite(resid))[-1]
+    resid[i, j] = 100 * bulk
+    maps["resid_rel"] = resid
+    fig = head_fit_figure(maps, "L1H0")
+    residuals = [t for t in fig.data if t.type == "heatmap" and t.colorbar.title.text == "residual"]
+    assert residuals[0].zmax <= bulk
+    assert (int(i), int(j)) in _marked_cells(fig)
+    # the two colour bars sit beside the last panel, one above the other
+    bars = [t.colorbar for t in fig.data if t.type == "heatmap" and t.showscale]
+    assert len(bars) == 2 and bars[0].x is None and bars[1].x is None
+    assert bars[0].y - bars[0].len >= bars[1].y + bars[1].len - 1e-9
+
+
+def test_share_heatmap_titles_do_not_overlap(analysis):
+    fig = all_figures(analysis)["shares"]
+    titles = sorted((a for a in fig.layout.annotations if a.yref == "paper" and a.y >= 1),
+                    key=lambda a: a.x)
+    plot_px, char_px = 720, 7.5  # a 1000-pixel-wide figure less its margins and colour bar
+    widths = [max(len(line) for line in a.text.split("<br>")) * char_px for a in titles]
+    assert len(titles) >= 2
+    for (left, w_left), (right, w_right) in zip(zip(titles, widths), zip(titles[1:], widths[1:])):
+        assert (right.x - left.x) * plot_px >= (w_left + w_right) / 2, (left.text, right.text)
+
+
+def test_composition_marks_shares_off_the_axis():
+    estimate = np.array([0.5, -3.0, 0.8, 2.0])
+    inference = SimpleNamespace(layer_composition=SimpleNamespace(
+        estimate=estimate, low=estimate - 0.2, high=estimate + 0.2))
+    fake = SimpleNamespace(n_layers=4, split=lambda: None, inference=lambda target: inference)
+    fig = decompositions_by_layer(fake)
+    low, high = SHARE_AXIS
+    line = next(t for t in fig.data if t.name.startswith("bidirectional ablation"))
+    assert np.isnan(np.asarray(line.y, dtype=float)[[1, 3]]).all()
+    off = next(t for t in fig.data if t.name.startswith("off the axis"))
+    assert list(off.x) == [1, 3] and all(low <= y <= high for y in off.y)
+    assert list(off.marker.symbol) == ["triangle-down", "triangle-up"]
+    assert [row[0] for row in off.customdata] == [-3.0, 2.0]  # the value, on hover
+    assert fig.layout.yaxis.range == SHARE_AXIS or tuple(fig.layout.yaxis.range) == SHARE_AXIS
+
+
+def test_legends_leave_the_plots_most_of_the_height(analysis):
+    for name in ("composition", "decompositions"):
+        layout = all_figures(analysis)[name].layout
+        plot = layout.height - layout.margin.t - layout.margin.b
+        assert plot >= 0.5 * layout.height, name
+    for name in ("composition", "decompositions", "shares"):
+        # below the plots in a margin of its own, not in the plots' share of the height
+        assert all_figures(analysis)[name].layout.legend.yref == "container", name
