@@ -44,34 +44,49 @@ class Profiles:
                 + self.key.loc[keys].to_numpy())
 
 
-def _slope(values: np.ndarray, positions: np.ndarray) -> float:
+def _slopes(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Least-squares slope of ``values[..., k]`` along ``positions[k]``."""
     centred = positions - positions.mean()
     denominator = float(centred @ centred)
-    return float(centred @ values) / denominator if denominator > 0 else 0.0
+    return values @ centred / denominator if denominator > 0 else np.zeros(values.shape[:-1])
 
 
-def abs_profiles(stats: TargetStatistics, layer: int, head: int) -> Profiles:
-    """The in-sample ``M_abs`` fit of one head (all prompts), in the gauge of the module
-    docstring."""
-    design = stats.design
+def per_prompt_xty(stats: TargetStatistics) -> np.ndarray:
+    """``X^T y`` per prompt (all buckets), ``[layer, head, column]``."""
     if stats.n_prompts < 1:
         raise ValueError("the statistics hold no prompt. Fix: run the analysis on some prompts first.")
-    mean = stats.xty[:, layer, head].sum(0) / stats.n_prompts
-    beta = absolute_projector(design).coefficients(mean)
+    return stats.xty.sum(0) / stats.n_prompts
+
+
+def gauged_coefficients(design: PairDesign, xty: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``M_abs``'s ``a [..., offset]``, ``b [..., query]``, ``c [..., key]`` for per-prompt
+    ``X^T y [..., column]`` (any leading shape: one solve for all heads), in the gauge of
+    the module docstring."""
+    beta = absolute_projector(design).coefficients(xty)
     n_off, n_q = len(design.offsets), len(design.queries)
-    a = beta[:n_off].copy()
-    b = beta[n_off:n_off + n_q].copy()
-    c = beta[n_off + n_q:].copy()
+    a, b, c = beta[..., :n_off], beta[..., n_off:n_off + n_q], beta[..., n_off + n_q:]
     offsets = design.offsets.astype(float)
     queries = design.queries.astype(float)
     keys = design.keys.astype(float)
     # equal slopes of b and c: move the difference into a (a + t d, b - t i, c + t j)
-    t = (_slope(b, queries) - _slope(c, keys)) / 2
+    t = ((_slopes(b, queries) - _slopes(c, keys)) / 2)[..., None]
     a, b, c = a + t * offsets, b - t * queries, c + t * keys
     # zero means of b and c: move them into a
-    a, b, c = a + b.mean() + c.mean(), b - b.mean(), c - c.mean()
+    b_mean, c_mean = b.mean(-1, keepdims=True), c.mean(-1, keepdims=True)
+    return a + b_mean + c_mean, b - b_mean, c - c_mean
+
+
+def profiles_of(design: PairDesign, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> Profiles:
+    """One head's gauged coefficients (from :func:`gauged_coefficients`) as labelled series."""
     return Profiles(
         offset=pd.Series(a, index=pd.Index(design.offsets, name="offset"), name="a"),
         query=pd.Series(b, index=pd.Index(design.queries, name="query"), name="b"),
         key=pd.Series(c, index=pd.Index(design.keys, name="key"), name="c"),
     )
+
+
+def abs_profiles(stats: TargetStatistics, layer: int, head: int) -> Profiles:
+    """The in-sample ``M_abs`` fit of one head (all prompts), in the gauge of the module
+    docstring."""
+    a, b, c = gauged_coefficients(stats.design, per_prompt_xty(stats)[layer, head])
+    return profiles_of(stats.design, a, b, c)

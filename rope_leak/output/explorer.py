@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from plotly.colors import get_colorscale
 
-from rope_leak.fits.profiles import abs_profiles
+from rope_leak.fits.profiles import gauged_coefficients, per_prompt_xty
 from rope_leak.fits.shares import cell_means
 from rope_leak.heads import head_label
 from rope_leak.output.plots import DIVERGING
@@ -131,11 +131,9 @@ def explorer_data(analysis: Analysis, sinks=None, *, digits: int = DIGITS,
     n_values = len(table) * sum(len(p) for p in positions.values())
     step = max(1, math.ceil(n_values / profile_budget))
     thin = lambda values: _thin(values, step)  # noqa: E731
-    profiles = {"a": [], "b": [], "c": []}
-    for layer, head in zip(table["layer"], table["head"]):
-        fit = abs_profiles(stats, int(layer), int(head))
-        for name, series in (("a", fit.offset), ("b", fit.query), ("c", fit.key)):
-            profiles[name].append(_rounded(thin(series.to_numpy()), digits))
+    fitted = dict(zip("abc", gauged_coefficients(design, per_prompt_xty(stats))))  # all heads at once
+    profiles = {name: [_rounded(thin(fitted[name][int(layer), int(head)]), digits)
+                       for layer, head in zip(table["layer"], table["head"])] for name in "abc"}
     cells = stats.has_cells
     return {
         "colorscale": get_colorscale(DIVERGING),
