@@ -37,7 +37,7 @@ alone; ``L_total`` is the pattern-level companion.
 
 Not included: "replace all" (position 0's stream pinned at every layer to another token's
 trajectory). Under the causal mask position 0 is a closed system, so it equals the
-``token`` replacement exactly (tested in ``tests/test_sinks.py``) and adds nothing; the
+``token`` replacement exactly (tested in ``tests/analyses/test_sinks.py``) and adds nothing; the
 context manager stays available as
 :func:`rope_leak.interventions.position_zero_patch.replace_all_position_zero`.
 The bidirectional ablation's ``L_resid`` is available with ``bidirectional=True`` (full-length
