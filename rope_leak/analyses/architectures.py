@@ -25,9 +25,8 @@ layers keep their RoPE, as in Gemma 3), at inference, via
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -39,7 +38,7 @@ from transformer_lens import HookedTransformer
 
 from rope_leak.analyses.sink_scores import SINK_THRESHOLD
 from rope_leak.engine.pairs import PairSpec
-from rope_leak.engine.run import Condition, run_statistics
+from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics
 from rope_leak.fits.decomposition import Decomposition
 from rope_leak.fits.depth import (
@@ -50,6 +49,7 @@ from rope_leak.fits.depth import (
     slopes_over_depth,
 )
 from rope_leak.fits.shares import fit_shares
+from rope_leak.interventions.conditions import Condition, compose
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.interventions.rope import identity_rope, rope_base, rope_scaling, scrambled_rope
 
@@ -57,19 +57,6 @@ MASKS: dict[str, Condition] = {"causal": causal, "bidirectional": bidirectional}
 CONTROL_NAMES = ("real", "identity", "scrambled")
 #: |composition(control) - composition(real)| above this flags "disagrees".
 CONTROL_TOLERANCE = 0.1
-
-
-def compose(*contexts: Condition) -> Condition:
-    """A condition that enters ``contexts`` in order (the first outermost)."""
-
-    @contextlib.contextmanager
-    def composed(model: HookedTransformer) -> Iterator[HookedTransformer]:
-        with contextlib.ExitStack() as stack:
-            for ctx in contexts:
-                stack.enter_context(ctx(model))
-            yield model
-
-    return composed
 
 
 # ------------------------------------------------------------------ RoPE controls

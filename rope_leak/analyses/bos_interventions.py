@@ -47,7 +47,6 @@ patterns too.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -63,6 +62,7 @@ from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics, TargetStatistics
 from rope_leak.fits.projection import BucketProjection
 from rope_leak.inference.bootstrap import bootstrap_statistic, bucket_weights
+from rope_leak.interventions.conditions import compose
 from rope_leak.interventions.mask import bidirectional as bidirectional_mask
 from rope_leak.interventions.position_zero import replace_position_zero
 
@@ -82,19 +82,6 @@ def _replacement_condition(replacement: str, token_id: int, seed: int):
     if replacement == "token":
         return partial(replace_position_zero, replacement="token", token_id=token_id)
     return partial(replace_position_zero, replacement=replacement, seed=seed)
-
-
-def _with_mask(replacement_condition, mask: bool):
-    @contextlib.contextmanager
-    def condition(model):
-        with contextlib.ExitStack() as stack:
-            if replacement_condition is not None:
-                stack.enter_context(replacement_condition(model))
-            if mask:
-                stack.enter_context(bidirectional_mask(model))
-            yield model
-
-    return condition
 
 
 def absolute_sum_of_squares(projection: BucketProjection, weights: np.ndarray | None = None,
@@ -317,9 +304,9 @@ def bos_interventions(
     conditions = {}
     for name in ["baseline", *replacements]:
         replacement = None if name == "baseline" else _replacement_condition(name, token_id, seed)
-        conditions[f"{name}/causal"] = _with_mask(replacement, mask=False)
+        conditions[f"{name}/causal"] = compose(replacement)
         if bidirectional:
-            conditions[f"{name}/bidirectional"] = _with_mask(replacement, mask=True)
+            conditions[f"{name}/bidirectional"] = compose(replacement, bidirectional_mask)
     targets = tuple(dict.fromkeys((target, "scores")))
     stats = run_statistics(model, tokens[:, :cut], conditions=conditions, targets=targets, spec=spec,
                            batch_size=batch_size if bidirectional else max(batch_size, min(len(tokens), 64)),

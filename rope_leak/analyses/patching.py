@@ -19,7 +19,6 @@ on it. Costs one forward pass per site and batch (plus one source run per batch)
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from transformer_lens import HookedTransformer
 from rope_leak.backends.requirements import require_rope
 from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairDesign, PairSpec
-from rope_leak.engine.run import Condition, ConditionRun, check_tokens, default_buckets
+from rope_leak.engine.run import ConditionRun, check_tokens, default_buckets
 from rope_leak.fits.shares import fit_shares
 from rope_leak.heads import (
     HeadSpec,
@@ -47,6 +46,7 @@ from rope_leak.heads import (
     normalize_layers,
     parse_label,
 )
+from rope_leak.interventions.conditions import Condition, compose
 from rope_leak.interventions.hooks import act_name, intervention_hooks
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.interventions.position_zero_patch import resid_pre_name
@@ -180,14 +180,6 @@ def _finish(shares: dict[str, np.ndarray], sources: list[str], target: str, kind
     )
 
 
-@contextlib.contextmanager
-def _stack(*managers: ContextManager):
-    with contextlib.ExitStack() as stack:
-        for manager in managers:
-            stack.enter_context(manager)
-        yield
-
-
 def mask_swap_by_layer(
     model: HookedTransformer, tokens: Tensor, layers: LayerSpec = None, *,
     target: str = "pattern", spec: PairSpec = PairSpec(), batch_size: int = 8,
@@ -272,7 +264,7 @@ def patch_head_output(
                 z[:, :, head] = values[:, :, head].to(z)
                 return z
 
-            return _stack(target_condition(model), intervention_hooks(model, [(name, hook)]))
+            return compose(target_condition, lambda m: intervention_hooks(m, [(name, hook)]))(model)
 
         return condition
 
@@ -306,8 +298,8 @@ def patch_position_zero_resid(
                 resid[:, 0] = values[hook.name][:, 0].to(resid)
                 return resid
 
-            return _stack(target_condition(model),
-                          intervention_hooks(model, [(resid_pre_name(l), hook) for l in site_layers]))
+            hooks = [(resid_pre_name(l), hook) for l in site_layers]
+            return compose(target_condition, lambda m: intervention_hooks(m, hooks))(model)
 
         return condition
 

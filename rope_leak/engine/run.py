@@ -13,7 +13,6 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +36,8 @@ from rope_leak.engine.statistics import (
     StatisticsFileError,
     required_targets,
 )
+from rope_leak.interventions.conditions import Condition
 from rope_leak.interventions.mask import bidirectional, causal
-
-Condition = Callable[[HookedTransformer], ContextManager]
-"""A condition is a callable ``model -> context manager`` (an intervention)."""
 
 DEFAULT_CONDITIONS: dict[str, Condition] = {"causal": causal, "bidirectional": bidirectional}
 DEFAULT_BUCKETS = 32
