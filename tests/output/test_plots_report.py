@@ -16,8 +16,14 @@ from rope_leak.analyses.sink_reading import SinkReading
 from rope_leak.backends import TINY_BOS_TOKEN_ID, tiny_rope_model
 from rope_leak.corpus import make_random_corpus
 from rope_leak.output.explorer import explorer_data
-from rope_leak.output.plots import (SHARE_AXIS, all_figures, decompositions_by_layer, head_fit_figure,
-                                    pattern_figure, sink_map)
+from rope_leak.output.plots import (
+    SHARE_AXIS,
+    all_figures,
+    decompositions_by_layer,
+    head_fit_figure,
+    pattern_figure,
+    sink_map,
+)
 from rope_leak.output.report import write_report
 
 
