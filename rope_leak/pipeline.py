@@ -18,7 +18,6 @@ last). Without ``out`` nothing is written and the results stay in memory::
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -27,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairSpec
+from rope_leak.output.results import to_jsonable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPARE_FILES = ("comparison.csv", "comparison_layers.csv", "comparison.json", "comparison.html")
@@ -420,21 +419,6 @@ class CompareResult(Displayable):
         return items
 
 
-def _clean(value):
-    """JSON-safe copy: numpy scalars to Python, NaN/inf to None, other objects to text."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def compare(
     models: Sequence[str],
     corpus="wikipedia",
@@ -504,7 +488,7 @@ def compare(
                          "over layers, depth_slope_*_boot_*: bootstrap interval",
                    "seconds": time.perf_counter() - started}
         atomic_write_text(out / "comparison.json",
-                          json.dumps(_clean(payload), indent=2, sort_keys=True, allow_nan=False))
+                          json.dumps(to_jsonable(payload), indent=2, sort_keys=True, allow_nan=False))
         atomic_write_text(out / "comparison.html", comparison_html(table, layers, settings))
         result.out, result.files = out, _files(out, COMPARE_FILES)
     return result

@@ -51,7 +51,8 @@ def package_versions() -> dict[str, str]:
 
 
 def to_jsonable(value):
-    """Numpy/pandas values to plain JSON; NaN and inf become None (strict JSON)."""
+    """Numpy/pandas values to plain JSON; NaN and inf become None (strict JSON), other
+    objects their text."""
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -65,7 +66,9 @@ def to_jsonable(value):
     if isinstance(value, (np.floating, float)):
         value = float(value)
         return value if math.isfinite(value) else None
-    return value
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)  # paths, dtypes and other objects: as text
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool = False, files: Sequence[str] = RESULT_FILES) -> Path:
