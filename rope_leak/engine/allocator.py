@@ -53,4 +53,3 @@ def tune_allocator() -> bool:
     return _applied
 
 
-retain_freed_memory = tune_allocator  # the earlier name
