@@ -29,6 +29,8 @@ values; tests compare both with a float64 reference):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from jaxtyping import Float, Int
@@ -86,6 +88,18 @@ def lower_diagonal_sums(y: Float[Tensor, "... n n"]) -> Float[Tensor, "... n"]:
     out = view.sum(-2).flip(-1)
     out[:, 0] += flat[:, 0, 0]
     return out.reshape(*lead, n)
+
+
+def row_logsumexp(scores: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head q"]:
+    """``logsumexp`` over the keys, one ``[q, k]`` matrix at a time: ``torch.logsumexp`` of
+    the whole batch makes temporaries the size of the scores (``n^2`` per head), which at
+    long prompts exceed the forward pass' own activations. Each row is reduced exactly as
+    in one call (same values)."""
+    out = torch.empty(scores.shape[:-1], dtype=scores.dtype, device=scores.device)
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            torch.logsumexp(scores[b, h], dim=-1, out=out[b, h])
+    return out
 
 
 class LayerAccumulator:
@@ -178,15 +192,44 @@ class LayerAccumulator:
             raise ValueError("this accumulator needs the unmasked log-denominators.")
         if scores.dtype != torch.float64:
             scores = scores.float()
-        # The kernel assumes every scored row is the contiguous key range [jlo, i]; a
-        # window (max_offset) breaks that, so those runs take the torch path.
-        contiguous_rows = self.design.spec.max_offset is None
-        kernel = (load_kernel() if self.use_kernel and contiguous_rows and scores.device.type == "cpu"
-                  and scores.dtype == torch.float32 else None)
-        if kernel is not None and self.count.device.type == "cpu":
-            self._add_layer_kernel(kernel, layer, scores, prompt_ids, unmasked_log_z)
+        if self._kernel_for(scores) is not None:
+            self._add_layer_kernel(self._kernel_for(scores), layer, scores, prompt_ids, unmasked_log_z)
         else:
             self._add_layer_torch(layer, scores, prompt_ids, unmasked_log_z)
+
+    def add_unmasked_layer(
+        self, layer: int, full_scores: Float[Tensor, "batch head q k"], prompt_ids: Int[Tensor, " batch"],
+        apply_mask: Callable[[Tensor], Tensor],
+    ) -> Float[Tensor, "batch head q k"]:
+        """Add one layer's scores given *before* the causal mask; returns
+        ``apply_mask(full_scores)``, the masked scores the model goes on with.
+
+        On the kernel path the causal mask is taken to hide exactly the keys ``j > i``
+        (what ``apply_mask`` does when no sliding window binds, the only case the kernel
+        path serves), and the unmasked denominator comes from the same read of the
+        scores; elsewhere it is a separate :func:`row_logsumexp`."""
+        if not self.unmasked:
+            raise ValueError("add_unmasked_layer needs an accumulator built with unmasked=True.")
+        full = full_scores if full_scores.dtype == torch.float64 else full_scores.float()
+        kernel = self._kernel_for(full)
+        if kernel is None:
+            masked = apply_mask(full_scores)
+            full_log_z = row_logsumexp(full)
+            self.nonfinite[layer] += (~torch.isfinite(full_log_z)).sum((0, 2))
+            self.add_layer(layer, masked, prompt_ids, full_log_z)
+            return masked
+        self._add_layer_kernel(kernel, layer, full, prompt_ids, None, scores_unmasked=True)
+        return apply_mask(full_scores)
+
+    def _kernel_for(self, scores: Tensor):
+        """The C kernel when it serves these scores (CPU float32, CPU accumulators, every
+        scored row one contiguous key range), else None."""
+        # A window (max_offset) breaks the contiguous key ranges the kernel assumes.
+        if (not self.use_kernel or self.design.spec.max_offset is not None
+                or scores.device.type != "cpu" or scores.dtype != torch.float32
+                or self.count.device.type != "cpu"):
+            return None
+        return load_kernel()
 
     def check_finite(self, prompt_ids: Tensor | None = None) -> None:
         """Raise if any score row so far was NaN or inf (a host read of one flag)."""
@@ -203,7 +246,9 @@ class LayerAccumulator:
         )
 
     def _add_layer_kernel(self, kernel, layer: int, scores: Tensor, prompt_ids: Tensor,
-                          unmasked_log_z: Tensor | None) -> None:
+                          unmasked_log_z: Tensor | None, scores_unmasked: bool = False) -> None:
+        """``scores_unmasked``: the scores are the ones before the causal mask; the kernel
+        leaves out keys ``j > i`` and computes ``log Z^full_i`` itself."""
         scores = scores.contiguous()
         B, H, n, _ = scores.shape
         workers = max(1, torch.get_num_threads())
@@ -220,11 +265,12 @@ class LayerAccumulator:
         if key not in self._buffers:  # reused: fresh large allocations cost page faults
             self._buffers = {key: (
                 torch.empty(B, H, 2, n, **f64), torch.empty(B, H, n, dtype=torch.float32),
+                torch.empty(B, H, n, dtype=torch.float32),
                 [(torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, n, **f64),
                   torch.empty(B, H, 2, **f64), torch.empty(B, H, **f64), torch.zeros(3, dtype=torch.long))
                  for _ in self._tasks],
             )}
-        row, log_z, buffers = self._buffers[key]
+        row, log_z, log_z_full, buffers = self._buffers[key]
         row.zero_()
 
         def task(index: int):
@@ -234,7 +280,8 @@ class LayerAccumulator:
                 buffer.zero_()
             rc = kernel(scores.data_ptr(), B, H, n, rows[0], rows[1], qlo, qhi, jlo, want,
                         folds.data_ptr(), diag.data_ptr(), col.data_ptr(), sumsq.data_ptr(),
-                        sink.data_ptr(), row.data_ptr(), log_z.data_ptr(), *cells,
+                        sink.data_ptr(), row.data_ptr(), log_z.data_ptr(),
+                        int(scores_unmasked), log_z_full.data_ptr(), *cells,
                         layer, self.n_layers, n_cells, self._row_start.data_ptr(), bad.data_ptr())
             return rc, bad, diag, col, sumsq, sink
 
@@ -259,6 +306,8 @@ class LayerAccumulator:
         self._scatter(self.sink_sum, layer, sink, buckets)
         k = DENSE_TARGETS.index("scores")
         dense_scores = "scores" in self.dense
+        if scores_unmasked:
+            unmasked_log_z = log_z_full
         self._add_row_parts(layer, log_z, unmasked_log_z, row[:, :, k] if dense_scores else None,
                             sumsq[:, :, k] if dense_scores else None, buckets)
 

@@ -139,10 +139,8 @@ class ConditionRun:
         attn = self.model.blocks[layer].attn
 
         def unmasked_hook(scores: Tensor, hook) -> Tensor:
-            full = scores.detach()
-            masked = attn.apply_causal_mask(full)
-            self.acc.add_layer(layer, masked, self._prompt_ids, row_logsumexp(full))
-            return masked
+            return self.acc.add_unmasked_layer(layer, scores.detach(), self._prompt_ids,
+                                               attn.apply_causal_mask)
 
         return unmasked_hook
 
@@ -171,6 +169,12 @@ class ConditionRun:
                 attn._attention_dir_override = old
 
     def run_batch(self, tokens: Int[Tensor, "batch pos"], prompt_ids: Int[Tensor, " batch"]) -> None:
+        self.forward(tokens, prompt_ids)
+
+    def forward(self, tokens: Int[Tensor, "batch pos"], prompt_ids: Int[Tensor, " batch"],
+                return_type: str | None = None):
+        """One batch through the model with this condition's hooks (the condition itself
+        is the caller's); the statistics take it in. Returns the model's output."""
         device = self.model.cfg.device
         self._prompt_ids = prompt_ids.to(device)
         n_layers, d_model = self.model.cfg.n_layers, self.model.cfg.d_model
@@ -178,12 +182,13 @@ class ConditionRun:
         self._other_norm = torch.empty((len(tokens), n_layers + 1), dtype=torch.float32, device=device)
         lifted = self._mask_lifted() if self.unmasked else contextlib.nullcontext()
         with torch.no_grad(), lifted, self.model.hooks(fwd_hooks=self.hooks()):
-            self.model(tokens.to(device), return_type=None)
+            out = self.model(tokens.to(device), return_type=return_type)
         self.acc.add_prompts(self._prompt_ids)
         self.position_zero.add(self._resid0, self._other_norm)
         self._resid0 = self._other_norm = None
         if self.acc.count.device.type == "cpu":  # free on CPU; on a GPU it waits for the end
             self.acc.check_finite()
+        return out
 
     def restore(self, saved: ConditionStatistics, state: dict[str, np.ndarray]) -> None:
         """Continue from statistics saved by an earlier (interrupted) run."""
@@ -195,18 +200,6 @@ class ConditionRun:
             name, self.acc.to_statistics(), self.acc.sink_sum.cpu().numpy(),
             self.position_zero.statistics(),
         )
-
-
-def row_logsumexp(scores: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head q"]:
-    """``logsumexp`` over the keys, one ``[q, k]`` matrix at a time: ``torch.logsumexp`` of
-    the whole batch makes temporaries the size of the scores (``n^2`` per head), which at
-    long prompts exceed the forward pass' own activations. Each row is reduced exactly as
-    in one call (same values)."""
-    out = torch.empty(scores.shape[:-1], dtype=scores.dtype, device=scores.device)
-    for b in range(scores.shape[0]):
-        for h in range(scores.shape[1]):
-            torch.logsumexp(scores[b, h], dim=-1, out=out[b, h])
-    return out
 
 
 def check_tokens(model: HookedTransformer, tokens: Tensor) -> Tensor:

@@ -68,22 +68,31 @@ SPECS = [PairSpec(), PairSpec(include_sink=True), PairSpec(min_query=3, max_quer
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("causal", ["causal", "causal-unmasked-entry", "bidirectional"])
 def test_fast_paths_equal_reference(path, spec, causal):
+    """Both paths against a float64 numpy reference; "causal-unmasked-entry" hands the
+    accumulator the scores before the mask (``add_unmasked_layer``), as the engine's
+    unmasked pass does."""
     if path == "kernel" and load_kernel() is None:
         pytest.skip("no C compiler: the kernel path is not available")
     gen = torch.Generator().manual_seed(1)
     B, H, n, n_buckets = 5, 3, 13, 4
     scores = 4 * torch.randn(2, B, H, n, n, generator=gen)
     full = scores.clone()
-    if causal:
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    if causal != "bidirectional":
+        scores = scores.masked_fill(upper, float("-inf"))
     ids = torch.tensor([7, 2, 4, 9, 10])
     design = PairDesign(spec, n)
     acc = LayerAccumulator(design, 2, H, n_buckets, TARGETS, cell_maps=True, unmasked=True)
     acc.use_kernel = path == "kernel"
     for layer in range(2):
-        acc.add_layer(layer, scores[layer], ids, torch.logsumexp(full[layer], -1))
+        if causal == "causal-unmasked-entry":
+            masked = acc.add_unmasked_layer(layer, full[layer], ids,
+                                            lambda s: s.masked_fill(upper, float("-inf")))
+            assert torch.equal(masked, scores[layer])  # what the model goes on with
+        else:
+            acc.add_layer(layer, scores[layer], ids, torch.logsumexp(full[layer], -1))
     acc.add_prompts(ids)
     stats = acc.to_statistics()
     for layer in range(2):
@@ -162,3 +171,19 @@ def test_log_pattern_sum_of_squares_keeps_precision_with_large_scores(path):
     ref, _ = reference_statistics(scores.numpy(), ids.numpy(), design, 4, scores.numpy())
     got = acc.to_statistics()["log_pattern"].sumsq[:, 0]
     np.testing.assert_allclose(got, ref["log_pattern"][1], rtol=2e-6)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_unmasked_entry_refuses_non_finite_scores_above_the_diagonal(path):
+    """A NaN the causal mask hides still spoils the unmasked denominator: both paths say so."""
+    if path == "kernel" and load_kernel() is None:
+        pytest.skip("no C compiler: the kernel path is not available")
+    n = 9
+    full = torch.randn(2, 3, n, n, generator=torch.Generator().manual_seed(4))
+    full[1, 2, 4, 7] = float("nan")  # query 4, key 7 > 4: masked for the model
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    acc = LayerAccumulator(PairDesign(PairSpec(), n), 1, 3, 2, TARGETS, unmasked=True)
+    acc.use_kernel = path == "kernel"
+    with pytest.raises(NonFiniteAttentionError, match="layer 0, head 2"):
+        acc.add_unmasked_layer(0, full, torch.arange(2), lambda s: s.masked_fill(upper, float("-inf")))
+        acc.check_finite()

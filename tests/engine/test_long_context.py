@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from rope_leak.engine.accumulate import LayerAccumulator
+from rope_leak.engine.accumulate import LayerAccumulator, row_logsumexp
 from rope_leak.engine.pairs import PairDesign, PairSpec
-from rope_leak.engine.run import row_logsumexp, run_statistics
+from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics, TargetStatistics
 from rope_leak.fits.position_models import _schur_complement, absolute_projector
 from rope_leak.fits.projection import BucketProjection

@@ -3,6 +3,8 @@ heads whose answer is known by construction, and equal to a float64 brute force.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -136,19 +138,22 @@ def test_model_run_invariant_to_a_per_query_score_offset(double_model):
     assert not np.allclose(sa, sb)
 
 
-def test_unmasked_pass_leaves_the_model_output_unchanged(double_model):
-    """Lifting the mask and re-imposing it in the hook computes exactly the causal model."""
+@pytest.mark.parametrize("dtype", ["float64", "float32"], ids=["torch-path", "kernel-path"])
+def test_unmasked_pass_leaves_the_model_output_unchanged(double_model, dtype):
+    """Lifting the mask and re-imposing it in the hook computes exactly the causal model
+    (float32 runs the C kernel on the unmasked scores, where it is available)."""
     from rope_leak.engine.run import ConditionRun
 
+    model = double_model if dtype == "float64" else copy.deepcopy(double_model).float()
+    if dtype == "float32":
+        model.cfg.dtype = torch.float32
     tokens = torch.randint(1, 40, (3, 12), generator=torch.Generator().manual_seed(2))
-    expected = double_model(tokens)
-    run = ConditionRun(double_model, PairDesign(PairSpec(), 12), TARGETS, 2, unmasked=True)
-    seen = {}
-    with run._mask_lifted(), double_model.hooks(fwd_hooks=run.hooks()):
-        run._prompt_ids = torch.arange(3)
-        seen["logits"] = double_model(tokens)
-    torch.testing.assert_close(seen["logits"], expected, rtol=0, atol=1e-12)
-    assert all(b.attn._attention_dir_override is None for b in double_model.blocks)
+    expected = model(tokens)
+    run = ConditionRun(model, PairDesign(PairSpec(), 12), TARGETS, 2, unmasked=True)
+    logits = run.forward(tokens, torch.arange(3), return_type="logits")
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12 if dtype == "float64" else 0)
+    assert all(b.attn._attention_dir_override is None for b in model.blocks)
+    assert run.acc.count.sum() == 3
 
 
 def test_degenerate_heads_by_total_or_fold_variance():
