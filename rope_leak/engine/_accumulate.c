@@ -61,7 +61,9 @@ static inline float fast_expf(float x) {
     return p * scale * under;
 }
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+/* "arch=" in target_clones needs GCC 11 or Clang 14; older compilers build one version */
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define RL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define RL_CLONES
