@@ -192,8 +192,9 @@ class LayerAccumulator:
             raise ValueError("this accumulator needs the unmasked log-denominators.")
         if scores.dtype != torch.float64:
             scores = scores.float()
-        if self._kernel_for(scores) is not None:
-            self._add_layer_kernel(self._kernel_for(scores), layer, scores, prompt_ids, unmasked_log_z)
+        kernel = self._kernel_for(scores)
+        if kernel is not None:
+            self._add_layer_kernel(kernel, layer, scores, prompt_ids, unmasked_log_z)
         else:
             self._add_layer_torch(layer, scores, prompt_ids, unmasked_log_z)
 
