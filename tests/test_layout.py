@@ -22,7 +22,7 @@ PACKAGE = ROOT / "rope_leak"
 
 # From the bottom up; a part may import only from parts listed before it.
 LAYERS = [
-    {"version", "heads", "display", "download_cache"},
+    {"version", "heads", "display", "download_cache", "quantities"},
     {"backends"},
     {"corpus", "interventions"},
     {"engine"},

@@ -49,11 +49,12 @@ from rope_leak.backends.requirements import require_rope
 from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
+from rope_leak.engine.start_cut import DEFAULT_WINDOW
 from rope_leak.engine.statistics import TARGETS, RunStatistics
 from rope_leak.fits.decomposition import Decomposition
 from rope_leak.fits.profiles import abs_profiles
 from rope_leak.fits.shares import ShareFit, fit_shares
-from rope_leak.fits.split import RenormalisationSplit, renormalisation_split
+from rope_leak.fits.start_cut import CompletedSplit, completed_split
 from rope_leak.heads import head_label, normalize_head
 from rope_leak.inference.intervals import DecompositionInference, decomposition_inference
 
@@ -79,8 +80,8 @@ class StrayBOSWarning(UserWarning):
 class Analysis(Displayable):
     """Fitted shares, decomposition and sinks of one model on one corpus.
 
-    ``progress``: show progress bars for the slow steps (bootstrap CIs, the renormalisation
-    split's bootstrap), which run on the first call that needs them."""
+    ``progress``: show progress bars for the slow steps (bootstrap CIs, the completed
+    split's jackknife), which run on the first call that needs them."""
 
     statistics: RunStatistics
     target: str = "pattern"
@@ -139,6 +140,7 @@ class Analysis(Displayable):
             "n_tokens": first.design.n_tokens,
             "n_buckets": first.n_buckets,
             "n_prompts": self.n_prompts,
+            "window": None if conditions["causal"].start_cut is None else conditions["causal"].start_cut.window,
             "sink_threshold": self.sink_threshold,
             "n_boot": self.n_boot,
             "bootstrap_seed": self.seed,
@@ -151,13 +153,13 @@ class Analysis(Displayable):
         return Decomposition.from_fits(self.fits["causal", target], self.fits["bidirectional", target])
 
     @cached_property
-    def _split(self) -> RenormalisationSplit | None:
+    def _completed(self) -> CompletedSplit | None:
         causal = self.statistics.conditions["causal"]
-        if "renormalisation" not in causal.targets:
+        if causal.start_cut is None:
             return None
-        with tqdm(total=1, desc=f"renormalisation split ({self.n_boot} bootstrap resamples)",
+        with tqdm(total=1, desc="completed split (jackknife over prompt buckets)",
                   disable=not self.progress, leave=False) as bar:
-            split = renormalisation_split(causal, n_boot=self.n_boot, seed=self.seed)
+            split = completed_split(causal)
             bar.update()
         return split
 
@@ -185,9 +187,9 @@ class Analysis(Displayable):
 
         * a head whose debiased ``L_mask`` is negative beyond its CI (the bidirectional
           swap raised its share: additivity violated);
-        * a layer (or the model) where the ablation-based composition of ``log_pattern``
-          and the ablation-free split's composition have disjoint CIs (the two
-          decompositions disagree). Both are about ``log_pattern``, so they are comparable.
+        * a degenerate head (scored variance below the floor);
+        * a *compensating* head of the completed split (its mask and scores' parts are
+          large and cancel), and a head whose ``SS(log A)`` is not above its noise.
         Nothing is clipped; the rows only point at what to read with care.
         """
         rows = []
@@ -205,30 +207,29 @@ class Analysis(Displayable):
                 "reason": ("scored variance below the floor (pattern nearly constant on the "
                            "scored pairs): left out of means, pools, compositions and colour scales"),
             })
-        ablation, split = self.inference("log_pattern"), self.split()
-        if split is not None and split.ci:
-            ci = split.ci["composition"]
-            layer_ci = split.layer_ci["composition"]
-            comp = split.layer_table()["composition"]
-            scopes = [("model", "model", ablation.composition, split.composition(), ci)]
-            for layer in range(self.n_layers):
-                abl = ablation.layer_composition[layer]
-                scopes.append(("layer", f"L{layer}", abl, comp[layer], tuple(layer_ci[layer])))
-            for scope, where, abl, split_value, split_ci in scopes:
-                low, high = float(abl.low), float(abl.high)
-                if high < split_ci[0] - 1e-9 or low > split_ci[1] + 1e-9:  # ties are not disagreements
-                    rows.append({
-                        "scope": scope, "where": where, "issue": "decompositions disagree",
-                        "reason": (f"mask share of log_pattern: ablation {float(abl.estimate):.3f} "
-                                   f"[{low:.3f}, {high:.3f}] vs renormalisation split "
-                                   f"{split_value:.3f} [{split_ci[0]:.3f}, {split_ci[1]:.3f}]"),
-                    })
+        split = self.completed_split()
+        if split is not None:
+            table = split.head_table()
+            for layer, head in zip(*np.nonzero(split.compensating())):
+                rows.append({
+                    "scope": "head", "where": head_label(layer, head), "issue": "compensating",
+                    "reason": (f"completed split: mask part {table['mask_part'][layer, head]:.2f}, scores' "
+                               f"part {table['scores_part'][layer, head]:.2f}, cross term "
+                               f"{table['cross'][layer, head]:.2f} (x SS(log A)): the parts are large "
+                               "and cancel; read both, not the share"),
+                })
+            for layer, head in zip(*np.nonzero(split.not_estimable & ~split.degenerate)):
+                rows.append({
+                    "scope": "head", "where": head_label(layer, head), "issue": "not estimable",
+                    "reason": "completed split: debiased SS(log A) on queries i >= w is not above "
+                              "its noise (jackknife interval reaches 0)",
+                })
         return pd.DataFrame(rows, columns=["scope", "where", "issue", "reason"])
 
-    def split(self) -> RenormalisationSplit | None:
-        """The gauge-invariant renormalisation split of the causal run (see
-        :mod:`rope_leak.fits.split`); None when its targets were not accumulated."""
-        return self._split
+    def completed_split(self) -> CompletedSplit | None:
+        """The completed split (start cut) of the causal run's ``log A`` (see
+        :mod:`rope_leak.fits.start_cut`); None when the run kept no start-cut statistics."""
+        return self._completed
 
     def sink_scores(self, condition: str = "causal") -> np.ndarray:
         return sink_scores(self.statistics.conditions[condition])
@@ -264,14 +265,11 @@ class Analysis(Displayable):
                 table[f"{prefix}_r2_abs"] = fit.r2_abs.ravel()
                 if fit.r2_cell is not None:
                     table[f"{prefix}_r2_cell"] = fit.r2_cell.ravel()
-        split = self.split()
+        split = self.completed_split()
         if split is not None:
-            fractions = split.fractions()
-            table["split_total"] = fractions["total"].ravel()
-            table["split_resid"] = fractions["resid"].ravel()
-            table["split_mask"] = fractions["mask"].ravel()
-            table["split_cross"] = fractions["cross"].ravel()
-            table["split_composition"] = split.head_composition().ravel()
+            completed = split.heads().drop(columns=["layer", "head"])
+            for name in completed.columns:
+                table[name] = completed[name].to_numpy()
         inf = self.inference()
         table["degenerate"] = inf.degenerate.ravel()
         for name, part in (("L_total", inf.total), ("L_resid", inf.resid), ("L_mask", inf.mask)):
@@ -301,7 +299,7 @@ class Analysis(Displayable):
     def layers(self, target: str | None = None) -> pd.DataFrame:
         """Per-layer means and composition: ``*_crossfit`` cross-fitted (``L_total`` etc.
         without a suffix: the same values, earlier names), ``*_debiased`` with CIs for the
-        headline target, and the ablation-free split."""
+        headline target, and the completed split (``completed_*``, pooled over heads)."""
         table = self.decomposition(target).layer_table()
         for name in ("L_total", "L_resid", "L_mask", "composition"):  # qualified names first
             table.insert(table.columns.get_loc(name), f"{name}_crossfit", table[name])
@@ -319,16 +317,14 @@ class Analysis(Displayable):
                 table["L_resid_debiased"] = np.nanmean(inf.resid.estimate * keep, 1)
                 table["L_mask_debiased"] = np.nanmean(inf.mask.estimate * keep, 1)
             table["degenerate_heads"] = inf.degenerate.sum(1)
-        split = self.split()
+        split = self.completed_split()
         if split is not None:
-            fractions = split.fractions()
-            for name in ("resid", "mask", "cross"):
-                table[f"split_{name}"] = np.nanmean(fractions[name], 1)
             for name, values in split.layer_table().items():
-                table[f"split_{name}"] = values
+                table[f"completed_{name}"] = values
                 if name in split.layer_ci:
-                    table[f"split_{name}_ci_low"] = split.layer_ci[name][:, 0]
-                    table[f"split_{name}_ci_high"] = split.layer_ci[name][:, 1]
+                    table[f"completed_{name}_ci_low"] = split.layer_ci[name][:, 0]
+                    table[f"completed_{name}_ci_high"] = split.layer_ci[name][:, 1]
+            table["completed_heads_compensating"] = split.compensating().sum(1)
         return table
 
     def top_heads(self, k: int = 10) -> pd.DataFrame:
@@ -417,12 +413,12 @@ class Analysis(Displayable):
         ratios = inference.mask.estimate[usable] / inference.total.estimate[usable]
         out["mean_head_composition"] = float(ratios.mean()) if ratios.size else None
         out["mean_head_composition_heads"] = int(usable.sum())
-        split = self.split()
+        split = self.completed_split()
         if split is not None:
-            out["renormalisation_split"] = split.summary()
+            out["completed_split"] = split.summary()
             log_inf = self.inference("log_pattern")
-            out["renormalisation_split"]["ablation_composition_log_pattern"] = float(log_inf.composition.estimate)
-            out["renormalisation_split"]["ablation_composition_log_pattern_ci"] = [
+            out["completed_split"]["ablation_composition_log_pattern"] = float(log_inf.composition.estimate)
+            out["completed_split"]["ablation_composition_log_pattern_ci"] = [
                 float(log_inf.composition.low), float(log_inf.composition.high)]
         diagnostics = self.diagnostics()
         out["diagnostics"] = diagnostics.groupby("issue").size().to_dict() if len(diagnostics) else {}
@@ -568,6 +564,7 @@ def analyze(
     checkpoint_every: int = 0,
     checkpoint_seconds: float = 0.0,
     cell_maps: bool = False,
+    window: int = DEFAULT_WINDOW,
 ) -> Analysis:
     """Run the full decomposition of ``model`` on ``tokens``: a :class:`rope_leak.Corpus`
     (from :func:`rope_leak.load_corpus`) or a ``[prompt, pos]`` token tensor.
@@ -576,6 +573,7 @@ def analyze(
     targets at once; see :func:`rope_leak.engine.run.run_statistics` (also for
     ``prompt_ids`` and the resumable ``checkpoint``). ``cell_maps=True`` also keeps
     per-cell sums (``O(n^2)`` per head) for ``M_cell`` and per-cell maps of the explorer.
+    ``window``: the completed split's reference window ``w`` (:mod:`rope_leak.fits.start_cut`).
 
     ``on_missing_bos``: what to do when the model expects a BOS at position 0 and some
     prompts lack it (see :func:`check_bos`): ``"error"`` (default, :class:`MissingBOSError`),
@@ -615,6 +613,7 @@ def analyze(
         model, tokens, targets=TARGETS, spec=spec, batch_size=batch_size, n_buckets=n_buckets,
         progress=progress, prompt_ids=prompt_ids, metadata=metadata, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, cell_maps=cell_maps,
+        start_cut_window=window,
     )
     inputs = {
         "model": model_fingerprint(model),

@@ -8,10 +8,6 @@ along each query row, so its statistics come from per-row sums:
 
 * ``neg_log_z = -log Z_i`` and ``log_pattern = s - log Z_i`` from the row sums of
   ``-log Z_i``;
-* with the mask lifted for the pass and re-imposed in the hook (``unmasked=True``), the
-  unmasked denominator ``Z^full_i`` (every key) gives ``unmasked_log_pattern = s -
-  log Z^full_i`` and ``renormalisation = log Z^full_i - log Z_i``; the model still runs
-  with its own mask.
 
 A row part's sums of squares are ``sum s^2 + 2 sum_i r_i (sum_j s_ij) + sum_i n_i r_i^2``
 per prompt; its ``X^T y`` is derived from the row sums whenever it is read
@@ -36,10 +32,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from rope_leak.engine.diagonals import lower_diagonal_sums
 from rope_leak.engine.kernel import load_kernel, thread_pool
 from rope_leak.engine.pairs import PairDesign
 from rope_leak.engine.statistics import (
-    SPLIT_TARGETS,
     TARGETS,
     RowPartXty,
     TargetStatistics,
@@ -48,58 +44,12 @@ from rope_leak.engine.statistics import (
 
 DENSE_TARGETS = ("pattern", "scores")
 """Targets summed element by element, in the kernel's order (bit ``k`` of its ``want``)."""
-MASKED_ROW_TARGETS = ("log_pattern", "neg_log_z", "renormalisation")
+MASKED_ROW_TARGETS = ("log_pattern", "neg_log_z")
 """Targets that need the per-row sums of ``-log Z_i``."""
 
 
 class NonFiniteAttentionError(FloatingPointError):
     """NaN or inf in the attention scores (e.g. float16 overflow)."""
-
-
-def diagonal_sums(y: Float[Tensor, "... n n"]) -> Float[Tensor, "... n"]:
-    """``out[..., d] = sum_j y[..., j + d, j]``: sums along the sub-diagonals ``i - j = d``.
-
-    A strided view over a zero-padded copy: element ``(j + d, j)`` sits at flat index
-    ``d * n + j * (n + 1)``; indices past ``n * n`` land in the zero padding.
-    """
-    n = y.shape[-1]
-    lead = y.shape[:-2]
-    flat = y.reshape(-1, n * n)
-    padded = torch.nn.functional.pad(flat, (0, n * n))
-    view = padded.as_strided((flat.shape[0], n, n), (2 * n * n, n, n + 1))
-    return view.sum(-1).reshape(*lead, n)
-
-
-def lower_diagonal_sums(y: Float[Tensor, "... n n"]) -> Float[Tensor, "... n"]:
-    """:func:`diagonal_sums` for a contiguous ``y`` that is zero above the diagonal.
-
-    Row ``i`` of the view ``V[i, k] = flat[i * (n + 1) + k - (n - 1)]`` holds
-    ``y[i, i - d]`` at ``k = n - 1 - d`` for ``d <= i``, and entries of the upper
-    triangle (zero) of row ``i - 1`` for ``d > i``. So the column sums of ``V`` over
-    rows ``1..n-1`` (a reduction with a contiguous inner dimension, no padded copy) are
-    the diagonal sums, up to ``y[0, 0]`` on ``d = 0``.
-    """
-    n = y.shape[-1]
-    lead = y.shape[:-2]
-    flat = y.reshape(-1, n, n)
-    if n == 1:
-        return flat[:, 0, :].reshape(*lead, 1).clone()
-    view = flat.as_strided((flat.shape[0], n - 1, n), (n * n, n + 1, 1), flat.storage_offset() + 2)
-    out = view.sum(-2).flip(-1)
-    out[:, 0] += flat[:, 0, 0]
-    return out.reshape(*lead, n)
-
-
-def row_logsumexp(scores: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head q"]:
-    """``logsumexp`` over the keys, one ``[q, k]`` matrix at a time: ``torch.logsumexp`` of
-    the whole batch makes temporaries the size of the scores (``n^2`` per head), which at
-    long prompts exceed the forward pass' own activations. Each row is reduced exactly as
-    in one call (same values)."""
-    out = torch.empty(scores.shape[:-1], dtype=scores.dtype, device=scores.device)
-    for b in range(scores.shape[0]):
-        for h in range(scores.shape[1]):
-            torch.logsumexp(scores[b, h], dim=-1, out=out[b, h])
-    return out
 
 
 class LayerAccumulator:
@@ -114,13 +64,8 @@ class LayerAccumulator:
         targets: tuple[str, ...],
         device: torch.device | str = "cpu",
         cell_maps: bool = False,
-        unmasked: bool = False,
     ) -> None:
         self.design, self.targets = design, required_targets(targets)
-        if set(SPLIT_TARGETS) & set(self.targets) and not unmasked:
-            raise ValueError(f"the targets {SPLIT_TARGETS} need the unmasked scores: run the "
-                             "condition with unmasked=True (the model's own mask only).")
-        self.unmasked = unmasked
         self.dense = tuple(t for t in DENSE_TARGETS if t in self.targets)
         self.n_layers, self.n_heads, self.n_buckets = n_layers, n_heads, n_buckets
         self.cell_maps = cell_maps
@@ -139,10 +84,9 @@ class LayerAccumulator:
         self.cell_sum = ({t: torch.zeros((2, n_layers, n_heads, design.n_cells), **f64) for t in self.dense}
                          if cell_maps else {})
         self.flat_index = as_long(design.flat_index) if cell_maps else None
-        # per bucket, sums over prompts of -log Z_i (and -log Z^full_i) on scored rows
+        # per bucket, sums over prompts of -log Z_i on scored rows
         needs_z = bool(set(MASKED_ROW_TARGETS) & set(self.targets))
         self.row_sum = torch.zeros(shape + (n,), **f64) if needs_z else None
-        self.full_row_sum = torch.zeros(shape + (n,), **f64) if unmasked else None
         self.sink_sum = torch.zeros(shape, **f64)
         self.count = torch.zeros(n_buckets, dtype=torch.long, device=device)
         self.nonfinite = torch.zeros((n_layers, n_heads), dtype=torch.long, device=device)
@@ -184,43 +128,15 @@ class LayerAccumulator:
 
     def add_layer(
         self, layer: int, scores: Float[Tensor, "batch head q k"], prompt_ids: Int[Tensor, " batch"],
-        unmasked_log_z: Float[Tensor, "batch head q"] | None = None,
     ) -> None:
-        """Add one layer's (masked) scores; ``unmasked_log_z``: ``log Z^full_i`` of the same
-        scores before the mask, required when the accumulator was built ``unmasked``."""
-        if self.unmasked and unmasked_log_z is None:
-            raise ValueError("this accumulator needs the unmasked log-denominators.")
+        """Add one layer's (causally masked) scores."""
         if scores.dtype != torch.float64:
             scores = scores.float()
         kernel = self._kernel_for(scores)
         if kernel is not None:
-            self._add_layer_kernel(kernel, layer, scores, prompt_ids, unmasked_log_z)
+            self._add_layer_kernel(kernel, layer, scores, prompt_ids)
         else:
-            self._add_layer_torch(layer, scores, prompt_ids, unmasked_log_z)
-
-    def add_unmasked_layer(
-        self, layer: int, full_scores: Float[Tensor, "batch head q k"], prompt_ids: Int[Tensor, " batch"],
-        apply_mask: Callable[[Tensor], Tensor],
-    ) -> Float[Tensor, "batch head q k"]:
-        """Add one layer's scores given *before* the causal mask; returns
-        ``apply_mask(full_scores)``, the masked scores the model goes on with.
-
-        On the kernel path the causal mask is taken to hide exactly the keys ``j > i``
-        (what ``apply_mask`` does when no sliding window binds, the only case the kernel
-        path serves), and the unmasked denominator comes from the same read of the
-        scores; elsewhere it is a separate :func:`row_logsumexp`."""
-        if not self.unmasked:
-            raise ValueError("add_unmasked_layer needs an accumulator built with unmasked=True.")
-        full = full_scores if full_scores.dtype == torch.float64 else full_scores.float()
-        kernel = self._kernel_for(full)
-        if kernel is None:
-            masked = apply_mask(full_scores)
-            full_log_z = row_logsumexp(full)
-            self.nonfinite[layer] += (~torch.isfinite(full_log_z)).sum((0, 2))
-            self.add_layer(layer, masked, prompt_ids, full_log_z)
-            return masked
-        self._add_layer_kernel(kernel, layer, full, prompt_ids, None, scores_unmasked=True)
-        return apply_mask(full_scores)
+            self._add_layer_torch(layer, scores, prompt_ids)
 
     def _kernel_for(self, scores: Tensor):
         """The C kernel when it serves these scores (CPU float32, CPU accumulators, every
@@ -246,10 +162,8 @@ class LayerAccumulator:
             "overflow. Fix: run in float32 or bfloat16 (--dtype float32)."
         )
 
-    def _add_layer_kernel(self, kernel, layer: int, scores: Tensor, prompt_ids: Tensor,
-                          unmasked_log_z: Tensor | None, scores_unmasked: bool = False) -> None:
-        """``scores_unmasked``: the scores are the ones before the causal mask; the kernel
-        leaves out keys ``j > i`` and computes ``log Z^full_i`` itself."""
+    def _add_layer_kernel(self, kernel, layer: int, scores: Tensor, prompt_ids: Tensor) -> None:
+        """The fused C kernel's pass (its unmasked mode, flag 0 here, is not used)."""
         scores = scores.contiguous()
         B, H, n, _ = scores.shape
         workers = max(1, torch.get_num_threads())
@@ -282,7 +196,7 @@ class LayerAccumulator:
             rc = kernel(scores.data_ptr(), B, H, n, rows[0], rows[1], qlo, qhi, jlo, want,
                         folds.data_ptr(), diag.data_ptr(), col.data_ptr(), sumsq.data_ptr(),
                         sink.data_ptr(), row.data_ptr(), log_z.data_ptr(),
-                        int(scores_unmasked), log_z_full.data_ptr(), *cells,
+                        0, log_z_full.data_ptr(), *cells,
                         layer, self.n_layers, n_cells, self._row_start.data_ptr(), bad.data_ptr())
             return rc, bad, diag, col, sumsq, sink
 
@@ -307,13 +221,10 @@ class LayerAccumulator:
         self._scatter(self.sink_sum, layer, sink, buckets)
         k = DENSE_TARGETS.index("scores")
         dense_scores = "scores" in self.dense
-        if scores_unmasked:
-            unmasked_log_z = log_z_full
-        self._add_row_parts(layer, log_z, unmasked_log_z, row[:, :, k] if dense_scores else None,
+        self._add_row_parts(layer, log_z, row[:, :, k] if dense_scores else None,
                             sumsq[:, :, k] if dense_scores else None, buckets)
 
-    def _add_layer_torch(self, layer: int, scores: Tensor, prompt_ids: Tensor,
-                         unmasked_log_z: Tensor | None) -> None:
+    def _add_layer_torch(self, layer: int, scores: Tensor, prompt_ids: Tensor) -> None:
         log_z = torch.logsumexp(scores, dim=-1)  # [batch, head, q]
         self.nonfinite[layer] += (~torch.isfinite(log_z)).sum((0, 2))
         device = self.count.device
@@ -326,11 +237,10 @@ class LayerAccumulator:
         row = sumsq = None
         if "scores" in self.dense:
             row, sumsq = self._add_dense("scores", layer, scores, buckets, folds)
-        self._add_row_parts(layer, log_z, unmasked_log_z, row, sumsq, buckets)
+        self._add_row_parts(layer, log_z, row, sumsq, buckets)
 
     def _add_row_parts(
         self, layer: int, log_z: Float[Tensor, "batch head q"],
-        unmasked_log_z: Float[Tensor, "batch head q"] | None,
         scores_row: Float[Tensor, "batch head q"] | None, scores_sumsq: Float[Tensor, "batch head"] | None,
         buckets: Tensor,
     ) -> None:
@@ -353,13 +263,6 @@ class LayerAccumulator:
             if "neg_log_z" in self.targets:
                 self._scatter(self.sumsq["neg_log_z"], layer, z_sumsq, buckets)
             with_scores("log_pattern", z, z_sumsq)
-        if self.full_row_sum is not None:
-            f = -unmasked_log_z.double() * scored
-            self._scatter(self.full_row_sum, layer, f, buckets)
-            with_scores("unmasked_log_pattern", f, (f * f * count).sum(-1))
-            if "renormalisation" in self.targets:
-                m = z - f  # log Z^full_i - log Z_i >= 0
-                self._scatter(self.sumsq["renormalisation"], layer, (m * m * count).sum(-1), buckets)
 
     def _add_dense(
         self, target: str, layer: int, y: Float[Tensor, "batch head q k"],
@@ -415,9 +318,6 @@ class LayerAccumulator:
         if self.row_sum is not None:
             derived["neg_log_z"] = (self.row_sum, None, False)
             derived["log_pattern"] = (self.row_sum, None, True)
-        if self.full_row_sum is not None:
-            derived["unmasked_log_pattern"] = (self.full_row_sum, None, True)
-            derived["renormalisation"] = (self.row_sum, self.full_row_sum, False)
         for target, (rows, minus, with_scores) in derived.items():
             if target not in self.targets:
                 continue
@@ -440,7 +340,7 @@ class LayerAccumulator:
         out = {f"xty/{t}": v for t, v in self.xty.items()}
         out.update({f"sumsq/{t}": v for t, v in self.sumsq.items()})
         out.update({f"cell_sum/{t}": v for t, v in self.cell_sum.items()})
-        for name in ("row_sum", "full_row_sum", "sink_sum", "count"):
+        for name in ("row_sum", "sink_sum", "count"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out

@@ -15,7 +15,7 @@ references, and the fits never build them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -63,6 +63,16 @@ class PairSpec:
         keys = "0" if self.include_sink else "1"
         window = "" if self.max_offset is None else f",i-j<{self.max_offset}"
         return f"{self.min_query}<=i<{upper},{keys}<=j<=i{window}"
+
+
+def start_cut_spec(spec: PairSpec, window: int) -> PairSpec:
+    """The start cut's pairs: ``spec`` with queries ``i < w`` left out."""
+    if spec.max_query is not None and spec.max_query <= max(spec.min_query, window):
+        raise ValueError(
+            f"the start cut scores queries i >= w = {window}, but the pairs end at query "
+            f"{spec.max_query} (--max-query). Fix: use a smaller window (--window "
+            f"{max(1, spec.max_query // 4)}) for early queries, or raise --max-query.")
+    return replace(spec, min_query=max(spec.min_query, window))
 
 
 @dataclass(frozen=True)

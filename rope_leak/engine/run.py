@@ -7,7 +7,6 @@ with the number of prompts, and runs over disjoint prompts merge by addition.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -26,9 +25,9 @@ from transformer_lens.utilities import get_act_name
 from rope_leak.backends.bridge import is_bridge, layer_kinds, window_size
 from rope_leak.backends.requirements import require_rope
 from rope_leak.engine.accumulate import LayerAccumulator
-from rope_leak.engine.pairs import PairDesign, PairSpec
+from rope_leak.engine.pairs import PairDesign, PairSpec, start_cut_spec
+from rope_leak.engine.start_cut import DEFAULT_WINDOW, StartCutAccumulator, check_window
 from rope_leak.engine.statistics import (
-    SPLIT_TARGETS,
     TARGETS,
     ConditionStatistics,
     PositionZeroStatistics,
@@ -38,6 +37,10 @@ from rope_leak.engine.statistics import (
 )
 from rope_leak.interventions.conditions import Condition
 from rope_leak.interventions.mask import bidirectional, causal
+
+class StartCutSkippedWarning(UserWarning):
+    """Prompts too short for the start cut's window: no completed split."""
+
 
 DEFAULT_CONDITIONS: dict[str, Condition] = {"causal": causal, "bidirectional": bidirectional}
 DEFAULT_BUCKETS = 32
@@ -96,25 +99,23 @@ class PositionZeroAccumulator:
 class ConditionRun:
     """Hooks and accumulators of one condition.
 
-    With ``unmasked=True`` (a HookedTransformer under its own mask) every layer runs with
-    the mask lifted and the scores hook re-imposes it exactly (the module's own
-    ``apply_causal_mask``, so local windows too): the model computes what it always
-    does, and the hook also sees the unmasked scores, whose log-denominator the
-    gauge-invariant split needs. Nothing is copied to the host until :meth:`statistics`.
+    With ``start_cut_window`` set (a condition under the model's own mask), the scores
+    hook also accumulates the start cut's window masses and profile
+    (:mod:`rope_leak.engine.start_cut`). Nothing is copied to the host until
+    :meth:`statistics`.
     """
 
     def __init__(
         self, model: HookedTransformer, design: PairDesign, targets: tuple[str, ...], n_buckets: int,
-        cell_maps: bool = False, unmasked: bool = False,
+        cell_maps: bool = False, start_cut_window: int | None = None,
     ) -> None:
         self.model = model
-        self.unmasked = unmasked
-        if not unmasked:
-            targets = tuple(t for t in targets if t not in SPLIT_TARGETS)
         self.acc = LayerAccumulator(
             design, model.cfg.n_layers, model.cfg.n_heads, n_buckets, targets, model.cfg.device,
-            cell_maps=cell_maps, unmasked=unmasked,
+            cell_maps=cell_maps,
         )
+        self.start_cut = None if start_cut_window is None else StartCutAccumulator(
+            design, model.cfg.n_layers, model.cfg.n_heads, n_buckets, start_cut_window, model.cfg.device)
         self.position_zero = PositionZeroAccumulator()
         self._prompt_ids: Tensor | None = None
         # per batch: position 0's residual stream before each layer and after the last,
@@ -132,17 +133,12 @@ class ConditionRun:
         return hooks
 
     def _scores_hook(self, layer: int) -> Callable:
-        if not self.unmasked:
-            def hook(scores: Tensor, hook) -> None:
-                self.acc.add_layer(layer, scores.detach(), self._prompt_ids)
-            return hook
-        attn = self.model.blocks[layer].attn
-
-        def unmasked_hook(scores: Tensor, hook) -> Tensor:
-            return self.acc.add_unmasked_layer(layer, scores.detach(), self._prompt_ids,
-                                               attn.apply_causal_mask)
-
-        return unmasked_hook
+        def hook(scores: Tensor, hook) -> None:
+            scores = scores.detach()
+            self.acc.add_layer(layer, scores, self._prompt_ids)
+            if self.start_cut is not None:
+                self.start_cut.add_layer(layer, scores, self._prompt_ids)
+        return hook
 
     def _resid_hook(self, index: int) -> Callable:
         def hook(resid: Tensor, hook) -> None:
@@ -153,20 +149,6 @@ class ConditionRun:
             self._resid0[:, index].copy_(resid[:, 0])
             self._other_norm[:, index] = resid[:, 1:].float().norm(dim=-1).mean(-1)
         return hook
-
-    @contextlib.contextmanager
-    def _mask_lifted(self):
-        attns = [block.attn for block in self.model.blocks]
-        saved = [attn._attention_dir_override for attn in attns]
-        if any(old not in (None, "causal") for old in saved):
-            raise ValueError("the unmasked pass needs every layer under its own causal mask.")
-        try:
-            for attn in attns:
-                attn._attention_dir_override = "bidirectional"
-            yield
-        finally:
-            for attn, old in zip(attns, saved):
-                attn._attention_dir_override = old
 
     def run_batch(self, tokens: Int[Tensor, "batch pos"], prompt_ids: Int[Tensor, " batch"]) -> None:
         self.forward(tokens, prompt_ids)
@@ -180,10 +162,13 @@ class ConditionRun:
         n_layers, d_model = self.model.cfg.n_layers, self.model.cfg.d_model
         self._resid0 = torch.empty((len(tokens), n_layers + 1, d_model), dtype=torch.float32, device=device)
         self._other_norm = torch.empty((len(tokens), n_layers + 1), dtype=torch.float32, device=device)
-        lifted = self._mask_lifted() if self.unmasked else contextlib.nullcontext()
-        with torch.no_grad(), lifted, self.model.hooks(fwd_hooks=self.hooks()):
+        if self.start_cut is not None:
+            self.start_cut.begin_batch(len(tokens))
+        with torch.no_grad(), self.model.hooks(fwd_hooks=self.hooks()):
             out = self.model(tokens.to(device), return_type=return_type)
         self.acc.add_prompts(self._prompt_ids)
+        if self.start_cut is not None:
+            self.start_cut.end_batch(self._prompt_ids)
         self.position_zero.add(self._resid0, self._other_norm)
         self._resid0 = self._other_norm = None
         if self.acc.count.device.type == "cpu":  # free on CPU; on a GPU it waits for the end
@@ -192,13 +177,24 @@ class ConditionRun:
 
     def restore(self, saved: ConditionStatistics, state: dict[str, np.ndarray]) -> None:
         """Continue from statistics saved by an earlier (interrupted) run."""
-        self.acc.load_state(state)
+        prefix = "start_cut/"
+        self.acc.load_state({k: v for k, v in state.items() if not k.startswith(prefix)})
+        if self.start_cut is not None:
+            self.start_cut.load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         self.position_zero.restore(saved.position_zero, self.model.cfg.device)
+
+    def state(self) -> dict[str, Tensor]:
+        """Every running sum (for checkpoints)."""
+        out = dict(self.acc.state())
+        if self.start_cut is not None:
+            out.update({f"start_cut/{k}": v for k, v in self.start_cut.state().items()})
+        return out
 
     def statistics(self, name: str) -> ConditionStatistics:
         return ConditionStatistics(
             name, self.acc.to_statistics(), self.acc.sink_sum.cpu().numpy(),
             self.position_zero.statistics(),
+            None if self.start_cut is None else self.start_cut.to_statistics(),
         )
 
 
@@ -256,7 +252,8 @@ def run_statistics(
     checkpoint_every: int = 0,
     checkpoint_seconds: float = 0.0,
     cell_maps: bool = False,
-    unmasked_conditions: Iterable[str] = ("causal",),
+    start_cut_window: int | None = DEFAULT_WINDOW,
+    start_cut_conditions: Iterable[str] = ("causal",),
 ) -> RunStatistics:
     """Stream ``tokens`` through ``model`` under each condition and accumulate statistics.
 
@@ -270,9 +267,10 @@ def run_statistics(
             given (shards of one corpus must all use the same value).
         cell_maps: also keep per-cell sums (``O(n^2)`` per head: ``M_cell``, the
             permutation null, per-cell maps). Off by default: every fit needs ``O(n)``.
-        unmasked_conditions: conditions (run under the model's own mask) that also
-            accumulate the gauge-invariant split targets (``unmasked_log_pattern``,
-            ``renormalisation``) when they are among ``targets``; HookedTransformer only.
+        start_cut_window: the start cut's reference window ``w``
+            (:mod:`rope_leak.engine.start_cut`); None: no start cut.
+        start_cut_conditions: conditions (run under the model's own mask) that accumulate
+            the start cut's statistics.
         prompt_ids: global index of each prompt (for shards; default ``0..P-1``). A prompt's
             index fixes its fold (parity) and bucket, so shards merge exactly.
         checkpoint: a file to resume from when it exists (after checking that it was
@@ -298,9 +296,18 @@ def run_statistics(
     targets = required_targets(targets)
     if n_buckets is None:  # shards (prompt ids given) must agree whatever their size
         n_buckets = DEFAULT_BUCKETS if prompt_ids is not None else default_buckets(len(tokens))
-    unmasked = set(unmasked_conditions) if not is_bridge(model) else set()
+    if start_cut_window is not None and tokens.shape[1] < start_cut_window + 2:
+        warnings.warn(
+            f"prompts of {tokens.shape[1]} tokens are too short for the start cut's window of "
+            f"{start_cut_window} keys (it needs n >= w + 2): the completed split is not computed. "
+            "Fix: use longer prompts, or a smaller window (--window).", StartCutSkippedWarning, stacklevel=2)
+        start_cut_window = None
+    if start_cut_window is not None:
+        check_window(start_cut_window, tokens.shape[1])
+        start_cut_spec(spec, start_cut_window)  # refuses pairs that end before query w
+    with_start_cut = set(start_cut_conditions) if start_cut_window is not None else set()
     runs = {name: ConditionRun(model, design, targets, n_buckets, cell_maps=cell_maps,
-                               unmasked=name in unmasked and bool(set(SPLIT_TARGETS) & set(targets)))
+                               start_cut_window=start_cut_window if name in with_start_cut else None)
             for name in conditions}
     starts = list(range(0, len(tokens), batch_size))
     done: set[int] = set()
@@ -321,7 +328,7 @@ def run_statistics(
 
     def snapshot(prompts: Iterable[int], with_state: bool = False) -> RunStatistics:
         state = {f"{name}/{key}": value.cpu().numpy() for name, run in runs.items()
-                 for key, value in run.acc.state().items()} if with_state else {}
+                 for key, value in run.state().items()} if with_state else {}
         return RunStatistics(
             {name: run.statistics(name) for name, run in runs.items()},
             dict(metadata or {}),
@@ -364,6 +371,9 @@ def _check_resumable(saved: RunStatistics, path, metadata: dict, runs: dict, des
                          f"not {sorted(runs)}. {fix}")
     for name, cond in saved.conditions.items():
         first = next(iter(cond.targets.values()))
+        cut = runs[name].start_cut
+        if (cond.start_cut is None) != (cut is None) or (cut is not None and cond.start_cut.window != cut.window):
+            raise ValueError(f"the checkpoint {path} was written with another start-cut window. {fix}")
         if (set(cond.targets) != set(runs[name].acc.targets) or not saved.state or first.design.spec != design.spec
                 or first.design.n_tokens != design.n_tokens or first.n_buckets != n_buckets):
             raise ValueError(f"the checkpoint {path} has other targets, pairs, length or buckets. {fix}")

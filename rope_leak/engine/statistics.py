@@ -30,19 +30,12 @@ import torch
 
 from rope_leak.display import Displayable
 from rope_leak.download_cache import atomic_path
-from rope_leak.engine.pairs import PairDesign, PairSpec
+from rope_leak.engine.pairs import PairDesign, PairSpec, start_cut_spec
 
-TARGETS = ("pattern", "log_pattern", "scores", "neg_log_z", "unmasked_log_pattern",
-           "renormalisation")
+TARGETS = ("pattern", "log_pattern", "scores", "neg_log_z")
 """Responses the engine can accumulate. ``neg_log_z`` is ``-log Z_i`` broadcast over
 the row's keys, the causal denominator's part of ``log_pattern = scores - log Z_i``.
-``unmasked_log_pattern`` (``log A^full_ij``, the scores normalised over every key, the
-mask ignored) and ``renormalisation`` (``m_i = log Z^full_i - log Z_i``, minus the log of
-the share of the unmasked attention on the visible keys) split ``log_pattern`` into two
-parts that a per-query shift of the scores leaves unchanged; they exist only for a
-condition run with the model's own mask (see :mod:`rope_leak.engine.accumulate`)."""
-
-SPLIT_TARGETS = ("unmasked_log_pattern", "renormalisation")
+The start cut's statistics (:mod:`rope_leak.engine.start_cut`) are kept beside them."""
 
 
 def required_targets(targets) -> tuple[str, ...]:
@@ -52,12 +45,12 @@ def required_targets(targets) -> tuple[str, ...]:
     unknown = targets - set(TARGETS)
     if unknown:
         raise ValueError(f"unknown targets {sorted(unknown)}; choose from {TARGETS}.")
-    if targets & {"log_pattern", "unmasked_log_pattern"}:
+    if "log_pattern" in targets:
         targets.add("scores")
     return tuple(t for t in TARGETS if t in targets)
 
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 ARRAY_FIELDS = ("xty", "sumsq", "count", "cell_sum")
 
 
@@ -326,6 +319,81 @@ class PositionZeroStatistics(Displayable):
 
 
 @dataclass(repr=False)
+class StartCutStatistics:
+    """What one condition accumulated for the start cut.
+
+    Attributes:
+        window: the reference window ``w``.
+        n_buckets: prompt buckets (bucket of prompt ``k``: ``k % n_buckets``).
+        profile_sum: ``[bucket, layer, head, n]`` sums over the bucket's prompts of the
+            count-free pattern by offset (see the module docstring).
+        log_rho: ``[prompt, layer, head, n]`` log visible window mass, per prompt.
+        prompt_ids: ``[prompt]`` global index of each row of ``log_rho``.
+        log_pattern: ``log A``'s statistics on the start cut's pairs (queries ``i >= w``).
+    """
+
+    window: int
+    n_buckets: int
+    profile_sum: np.ndarray
+    log_rho: np.ndarray
+    prompt_ids: np.ndarray
+    log_pattern: TargetStatistics
+
+    def __repr__(self) -> str:
+        _, n_layers, n_heads, n = self.profile_sum.shape
+        return (f"StartCutStatistics(window={self.window}, prompts={len(self.prompt_ids)}, "
+                f"n_tokens={n}, heads={n_layers}x{n_heads})")
+
+    @property
+    def n_tokens(self) -> int:
+        return self.profile_sum.shape[-1]
+
+    @property
+    def buckets(self) -> np.ndarray:
+        return np.asarray(self.prompt_ids) % self.n_buckets
+
+    @property
+    def nbytes(self) -> int:
+        return self.profile_sum.nbytes + self.log_rho.nbytes + np.asarray(self.prompt_ids).nbytes
+
+    @property
+    def design(self) -> PairDesign:
+        return self.log_pattern.design
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"profile_sum": self.profile_sum, "log_pattern_xty": self.xty,
+                "log_pattern_sumsq": self.sumsq, "log_pattern_count": self.count, "log_rho": self.log_rho,
+                "prompt_ids": np.asarray(self.prompt_ids, dtype=np.int64),
+                "log_pattern_xty": self.log_pattern.xty, "log_pattern_sumsq": self.log_pattern.sumsq,
+                "log_pattern_count": self.log_pattern.count}
+
+    @classmethod
+    def from_arrays(cls, window: int, n_buckets: int, spec: PairSpec,
+                    arrays: dict[str, np.ndarray]) -> StartCutStatistics:
+        """From :meth:`arrays`; ``spec``: the run's pairs (the start cut's are derived)."""
+        window, n_buckets = int(window), int(n_buckets)
+        _, n_layers, n_heads, n = arrays["profile_sum"].shape
+        log_pattern = TargetStatistics(
+            PairDesign(start_cut_spec(spec, window), n), n_layers, n_heads, n_buckets,
+            xty=arrays["log_pattern_xty"], sumsq=arrays["log_pattern_sumsq"],
+            count=arrays["log_pattern_count"])
+        return cls(window, n_buckets, arrays["profile_sum"], arrays["log_rho"],
+                   np.asarray(arrays["prompt_ids"], dtype=np.int64), log_pattern)
+
+    def merge(self, other: StartCutStatistics) -> StartCutStatistics:
+        """Two runs over disjoint prompts (rows sorted by prompt id)."""
+        if (self.window, self.n_buckets, self.profile_sum.shape) != (
+                other.window, other.n_buckets, other.profile_sum.shape):
+            raise ValueError("cannot merge start-cut statistics of different windows, bucket "
+                             "counts or shapes. Fix: run every shard with the same --window.")
+        ids = np.concatenate([self.prompt_ids, other.prompt_ids])
+        order = np.argsort(ids, kind="stable")
+        return StartCutStatistics(self.window, self.n_buckets, self.profile_sum + other.profile_sum,
+                                  np.concatenate([self.log_rho, other.log_rho])[order], ids[order],
+                                  self.log_pattern.merge(other.log_pattern))
+
+
+@dataclass(repr=False)
 class ConditionStatistics(Displayable):
     """Everything one condition (e.g. ``causal``, ``bidirectional``) accumulated."""
 
@@ -333,6 +401,8 @@ class ConditionStatistics(Displayable):
     targets: dict[str, TargetStatistics]
     sink_sum: np.ndarray  # [bucket, layer, head]: sum over prompts of mean_{i>=1} A[i, 0]
     position_zero: PositionZeroStatistics
+    #: the start cut's window masses and profile (conditions under the model's own mask)
+    start_cut: StartCutStatistics | None = None
 
     def _display_items(self):
         first = next(iter(self.targets.values()))
@@ -347,11 +417,15 @@ class ConditionStatistics(Displayable):
     def merge(self, other: ConditionStatistics) -> ConditionStatistics:
         if self.condition != other.condition or set(self.targets) != set(other.targets):
             raise ValueError("cannot merge statistics of different conditions or targets.")
+        if (self.start_cut is None) != (other.start_cut is None):
+            raise ValueError("cannot merge statistics with and without the start cut's. Fix: "
+                             "run every shard with the same settings.")
         return ConditionStatistics(
             self.condition,
             {t: s.merge(other.targets[t]) for t, s in self.targets.items()},
             self.sink_sum + other.sink_sum,
             self.position_zero.merge(other.position_zero),
+            None if self.start_cut is None else self.start_cut.merge(other.start_cut),
         )
 
     @property
@@ -413,7 +487,11 @@ class RunStatistics(Displayable):
                 "n_tokens": first.design.n_tokens,
                 "shape": [first.n_layers, first.n_heads, first.n_buckets],
                 "position_zero_count": cond.position_zero.count,
+                "start_cut_window": None if cond.start_cut is None else cond.start_cut.window,
             }
+            if cond.start_cut is not None:
+                for key, array in cond.start_cut.arrays().items():
+                    arrays[f"{cname}/start_cut/{key}"] = array
             for tname, st in cond.targets.items():
                 for key in ARRAY_FIELDS:
                     array = getattr(st, key)
@@ -489,7 +567,14 @@ class RunStatistics(Displayable):
                     for key in ("reference", "dev_sum", "dev_sumsq", "max_abs_dev", "norm_sum",
                                 "other_norm_sum", "value_min", "value_max"):
                         setattr(pz, key, arrays[f"{cname}/position_zero/{key}"])
-                conditions[cname] = ConditionStatistics(cname, targets, arrays[f"{cname}/sink_sum"], pz)
+                start_cut = None
+                if info.get("start_cut_window") is not None:
+                    prefix = f"{cname}/start_cut/"
+                    start_cut = StartCutStatistics.from_arrays(
+                        info["start_cut_window"], n_buckets, design.spec,
+                        {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+                conditions[cname] = ConditionStatistics(cname, targets, arrays[f"{cname}/sink_sum"], pz,
+                                                        start_cut)
             state = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
             return cls(conditions, header["metadata"], header["prompts_done"], state)
         except (KeyError, TypeError, ValueError) as err:

@@ -1,5 +1,5 @@
 """The report's head explorer: pick a head (drop-down or click on the layer x head map) and
-see its shares with CIs, the renormalisation split's parts, its sink scores and flags, its
+see its shares with CIs, the completed split's parts, its sink scores and flags, its
 fitted ``M_abs`` profiles ``a[d]``, ``b[i]``, ``c[j]`` and, for the top heads when the
 analysis kept per-cell sums (``cell_maps=True``), its mean pattern.
 
@@ -44,7 +44,8 @@ NUMBERS = (
     "L_total_debiased", "L_total_ci_low", "L_total_ci_high", "L_total_qvalue", "L_total_significant",
     "L_resid_debiased", "L_resid_ci_low", "L_resid_ci_high",
     "L_mask_debiased", "L_mask_ci_low", "L_mask_ci_high",
-    "split_total", "split_resid", "split_mask", "split_cross", "split_composition",
+    "completed_mask_share", "completed_mask_part", "completed_scores_part", "completed_cross",
+    "imputed_past_mass",
     "sink_score", "sink_score_ci_low", "sink_score_ci_high", "sink_score_bidirectional",
     "alpha0_gu", "sink_head", "sink_head_gu", "degenerate", "additivity_violated",
 )
@@ -159,7 +160,7 @@ def _json_for_script(data: dict) -> str:
 CAPTION = (
     "Pick a head in the list or click it on the map (debiased L_total; colour scale set by "
     "98% of the heads, degenerate heads ○). The table gives its shares with CIs, the "
-    "renormalisation split's parts (fractions of SS(log A)), its sink scores and flags. The "
+    "completed split's parts (fractions of SS(log A)), its sink scores and flags. The "
     "profiles are the fitted M_abs: y ≈ a[i−j] + b[i] + c[j] (b and c centred, equal slopes; "
     "a carries the intercept and everything relative): b and c are the absolute-position part. "
     "Axes are set by the bulk of the values; values beyond them are marked ▲/▼ (hover for the "
@@ -309,9 +310,9 @@ SCRIPT = r"""
       ['head', D.labels[i]], ['flags', flags.length ? flags.join('; ') : 'none'],
       ['L_total (causal) [' + pct + ']', ci('L_total', i)], ['q (BH)', val('L_total_qvalue', i)],
       ['L_resid (bidirectional) [' + pct + ']', ci('L_resid', i)], ['L_mask = L_total − L_resid [' + pct + ']', ci('L_mask', i)],
-      ['split: SS_abs(log A) / SS(log A)', val('split_total', i)],
-      ['split: unmasked scores\' part', val('split_resid', i)], ['split: mask renormalisation', val('split_mask', i)],
-      ['split: cross term', val('split_cross', i)], ['split: mask share of the head', val('split_composition', i)],
+      ['completed split: mask share', val('completed_mask_share', i)],
+      ['completed split: scores\' part', val('completed_scores_part', i)], ['completed split: start cut', val('completed_mask_part', i)],
+      ['completed split: cross term', val('completed_cross', i)], ['imputed past mass (x window, at i = w)', val('imputed_past_mass', i)],
       ['sink score (causal) [' + pct + ']', val('sink_score', i) + ' [' + val('sink_score_ci_low', i) + ', ' + val('sink_score_ci_high', i) + ']'],
       ['sink score (bidirectional)', val('sink_score_bidirectional', i)], ['α₀ (Gu et al.)', val('alpha0_gu', i)],
       ['sink-reading', reading]];

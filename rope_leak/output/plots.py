@@ -81,18 +81,18 @@ def _bottom_legend(fig: go.Figure, plot_height: int, rows: int) -> None:
 
 
 def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
-    """Layer x head maps of the debiased shares and the renormalisation split's terms,
+    """Layer x head maps of the debiased shares and the completed split's parts,
     on one colour scale set by the bulk of heads. Heads beyond the scale are marked ×,
     degenerate heads (scored variance below the floor; left blank) are marked ○."""
     target = target or analysis.target
     inf = analysis.inference(target)
     degenerate = inf.degenerate
     panels = [(f"L_total<br>({target}, causal)", inf.total.estimate)]
-    split = analysis.split()
+    split = analysis.completed_split()
     if split is not None:
-        frac = split.fractions()
-        panels += [("split: unmasked<br>scores' part (log A)", frac["resid"]),
-                   ("split: mask<br>renormalisation (log A)", frac["mask"])]
+        frac = split.head_table()
+        panels += [("completed split:<br>scores' part (log A)", frac["scores_part"]),
+                   ("completed split:<br>start cut (log A)", frac["mask_part"])]
     panels += [(f"ablation<br>L_mask ({target})", inf.mask.estimate)]
     shown = [np.where(degenerate, np.nan, values) for _, values in panels]
     zmax = _robust_range(*shown)
@@ -130,7 +130,7 @@ SHARE_AXIS = (-0.25, 1.25)
 
 def layer_composition(analysis: Analysis, target: str | None = None) -> go.Figure:
     """Per layer: the debiased components pooled over non-degenerate heads (bars) and the
-    mask's share of log A by the renormalisation split and by the ablation (lines, CIs)."""
+    mask's share of log A by the completed split and by the ablation (lines, CIs)."""
     target = target or analysis.target
     inf = analysis.inference(target)
     keep = np.where(inf.degenerate, np.nan, 1.0)
@@ -187,14 +187,14 @@ def _composition_lines(fig: go.Figure, analysis: Analysis, row=None, col=None) -
                             name=f"not estimable (CI wider than 1): {name.split(':')[0]}",
                             hovertemplate="layer %{x}: not estimable<extra></extra>", row=row, col=col)
 
-    split = analysis.split()
+    split = analysis.completed_split()
     if split is not None:
-        comp = split.layer_table()["composition"]
-        ci = split.layer_ci.get("composition", np.stack([comp, comp], 1))
-        band(comp, ci[:, 0], ci[:, 1], "renormalisation split: SS(m) / (SS(m) + SS(log A^full))", "#636efa")
+        comp = split.layer_table()["mask_share"]
+        ci = split.layer_ci.get("mask_share", np.stack([comp, comp], 1))
+        band(comp, ci[:, 0], ci[:, 1], "completed split: <D m, D log A> / SS(D log A)", "#636efa")
     ablation = analysis.inference("log_pattern").layer_composition
     band(ablation.estimate, ablation.low, ablation.high,
-         "bidirectional ablation: L_mask / L_total (log A)", "#ef553b")
+         "bidirectional ablation (the paper's method): L_mask / L_total (log A)", "#ef553b")
     for y in (0, 1):
         fig.add_hline(y=y, line_dash="dot", line_color="grey", row=row, col=col)
     fig.update_yaxes(range=list(SHARE_AXIS), row=row, col=col)

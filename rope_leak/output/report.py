@@ -22,20 +22,23 @@ if TYPE_CHECKING:  # types only: output sits below the analyses that call it
 
 CAPTIONS = {
     "decompositions": "Two ways to split log A's absolute position, layer by layer, with 95% CIs. The "
-                      "renormalisation split stays in distribution: log A = log A^full + m, with A^full "
-                      "the softmax of the same scores over every key (mask ignored) and m the mask's "
-                      "renormalisation; both terms are unchanged by a per-query shift of the scores. "
-                      "The ablation swaps the causal mask for a bidirectional one (out of distribution). "
-                      "Where the bands do not overlap the decompositions disagree (listed under Diagnostics).",
+                      "completed split (the headline) stays in distribution: the mask's part is the cut "
+                      "at the start, m_i = log(1 + rho_i T_i), with the missing past T_i filled in from "
+                      "the head's own count-free offset profile; the scores' part is log A - m. Both are "
+                      "unchanged by a per-query shift of the scores; queries i >= w are scored. The "
+                      "bidirectional ablation (the paper's method) swaps the causal mask for a "
+                      "bidirectional one: out of distribution, and a query near the end sees fewer "
+                      "future keys, so the swap itself adds absolute position (its mask share falls, "
+                      "even below 0, at long prompts).",
     "shares": "Each cell is one head (debiased shares, as fractions of the head's scored variance). "
-              "L_total: absolute-position share under the causal mask. The split's two terms: the "
-              "unmasked scores' part and the mask's renormalisation (of log A). Ablation L_mask: "
+              "L_total: absolute-position share under the causal mask. The completed split's two "
+              "parts (of log A): the scores' part and the start cut. Ablation L_mask: "
               "L_total minus the share under a bidirectional mask. One colour scale for all panels, "
               "set by 98% of the heads; × marks heads beyond it, ○ degenerate heads (scored "
               "variance below the floor; blank, left out of every mean and pool).",
     "composition": "Left: mean debiased components per layer over non-degenerate heads. Right: the "
                    "mask's share of log A's absolute position per layer, pooled over heads (sums of "
-                   "squares), by the renormalisation split and by the ablation, with 95% CIs.",
+                   "squares), by the completed split and by the ablation, with 95% CIs.",
     "targets": "The same decomposition for each response: the pattern A, log A and the pre-softmax "
                "scores s. The causal-mask part lives in the softmax denominator, so it should be near "
                "zero for the scores, whose absolute position can only come from the residual stream.",
@@ -51,7 +54,7 @@ CAPTIONS = {
 }
 
 TITLES = {
-    "decompositions": "Renormalisation split vs ablation",
+    "decompositions": "Completed split vs the ablation",
     "shares": "Absolute-position share per head",
     "composition": "Causal mask vs residual stream, by layer",
     "targets": "Pattern, log pattern and scores",
@@ -138,16 +141,30 @@ def summary_html(analysis: Analysis) -> str:
         f"(ΔR², debiased, {level} CI) per head; the causal mask accounts for <b>{comp_text}</b> "
         f"{_ci(s['composition_ci'])} of it and the residual stream for the rest "
         f"(mean L_mask {s['L_mask']:.4f}, L_resid {s['L_resid']:.4f}; {s['n_prompts']} prompts).</p>")
-    split = s.get("renormalisation_split")
+    split = s.get("completed_split")
+    if split:
+        headline = (
+            f"<p class='headline'>Completed split (w = {split['window']}, queries i ≥ w, log A): the "
+            f"causal mask's start cut accounts for <b>{split['mask_share']:.0%}</b> "
+            f"{_ci(split.get('mask_share_ci', [np.nan, np.nan]))} of the absolute position in the "
+            f"attention, the scores (what the residual stream carries) for the rest; cross term "
+            f"{split['cross']:.2f} {_ci(split.get('cross_ci', [np.nan, np.nan]))} × SS(log A), pooled "
+            f"over {split['heads_kept']} heads.</p>") + headline
     rows = [
         ("target", s["target"]), ("prompts", s["n_prompts"]),
         (f"mean L_total (causal) [{level} CI]", f"{s['L_total']:.4f} {_ci(s['L_total_ci'])}"),
         (f"mean L_resid (bidirectional) [{level} CI]", f"{s['L_resid']:.4f} {_ci(s['L_resid_ci'])}"),
         (f"mean L_mask [{level} CI]", f"{s['L_mask']:.4f} {_ci(s['L_mask_ci'])}"),
-        (f"composition (mask share) [{level} CI]", f"{comp:.3f} {_ci(s['composition_ci'])}"),
-        *([(f"renormalisation split: mask share SS(m) / (SS(m) + SS(log A^full)) [{level} CI]",
-            f"{split['composition']:.3f} {_ci(split.get('composition_ci', [np.nan, np.nan]))}"),
-           ("renormalisation split: cross term / SS(log A)", split["cross_fraction"])]
+        (f"ablation composition (the paper's method; mask share of {s['target']}) [{level} CI]",
+         f"{comp:.3f} {_ci(s['composition_ci'])}"),
+        *([(f"completed split (w = {split['window']}): mask share <D m, D log A> / SS(D log A) "
+             f"[{level} CI]", f"{split['mask_share']:.3f} {_ci(split.get('mask_share_ci', [np.nan, np.nan]))}"),
+           (f"completed split: cross term / SS(log A) [{level} CI]",
+            f"{split['cross']:.3f} {_ci(split.get('cross_ci', [np.nan, np.nan]))}"),
+           ("completed split: compensating heads (parts large and cancelling)",
+            ", ".join(split["heads_compensating"]) or "none"),
+           ("completed split: heads not estimable (SS(log A) not above noise)",
+            len(split["heads_not_estimable"]))]
           if split else []),
         ("degenerate heads (left out of means and pools)", len(s["heads_degenerate"])),
         (f"heads with L_total > 0 (BH q < {s['fdr_level']})", s["heads_significant_total"]),
@@ -171,7 +188,7 @@ def summary_html(analysis: Analysis) -> str:
     if s["additivity_violated"]:
         warn = ("<p class='flag'>Additivity violated: the bidirectional ablation raised the mean "
                 "share (L_mask &lt; 0 beyond its CI). Read the ablation-based decomposition with care "
-                "and compare the renormalisation split.</p>")
+                "and read the completed split.</p>")
     return (f"<section id='summary'><h2>Summary</h2>{_bos_header(s['bos'])}{headline}<table>{body}</table>{warn}"
             f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}. ΔR² = "
             f"R²(M_abs) − R²(M_rel): 0 means offset alone explains the head's "

@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from rope_leak.engine.accumulate import (
-    LayerAccumulator,
-    NonFiniteAttentionError,
-    diagonal_sums,
-    lower_diagonal_sums,
-)
+from rope_leak.engine.accumulate import LayerAccumulator, NonFiniteAttentionError
+from rope_leak.engine.diagonals import diagonal_sums, lower_diagonal_sums
 from rope_leak.engine.kernel import load_kernel
 from rope_leak.engine.pairs import PairDesign, PairSpec
-from rope_leak.engine.statistics import SPLIT_TARGETS, TARGETS
+from rope_leak.engine.statistics import TARGETS
 
-MASKED = tuple(t for t in TARGETS if t not in SPLIT_TARGETS)
+MASKED = TARGETS
 
 
 def _log_z(s: np.ndarray) -> np.ndarray:
@@ -26,20 +22,16 @@ def _log_z(s: np.ndarray) -> np.ndarray:
 
 
 def reference_statistics(scores: np.ndarray, prompt_ids: np.ndarray, design: PairDesign,
-                         n_buckets: int, full: np.ndarray) -> dict:
-    """Per-cell loops in float64: y for every target, then X^T y, sum y^2, fold cell sums.
-    ``full``: the scores before the mask (for the renormalisation split's targets)."""
+                         n_buckets: int, full: np.ndarray | None = None) -> dict:
+    """Per-cell loops in float64: y for every target, then X^T y, sum y^2, fold cell sums."""
     B, H, n, _ = scores.shape
     s = scores.astype(np.float64)
     log_z = _log_z(s)
-    log_z_full = _log_z(full.astype(np.float64))
     values = {
         "pattern": np.exp(s - log_z[..., None]),
         "log_pattern": s - log_z[..., None],
         "scores": s,
         "neg_log_z": np.broadcast_to(-log_z[..., None], s.shape),
-        "unmasked_log_pattern": full.astype(np.float64) - log_z_full[..., None],
-        "renormalisation": np.broadcast_to((log_z_full - log_z)[..., None], s.shape),
     }
     qs, ks = design.cells
     cols = design.cell_columns
@@ -68,36 +60,27 @@ SPECS = [PairSpec(), PairSpec(include_sink=True), PairSpec(min_query=3, max_quer
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
-@pytest.mark.parametrize("causal", ["causal", "causal-unmasked-entry", "bidirectional"])
+@pytest.mark.parametrize("causal", ["causal", "bidirectional"])
 def test_fast_paths_equal_reference(path, spec, causal):
-    """Both paths against a float64 numpy reference; "causal-unmasked-entry" hands the
-    accumulator the scores before the mask (``add_unmasked_layer``), as the engine's
-    unmasked pass does."""
+    """Both paths against a float64 numpy reference."""
     if path == "kernel" and load_kernel() is None:
         pytest.skip("no C compiler: the kernel path is not available")
     gen = torch.Generator().manual_seed(1)
     B, H, n, n_buckets = 5, 3, 13, 4
     scores = 4 * torch.randn(2, B, H, n, n, generator=gen)
-    full = scores.clone()
     upper = torch.ones(n, n, dtype=torch.bool).triu(1)
     if causal != "bidirectional":
         scores = scores.masked_fill(upper, float("-inf"))
     ids = torch.tensor([7, 2, 4, 9, 10])
     design = PairDesign(spec, n)
-    acc = LayerAccumulator(design, 2, H, n_buckets, TARGETS, cell_maps=True, unmasked=True)
+    acc = LayerAccumulator(design, 2, H, n_buckets, TARGETS, cell_maps=True)
     acc.use_kernel = path == "kernel"
     for layer in range(2):
-        if causal == "causal-unmasked-entry":
-            masked = acc.add_unmasked_layer(layer, full[layer], ids,
-                                            lambda s: s.masked_fill(upper, float("-inf")))
-            assert torch.equal(masked, scores[layer])  # what the model goes on with
-        else:
-            acc.add_layer(layer, scores[layer], ids, torch.logsumexp(full[layer], -1))
+        acc.add_layer(layer, scores[layer], ids)
     acc.add_prompts(ids)
     stats = acc.to_statistics()
     for layer in range(2):
-        ref, sink = reference_statistics(scores[layer].numpy(), ids.numpy(), design, n_buckets,
-                                         full[layer].numpy())
+        ref, sink = reference_statistics(scores[layer].numpy(), ids.numpy(), design, n_buckets)
         for target in TARGETS:
             xty, sumsq, cell_sum = ref[target]
             got = stats[target]
@@ -173,17 +156,3 @@ def test_log_pattern_sum_of_squares_keeps_precision_with_large_scores(path):
     np.testing.assert_allclose(got, ref["log_pattern"][1], rtol=2e-6)
 
 
-@pytest.mark.parametrize("path", ["kernel", "torch"])
-def test_unmasked_entry_refuses_non_finite_scores_above_the_diagonal(path):
-    """A NaN the causal mask hides still spoils the unmasked denominator: both paths say so."""
-    if path == "kernel" and load_kernel() is None:
-        pytest.skip("no C compiler: the kernel path is not available")
-    n = 9
-    full = torch.randn(2, 3, n, n, generator=torch.Generator().manual_seed(4))
-    full[1, 2, 4, 7] = float("nan")  # query 4, key 7 > 4: masked for the model
-    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
-    acc = LayerAccumulator(PairDesign(PairSpec(), n), 1, 3, 2, TARGETS, unmasked=True)
-    acc.use_kernel = path == "kernel"
-    with pytest.raises(NonFiniteAttentionError, match="layer 0, head 2"):
-        acc.add_unmasked_layer(0, full, torch.arange(2), lambda s: s.masked_fill(upper, float("-inf")))
-        acc.check_finite()

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from rope_leak.engine.accumulate import LayerAccumulator, NonFiniteAttentionError, diagonal_sums
+from rope_leak.engine.accumulate import LayerAccumulator, NonFiniteAttentionError
+from rope_leak.engine.diagonals import diagonal_sums
 from rope_leak.engine.pairs import PairDesign, PairSpec
 from rope_leak.engine.run import run_statistics
-from rope_leak.engine.statistics import SPLIT_TARGETS, TARGETS, RunStatistics
+from rope_leak.engine.statistics import TARGETS, RunStatistics
 from rope_leak.fits.shares import absolute_sum_of_squares, fit_shares
 
-MASKED_TARGETS = tuple(t for t in TARGETS if t not in SPLIT_TARGETS)
+MASKED_TARGETS = TARGETS
 
 
 def masked(scores: torch.Tensor) -> torch.Tensor:
@@ -34,15 +35,12 @@ def relative_scores(n_prompts, n_heads, n, noise=0.3, absolute=0.0, seed=0):
     return base + noise * torch.randn(n_prompts, n_heads, n, n, generator=gen, dtype=torch.float64)
 
 
-def accumulate(scores, spec=PairSpec(), targets=MASKED_TARGETS, n_buckets=4, cell_maps=True,
-               full=None):
-    """Statistics of masked ``scores``; with ``full`` (the unmasked scores), also the
-    split targets."""
+def accumulate(scores, spec=PairSpec(), targets=MASKED_TARGETS, n_buckets=4, cell_maps=True):
+    """Statistics of masked ``scores``."""
     design = PairDesign(spec, scores.shape[-1])
-    acc = LayerAccumulator(design, 1, scores.shape[1], n_buckets, targets, cell_maps=cell_maps,
-                           unmasked=full is not None)
+    acc = LayerAccumulator(design, 1, scores.shape[1], n_buckets, targets, cell_maps=cell_maps)
     ids = torch.arange(scores.shape[0])
-    acc.add_layer(0, scores, ids, None if full is None else torch.logsumexp(full, -1))
+    acc.add_layer(0, scores, ids)
     acc.add_prompts(ids)
     return acc.to_statistics()
 
@@ -276,7 +274,7 @@ def test_torch_path_copies_nothing_to_the_host_per_batch(tiny_model, tiny_tokens
     from rope_leak.engine.run import ConditionRun
 
     run = ConditionRun(tiny_model, PairDesign(PairSpec(), tiny_tokens.shape[1]), TARGETS, 4,
-                       unmasked=True)
+                       start_cut_window=4)
     run.acc.use_kernel = False
     calls = []
     for name in ("cpu", "numpy", "item", "tolist"):

@@ -1,8 +1,7 @@
 """What keeps long prompts within memory, against independent references: the derived
 targets' ``X^T y`` (computed on access from row sums) against the per-cell values summed
 directly, the Schur complement (prefix sums, built in blocks) against the dense design's
-Gram, the in-place Cholesky projector against dense hat matrices, and the row-by-row
-``logsumexp`` of the unmasked pass against ``torch.logsumexp``."""
+Gram, the in-place Cholesky projector against dense hat matrices."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rope_leak.engine.accumulate import LayerAccumulator, row_logsumexp
+from rope_leak.engine.accumulate import LayerAccumulator
 from rope_leak.engine.pairs import PairDesign, PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics, TargetStatistics
@@ -20,28 +19,26 @@ from rope_leak.fits.shares import fit_shares
 
 SPECS = [PairSpec(), PairSpec(include_sink=True), PairSpec(min_query=3, max_query=11),
          PairSpec(max_offset=4)]
-DERIVED = ("neg_log_z", "log_pattern", "unmasked_log_pattern", "renormalisation")
+DERIVED = ("neg_log_z", "log_pattern")
 
 
 def split_statistics(n_prompts=6, n_heads=2, n=13, spec=PairSpec(), seed=0):
-    """Statistics of random scores (masked, with the unmasked log-denominators) and the
+    """Statistics of random (masked) scores and the
     per-prompt cell values of every target, computed directly from the scores."""
     gen = torch.Generator().manual_seed(seed)
     full = torch.randn(n_prompts, n_heads, n, n, generator=gen, dtype=torch.float64) * 2
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     scores = full.masked_fill(j > i, float("-inf"))
-    log_z, log_z_full = torch.logsumexp(scores, -1), torch.logsumexp(full, -1)
+    log_z = torch.logsumexp(scores, -1)
     design = PairDesign(spec, n)
-    acc = LayerAccumulator(design, 1, n_heads, 4, ("pattern",) + DERIVED, unmasked=True)
+    acc = LayerAccumulator(design, 1, n_heads, 4, ("pattern",) + DERIVED)
     ids = torch.arange(n_prompts)
-    acc.add_layer(0, scores, ids, log_z_full)
+    acc.add_layer(0, scores, ids)
     acc.add_prompts(ids)
     values = {
         "scores": scores,
         "neg_log_z": (-log_z)[..., None].expand_as(scores),
         "log_pattern": scores - log_z[..., None],
-        "unmasked_log_pattern": scores - log_z_full[..., None],
-        "renormalisation": (log_z_full - log_z)[..., None].expand_as(scores),
     }
     return acc.to_statistics(), design, {k: v.numpy() for k, v in values.items()}
 
@@ -69,12 +66,11 @@ def test_derived_targets_hold_no_xty_and_match_the_cell_values(spec):
 
 def test_derived_xty_equals_the_row_part_plus_the_scores_exactly():
     stats, design, _ = split_statistics()
-    derived = stats["unmasked_log_pattern"].derived
+    derived = stats["log_pattern"].derived
     eager = (design.row_xty(torch.from_numpy(derived.rows)) + torch.from_numpy(stats["scores"].xty)).numpy()
-    assert np.array_equal(stats["unmasked_log_pattern"].xty, eager)
-    renorm = stats["renormalisation"].derived
-    eager = design.row_xty(torch.from_numpy(renorm.rows) - torch.from_numpy(renorm.minus)).numpy()
-    assert np.array_equal(stats["renormalisation"].xty, eager)
+    assert np.array_equal(stats["log_pattern"].xty, eager)
+    neg_log_z = stats["neg_log_z"].derived
+    assert np.array_equal(stats["neg_log_z"].xty, design.row_xty(torch.from_numpy(neg_log_z.rows)).numpy())
 
 
 def test_derived_statistics_fit_project_and_merge_like_stored_ones():
@@ -139,9 +135,3 @@ def test_in_place_cholesky_projector_matches_dense_hat_matrices(spec):
     np.testing.assert_allclose(z @ z.T, eigen @ eigen.T, rtol=1e-9, atol=1e-9)
 
 
-def test_row_logsumexp_equals_torch_logsumexp_exactly():
-    scores = torch.randn(2, 3, 40, 40) * 4
-    scores[..., 1:, 0] = float("-inf")
-    assert torch.equal(row_logsumexp(scores), torch.logsumexp(scores, -1))
-    scores64 = scores.double()
-    assert torch.equal(row_logsumexp(scores64), torch.logsumexp(scores64, -1))

@@ -10,11 +10,11 @@ import torch
 
 from rope_leak.engine.accumulate import LayerAccumulator
 from rope_leak.engine.pairs import PairDesign, PairSpec
-from rope_leak.engine.statistics import SPLIT_TARGETS, TARGETS
+from rope_leak.engine.statistics import TARGETS
 from rope_leak.fits.projection import BucketProjection
 from rope_leak.fits.shares import fit_shares
 
-MASKED = tuple(t for t in TARGETS if t not in SPLIT_TARGETS)
+MASKED = TARGETS
 
 
 def reference_shares(design: PairDesign, cell_sum: np.ndarray, sumsq: np.ndarray, count: np.ndarray):

@@ -17,6 +17,7 @@ import torch
 from rope_leak.analyses.analysis import analyze
 from rope_leak.backends import tiny_rope_model
 from rope_leak.engine.pairs import PairDesign, PairSpec
+from tests.reference_start_cut import completed_split_reference
 
 N = 16
 D_MODEL, D_HEAD = 8, 4
@@ -82,6 +83,9 @@ def causal_log_pattern(scores: np.ndarray) -> np.ndarray:
     return masked - np.logaddexp.reduce(masked, axis=1, keepdims=True)
 
 
+WINDOW = 4  # the completed split's window at these short prompts
+
+
 @pytest.fixture(scope="module")
 def tokens():
     out = torch.randint(1, 10, (8, N), generator=torch.Generator().manual_seed(0))
@@ -92,22 +96,19 @@ def tokens():
 def test_purely_relative_logits_all_absolute_position_from_the_mask(tokens):
     model, scores = hand_set_model(planted=0.0)
     assert absolute_ss(scores) < 1e-20  # by construction
-    analysis = analyze(model, tokens, progress=False)
+    analysis = analyze(model, tokens, progress=False, window=WINDOW)
     dec = analysis.decomposition("pattern")
     # Ablation: the bidirectional pattern is purely relative; the causal one is not.
     assert abs(dec.resid[0, 0]) < 1e-5
     assert dec.total[0, 0] > 0.01
     assert analysis.decomposition("scores").total[0, 0] == pytest.approx(0, abs=1e-5)
-    # Renormalisation split: the unmasked scores are periodic in the offset, so their
-    # softmax over every key is purely relative; all of log A's absolute SS is the mask's.
-    split = analysis.split().fractions()
-    log_a = causal_log_pattern(scores)
-    assert split["resid"][0, 0] == pytest.approx(0, abs=1e-6)
-    assert split["mask"][0, 0] == pytest.approx(absolute_ss(log_a), rel=1e-4)
-    # In share units the total term is the debiased causal share of log_pattern.
-    assert split["total"][0, 0] == pytest.approx(
-        analysis.inference("log_pattern").total.estimate[0, 0], rel=1e-6)
-    assert analysis.split().head_composition()[0, 0] == pytest.approx(1.0, abs=1e-4)
+    # Completed split: the scores are periodic in the offset (relative), so the start cut
+    # carries log A's absolute position; equal to the per-cell reference.
+    split = analysis.completed_split()
+    ref = completed_split_reference(scores, w=WINDOW, min_query=WINDOW)
+    for name in ("mask_share", "mask_part", "scores_part", "cross"):
+        assert split.head_table()[name][0, 0] == pytest.approx(ref[name], abs=1e-5), name
+    assert split.head_table()["mask_share"][0, 0] > 0.9
 
 
 def test_planted_residual_stream_signal_is_recovered(tokens):
@@ -115,16 +116,14 @@ def test_planted_residual_stream_signal_is_recovered(tokens):
     log_a = causal_log_pattern(scores)
     truth_scores = absolute_ss(scores, per=log_a)
     assert truth_scores > 0.05  # the planted signal is large by construction
-    analysis = analyze(model, tokens, progress=False)
-    split = analysis.split().fractions()
-    # Every prompt is identical here, so the debiased SS is the exact SS. Reference: the
-    # softmax of the hand-computed scores over every key, and the mask's renormalisation.
-    log_full = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
-    renorm = np.where(np.tril(np.ones_like(scores, dtype=bool)), log_a - log_full, 0.0)
-    assert split["resid"][0, 0] == pytest.approx(absolute_ss(log_full, per=log_a), rel=1e-4)
-    assert split["mask"][0, 0] == pytest.approx(absolute_ss(renorm, per=log_a), rel=1e-4)
-    assert split["total"][0, 0] == pytest.approx(absolute_ss(log_a), rel=1e-4)
-    assert split["resid"][0, 0] > 0.01  # the planted signal is in the scores' term
+    analysis = analyze(model, tokens, progress=False, window=WINDOW)
+    # Every prompt is identical here, so the debiased SS is the exact SS: equal to the
+    # per-cell reference, and the planted signal is in the scores' part.
+    split = analysis.completed_split().head_table()
+    ref = completed_split_reference(scores, w=WINDOW, min_query=WINDOW)
+    for name in ("mask_share", "mask_part", "scores_part", "cross"):
+        assert split[name][0, 0] == pytest.approx(ref[name], abs=1e-5), name
+    assert split["scores_part"][0, 0] > 0.05
     # The planted signal survives the mask swap: the ablation sees it as residual stream.
     dec = analysis.decomposition("pattern")
     assert dec.resid[0, 0] > 0.05
