@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 from rope_leak.engine.pairs import PairSpec
+from rope_leak.engine.start_cut import DEFAULT_WINDOW
 from rope_leak.pipeline import DTYPES
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -52,6 +53,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-sink", action="store_true", help="score key 0 as well")
     parser.add_argument("--min-query", type=int, default=1)
     parser.add_argument("--max-query", type=int, default=None, help="score only queries i < this")
+    parser.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW,
+                        help="the completed split's reference window w: its profile and scored "
+                             f"queries start at i = w (default {DEFAULT_WINDOW})")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="rope_leak_out", help="output folder (default rope_leak_out)")
@@ -132,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "(full-length prompts; about 6x the cost)")
     sinks.add_argument("--no-probe", action="store_true", help="skip the fingerprint probe")
     _add_scale_arguments(analyze)
+    effects = sub.add_parser("effects", help="does the model use it? loss effects of removing each "
+                             "layer's (and the top heads') start cut and absolute key effect")
+    effects.add_argument("--model", default=DEFAULT_MODEL,
+                         help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
+    _add_run_arguments(effects)
+    effects.add_argument("--heldout", type=_positive_int, default=16,
+                         help="held-out prompts the effects are measured on (default 16)")
+    effects.add_argument("--heads", default=None,
+                         help="heads to run alone, e.g. 'L3H1,L5H4' (default: top 10 by L_total and by "
+                              "each part of the completed split; 'none': no single heads)")
+    effects.add_argument("--no-layers", action="store_true", help="skip the per-layer effects")
+    effects.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of the fit (default 200)")
+    effects.set_defaults(out="rope_leak_effects")
     _add_merge_parser(sub)
     return parser
 
@@ -145,6 +162,7 @@ def run_options(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "corpus": args.corpus, "out": args.out, "prompts": args.prompts,
         "tokens": args.tokens, "seed": args.seed, "target": args.target, "pairs": _pairs(args),
+        "window": args.window,
         "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype,
         "sinks": not args.no_sinks, "sink_prompts": args.sink_prompts,
         "bos_prompts": args.bos_prompts, "reading_prompts": args.reading_prompts,
@@ -285,7 +303,37 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"analyze": run_analyze, "compare": run_compare, "sinks": run_sinks, "merge": run_merge}
+def _heads_option(text: str | None):
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run_effects_command(args: argparse.Namespace) -> int:
+    from rope_leak.pipeline import run_effects, stderr_log
+
+    result = run_effects(args.model, args.corpus, args.out, prompts=args.prompts, heldout=args.heldout,
+                         tokens=args.tokens, seed=args.seed, window=args.window,
+                         heads=_heads_option(args.heads), layers=not args.no_layers,
+                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                         n_boot=args.n_boot, overwrite=args.overwrite, progress=not args.no_progress,
+                         log=stderr_log)
+    table = result.effects.table
+    layers = table[(table["scope"] == "layer") & (table["queries"] == "all")]
+    for intervention, rows in layers.groupby("intervention", sort=False):
+        worst = rows.loc[rows["effect_nats"].abs().idxmax()] if len(rows) else None
+        if worst is not None:
+            print(f"{intervention}: largest per-layer effect {worst['label']} {worst['effect_nats']:+.4f} nats "
+                  f"[{worst['ci_low']:+.4f}, {worst['ci_high']:+.4f}]")
+    print(f"baseline loss {result.effects.baseline_loss:.4f} nats on {result.effects.n_prompts} held-out prompts; "
+          f"wrote {result.out}/effects.csv and report.html in {result.run_info['seconds']:.0f} s")
+    return 0
+
+
+COMMANDS = {"analyze": run_analyze, "compare": run_compare, "sinks": run_sinks, "merge": run_merge,
+            "effects": run_effects_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

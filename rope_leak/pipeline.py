@@ -30,6 +30,7 @@ import torch
 
 from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairSpec
+from rope_leak.engine.start_cut import DEFAULT_WINDOW
 from rope_leak.output.results import to_jsonable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,6 +154,7 @@ def run(
     seed: int = 0,
     target: str = "pattern",
     pairs: PairSpec = PairSpec(),
+    window: int = DEFAULT_WINDOW,
     batch_size: int = 8,
     device: str = "cpu",
     dtype: str = "float32",
@@ -179,7 +181,7 @@ def run(
             documents (cut into ``prompts`` x ``tokens`` chunks with ``seed``), or a
             :class:`rope_leak.Corpus` (used as is).
         out: output folder; None keeps everything in memory (no checkpoints either).
-        target, pairs, batch_size, cell_maps: as for :func:`rope_leak.analyze`.
+        target, pairs, window, batch_size, cell_maps: as for :func:`rope_leak.analyze`.
         sinks: run the sink analysis on the first ``sink_prompts`` prompts (BOS
             interventions on the first ``bos_prompts``, sink reading on ``reading_prompts``).
         save_statistics: also write ``statistics.npz`` (large; mergeable).
@@ -227,7 +229,7 @@ def run(
     corpus, corpus_name = _corpus(model, corpus, prompts=prompts, tokens=tokens, seed=seed)
     settings = {
         "model": model_name, "corpus": corpus_name, "prompts": corpus.n_prompts, "tokens": corpus.n_tokens,
-        "seed": corpus.seed, "target": target, "pairs": pairs.to_dict(), "dtype": dtype,
+        "seed": corpus.seed, "target": target, "pairs": pairs.to_dict(), "window": window, "dtype": dtype,
         "batch_size": batch_size, "no_sinks": not sinks, "sink_prompts": sink_prompts,
         "bos_prompts": bos_prompts, "reading_prompts": reading_prompts,
         "save_statistics": save_statistics, "cell_maps": cell_maps,
@@ -244,14 +246,14 @@ def run(
         resume = {"checkpoint": checkpoint, "checkpoint_every": checkpoint_every,
                   "checkpoint_seconds": 60.0 * checkpoint_minutes}
     if shard is not None:
-        stats = _run_shard(model, corpus, out, pairs, batch_size, cell_maps, progress, settings,
+        stats = _run_shard(model, corpus, out, pairs, window, batch_size, cell_maps, progress, settings,
                            provenance, shard, resume)
         return RunResult(out=out, files=_files(out, ("statistics.npz", "shard.json")), model=model,
                          corpus=corpus, run_info={"seconds": time.perf_counter() - started},
                          shard=shard, statistics=stats, provenance=provenance)
     from rope_leak.analyses.analysis import analyze
 
-    analysis = analyze(model, corpus.tokens, target=target, spec=pairs, batch_size=batch_size,
+    analysis = analyze(model, corpus.tokens, target=target, spec=pairs, window=window, batch_size=batch_size,
                        progress=progress, metadata={"settings": settings},
                        cell_maps=cell_maps, **resume)
     sink_result, sections = None, ()
@@ -291,7 +293,7 @@ def run(
                      corpus=corpus, run_info=run_info, provenance=provenance)
 
 
-def _run_shard(model, corpus, out, pairs, batch_size, cell_maps, progress, settings, provenance,
+def _run_shard(model, corpus, out, pairs, window, batch_size, cell_maps, progress, settings, provenance,
                shard, resume):
     from rope_leak.analyses.analysis import model_fingerprint, tokens_sha256
     from rope_leak.analyses.bos_status import bos_status
@@ -307,7 +309,7 @@ def _run_shard(model, corpus, out, pairs, batch_size, cell_maps, progress, setti
     stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=pairs,
                            batch_size=batch_size, prompt_ids=prompts,
                            n_buckets=default_buckets(len(corpus.tokens)),  # as the whole run's
-                           cell_maps=cell_maps, progress=progress,
+                           cell_maps=cell_maps, progress=progress, start_cut_window=window,
                            metadata={"settings": settings, "inputs": inputs}, **resume)
     write_shard(stats, out, shard=shard, n_prompts=len(corpus.tokens), provenance=provenance)
     if resume:
@@ -321,6 +323,92 @@ def shard_range(result: RunResult) -> range:
 
     batch_size = result.provenance["settings"]["batch_size"]
     return shard_prompts(result.corpus.n_prompts, batch_size, result.shard)
+
+
+@dataclass(repr=False)
+class EffectsRunResult(Displayable):
+    """What :func:`run_effects` produced: the analysis the interventions were fitted on,
+    the :class:`~rope_leak.analyses.effects.LossEffects` on the held-out prompts, the
+    output folder and the files written there, and timings."""
+
+    analysis: Any
+    effects: Any
+    out: Path | None = None
+    files: list[str] = field(default_factory=list)
+    run_info: dict = field(default_factory=dict)
+
+    def _display_items(self):
+        return [("effects", repr(self.effects)), ("out", None if self.out is None else str(self.out)),
+                ("seconds", round(self.run_info.get("seconds", float("nan")), 1))]
+
+
+def run_effects(
+    model="smollm2-135m",
+    corpus="wikipedia",
+    out: str | os.PathLike | None = None,
+    *,
+    prompts: int = 64,
+    heldout: int = 16,
+    tokens: int = 256,
+    seed: int = 0,
+    window: int = DEFAULT_WINDOW,
+    heads=None,
+    layers: bool = True,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    n_boot: int = 200,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Log | None = None,
+) -> EffectsRunResult:
+    """What ``rope-leak effects`` does: fit the analysis on ``prompts`` chunks, then run
+    both interventions of :mod:`rope_leak.analyses.effects` on ``heldout`` further chunks
+    (disjoint from the fitted ones) for every layer and for ``heads`` (default: the top
+    heads). Writes the analysis' result files plus ``effects.csv``, with an effects section
+    in ``report.html``."""
+    from rope_leak.analyses.analysis import analyze
+    from rope_leak.analyses.effects import loss_effects
+    from rope_leak.output.effects_report import effects_section_html
+    from rope_leak.output.results import RESULT_FILES, check_output_dir, save_analysis
+
+    log = log or _quiet
+    dtype = _dtype_name(dtype)
+    if heldout < 2:
+        raise ValueError(f"heldout={heldout}: effects need at least 2 held-out prompts. Fix: --heldout 16.")
+    if out is not None:
+        out = Path(out)
+        check_output_dir(out, overwrite, RESULT_FILES + ("effects.csv",))
+    started = time.perf_counter()
+    model, model_name = _model(model, device=device, dtype=dtype, n_tokens=tokens, log=log)
+    corpus, corpus_name = _corpus(model, corpus, prompts=prompts + heldout, tokens=tokens, seed=seed)
+    if corpus.n_prompts < prompts + heldout:
+        raise ValueError(f"the corpus gave {corpus.n_prompts} chunks, fewer than {prompts} + {heldout} held "
+                         "out. Fix: lower --prompts or --heldout.")
+    fit, held = corpus.tokens[:prompts], corpus.tokens[prompts:prompts + heldout]
+    settings = {"model": model_name, "corpus": corpus_name, "prompts": prompts, "heldout": heldout,
+                "tokens": corpus.n_tokens, "seed": corpus.seed, "window": window, "batch_size": batch_size,
+                "dtype": dtype, "heads": None if heads is None else str(heads), "layers": layers}
+    log(f"fitting on {prompts} prompts ...")
+    analysis = analyze(model, fit, window=window, batch_size=batch_size, n_boot=n_boot, progress=progress,
+                       metadata={"settings": settings})
+    fitted = time.perf_counter()
+    log(f"loss effects on {heldout} held-out prompts ...")
+    effects = loss_effects(model, analysis, fit, held, heads=heads, layers=layers, batch_size=batch_size,
+                           progress=progress)
+    finished = time.perf_counter()
+    run_info = {"seconds": finished - started, "fit_seconds": fitted - started,
+                "effects_seconds": finished - fitted, "device": device, "threads": torch.get_num_threads()}
+    if out is not None:
+        section = effects_section_html(effects.table, baseline_loss=effects.baseline_loss,
+                                       n_prompts=effects.n_prompts)
+        provenance = {"model": dict(getattr(model, "rope_leak_source", {"name": model_name})),
+                      "corpus": corpus.to_dict(), "settings": settings}
+        save_analysis(analysis, out, provenance=provenance, run_info=run_info, overwrite=overwrite,
+                      statistics=False, extra_sections=(section,),
+                      extra_files={"effects.csv": effects.table.to_csv(index=False, float_format="%.17g")})
+    return EffectsRunResult(analysis, effects, out, _files(out, (*RESULT_FILES, "run_info.json", "effects.csv")),
+                            run_info)
 
 
 def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, *, overwrite: bool = False,

@@ -25,8 +25,6 @@ values; tests compare both with a float64 reference):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from jaxtyping import Float, Int

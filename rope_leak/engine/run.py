@@ -38,6 +38,7 @@ from rope_leak.engine.statistics import (
 from rope_leak.interventions.conditions import Condition
 from rope_leak.interventions.mask import bidirectional, causal
 
+
 class StartCutSkippedWarning(UserWarning):
     """Prompts too short for the start cut's window: no completed split."""
 

@@ -361,8 +361,7 @@ class StartCutStatistics:
         return self.log_pattern.design
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"profile_sum": self.profile_sum, "log_pattern_xty": self.xty,
-                "log_pattern_sumsq": self.sumsq, "log_pattern_count": self.count, "log_rho": self.log_rho,
+        return {"profile_sum": self.profile_sum, "log_rho": self.log_rho,
                 "prompt_ids": np.asarray(self.prompt_ids, dtype=np.int64),
                 "log_pattern_xty": self.log_pattern.xty, "log_pattern_sumsq": self.log_pattern.sumsq,
                 "log_pattern_count": self.log_pattern.count}

@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,6 +123,7 @@ def save_analysis(
     extra_sections: Sequence[str] = (),
     statistics: bool = True,
     sinks=None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write every result file of ``analysis`` into ``out_dir``.
 
@@ -133,6 +134,7 @@ def save_analysis(
     run does not write (e.g. ``report.html`` with ``report=False``) are removed, so the
     folder never mixes two runs. ``sinks``: the run's
     :class:`rope_leak.analyses.sinks.SinkAnalysis`, for the report's sink-reading flags.
+    ``extra_files``: ``{file name: text}`` written with the results (e.g. ``effects.csv``).
     """
     out = check_output_dir(out_dir, overwrite)
     payload = results_dict(analysis, provenance)
@@ -143,7 +145,9 @@ def save_analysis(
         import pandas as pd
 
         atomic_write_text(staging / "layers.csv", pd.concat(layers).to_csv(index=False, float_format="%.17g"))  # full float64 precision
-        if statistics:  # mergeable, but large (~1.5 GB for SmolLM2 at n = 256)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(staging / name, text)
+        if statistics:  # mergeable; tens of MB for SmolLM2 at 64 x 256 (more with cell maps)
             analysis.statistics.save(staging / "statistics.npz")
         if run_info is not None:
             atomic_write_text(staging / "run_info.json",

@@ -23,7 +23,7 @@ def text_corpus(tmp_path_factory, synthetic_text):
 
 
 def test_analysis_tables_are_consistent(tiny_model, tiny_tokens):
-    analysis = analyze(tiny_model, tiny_tokens, progress=False, batch_size=5)
+    analysis = analyze(tiny_model, tiny_tokens, progress=False, batch_size=5, window=4)
     heads = analysis.heads()
     assert len(heads) == 2 * 4 and heads["label"].iloc[5] == "L1H1"
     np.testing.assert_allclose(heads["pattern_L_mask"], heads["pattern_L_total"] - heads["pattern_L_resid"])
@@ -47,12 +47,22 @@ def test_analysis_tables_are_consistent(tiny_model, tiny_tokens):
     low, high = summary["composition_ci"]
     assert np.isfinite(low) and low <= high
     np.testing.assert_allclose(heads["L_mask_debiased"], heads["L_total_debiased"] - heads["L_resid_debiased"])
-    # The renormalisation split's total term, in share units, is log_pattern's debiased
-    # causal share (two separate code paths: projections of log A vs the inference).
-    split = analysis.split().fractions()
-    keep = ~analysis.split().degenerate
-    np.testing.assert_allclose(split["total"][keep],
-                               analysis.inference("log_pattern").total.estimate[keep], rtol=1e-6)
+    # The completed split: its parts add up per head, and the model and layer values are
+    # the pools of the per-head numbers (sum <D m, D log A> / sum SS(D log A)).
+    split = analysis.completed_split()
+    table = split.head_table()
+    kept = split.keep
+    np.testing.assert_allclose((table["mask_part"] + table["scores_part"] + table["cross"])[kept], 1.0)
+    pooled = (split.mask_inner[kept].sum() / split.total[kept].sum())
+    assert summary["completed_split"]["mask_share"] == pytest.approx(pooled)
+    assert set(summary["completed_split"]) >= {"mask_share", "mask_share_ci", "cross", "scores_part",
+                                                 "mask_part"}
+    for layer in range(analysis.n_layers):
+        keep = kept[layer]
+        expected = split.mask_inner[layer][keep].sum() / split.total[layer][keep].sum() if keep.any() else np.nan
+        assert layers["completed_mask_share"][layer] == pytest.approx(expected, nan_ok=True)
+    np.testing.assert_allclose(heads["completed_mask_share"], table["mask_share"].ravel())
+    np.testing.assert_allclose(heads["completed_cross"], table["cross"].ravel())
     assert summary["position_zero_max_std"]["causal"] == 0.0
     assert summary["position_zero_max_std"]["bidirectional"] > 0.0
 
@@ -108,11 +118,11 @@ def test_real_model_analysis(real_model):
 
 
 def test_heads_csv_keeps_full_precision(tiny_model, tiny_tokens, tmp_path):
-    analysis = analyze(tiny_model, tiny_tokens, progress=False, n_boot=20)
+    analysis = analyze(tiny_model, tiny_tokens, progress=False, n_boot=20, window=4)
     analysis.save(tmp_path / "out")
     written = pd.read_csv(tmp_path / "out" / "heads.csv")
     expected = analysis.heads()
-    for column in ("L_total_debiased", "pattern_L_total_crossfit", "split_mask"):
+    for column in ("L_total_debiased", "pattern_L_total_crossfit", "completed_mask_share"):
         np.testing.assert_array_equal(written[column].to_numpy(), expected[column].to_numpy())
 
 

@@ -227,7 +227,7 @@ def test_composition_marks_shares_off_the_axis():
     estimate = np.array([0.5, -3.0, 0.8, 2.0])
     inference = SimpleNamespace(layer_composition=SimpleNamespace(
         estimate=estimate, low=estimate - 0.2, high=estimate + 0.2))
-    fake = SimpleNamespace(n_layers=4, split=lambda: None, inference=lambda target: inference)
+    fake = SimpleNamespace(n_layers=4, completed_split=lambda: None, inference=lambda target: inference)
     fig = decompositions_by_layer(fake)
     low, high = SHARE_AXIS
     line = next(t for t in fig.data if t.name.startswith("bidirectional ablation"))
