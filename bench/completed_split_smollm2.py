@@ -114,6 +114,8 @@ def first_cell_details(model, corpus, analysis, batch_size) -> dict:
              "| w | mask share | cross |", "|---|---|---|"]
     sensitivity = {}
     for window in (16, 32, 64):
+        if corpus.n_tokens < window + 2:
+            continue
         if window == split.window:
             other = split
         else:

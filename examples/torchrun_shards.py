@@ -36,7 +36,7 @@ from rope_leak.cli import build_parser, run_options
 
 def run(argv: list[str]) -> int:
     options = run_options(build_parser().parse_args(["analyze", *argv]))
-    if options["shard"] is not None or "--device" in argv or any(a.startswith("--device=") for a in argv):
+    if options["config"].shard is not None or "--device" in argv or any(a.startswith("--device=") for a in argv):
         raise SystemExit("pass neither --shard nor --device: each rank picks its own.")
     out = Path(options.pop("out"))
     rl.tune_allocator()  # as the command line does: malloc thresholds for long streaming passes
@@ -46,7 +46,7 @@ def run(argv: list[str]) -> int:
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     try:
         try:
-            rl.run(**{**options, "device": device, "shard": (rank, world),
+            rl.run(**{**options, "config": options["config"].replace(device=device, shard=(rank, world)),
                       "out": out / f"shard-{rank:04d}"})
             code = 0
         except Exception as err:  # reported here; rank 0 learns of it through the gather

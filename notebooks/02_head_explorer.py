@@ -50,15 +50,18 @@ pio.renderers.default = "plotly_mimetype+notebook"
 torch.set_grad_enabled(False)
 settings = explore.notebook_settings(default_prompts=16, default_tokens=64)
 print("settings:", settings.to_dict())
+HELD_OUT = 4  # prompts kept out of the fits, for the loss effects at the end
 if settings.real_model:
     model = rl.load_model(settings.model)
-    corpus = rl.load_corpus(model, "wikipedia", n_prompts=settings.n_prompts, n_tokens=settings.n_tokens)
+    corpus = rl.load_corpus(model, "wikipedia", n_prompts=settings.n_prompts + HELD_OUT,
+                            n_tokens=settings.n_tokens)
 else:
     model = rl.tiny_rope_model(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=64, d_vocab=50, seed=0)
-    corpus = make_random_corpus(settings.n_prompts, settings.n_tokens, model.cfg.d_vocab, seed=0,
+    corpus = make_random_corpus(settings.n_prompts + HELD_OUT, settings.n_tokens, model.cfg.d_vocab, seed=0,
                                 bos_token_id=TINY_BOS_TOKEN_ID)
-tokens = corpus.tokens
-analysis = rl.analyze(model, corpus, cell_maps=True, progress=False)  # per-cell maps for the heat maps
+tokens, held_out = corpus.tokens[:settings.n_prompts], corpus.tokens[settings.n_prompts:]
+window = min(32, settings.n_tokens // 4)  # the completed split's window (queries i >= w are scored)
+analysis = rl.analyze(model, tokens, cell_maps=True, window=window, progress=False)  # cell maps: heat maps
 analysis.top_heads(8).round(4)
 
 # %% [markdown]
@@ -122,7 +125,23 @@ print("HEAD RESULT:", result)
 # "residual after M_abs" is what absolute position explains: typically a gradient down the
 # query axis (the causal denominator) or a column near the start (position 0's
 # fingerprint read through the residual stream).
+
+# %% [markdown]
+# ## Does the model use this head's absolute position?
 #
+# The completed split gives the head two counterfactuals: its pattern without the start
+# cut (as if the sequence had a past; the missing mass goes to a virtual key holding the
+# head's mean value) and its scores without their absolute key effect. Each is run on the
+# held-out prompts; the effect is the change in mean next-token loss (nats), with t
+# intervals over prompts (wide with so few).
+
+# %%
+effects = rl.loss_effects(model, analysis, tokens, held_out, heads=[(LAYER, HEAD)], layers=False,
+                          progress=False)
+print(f"EFFECTS of {chosen.label} (baseline loss {effects.baseline_loss:.3f} nats on {len(held_out)} prompts):")
+effects.table[["label", "intervention", "queries", "effect_nats", "ci_low", "ci_high"]].round(5)
+
+# %% [markdown]
 # ## Interactive picker
 
 # %%

@@ -16,8 +16,7 @@ import time
 from collections.abc import Sequence
 
 from rope_leak.engine.pairs import PairSpec
-from rope_leak.engine.start_cut import DEFAULT_WINDOW
-from rope_leak.pipeline import DTYPES
+from rope_leak.run_config import RunConfig, add_arguments
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -38,26 +37,13 @@ def _number(cast: type, minimum: float, kind: str):
 
 
 _positive_int = _number(int, 1, "a whole number")
-_nonnegative_float = _number(float, 0, "a number")
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_run_arguments(parser: argparse.ArgumentParser, groups=("run",)) -> None:
+    """The corpus, the output options, and :class:`RunConfig`'s fields of ``groups``."""
     parser.add_argument("--corpus", default="wikipedia",
                         help="'wikipedia' (the embedded excerpt) or a .txt/.jsonl file or folder")
-    parser.add_argument("--prompts", type=_positive_int, default=64, help="number of chunks P (default 64)")
-    parser.add_argument("--tokens", type=_positive_int, default=256, help="tokens per chunk n (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--target", choices=("pattern", "log_pattern", "scores"), default="pattern",
-                        help="response whose share is headlined (all three are computed)")
-    parser.add_argument("--include-sink", action="store_true", help="score key 0 as well")
-    parser.add_argument("--min-query", type=int, default=1)
-    parser.add_argument("--max-query", type=int, default=None, help="score only queries i < this")
-    parser.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW,
-                        help="the completed split's reference window w: its profile and scored "
-                             f"queries start at i = w (default {DEFAULT_WINDOW})")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
+    add_arguments(parser, groups)
     parser.add_argument("--out", default="rope_leak_out", help="output folder (default rope_leak_out)")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -72,24 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="per-head absolute-position share and its decomposition")
     analyze.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
-    _add_run_arguments(analyze)
-    analyze.add_argument("--save-statistics", action="store_true",
-                         help="also write statistics.npz, the run's sufficient statistics (O(n) "
-                              "per head and prompt bucket), to merge or refit later")
-    analyze.add_argument("--cell-maps", action="store_true",
-                         help="also keep per-cell sums (O(n^2) per head): the cell-mean ceiling "
-                              "M_cell in heads.csv, the permutation null and per-cell maps")
-    analyze.add_argument("--no-sinks", action="store_true",
-                         help="skip the sink analysis (sink reading, position-0 trajectories, "
-                              "fingerprint probe, BOS interventions) and its report sections")
-    analyze.add_argument("--sink-prompts", type=_positive_int, default=16,
-                         help="prompts used by the sink analysis, the first of the corpus (default 16)")
-    analyze.add_argument("--reading-prompts", type=_positive_int, default=4,
-                         help="prompts used for sink reading, which reruns every layer (default 4)")
-    analyze.add_argument("--bos-prompts", type=_positive_int, default=16,
-                         help="prompts used by the BOS interventions, the first of the corpus; they run "
-                              "only the first 32 tokens (default 16; each 16 more cost about 8%% of the "
-                              "main pass at 64 x 256)")
+    _add_run_arguments(analyze, groups=("run", "analyze", "scale"))
     compare = sub.add_parser(
         "compare",
         help="compare models: L_total, L_mask, L_resid, composition, sink heads, depth slope (with CIs)",
@@ -135,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run the BOS interventions under the bidirectional ablation "
                             "(full-length prompts; about 6x the cost)")
     sinks.add_argument("--no-probe", action="store_true", help="skip the fingerprint probe")
-    _add_scale_arguments(analyze)
     effects = sub.add_parser("effects", help="does the model use it? loss effects of removing each "
                              "layer's (and the top heads') start cut and absolute key effect")
     effects.add_argument("--model", default=DEFAULT_MODEL,
@@ -154,24 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pairs(args: argparse.Namespace) -> PairSpec:
-    return PairSpec(include_sink=args.include_sink, min_query=args.min_query, max_query=args.max_query)
+    return RunConfig.from_args(args).pairs
 
 
 def run_options(args: argparse.Namespace) -> dict:
     """``rope-leak analyze`` arguments as keyword arguments of :func:`rope_leak.run`."""
-    return {
-        "model": args.model, "corpus": args.corpus, "out": args.out, "prompts": args.prompts,
-        "tokens": args.tokens, "seed": args.seed, "target": args.target, "pairs": _pairs(args),
-        "window": args.window,
-        "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype,
-        "sinks": not args.no_sinks, "sink_prompts": args.sink_prompts,
-        "bos_prompts": args.bos_prompts, "reading_prompts": args.reading_prompts,
-        "save_statistics": args.save_statistics, "cell_maps": args.cell_maps,
-        "shard": getattr(args, "shard", None),
-        "checkpoint_minutes": getattr(args, "checkpoint_minutes", 0.0),
-        "checkpoint_every": getattr(args, "checkpoint_every", 0),
-        "overwrite": args.overwrite, "progress": not args.no_progress,
-    }
+    return {"model": args.model, "corpus": args.corpus, "out": args.out, "config": RunConfig.from_args(args),
+            "overwrite": args.overwrite, "progress": not args.no_progress}
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -186,7 +143,16 @@ def run_analyze(args: argparse.Namespace) -> int:
         return 0
     s = result.analysis.summary()
     ci = lambda key: f"[{s[key + '_ci'][0]:.3f}, {s[key + '_ci'][1]:.3f}]"  # noqa: E731
-    print(f"composition (mask share) = {s['composition']:.3f} {ci('composition')}; "
+    completed = s.get("completed_split")
+    if completed:
+        cci = lambda key: f"[{completed[key + '_ci'][0]:.3f}, {completed[key + '_ci'][1]:.3f}]"  # noqa: E731
+        print(f"completed split (w = {completed['window']}, log A): mask share = {completed['mask_share']:.3f} "
+              f"{cci('mask_share')}, cross term = {completed['cross']:.3f} {cci('cross')} x SS(log A), "
+              f"{len(completed['heads_compensating'])} compensating heads")
+    else:
+        print("completed split: not computed (prompts shorter than the window + 2)")
+    print(f"ablation (the paper's method, {s['target']}): composition (mask share) = "
+          f"{s['composition']:.3f} {ci('composition')}; "
           f"mean L_total = {s['L_total']:.4f} {ci('L_total')}, L_resid = {s['L_resid']:.4f} "
           f"{ci('L_resid')}, L_mask = {s['L_mask']:.4f} {ci('L_mask')} (debiased, "
           f"{s['ci_level']:.0%} CIs); top heads: {', '.join(s['top_heads'])}")
@@ -212,8 +178,9 @@ def run_compare(args: argparse.Namespace) -> int:
     table = result.table
     shown = table.assign(sink_heads=[f"{k} / {n}" for k, n in zip(table["sink_heads"], table["n_heads_total"])],
                          sink_heads_gu=[f"{k} / {n}" for k, n in zip(table["sink_heads_gu"], table["n_heads_total"])])
-    cols = ["model", "bos", "n_ctx", "window", "L_total", "L_mask", "L_resid", "composition",
-            "sink_heads", "sink_heads_gu", "depth_slope_L_resid"]
+    cols = [c for c in ("model", "bos", "n_ctx", "window", "completed_mask_share", "completed_cross",
+                        "L_total", "L_mask", "L_resid", "composition", "sink_heads", "sink_heads_gu",
+                        "depth_slope_L_resid") if c in shown]
     print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if "L_resid_local_minus_global" in table:
         kind_rows = table[table["L_resid_local_minus_global"].notna()]
@@ -225,6 +192,8 @@ def run_compare(args: argparse.Namespace) -> int:
             print(f"{r['model']}: L_resid over {int(r['n_local_layers'])} sliding-window layers {ci(r, 'L_resid_local')}, "
                   f"over {int(r['n_global_layers'])} global layers {ci(r, 'L_resid_global')}, "
                   f"difference {ci(r, 'L_resid_local_minus_global')}")
+    print("completed_*: the completed split of log A (w = 32); composition: the ablation's pooled mask "
+          "share (the paper's method; as `analyze` prints it)")
     print("sink_heads: rope_leak sink score (mean over i >= 1 of A[i,0]) > 0.3; sink_heads_gu: Gu et al. "
           "(ICLR 2025) alpha_0 > 0.3; both out of all heads")
     print(f"wrote {result.out}/comparison.html in {result.seconds:.0f} s")
@@ -273,20 +242,6 @@ def run_sinks(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 # Scale out and resume: `analyze --shard k/N`, checkpoints, `merge` (rope_leak.output.shards)
 # --------------------------------------------------------------------------------------
-def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("scale out and resume")
-    group.add_argument("--shard", default=None, metavar="k/N",
-                       help="run only shard k of N (contiguous whole batches, global prompt "
-                            "indices) and write its statistics.npz + shard.json, no report; "
-                            "combine the shards with `rope-leak merge`")
-    group.add_argument("--checkpoint-minutes", type=_nonnegative_float, default=10.0,
-                       help="save resumable statistics to --out/checkpoint.npz at most this often "
-                            "(default 10; 0 = only with --checkpoint-every). Rerun the same "
-                            "command after an interruption to resume.")
-    group.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                       help="also checkpoint after every K batches (default 0: off)")
-
-
 def _add_merge_parser(sub) -> None:
     merge = sub.add_parser("merge", help="combine `analyze --shard` outputs into the full results")
     merge.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="--out folders of the shards")

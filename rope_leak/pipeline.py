@@ -32,6 +32,7 @@ from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.start_cut import DEFAULT_WINDOW
 from rope_leak.output.results import to_jsonable
+from rope_leak.run_config import RunConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPARE_FILES = ("comparison.csv", "comparison_layers.csv", "comparison.json", "comparison.html")
@@ -148,56 +149,47 @@ def run(
     model,
     corpus="wikipedia",
     out: str | os.PathLike | None = None,
+    config: RunConfig | None = None,
     *,
-    prompts: int = 64,
-    tokens: int = 256,
-    seed: int = 0,
-    target: str = "pattern",
-    pairs: PairSpec = PairSpec(),
-    window: int = DEFAULT_WINDOW,
-    batch_size: int = 8,
-    device: str = "cpu",
-    dtype: str = "float32",
-    sinks: bool = True,
-    sink_prompts: int = 16,
-    bos_prompts: int = 16,
-    reading_prompts: int = 4,
-    save_statistics: bool = False,
-    cell_maps: bool = False,
-    shard: tuple[int, int] | str | None = None,
-    checkpoint_minutes: float = 10.0,
-    checkpoint_every: int = 0,
     overwrite: bool = False,
     progress: bool = True,
     log: Log | None = None,
+    **options,
 ) -> RunResult:
     """Everything ``rope-leak analyze`` does, from Python.
 
     Args:
         model: a zoo name (``"smollm2-135m"``), a Hugging Face folder, a ``.gguf`` file or a
-            TransformerLens name (loaded on ``device`` in ``dtype``), or a loaded
-            HookedTransformer (used as is; ``device`` and ``dtype`` are then its own).
+            TransformerLens name (loaded on ``config.device`` in ``config.dtype``), or a
+            loaded HookedTransformer (used as is; device and dtype are then its own).
         corpus: ``"wikipedia"``, a ``.txt`` / ``.jsonl`` file or folder, a list of
             documents (cut into ``prompts`` x ``tokens`` chunks with ``seed``), or a
             :class:`rope_leak.Corpus` (used as is).
         out: output folder; None keeps everything in memory (no checkpoints either).
-        target, pairs, window, batch_size, cell_maps: as for :func:`rope_leak.analyze`.
-        sinks: run the sink analysis on the first ``sink_prompts`` prompts (BOS
-            interventions on the first ``bos_prompts``, sink reading on ``reading_prompts``).
-        save_statistics: also write ``statistics.npz`` (large; mergeable).
-        shard: ``(k, N)`` or ``"k/N"``: run only shard ``k`` of ``N`` and write its
-            statistics and ``shard.json`` into ``out`` (combine them with :func:`merge`).
-        checkpoint_minutes, checkpoint_every: save ``out/checkpoint.npz`` at most this
-            often / after every K batches; a rerun with the same arguments resumes from it.
+        config: a :class:`~rope_leak.run_config.RunConfig` (default: its defaults), every
+            option of the run; ``options``: overrides of its fields, e.g. ``prompts=16``,
+            ``window=16`` or ``pairs=PairSpec(max_query=32)``.
         overwrite: replace results already in ``out`` (otherwise refused before loading).
         progress: progress bars of every long step; ``log``: a callable for status lines
             (default: none).
+
+    The sink analysis runs on the first ``sink_prompts`` prompts (BOS interventions on the
+    first ``bos_prompts``, sink reading on ``reading_prompts``); ``shard="k/N"`` runs only
+    shard ``k`` of ``N`` and writes its statistics and ``shard.json`` (combine them with
+    :func:`merge`); checkpoints go to ``out/checkpoint.npz`` and a rerun resumes from them.
 
     Returns:
         a :class:`RunResult`. Results written by the command line and by this function
         with the same arguments are byte-identical (``results.json``; timings are in
         ``run_info.json``).
     """
+    config = (config or RunConfig()).replace(**options)
+    prompts, tokens, seed, target, pairs = (config.prompts, config.tokens, config.seed, config.target,
+                                            config.pairs)
+    window, batch_size, device, dtype = config.window, config.batch_size, config.device, config.dtype
+    sinks, sink_prompts, bos_prompts = config.sinks, config.sink_prompts, config.bos_prompts
+    reading_prompts, save_statistics, cell_maps = config.reading_prompts, config.save_statistics, config.cell_maps
+    shard, checkpoint_minutes, checkpoint_every = config.shard, config.checkpoint_minutes, config.checkpoint_every
     from rope_leak.analyses.sinks import SINK_FILES
     from rope_leak.output.results import RESULT_FILES, check_output_dir
     from rope_leak.output.shards import CHECKPOINT_FILE, check_shard_output, parse_shard
@@ -227,13 +219,11 @@ def run(
     model, model_name = _model(model, device=device, dtype=dtype, n_tokens=n_tokens, log=log)
     loaded = time.perf_counter()
     corpus, corpus_name = _corpus(model, corpus, prompts=prompts, tokens=tokens, seed=seed)
-    settings = {
-        "model": model_name, "corpus": corpus_name, "prompts": corpus.n_prompts, "tokens": corpus.n_tokens,
-        "seed": corpus.seed, "target": target, "pairs": pairs.to_dict(), "window": window, "dtype": dtype,
-        "batch_size": batch_size, "no_sinks": not sinks, "sink_prompts": sink_prompts,
-        "bos_prompts": bos_prompts, "reading_prompts": reading_prompts,
-        "save_statistics": save_statistics, "cell_maps": cell_maps,
-    }
+    # what the run was given, with what the corpus and the model made of it
+    settings = {"model": model_name, "corpus": corpus_name,
+                **config.replace(prompts=corpus.n_prompts, tokens=corpus.n_tokens, seed=corpus.seed,
+                                 device=device, dtype=dtype).settings()}
+    settings.pop("device")  # where it ran is in run_info.json: the numbers do not depend on it
     provenance = {
         "model": dict(getattr(model, "rope_leak_source", {"name": model_name})),
         "corpus": corpus.to_dict(),

@@ -27,6 +27,7 @@ LAYERS = [
     {"inference"},
     {"output"},
     {"analyses"},
+    {"run_config"},
     {"pipeline"},
     {"cli", "__init__"},
 ]

@@ -42,7 +42,7 @@ execute = _execute_module()
 EXPECTED = {
     "01_teaching_demo.py": ["STEP 1 [tiny]:", "STEP 2:", "STEP 3 [tiny]: max cross-prompt std at position 0: causal = 0.0,",
                             "STEP 4 [tiny]", "STEP 5 [tiny]: composition"],
-    "02_head_explorer.py": ["HEAD: L", "HEAD RESULT:", "position-0 patch: sink score"],
+    "02_head_explorer.py": ["HEAD: L", "HEAD RESULT:", "position-0 patch: sink score", "EFFECTS of L"],
     "03_reproduction.py": ["Table 1.", "Table 2.", "Table 3.", "Table 4.", "scores_ss", "REPORT:"],
 }
 

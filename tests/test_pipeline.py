@@ -137,8 +137,11 @@ def spy(name, monkeypatch):
 @pytest.mark.parametrize("argv, name, check", [
     (["analyze", "--model", "m", "--corpus", "c", "--prompts", "12", "--no-sinks", "--no-progress",
       "--shard", "1/3", "--out", "o"], "run",
-     lambda a, k: k["model"] == "m" and k["corpus"] == "c" and k["prompts"] == 12 and not k["sinks"]
-     and not k["progress"] and k["shard"] == "1/3" and k["out"] == "o"),
+     lambda a, k: k["model"] == "m" and k["corpus"] == "c" and k["config"].prompts == 12
+     and not k["config"].sinks and not k["progress"] and k["config"].shard == "1/3" and k["out"] == "o"),
+    (["effects", "--heldout", "5", "--heads", "L1H2,L0H0", "--window", "8", "--out", "o"], "run_effects",
+     lambda a, k: a[0] == "smollm2-135m" and k["heldout"] == 5 and k["heads"] == ["L1H2", "L0H0"]
+     and k["window"] == 8 and a[2] == "o" and k["layers"]),
     (["merge", "s0", "s1", "--out", "o", "--no-report"], "merge",
      lambda a, k: list(a) == [["s0", "s1"], "o"] and k == {"overwrite": False, "report": False}),
     (["compare", "m1", "m2+ntk4", "--n-boot", "7", "--out", "o"], "compare",

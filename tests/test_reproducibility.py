@@ -64,9 +64,7 @@ def test_cli_results_are_byte_identical_and_complete(tiny_folder, text_corpus, t
     # Every CLI setting is recorded (under provenance.settings, or the analysis record).
     settings = provenance["settings"]
     analysis = results["analysis"]
-    recorded = {
-        **settings, **settings["pairs"], "device": analysis["model"]["device"],
-    }
+    recorded = {**settings, "device": analysis["model"]["device"]}
     # Run mechanics that cannot change the results (sharding and checkpoints are tested
     # to give identical results) are not settings.
     not_settings = {"command", "out", "overwrite", "no_progress", "shard", "checkpoint_minutes",
@@ -76,7 +74,7 @@ def test_cli_results_are_byte_identical_and_complete(tiny_folder, text_corpus, t
         if action.dest in not_settings or action.dest == "help":
             continue
         assert action.dest in recorded, f"--{action.dest} is not recorded in results.json"
-    assert settings["seed"] == 3 and settings["batch_size"] == 4 and settings["pairs"]["max_query"] == 20
+    assert settings["seed"] == 3 and settings["batch_size"] == 4 and settings["max_query"] == 20
     for key in ("n_buckets", "n_boot", "bootstrap_seed", "sink_threshold", "target", "pairs",
                 "batch_size", "n_tokens", "n_prompts"):
         assert key in analysis, key

@@ -49,9 +49,12 @@ from rope_leak.fits.depth import (
     slopes_over_depth,
 )
 from rope_leak.fits.shares import fit_shares
+from rope_leak.fits.start_cut import completed_split
+from rope_leak.inference.intervals import decomposition_inference
 from rope_leak.interventions.conditions import Condition, compose
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.interventions.rope import identity_rope, rope_base, rope_scaling, scrambled_rope
+from rope_leak.quantities import QUANTITIES
 
 MASKS: dict[str, Condition] = {"causal": causal, "bidirectional": bidirectional}
 CONTROL_NAMES = ("real", "identity", "scrambled")
@@ -90,28 +93,28 @@ def controls_table(
 ) -> pd.DataFrame:
     """The RoPE-controls table from statistics holding the six control conditions.
 
-    Components and compositions use the debiased shares (as the analysis headline does),
-    with pivotal bucket-bootstrap CIs when ``n_boot`` > 0; the cross-fitted composition is
-    kept as ``composition_crossfit``."""
-    from rope_leak.fits.projection import BucketProjection
-    from rope_leak.inference import bootstrap_statistic
+    Components and compositions are the analysis headline's (debiased shares; means over,
+    and sums of squares pooled over, the non-degenerate heads), with bucket-bootstrap CIs
+    when ``n_boot`` > 0; the cross-fitted composition is kept as ``composition_crossfit``."""
 
     rows = []
     for control in CONTROL_NAMES:
-        c = stats.conditions[_condition_name("causal", control)].targets[target]
-        b = stats.conditions[_condition_name("bidirectional", control)].targets[target]
-        debiased = Decomposition(BucketProjection.from_statistics(c).debiased_share()[0],
-                                 BucketProjection.from_statistics(b).debiased_share()[0])
-        s = debiased.summary()
-        row = {"control": control, "target": target, **{k: s[k] for k in (
-            "L_total", "L_resid", "L_mask", "composition", "heads_additivity_violated",
-            "additivity_violated")}}
+        causal_stats = stats.conditions[_condition_name("causal", control)]
+        bidirectional_stats = stats.conditions[_condition_name("bidirectional", control)]
+        c, b = causal_stats.targets[target], bidirectional_stats.targets[target]
+        # as analyze reports them: means over, and sums of squares pooled over, the
+        # non-degenerate heads
+        inference = decomposition_inference(causal_stats, bidirectional_stats, target,
+                                            n_boot=max(n_boot, 1), seed=seed)
+        s = inference.summary()
+        row = {"control": control, "target": target,
+               **{name: s[f"{name}_mean"] for name in COMPONENT_NAMES}, "composition": s["composition"],
+               "heads_additivity_violated": int((inference.mask.high < 0).sum()) if n_boot else
+               int((inference.mask.estimate < 0).sum()),
+               "additivity_violated": bool(s["L_mask_mean"] < 0)}
         row["composition_crossfit"] = Decomposition(fit_shares(c).share, fit_shares(b).share).composition()
         if n_boot:
-            boot = bootstrap_statistic({"causal": c, "bidirectional": b}, _model_statistics,
-                                       n_boot=n_boot, seed=seed, share="debiased", method="basic")
-            row["composition_ci_low"], row["composition_ci_high"] = (
-                float(boot.ci_low[3]), float(boot.ci_high[3]))
+            row["composition_ci_low"], row["composition_ci_high"] = s["composition_ci"]
         rows.append(row)
     table = pd.DataFrame(rows)
     real = table.loc[table["control"] == "real", "composition"].iloc[0]
@@ -304,6 +307,24 @@ def summarize_model(
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low[k]), float(high[k])
     for k, name in enumerate(STAT_NAMES):
         row[f"{name}_crossfit"] = float(cross[k])
+    # The components and the composition exactly as analyze reports them (means over, and
+    # sums of squares pooled over, the non-degenerate heads): one definition per quantity.
+    inference = decomposition_inference(c, b, target, n_boot=max(n_boot, 1), seed=seed, level=level).summary()
+    for name in COMPONENT_NAMES:
+        row[name] = inference[f"{name}_mean"]
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = (inference[f"{name}_mean_ci"] if n_boot else (np.nan, np.nan))
+    row["composition"] = inference["composition"]
+    row["composition_ci_low"], row["composition_ci_high"] = (inference["composition_ci"] if n_boot
+                                                             else (np.nan, np.nan))
+    row["composition_aggregation"] = QUANTITIES["composition_ablation"].aggregation
+    row["heads_degenerate"] = inference["degenerate_heads"]
+    if c.start_cut is not None:
+        completed = completed_split(c).summary()
+        for name in ("mask_share", "cross", "mask_part", "scores_part"):
+            row[f"completed_{name}"] = completed[name]
+            row[f"completed_{name}_ci_low"], row[f"completed_{name}_ci_high"] = completed.get(
+                f"{name}_ci", (np.nan, np.nan))
+        row["completed_heads_compensating"] = len(completed["heads_compensating"])
     slopes = {}
     for name in ("L_resid", "L_mask", "L_total"):
         fit = depth_slope(layer_profile(debiased)[name].to_numpy(), level)
@@ -311,7 +332,7 @@ def summarize_model(
         slopes[name] = fit.to_dict()
     violated = crossfit.additivity_violated()
     row["heads_additivity_violated"] = int(violated.sum())
-    row["additivity_violated"] = bool(point[1] < 0)
+    row["additivity_violated"] = bool(row["L_mask_ci_high"] < 0) if n_boot else bool(row["L_mask"] < 0)
     sink = c.sink_sum.sum(0) / c.n_prompts
     row["sink_heads"] = int((sink > sink_threshold).sum())
     if n_boot:

@@ -310,7 +310,7 @@ def bos_interventions(
     targets = tuple(dict.fromkeys((target, "scores")))
     stats = run_statistics(model, tokens[:, :cut], conditions=conditions, targets=targets, spec=spec,
                            batch_size=batch_size if bidirectional else max(batch_size, min(len(tokens), 64)),
-                           n_buckets=n_buckets, progress=progress,
+                           n_buckets=n_buckets, progress=progress, start_cut_window=None,
                            metadata={"replacements": replacements, "token_id": token_id,
                                      "early_queries": spec.max_query, "prompt_tokens": int(cut)})
     return BosInterventions(stats, replacements, token_id, target=target, n_boot=n_boot, seed=seed,

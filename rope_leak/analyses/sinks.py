@@ -180,7 +180,7 @@ def analyze_sinks(
     n_buckets = 2 * max(1, min(16, len(tokens) // 2))
     if statistics is None:
         statistics = run_statistics(model, tokens, targets=("pattern",), batch_size=batch_size,
-                                    n_buckets=n_buckets, progress=progress)
+                                    n_buckets=n_buckets, progress=progress, start_cut_window=None)
     causal_stats = statistics.conditions["causal"]
     bidir_stats = statistics.conditions["bidirectional"]
     scores = sink_scores(causal_stats)

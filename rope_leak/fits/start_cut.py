@@ -36,6 +36,7 @@ converge (a power law with ``p <= 1``) has a horizon-dependent answer.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -274,7 +275,8 @@ def _jackknife(split: CompletedSplit, log_a: BucketProjection, m: BucketProjecti
     z = norm.ppf((1 + level) / 2)
 
     def spread(values):
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a head left out everywhere: NaN
             return np.sqrt((g - 1) / g * np.nansum((values - np.nanmean(values, 0)) ** 2, 0))
 
     # a head's SS(D log A) is "not above its noise" when its interval reaches 0
