@@ -7,7 +7,7 @@ figure min / median / max over --repeats):
    streamed statistics and every head's fitted shares) / time of the bare forward passes
    of the same batches (one per batch and condition, no hooks), at each --prompts.
    Target <= 1.10 (median). The inference that the report adds on top (bootstrap CIs, the
-   ablation-free split, diagnostics: a fixed cost, independent of the prompt count) is
+   completed split, diagnostics: a fixed cost, independent of the prompt count) is
    timed apart and shown as a second ratio, not hidden.
 2. the common way (``run_with_cache`` of every pattern and score, then per-head numpy
    least squares over the per-pair rows, cross-fitted like rope_leak) / rope_leak, with
@@ -101,7 +101,7 @@ def rope_leak_analysis(model, tokens, batch_size: int):
 
 def report_inference(analysis) -> float:
     """Time of what the report adds: debiased shares with bootstrap CIs (headline and
-    log_pattern targets), the ablation-free split, diagnostics and the tables."""
+    log_pattern targets), the completed split, diagnostics and the tables."""
     started = time.perf_counter()
     analysis.heads()
     analysis.layers()

@@ -15,10 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from rope_leak.backends.zoo import DEFAULT_MODEL
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.run_config import RunConfig, add_arguments
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def _number(cast: type, minimum: float, kind: str):

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from rope_leak.backends.loading import DEFAULT_MAX_N_CTX
 from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.start_cut import DEFAULT_WINDOW
@@ -36,8 +37,6 @@ from rope_leak.run_config import RunConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPARE_FILES = ("comparison.csv", "comparison_layers.csv", "comparison.json", "comparison.html")
-#: The zoo and the loader cap the context at this many tokens unless longer prompts ask for more.
-DEFAULT_CONTEXT_CAP = 2048
 
 Log = Callable[[str], None]
 
@@ -75,7 +74,7 @@ def _model(model, *, device: str, dtype: str, n_tokens: int | None, log: Log):
 
     log(f"loading {model} ...")
     # the default context cap is 2048 tokens; longer prompts raise it explicitly
-    long = n_tokens is not None and n_tokens > DEFAULT_CONTEXT_CAP
+    long = n_tokens is not None and n_tokens > DEFAULT_MAX_N_CTX
     return load_model(model, device=device, dtype=DTYPES[dtype], n_ctx=n_tokens if long else None), str(model)
 
 

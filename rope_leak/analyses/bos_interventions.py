@@ -252,19 +252,6 @@ class BosInterventions(Displayable):
         table["early_queries"] = self.statistics.metadata.get("early_queries")
         return table
 
-    def head_table(self) -> pd.DataFrame:
-        """Long format: every head's share (and scores' SS_abs) under every condition."""
-        rows = []
-        for name, share in self.shares.items():
-            replacement, mask = name.split("/")
-            ss = self.scores_ss.get(replacement) if mask == "causal" else None
-            for (layer, head), value in np.ndenumerate(share):
-                rows.append({"replacement": replacement, "mask": mask, "layer": layer, "head": head,
-                             "share": float(value),
-                             "scores_ss": None if ss is None else float(ss[layer, head])})
-        return pd.DataFrame(rows)
-
-
 def bos_interventions(
     model: HookedTransformer,
     tokens: Tensor,

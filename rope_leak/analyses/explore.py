@@ -92,23 +92,6 @@ def notebook_settings(
                             real_model=model != "tiny")
 
 
-def load_notebook_model(settings: NotebookSettings, seed: int = 0):
-    """``(model, tokens)`` for the settings: a tiny random model with a random BOS-prefixed
-    corpus, or the named model with the bundled Wikipedia sample."""
-    from rope_leak.backends import TINY_BOS_TOKEN_ID, load_model, tiny_rope_model
-    from rope_leak.corpus import load_corpus, make_random_corpus
-
-    if settings.model == "tiny":
-        model = tiny_rope_model(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=max(64, settings.n_tokens),
-                                d_vocab=50, seed=seed)
-        corpus = make_random_corpus(settings.n_prompts, settings.n_tokens, model.cfg.d_vocab, seed=seed,
-                                    bos_token_id=TINY_BOS_TOKEN_ID)
-        return model, corpus.tokens
-    model = load_model(settings.model)
-    corpus = load_corpus(model, "wikipedia", n_prompts=settings.n_prompts, n_tokens=settings.n_tokens, seed=seed)
-    return model, corpus.tokens
-
-
 # -- step 1: RoPE logits are relative ------------------------------------------------------
 def diagonal_spread(matrix: Float[Tensor, "q k"] | np.ndarray) -> np.ndarray:
     """Largest spread (max - min) along each diagonal ``i - j = d >= 0`` of the lower

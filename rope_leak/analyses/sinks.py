@@ -37,7 +37,7 @@ from rope_leak.analyses.sink_scores import (
 from rope_leak.analyses.trajectory import Trajectories, position_zero_trajectories
 from rope_leak.display import Displayable
 from rope_leak.download_cache import atomic_write_text
-from rope_leak.engine.run import run_statistics
+from rope_leak.engine.run import default_buckets, run_statistics
 from rope_leak.engine.statistics import RunStatistics
 from rope_leak.heads import head_label
 from rope_leak.interventions.mask import bidirectional
@@ -60,8 +60,8 @@ class SinkAnalysis(Displayable):
     bos: BosInterventions | None
     settings: dict = field(default_factory=dict)
     n_boot: int = 200
-    sink_metrics: dict = field(default_factory=dict)  # both metrics by name (metrics.sinks)
-    bos_status: dict = field(default_factory=dict)  # metrics.bos_status.bos_status
+    sink_metrics: dict = field(default_factory=dict)  # both metrics by name (analyses.sink_scores.sink_metrics)
+    bos_status: dict = field(default_factory=dict)  # analyses.bos_status.bos_status
     probe_status: dict = field(default_factory=dict)  # {"run": bool, "reason": str, "target": ...}
 
     def sink_heads(self) -> list[tuple[int, int]]:
@@ -177,7 +177,7 @@ def analyze_sinks(
             interventions, trajectories, sink reading, fingerprint and probe); False hides them.
     """
     source = default_replacement_token(tokens) if source_token_id is None else int(source_token_id)
-    n_buckets = 2 * max(1, min(16, len(tokens) // 2))
+    n_buckets = default_buckets(len(tokens))
     if statistics is None:
         statistics = run_statistics(model, tokens, targets=("pattern",), batch_size=batch_size,
                                     n_buckets=n_buckets, progress=progress, start_cut_window=None)
@@ -194,7 +194,7 @@ def analyze_sinks(
         bos_result = bos_interventions(model, bos_prompts, token_id=source, n_boot=n_boot,
                                        early_queries=min(early_queries, tokens.shape[1]),
                                        bidirectional=bos_bidirectional, batch_size=batch_size,
-                                       n_buckets=2 * max(1, min(16, len(bos_prompts) // 2)),
+                                       n_buckets=default_buckets(len(bos_prompts)),
                                        progress=progress)
 
     if trajectory_tokens is None:

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from rope_leak.corpus.errors import CorpusError
-
-
-@runtime_checkable
-class TokenizerLike(Protocol):
-    """Anything with a Hugging Face style ``encode(text, add_special_tokens=False)``."""
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
 
 class ByteTokenizer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -57,23 +56,6 @@ def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
     fig.update_layout(barmode="group", height=460, width=1350, template="plotly_white",
                       legend=dict(orientation="h", y=-0.2))
     fig.update_xaxes(title_text="relative depth (layer / (n_layers - 1))", row=1, col=3)
-    return fig
-
-
-def depth_figure(layers: pd.DataFrame, title: str = "Depth profile") -> go.Figure:
-    """Per-layer ``L_resid`` and ``L_mask`` (with bootstrap bands when present)."""
-    fig = go.Figure()
-    for name, color in (("L_resid", "#54A24B"), ("L_mask", "#F58518")):
-        if f"{name}_ci_low" in layers:
-            fig.add_trace(go.Scatter(
-                x=np.r_[layers["relative_depth"], layers["relative_depth"][::-1]],
-                y=np.r_[layers[f"{name}_ci_high"], layers[f"{name}_ci_low"][::-1]],
-                fill="toself", line=dict(width=0), fillcolor=color, opacity=0.2,
-                showlegend=False, hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=layers["relative_depth"], y=layers[name], name=name,
-                                 mode="lines+markers", line=dict(color=color)))
-    fig.update_layout(title=title, xaxis_title="relative depth", yaxis_title="share",
-                      template="plotly_white", height=380)
     return fig
 
 
