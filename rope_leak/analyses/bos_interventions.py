@@ -30,6 +30,14 @@ bootstrap CIs (one resample of prompt buckets for every condition). A ratio whos
 baseline's CI includes 0 is **not estimable**: NaN in the table, null in JSON, a dash in
 the report (``*_estimable`` columns say which).
 
+**The completed split's parts** (``scores_part_ss``, ``mask_part_ss``): each condition
+also runs the start cut with a window of :data:`BOS_WINDOW` keys, so the early queries
+``w <= i < early`` get the completed split of ``log A``: ``SS(D y^S)``, the scores' part with
+the missing past filled in (what the residual stream carries, gauge-invariant), and
+``SS(D m)``, the start cut's. Debiased, mean over heads, with pivotal bootstrap CIs and
+ratios to the baseline (``scores_part_relative``: the fraction of the residual-stream part
+that a replacement leaves).
+
 Gauge caveat: adding any ``c_i`` to every score of query ``i`` leaves the pattern unchanged
 and moves the scores' query effect, which ``D`` counts. ``SS_abs(s)`` therefore measures the
 scores as the model computes them (``q_i . k_j / sqrt(d_head)``), not a property of ``A``
@@ -60,7 +68,8 @@ from rope_leak.display import Displayable
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics, TargetStatistics
-from rope_leak.fits.projection import BucketProjection
+from rope_leak.fits.projection import BucketProjection, pair_products
+from rope_leak.fits.start_cut import mask_part_rows, row_projection
 from rope_leak.inference.bootstrap import bootstrap_statistic, bucket_weights
 from rope_leak.interventions.conditions import compose
 from rope_leak.interventions.mask import bidirectional as bidirectional_mask
@@ -69,6 +78,24 @@ from rope_leak.interventions.position_zero import replace_position_zero
 ESTIMATORS = ("debiased", "crossfit")
 REPLACEMENTS = ("token", "mean", "zeros", "noise")
 EARLY_QUERIES = PairSpec(max_query=32)
+BOS_WINDOW = 8
+"""The start cut's window at early queries (queries ``8 <= i < 32`` are scored)."""
+
+
+def _plugin_products(a: BucketProjection, b: BucketProjection, weights: np.ndarray) -> np.ndarray:
+    """The plug-in ``<D c̄_a, D c̄_b>`` of the weighted cell means (the bootstrap world's value)."""
+    full = np.einsum("bg,lhgk,bk->blh", weights, a.bucket_products(b), weights)
+    return full / ((weights @ a.count) ** 2)[:, None, None]
+
+
+def completed_parts(log_a: BucketProjection, m: BucketProjection, weights: np.ndarray | None = None,
+                    debiased: bool = True) -> dict[str, np.ndarray]:
+    """``SS(D y^S)`` and ``SS(D m)`` per head, ``[B, layer, head]``, of the completed split
+    (``y^S = log A - m``) for bucket weights ``[B, bucket]``."""
+    w = np.ones((1, log_a.n_buckets)) if weights is None else np.atleast_2d(np.asarray(weights, float))
+    product = partial(pair_products, weights=w) if debiased else partial(_plugin_products, weights=w)
+    total, inner, mask = product(log_a, log_a), product(m, log_a), product(m, m)
+    return {"scores_part_ss": total - 2 * inner + mask, "mask_part_ss": mask}
 
 
 def default_replacement_token(tokens: Tensor) -> int:
@@ -202,6 +229,26 @@ class BosInterventions(Displayable):
         low, high = _interval(point, truth, samples, self.level)
         return point, low, high, samples
 
+    def _completed_projections(self) -> list[tuple[BucketProjection, BucketProjection]] | None:
+        cuts = [self.statistics.conditions[f"{name}/causal"].start_cut for name in self.rows]
+        if any(cut is None for cut in cuts):
+            return None
+        return [(BucketProjection.from_statistics(cut.log_pattern),
+                 row_projection(cut.design, mask_part_rows(cut), cut.buckets, cut.n_buckets)) for cut in cuts]
+
+    def _completed_rows(self, part: str):
+        """Mean over heads of one part of the completed split per row: point, pivotal CI,
+        paired replicates (the same bucket resample for every row)."""
+        projections = self._completed_projections()
+        point = np.array([self._agg(completed_parts(a, m)[part])[0] for a, m in projections])
+        if self.n_boot <= 0:
+            return point, np.full_like(point, np.nan), np.full_like(point, np.nan), None
+        weights = bucket_weights(projections[0][0].count, self.n_boot, np.random.default_rng(self.seed))
+        samples = np.stack([self._agg(completed_parts(a, m, weights)[part]) for a, m in projections], -1)
+        truth = np.array([self._agg(completed_parts(a, m, debiased=False)[part])[0] for a, m in projections])
+        low, high = _interval(point, truth, samples, self.level)
+        return point, low, high, samples
+
     def _ratios(self, point, low, high, samples) -> dict[str, np.ndarray]:
         """Ratio of every row to the baseline (row 0) with a percentile CI of the paired
         replicates; NaN where the baseline's CI includes 0 (or without bootstrap: where the
@@ -233,6 +280,9 @@ class BosInterventions(Displayable):
         blocks = []
         if self.scores_ss:
             blocks.append(("scores_ss", "scores_ss_relative", self._ss_rows()))
+        if self._completed_projections() is not None:
+            for part in ("scores_part_ss", "mask_part_ss"):
+                blocks.append((part, part.replace("_ss", "_relative"), self._completed_rows(part)))
         blocks.append(("L_total", "leakage_relative", self._share_rows("causal")))
         if self.has_bidirectional:
             blocks.append(("L_resid", "L_resid_relative", self._share_rows("bidirectional")))
@@ -295,9 +345,12 @@ def bos_interventions(
         if bidirectional:
             conditions[f"{name}/bidirectional"] = compose(replacement, bidirectional_mask)
     targets = tuple(dict.fromkeys((target, "scores")))
+    early = spec.max_query if spec.max_query is not None else cut
+    window = BOS_WINDOW if cut >= BOS_WINDOW + 2 and early > max(spec.min_query, BOS_WINDOW) else None
     stats = run_statistics(model, tokens[:, :cut], conditions=conditions, targets=targets, spec=spec,
                            batch_size=batch_size if bidirectional else max(batch_size, min(len(tokens), 64)),
-                           n_buckets=n_buckets, progress=progress, start_cut_window=None,
+                           n_buckets=n_buckets, progress=progress, start_cut_window=window,
+                           start_cut_conditions=[f"{name}/causal" for name in ["baseline", *replacements]],
                            metadata={"replacements": replacements, "token_id": token_id,
                                      "early_queries": spec.max_query, "prompt_tokens": int(cut)})
     return BosInterventions(stats, replacements, token_id, target=target, n_boot=n_boot, seed=seed,

@@ -103,7 +103,7 @@ def mask_part_rows(cut: StartCutStatistics, horizon: int | None = None,
     return out
 
 
-def _row_projection(design, rows: np.ndarray, buckets: np.ndarray, n_buckets: int) -> BucketProjection:
+def row_projection(design, rows: np.ndarray, buckets: np.ndarray, n_buckets: int) -> BucketProjection:
     """:class:`BucketProjection` of a target constant along each query row, from its
     per-prompt rows ``[prompt, layer, head, n]``."""
     scored = design.row_count > 0
@@ -246,7 +246,7 @@ def completed_split(stats: ConditionStatistics, *, horizon: int | None = None, j
     design = target.design
     log_a = BucketProjection.from_statistics(target)
     rows = mask_part_rows(cut, horizon)
-    m = _row_projection(design, rows, cut.buckets, target.n_buckets)
+    m = row_projection(design, rows, cut.buckets, target.n_buckets)
     ones = np.ones((1, target.n_buckets))
     point = {k: v[0] for k, v in _terms(log_a, m, ones).items()}
     sst = log_a.per_prompt_sst(ones)[0]

@@ -81,7 +81,8 @@ def sink_reading_heatmaps(reading: SinkReading, sink_scores: np.ndarray | None =
 
 def _ratio_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
     """``(ratio column, its baseline quantity, panel title)`` present in ``table``."""
-    found = [("scores_ss_relative", "scores_ss", "scores' absolute-position SS / baseline"),
+    found = [("scores_part_relative", "scores_part_ss", "completed split: scores' part SS / baseline"),
+             ("scores_ss_relative", "scores_ss", "scores' absolute-position SS / baseline"),
              ("leakage_relative", "L_total", "L_total (pattern) / baseline"),
              ("L_resid_relative", "L_resid", "L_resid (bidirectional) / baseline")]
     return [f for f in found if f[0] in table]
@@ -135,7 +136,8 @@ def _cell(row: dict, metric: str) -> str:
 def bos_table_figure(table: pd.DataFrame) -> go.Figure:
     """The BOS-intervention table as a plotly table (point estimate [CI]; a dash where a
     quantity is not estimable)."""
-    metrics = [m for m in ("scores_ss", "scores_ss_relative", "L_total", "leakage_relative",
+    metrics = [m for m in ("scores_part_ss", "scores_part_relative", "mask_part_ss", "mask_part_relative",
+                           "scores_ss", "scores_ss_relative", "L_total", "leakage_relative",
                            "L_resid", "L_resid_relative") if m in table]
     records = table.to_dict(orient="records")
     columns = [[r["replacement"] for r in records]] + [[_cell(r, m) for r in records] for m in metrics]
@@ -146,7 +148,8 @@ def bos_table_figure(table: pd.DataFrame) -> go.Figure:
 
 def bos_table_html(table: pd.DataFrame) -> str:
     """The same table as HTML (a dash where not estimable)."""
-    metrics = [m for m in ("scores_ss", "scores_ss_relative", "L_total", "leakage_relative",
+    metrics = [m for m in ("scores_part_ss", "scores_part_relative", "mask_part_ss", "mask_part_relative",
+                           "scores_ss", "scores_ss_relative", "L_total", "leakage_relative",
                            "L_resid", "L_resid_relative") if m in table]
     head = "".join(f"<th>{html.escape(m)}</th>" for m in ["replacement", *metrics])
     body = "".join("<tr><th>" + html.escape(str(r["replacement"])) + "</th>"

@@ -189,3 +189,24 @@ def test_real_bos_interventions_move_the_scores(real_model):
     for ratio, base in (("scores_ss_relative", "scores_ss"), ("leakage_relative", "L_total")):
         if table.loc["baseline", f"{base}_low"] <= 0:
             assert table[ratio].isna().all()
+
+
+def test_bos_table_reads_the_completed_split_at_early_queries(tiny_model, prompts):
+    """The completed split's parts per replacement (queries 8 <= i < 16): the baseline row
+    equals the completed split of the baseline run computed on its own, the ratios are to
+    the baseline, and replacing position 0 by itself changes nothing."""
+    from rope_leak.fits.start_cut import completed_split
+
+    result = bos_interventions(tiny_model, prompts, early_queries=16, n_boot=40, n_buckets=10)
+    table = result.table().set_index("replacement")
+    split = completed_split(result.statistics.conditions["baseline/causal"], jackknife=False)
+    assert table.loc["baseline", "scores_part_ss"] == pytest.approx(float(np.nanmean(split.scores)), rel=1e-9)
+    assert table.loc["baseline", "mask_part_ss"] == pytest.approx(float(np.nanmean(split.mask)), rel=1e-9)
+    assert (table["scores_part_ss_low"] <= table["scores_part_ss_high"]).all()
+    if table["scores_part_relative_estimable"].iloc[0]:
+        np.testing.assert_allclose(table["scores_part_relative"],
+                                   table["scores_part_ss"] / table.loc["baseline", "scores_part_ss"])
+    assert table.loc["token", "scores_part_ss"] != table.loc["baseline", "scores_part_ss"]
+    itself = bos_interventions(tiny_model, prompts, replacements=("token",), token_id=0, early_queries=16,
+                               n_boot=0, n_buckets=10).table().set_index("replacement")
+    assert itself.loc["token", "scores_part_ss"] == itself.loc["baseline", "scores_part_ss"]
