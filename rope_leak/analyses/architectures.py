@@ -318,8 +318,9 @@ def summarize_model(
                                                              else (np.nan, np.nan))
     row["composition_aggregation"] = QUANTITIES["composition_ablation"].aggregation
     row["heads_degenerate"] = inference["degenerate_heads"]
-    if c.start_cut is not None:
-        completed = completed_split(c).summary()
+    split = completed_split(c) if c.start_cut is not None else None
+    if split is not None:
+        completed = split.summary()
         for name in ("mask_share", "cross", "mask_part", "scores_part"):
             row[f"completed_{name}"] = completed[name]
             row[f"completed_{name}_ci_low"], row[f"completed_{name}_ci_high"] = completed.get(
@@ -378,6 +379,17 @@ def summarize_model(
             for k, name in enumerate(KIND_STAT_NAMES):
                 row[name] = float(point_kind[k])
                 row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low_kind[k]), float(high_kind[k])
+            if split is not None:  # the completed split pooled over each kind's heads
+                terms = split.pooled(split.sums(), split.keep & local[:, None], axis=(0, 1))
+                row["completed_mask_share_local"] = float(terms["mask_share"])
+                row["completed_cross_local"] = float(terms["cross"])
+                terms = split.pooled(split.sums(), split.keep & ~local[:, None], axis=(0, 1))
+                row["completed_mask_share_global"] = float(terms["mask_share"])
+                row["completed_cross_global"] = float(terms["cross"])
+    if split is not None:
+        layer_table = split.layer_table()
+        layers["completed_mask_share"] = layer_table["mask_share"]
+        layers["completed_cross"] = layer_table["cross"]
     return ModelComparison(row, layers, {"slopes_t": slopes})
 
 

@@ -154,7 +154,9 @@ class CompletedSplit:
     def keep(self) -> np.ndarray:
         return ~self.degenerate & ~self.not_estimable
 
-    def _terms(self) -> dict[str, np.ndarray]:
+    def sums(self) -> dict[str, np.ndarray]:
+        """The per-head debiased sums of squares by name (``total``, ``mask``, ``scores``,
+        ``cross``, ``mask_inner``), ``[layer, head]``."""
         return {"total": self.total, "mask": self.mask, "scores": self.scores, "cross": self.cross,
                 "mask_inner": self.mask_inner}
 
@@ -168,10 +170,10 @@ class CompletedSplit:
                 "cross": pooled_ratio(terms["cross"], total, keep, axis)}
 
     def model_table(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.pooled(self._terms(), self.keep).items()}
+        return {k: float(v) for k, v in self.pooled(self.sums(), self.keep).items()}
 
     def layer_table(self) -> dict[str, np.ndarray]:
-        return self.pooled(self._terms(), self.keep, axis=1)
+        return self.pooled(self.sums(), self.keep, axis=1)
 
     def head_table(self) -> dict[str, np.ndarray]:
         """Per-head fractions of the head's own ``SS(D log A)``; NaN where not kept."""
@@ -287,7 +289,7 @@ def _jackknife(split: CompletedSplit, log_a: BucketProjection, m: BucketProjecti
             se = spread(terms[num] / terms["total"])
             est = split.head_table()[name]
             split.head_ci[name] = np.stack([est - z * se, est + z * se], -1)
-    point_terms = split._terms()
+    point_terms = split.sums()
     for point_axis, axis, target in (((0, 1), (1, 2), split.ci), (1, 2, split.layer_ci)):
         point = CompletedSplit.pooled(point_terms, keep, axis=point_axis)
         left_out = CompletedSplit.pooled(terms, keep[None], axis=axis)

@@ -334,3 +334,21 @@ def test_real_gemma3_causal_and_bidirectional_match_hf():
         with bidirectional(model):
             got_bi = model(ids)
         assert (got_bi - ref_bi).abs().max().item() < 2e-3
+
+
+def test_compare_and_analyze_report_the_same_composition(tiny_model):
+    """One definition per aggregate: compare's row is analyze's summary, for the ablation's
+    composition, the component means and the completed split."""
+    from rope_leak.analyses.analysis import analyze
+    from rope_leak.analyses.architectures import summarize_model
+
+    tokens = torch.randint(1, 50, (12, 40), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = 0
+    analysis = analyze(tiny_model, tokens, progress=False, n_boot=50, window=8)
+    row = summarize_model(analysis.statistics, "tiny", n_boot=50).row
+    summary = analysis.summary()
+    assert row["composition"] == pytest.approx(summary["composition"], rel=1e-12)
+    for name in ("L_total", "L_resid", "L_mask"):
+        assert row[name] == pytest.approx(summary[name], rel=1e-12)
+    assert row["completed_mask_share"] == pytest.approx(summary["completed_split"]["mask_share"], rel=1e-12)
+    assert row["completed_cross"] == pytest.approx(summary["completed_split"]["cross"], rel=1e-12)
