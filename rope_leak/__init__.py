@@ -16,6 +16,7 @@ from rope_leak.backends import load_hf_model, load_model, tiny_rope_model
 from rope_leak.backends.requirements import NotRoPEModelError, require_rope
 from rope_leak.corpus import Corpus, load_corpus
 from rope_leak.engine.allocator import tune_allocator
+from rope_leak.engine.memory import InsufficientMemoryError, estimate_memory
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import RunStatistics
@@ -43,6 +44,7 @@ __all__ = [
     "EffectsRunResult",
     "Corpus",
     "HeadSpecError",
+    "InsufficientMemoryError",
     "NotRoPEModelError",
     "PairSpec",
     "RunResult",
@@ -50,6 +52,7 @@ __all__ = [
     "analyze",
     "bidirectional",
     "compare",
+    "estimate_memory",
     "head_label",
     "load_corpus",
     "load_hf_model",

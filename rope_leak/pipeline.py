@@ -189,6 +189,7 @@ def run(
     sinks, sink_prompts, bos_prompts = config.sinks, config.sink_prompts, config.bos_prompts
     reading_prompts, save_statistics, cell_maps = config.reading_prompts, config.save_statistics, config.cell_maps
     shard, checkpoint_minutes, checkpoint_every = config.shard, config.checkpoint_minutes, config.checkpoint_every
+    force = config.force
     from rope_leak.analyses.sinks import SINK_FILES
     from rope_leak.output.results import RESULT_FILES, check_output_dir
     from rope_leak.output.shards import CHECKPOINT_FILE, check_shard_output, parse_shard
@@ -236,7 +237,7 @@ def run(
                   "checkpoint_seconds": 60.0 * checkpoint_minutes}
     if shard is not None:
         stats = _run_shard(model, corpus, out, pairs, window, batch_size, cell_maps, progress, settings,
-                           provenance, shard, resume)
+                           provenance, shard, resume, force)
         return RunResult(out=out, files=_files(out, ("statistics.npz", "shard.json")), model=model,
                          corpus=corpus, run_info={"seconds": time.perf_counter() - started},
                          shard=shard, statistics=stats, provenance=provenance)
@@ -244,7 +245,7 @@ def run(
 
     analysis = analyze(model, corpus.tokens, target=target, spec=pairs, window=window, batch_size=batch_size,
                        progress=progress, metadata={"settings": settings},
-                       cell_maps=cell_maps, **resume)
+                       cell_maps=cell_maps, force=force, **resume)
     sink_result, sections = None, ()
     main_done = time.perf_counter()
     if sinks:
@@ -267,27 +268,27 @@ def run(
                 "sink_analysis_seconds": finished - main_done, "device": device,
                 "threads": torch.get_num_threads()}
     if out is not None:
+        from rope_leak.analyses.sinks import save_sinks
         from rope_leak.output.results import save_analysis
 
+        # one commit: the results, the sink files and the end of the checkpoint (a kill at any
+        # moment leaves the earlier folder or the new one, never half of each)
         save_analysis(analysis, out, provenance=provenance, run_info=run_info, overwrite=overwrite,
-                      extra_sections=sections, statistics=save_statistics, sinks=sink_result)
-        if sink_result is not None:
-            from rope_leak.analyses.sinks import save_sinks
-
-            save_sinks(sink_result, out, provenance=provenance, overwrite=True)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)  # the results are written: nothing to resume
+                      extra_sections=sections, statistics=save_statistics, sinks=sink_result,
+                      extra_writer=None if sink_result is None else (
+                          lambda folder: save_sinks(sink_result, folder, provenance=provenance, overwrite=True)),
+                      replaces=(*SINK_FILES, CHECKPOINT_FILE))
     return RunResult(analysis=analysis, sinks=sink_result, out=out,
                      files=_files(out, (*RESULT_FILES, "run_info.json", *SINK_FILES)), model=model,
                      corpus=corpus, run_info=run_info, provenance=provenance)
 
 
 def _run_shard(model, corpus, out, pairs, window, batch_size, cell_maps, progress, settings, provenance,
-               shard, resume):
+               shard, resume, force=False):
     from rope_leak.analyses.analysis import model_fingerprint, tokens_sha256
     from rope_leak.analyses.bos_status import bos_status
     from rope_leak.engine.run import default_buckets, run_statistics
-    from rope_leak.output.shards import shard_prompts, write_shard
+    from rope_leak.output.shards import CHECKPOINT_FILE, shard_prompts, write_shard
 
     prompts = shard_prompts(len(corpus.tokens), batch_size, shard)
     # What `analyze` records of a whole run, so that the merged results.json is the same.
@@ -298,11 +299,10 @@ def _run_shard(model, corpus, out, pairs, window, batch_size, cell_maps, progres
     stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=pairs,
                            batch_size=batch_size, prompt_ids=prompts,
                            n_buckets=default_buckets(len(corpus.tokens)),  # as the whole run's
-                           cell_maps=cell_maps, progress=progress, start_cut_window=window,
+                           cell_maps=cell_maps, progress=progress, start_cut_window=window, force=force,
                            metadata={"settings": settings, "inputs": inputs}, **resume)
-    write_shard(stats, out, shard=shard, n_prompts=len(corpus.tokens), provenance=provenance)
-    if resume:
-        resume["checkpoint"].unlink(missing_ok=True)
+    write_shard(stats, out, shard=shard, n_prompts=len(corpus.tokens), provenance=provenance,
+                replaces=(CHECKPOINT_FILE,))  # the checkpoint goes in the same commit
     return stats
 
 

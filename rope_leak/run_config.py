@@ -74,6 +74,8 @@ class RunConfig:
                                        minimum=0, group="scale")
     checkpoint_every: int = option(0, "also checkpoint after every K batches (default 0: off)",
                                    minimum=0, group="scale", metavar="K")
+    force: bool = option(False, "run even when the memory estimate exceeds what is available",
+                         group="analyze")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -106,7 +108,7 @@ class RunConfig:
     def settings(self) -> dict:
         """What ``results.json`` records (every field but where and how it was split up)."""
         out = dataclasses.asdict(self)
-        for name in ("shard", "checkpoint_minutes", "checkpoint_every"):
+        for name in ("shard", "checkpoint_minutes", "checkpoint_every", "force"):
             out.pop(name)
         return out
 

@@ -66,9 +66,9 @@ def test_cli_results_are_byte_identical_and_complete(tiny_folder, text_corpus, t
     analysis = results["analysis"]
     recorded = {**settings, "device": analysis["model"]["device"]}
     # Run mechanics that cannot change the results (sharding and checkpoints are tested
-    # to give identical results) are not settings.
+    # to give identical results; --force only skips the memory check) are not settings.
     not_settings = {"command", "out", "overwrite", "no_progress", "shard", "checkpoint_minutes",
-                    "checkpoint_every"}
+                    "checkpoint_every", "force"}
     analyze_parser = build_parser()._subparsers._group_actions[0].choices["analyze"]
     for action in analyze_parser._actions:
         if action.dest in not_settings or action.dest == "help":

@@ -565,6 +565,7 @@ def analyze(
     checkpoint_seconds: float = 0.0,
     cell_maps: bool = False,
     window: int = DEFAULT_WINDOW,
+    force: bool = False,
 ) -> Analysis:
     """Run the full decomposition of ``model`` on ``tokens``: a :class:`rope_leak.Corpus`
     (from :func:`rope_leak.load_corpus`) or a ``[prompt, pos]`` token tensor.
@@ -574,6 +575,8 @@ def analyze(
     ``prompt_ids`` and the resumable ``checkpoint``). ``cell_maps=True`` also keeps
     per-cell sums (``O(n^2)`` per head) for ``M_cell`` and per-cell maps of the explorer.
     ``window``: the completed split's reference window ``w`` (:mod:`rope_leak.fits.start_cut`).
+    ``force``: run even when the memory estimate (:mod:`rope_leak.engine.memory`) exceeds
+    what is available.
 
     ``on_missing_bos``: what to do when the model expects a BOS at position 0 and some
     prompts lack it (see :func:`check_bos`): ``"error"`` (default, :class:`MissingBOSError`),
@@ -613,7 +616,7 @@ def analyze(
         model, tokens, targets=TARGETS, spec=spec, batch_size=batch_size, n_buckets=n_buckets,
         progress=progress, prompt_ids=prompt_ids, metadata=metadata, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, cell_maps=cell_maps,
-        start_cut_window=window,
+        start_cut_window=window, force=force,
     )
     inputs = {
         "model": model_fingerprint(model),

@@ -25,6 +25,7 @@ from transformer_lens.utilities import get_act_name
 from rope_leak.backends.bridge import is_bridge, layer_kinds, window_size
 from rope_leak.backends.requirements import require_rope
 from rope_leak.engine.accumulate import LayerAccumulator
+from rope_leak.engine.memory import allocation_failure, check_memory, is_allocation_failure
 from rope_leak.engine.pairs import PairDesign, PairSpec, start_cut_spec
 from rope_leak.engine.start_cut import DEFAULT_WINDOW, StartCutAccumulator, check_window
 from rope_leak.engine.statistics import (
@@ -255,6 +256,8 @@ def run_statistics(
     cell_maps: bool = False,
     start_cut_window: int | None = DEFAULT_WINDOW,
     start_cut_conditions: Iterable[str] = ("causal",),
+    force: bool = False,
+    memory_budget: int | None = None,
 ) -> RunStatistics:
     """Stream ``tokens`` through ``model`` under each condition and accumulate statistics.
 
@@ -281,6 +284,15 @@ def run_statistics(
             (0: never). Checkpoints fall between whole batches. A resumed run skips the batches already done and ends with
             statistics identical to an uninterrupted run's (same batches, same order of
             float64 additions). The caller removes the file once its results are written.
+        force: run even when the memory estimate (:mod:`rope_leak.engine.memory`) exceeds
+            what is available; by default such a run is refused before its first forward
+            pass with :class:`~rope_leak.engine.memory.InsufficientMemoryError`, which says
+            what fits (the largest n at batch 1, the largest batch at this n).
+        memory_budget: bytes available to the run beyond the loaded model, instead of what
+            the machine reports (for tests).
+
+    An allocation that fails during the passes anyway raises
+    :class:`~rope_leak.engine.memory.InsufficientMemoryError` too (what failed, what to lower).
     """
     require_rope(model, "run_statistics")
     tokens = check_tokens(model, tokens)
@@ -307,6 +319,14 @@ def run_statistics(
         check_window(start_cut_window, tokens.shape[1])
         start_cut_spec(spec, start_cut_window)  # refuses pairs that end before query w
     with_start_cut = set(start_cut_conditions) if start_cut_window is not None else set()
+    # Before anything large is allocated: refuse a run that cannot fit (force: warn, go on).
+    memory_settings = dict(
+        n_prompts=len(tokens), conditions=list(conditions), targets=targets, n_buckets=n_buckets,
+        cell_maps=cell_maps, start_cut_window=start_cut_window, start_cut_conditions=with_start_cut,
+        checkpoint=checkpoint is not None and bool(checkpoint_every or checkpoint_seconds),
+        max_offset=spec.max_offset)
+    estimate = check_memory(model, tokens.shape[1], batch_size, memory_budget=memory_budget, force=force,
+                            **memory_settings)
     runs = {name: ConditionRun(model, design, targets, n_buckets, cell_maps=cell_maps,
                                start_cut_window=start_cut_window if name in with_start_cut else None)
             for name in conditions}
@@ -340,23 +360,36 @@ def run_statistics(
     bar = tqdm(total=len(tokens) * len(conditions), disable=not progress,
                desc="forward passes", unit="prompt", initial=len(done) * len(conditions))
     since_checkpoint, last_save = 0, time.monotonic()
-    with bar:
-        for k, start in enumerate(starts):
-            batch, batch_ids = tokens[start:start + batch_size], ids[start:start + batch_size]
-            if done and int(batch_ids[0]) in done:
-                continue  # resumed: done before the checkpoint (whole batches only)
-            for name, condition in conditions.items():
-                bar.set_postfix_str(name)
-                with condition(model):
-                    runs[name].run_batch(batch, batch_ids)
-                bar.update(len(batch))
-            done.update(int(i) for i in batch_ids)
-            since_checkpoint += 1
-            due = (checkpoint_every and since_checkpoint >= checkpoint_every) or (
-                checkpoint_seconds and time.monotonic() - last_save >= checkpoint_seconds)
-            if checkpoint is not None and due and k + 1 < len(starts):
-                snapshot(done, with_state=True).save(checkpoint)
-                since_checkpoint, last_save = 0, time.monotonic()
+    where, failure = "the first forward pass", None
+    try:
+        with bar:
+            for k, start in enumerate(starts):
+                batch, batch_ids = tokens[start:start + batch_size], ids[start:start + batch_size]
+                if done and int(batch_ids[0]) in done:
+                    continue  # resumed: done before the checkpoint (whole batches only)
+                for name, condition in conditions.items():
+                    bar.set_postfix_str(name)
+                    where = (f"the forward pass of prompts {int(batch_ids[0])}..{int(batch_ids[-1])} "
+                             f"under condition {name!r}")
+                    with condition(model):
+                        runs[name].run_batch(batch, batch_ids)
+                    bar.update(len(batch))
+                done.update(int(i) for i in batch_ids)
+                since_checkpoint += 1
+                due = (checkpoint_every and since_checkpoint >= checkpoint_every) or (
+                    checkpoint_seconds and time.monotonic() - last_save >= checkpoint_seconds)
+                if checkpoint is not None and due and k + 1 < len(starts):
+                    where = f"writing the checkpoint {checkpoint}"
+                    snapshot(done, with_state=True).save(checkpoint)
+                    since_checkpoint, last_save = 0, time.monotonic()
+    except Exception as err:  # noqa: BLE001 - only allocation failures are translated
+        if not is_allocation_failure(err):
+            raise
+        failure = str(err) or type(err).__name__
+    if failure is not None:  # out of the except block: the failed frames' tensors are freed
+        runs.clear()
+        raise allocation_failure(failure, where=where, estimate=estimate, model=model,
+                                 estimate_kwargs=memory_settings)
     return snapshot(ids.tolist())
 
 

@@ -5,24 +5,31 @@ sorted and without timestamps, so the same inputs and seed give a byte-identical
 timings go to ``run_info.json``. Every file is first written into a hidden staging folder
 inside the output folder and only renamed into place once all of them are complete
 (``results.json`` last), so an error or an interrupt never leaves a partial set of results.
+The renames are journaled (:func:`rope_leak.download_cache.staged_files`): a process
+killed even among them leaves the earlier results, which the next write or check of the
+folder (:func:`check_output_dir`) restores exactly, and a rerun then writes what an
+uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rope_leak.download_cache import atomic_write_text
+from rope_leak.download_cache import (
+    atomic_write_text,
+    folder_lock,
+    recover_staged,
+    remove_stale_writes,
+    staged_files,
+)
 
 if TYPE_CHECKING:  # types only: output sits below the analyses that call it
     from rope_leak.analyses.analysis import Analysis
@@ -71,11 +78,27 @@ def to_jsonable(value):
     return str(value)  # paths, dtypes and other objects: as text
 
 
+def recover_output_dir(out_dir: str | Path, files: Sequence[str] = RESULT_FILES) -> Path:
+    """Undo what a process killed while writing into ``out_dir`` left (a staged write it
+    had begun to commit is rolled back, its staging folder and the temporaries of
+    ``files``, ``run_info.json`` and ``checkpoint.npz`` removed), so the folder holds
+    exactly its earlier files."""
+    out = Path(out_dir)
+    if out.is_dir():
+        with folder_lock(out):
+            recover_staged(out, STAGING_PREFIX)
+            # checkpoint.npz: only ever written while a run is under way, never during a check
+            remove_stale_writes(out, (*files, "run_info.json", "checkpoint.npz"))
+    return out
+
+
 def check_output_dir(out_dir: str | Path, overwrite: bool = False, files: Sequence[str] = RESULT_FILES) -> Path:
-    """Make ``out_dir`` if needed; refuse (unless ``overwrite``) when it holds any of ``files``."""
+    """Make ``out_dir`` if needed; refuse (unless ``overwrite``) when it holds any of ``files``.
+    First undoes what a killed writer left there (:func:`recover_output_dir`)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file. Fix: name a folder.")
+    recover_output_dir(out, files)
     existing = [name for name in files if (out / name).exists()]
     if existing and not overwrite:
         raise OutputExistsError(
@@ -124,6 +147,8 @@ def save_analysis(
     statistics: bool = True,
     sinks=None,
     extra_files: Mapping[str, str] | None = None,
+    extra_writer: Callable[[Path], object] | None = None,
+    replaces: Sequence[str] = (),
 ) -> Path:
     """Write every result file of ``analysis`` into ``out_dir``.
 
@@ -135,11 +160,20 @@ def save_analysis(
     folder never mixes two runs. ``sinks``: the run's
     :class:`rope_leak.analyses.sinks.SinkAnalysis`, for the report's sink-reading flags.
     ``extra_files``: ``{file name: text}`` written with the results (e.g. ``effects.csv``).
+    ``extra_writer``: called with the staging folder to write more files there (e.g.
+    ``lambda folder: save_sinks(result, folder, overwrite=True)``), committed with the rest.
+    ``replaces``: more file names this write owns (e.g. the sink files, ``checkpoint.npz``):
+    any left from an earlier run and not written now is removed in the same commit.
+
+    The commit is journaled: a process killed at any moment (SIGKILL included) leaves the
+    earlier results, or the new ones complete, once the next write or check of
+    ``out_dir`` (:func:`check_output_dir`) has run; until then a killed commit's hidden
+    ``.rope_leak_staging.*`` folder holds what is needed to undo it.
     """
     out = check_output_dir(out_dir, overwrite)
     payload = results_dict(analysis, provenance)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
-    try:
+    owned = (*RESULT_FILES, "run_info.json", *replaces)
+    with staged_files(out, prefix=STAGING_PREFIX, last="results.json", owned=owned) as staging:
         atomic_write_text(staging / "heads.csv", analysis.heads().to_csv(index=False, float_format="%.17g"))  # full float64 precision
         layers = [analysis.layers(t) for t in analysis.targets]
         import pandas as pd
@@ -157,15 +191,7 @@ def save_analysis(
 
             write_report(analysis, staging / "report.html", provenance=payload["provenance"],
                          run_info=run_info, extra_sections=extra_sections, sinks=sinks)
+        if extra_writer is not None:
+            extra_writer(staging)
         atomic_write_text(staging / "results.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
-        written = sorted(p.name for p in staging.iterdir())
-        for name in written:
-            if name != "results.json":
-                os.replace(staging / name, out / name)
-        for name in (*RESULT_FILES, "run_info.json"):
-            if name not in written and (out / name).exists():
-                (out / name).unlink()  # stale, from an earlier run that is being replaced
-        os.replace(staging / "results.json", out / "results.json")  # last: marks completion
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -18,11 +18,30 @@ import json
 import re
 from pathlib import Path
 
-from rope_leak.download_cache import atomic_write_text
+from rope_leak.download_cache import (
+    atomic_write_text,
+    folder_lock,
+    recover_staged,
+    remove_stale_writes,
+    staged_files,
+)
 
 SHARD_FILE = "shard.json"
 STATISTICS_FILE = "statistics.npz"
 CHECKPOINT_FILE = "checkpoint.npz"
+SHARD_STAGING_PREFIX = ".rope_leak_staging."  # as rope_leak.output.results.STAGING_PREFIX
+
+
+def recover_shard_dir(out_dir: str | Path) -> Path:
+    """Undo what a process killed while writing a shard into ``out_dir`` left: its
+    staged, journaled write is rolled back (``statistics.npz`` and ``shard.json`` are the
+    earlier pair again, or absent), its temporaries removed."""
+    out = Path(out_dir)
+    if out.is_dir():
+        with folder_lock(out):
+            recover_staged(out, SHARD_STAGING_PREFIX)
+            remove_stale_writes(out, (STATISTICS_FILE, SHARD_FILE))
+    return out
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -54,6 +73,7 @@ def check_shard_output(out_dir: str | Path, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file. Fix: name a folder.")
+    recover_shard_dir(out)
     existing = [n for n in (STATISTICS_FILE, SHARD_FILE) if (out / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a shard ({', '.join(existing)}). Fix: choose another "
@@ -63,13 +83,19 @@ def check_shard_output(out_dir: str | Path, overwrite: bool) -> Path:
 
 
 def write_shard(stats, out_dir: str | Path, *, shard: tuple[int, int], n_prompts: int,
-                provenance: dict) -> Path:
-    """Write a shard's statistics and its description (what merging needs to check)."""
+                provenance: dict, replaces: tuple[str, ...] = ()) -> Path:
+    """Write a shard's statistics and its description (what merging needs to check),
+    committed together (``shard.json`` last; see
+    :func:`rope_leak.download_cache.staged_files`): a kill at any moment leaves the
+    earlier pair or the new one. ``replaces``: more names removed in the same commit
+    (e.g. ``checkpoint.npz``)."""
     out = Path(out_dir)
-    stats.save(out / STATISTICS_FILE)
     info = {"rope_leak_shard": 1, "shard": list(shard), "n_prompts_total": n_prompts,
             "prompts": list(stats.prompts_done), "provenance": provenance}
-    atomic_write_text(out / SHARD_FILE, json.dumps(info, indent=1, sort_keys=True) + "\n")
+    with staged_files(out, prefix=SHARD_STAGING_PREFIX, last=SHARD_FILE,
+                      owned=(STATISTICS_FILE, SHARD_FILE, *replaces)) as staging:
+        stats.save(staging / STATISTICS_FILE)
+        atomic_write_text(staging / SHARD_FILE, json.dumps(info, indent=1, sort_keys=True) + "\n")
     return out
 
 
@@ -97,7 +123,7 @@ def load_shards(dirs):
 
     shards = []
     for d in dirs:
-        d = Path(d)
+        d = recover_shard_dir(d)  # a shard write killed mid-commit: its earlier pair, or none
         if not (d / SHARD_FILE).exists() or not (d / STATISTICS_FILE).exists():
             raise FileNotFoundError(f"{d} holds no finished shard ({SHARD_FILE} + {STATISTICS_FILE}). "
                                     "Fix: pass the --out folders of finished `analyze --shard` runs.")
