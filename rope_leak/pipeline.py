@@ -387,7 +387,8 @@ def run_effects(
                            progress=progress)
     finished = time.perf_counter()
     run_info = {"seconds": finished - started, "fit_seconds": fitted - started,
-                "effects_seconds": finished - fitted, "device": device, "threads": torch.get_num_threads()}
+                "effects_seconds": finished - fitted, "device": device, "threads": torch.get_num_threads(),
+                "baseline_loss": effects.baseline_loss, "baseline_loss_early": effects.baseline_loss_early}
     if out is not None:
         section = effects_section_html(effects.table, baseline_loss=effects.baseline_loss,
                                        n_prompts=effects.n_prompts)
