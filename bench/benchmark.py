@@ -16,10 +16,10 @@ figure min / median / max over --repeats):
    ratio <= 1.1) and n=128 vs n=256.
 4. the machine.
 
-    python bench/benchmark.py                  # defaults below, ~45 min on 2 cores
-    python bench/benchmark.py --quick          # a few minutes
-    python bench/benchmark.py --out bench/latest.txt
-    python bench/benchmark.py --prompts 64 --parts 1   # the analysis / bare-forward ratio only
+    python -m bench.benchmark                  # defaults below, ~45 min on 2 cores
+    python -m bench.benchmark --quick          # a few minutes
+    python -m bench.benchmark --out bench/latest.txt
+    python -m bench.benchmark --prompts 64 --parts 1   # the analysis / bare-forward ratio only
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

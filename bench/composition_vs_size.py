@@ -5,8 +5,8 @@ ablation's pooled composition and the renormalisation split's mask share, each w
 95% CI, the number of degenerate heads, the seconds the cell took and the load average
 at its end.
 
-    python bench/composition_vs_size.py --grid 16x128,32x128,64x128,16x256,16x512,16x1024
-    python bench/composition_vs_size.py --grid 8x128,8x256,8x512,8x1024,8x2048 --n-boot 200 \\
+    python -m bench.composition_vs_size --grid 16x128,32x128,64x128,16x256,16x512,16x1024
+    python -m bench.composition_vs_size --grid 8x128,8x256,8x512,8x1024,8x2048 --n-boot 200 \\
         --batch-size 2 --out docs/composition_vs_n
 
 With ``--out``, every cell also writes ``summary_P{P}_n{n}.json`` (``Analysis.summary()``)

@@ -7,8 +7,8 @@ forward passes of the main analysis (every batch under the causal and the bidire
 mask, no hooks, after a warm-up). Printed: both times, the ratio (target <= 1.5), and the
 phases of the analyze run (from its run_info.json). Variants alternate over --repeats.
 
-    python bench/end_to_end.py                          # default analyze: 64 prompts x 256 tokens
-    python bench/end_to_end.py --prompts 16 --tokens 128
+    python -m bench.end_to_end                          # default analyze: 64 prompts x 256 tokens
+    python -m bench.end_to_end --prompts 16 --tokens 128
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bare_forward(model, tokens, batch_size: int) -> tuple[float, float]:

@@ -11,7 +11,7 @@ accumulators (what the analysis adds during its passes) and the peak over the ba
 after them, with the time of each step. The numbers are not meaningful; the memory and the
 time are those of the real run's post-pass steps at that n.
 
-    python bench/memory_after_passes.py --tokens 4096
+    python -m bench.memory_after_passes --tokens 4096
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ An n above 2048 whose whole run would take longer than ``--max-seconds`` (judged
 n = 2048 time) is stopped after ``--stop-layers`` layers: each layer repeats the same peak,
 and the statistics are allocated before the first, so the peak is the whole run's.
 
-    python bench/memory_estimate.py                     # n = 512, 1024, 2048, 4096 (~6 min)
-    python bench/memory_estimate.py --max-seconds 0     # whole runs at every n
+    python -m bench.memory_estimate                     # n = 512, 1024, 2048, 4096 (~6 min)
+    python -m bench.memory_estimate --max-seconds 0     # whole runs at every n
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.stop_layers)
         return
-    command = "python bench/memory_estimate.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.memory_estimate " + " ".join(sys.argv[1:])
     load = os.getloadavg()
     print(f"$ {command.strip()}\nload average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(HEADER)

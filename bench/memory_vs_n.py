@@ -8,7 +8,7 @@ peak resident memory (VmHWM) of each, the analysis' excess over the bare forward
 (target at n = 4096: at most 1 GiB), the size of the sufficient statistics, and the
 time ratio.
 
-    python bench/memory_vs_n.py --prompts 4 --tokens 128,256,512,1024,2048,4096
+    python -m bench.memory_vs_n --prompts 4 --tokens 128,256,512,1024,2048,4096
 """
 
 from __future__ import annotations

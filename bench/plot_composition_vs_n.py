@@ -4,7 +4,7 @@ draws the ablation's pooled composition and the renormalisation split's mask sha
 each with its 95% CI, against n. Writes ``composition_vs_n.html`` and, with Chromium
 available, ``composition_vs_n.png`` into the same folder.
 
-    python bench/plot_composition_vs_n.py docs/longctx --prompts 8
+    python -m bench.plot_composition_vs_n docs/longctx --prompts 8
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """Shares of SmolLM2 under bfloat16 / float16 vs float32 (softmax and statistics stay
 float32/float64 in the engine). Prints the max and mean |share gap| per target.
 
-    python bench/precision.py --prompts 8 --tokens 128
+    python -m bench.precision --prompts 8 --tokens 128
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -11,7 +11,7 @@ count) on the same prompts as ``rope-leak compare`` (same corpus, P, n, seed, bu
 and prints per layer the debiased ``L_resid`` under it, with the layer kind and a 95%
 pivotal bucket-bootstrap CI, and the sliding-vs-global means and their difference.
 
-    python bench/sliding_window_control.py --model gemma3-270m --prompts 8 --tokens 1024 \\
+    python -m bench.sliding_window_control --model gemma3-270m --prompts 8 --tokens 1024 \\
         --out docs/longctx/gemma3_window_none_layers.csv
 """
 
