@@ -285,7 +285,8 @@ def test_mask_hook_comes_before_user_hooks(model, corpus):
 # -- names of the estimators, Corpus input ---------------------------------------------------
 def test_estimator_names_and_corpus_input(model, corpus, analysis):
     same = rl.analyze(model, corpus.tokens, n_boot=40, progress=False)
-    np.testing.assert_array_equal(same.heads()["pattern_L_total"], analysis.heads()["pattern_L_total"])
+    np.testing.assert_array_equal(same.heads()["pattern_L_total_crossfit"],
+                                  analysis.heads()["pattern_L_total_crossfit"])
     summary, heads, layers = analysis.summary(), analysis.heads(), analysis.layers()
     inf = analysis.inference()
     assert summary["L_total_debiased"] == summary["L_total"] == pytest.approx(float(inf.total.estimate.mean()))

@@ -110,5 +110,5 @@ def test_library_results_are_byte_identical_and_record_the_model(tmp_path):
 def test_bootstrap_seed_changes_only_the_intervals(tmp_path, tiny_model, tiny_tokens):
     a = analyze(tiny_model, tiny_tokens, progress=False, n_boot=50, seed=0)
     b = analyze(tiny_model, tiny_tokens, progress=False, n_boot=50, seed=1)
-    assert a.heads()["pattern_L_total"].equals(b.heads()["pattern_L_total"])
+    assert a.heads()["pattern_L_total_crossfit"].equals(b.heads()["pattern_L_total_crossfit"])
     assert a.settings()["bootstrap_seed"] != b.settings()["bootstrap_seed"]

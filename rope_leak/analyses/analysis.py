@@ -14,10 +14,9 @@ Two estimators of each share appear, and every name says which:
 * **cross-fitted** (``*_crossfit``; :meth:`Analysis.decomposition`): the definition,
   biased low at realistic prompt counts.
 
-``summary()["L_total"]`` etc. and the ``{target}_L_total`` columns of ``heads()`` are the
-earlier, unqualified names (debiased and cross-fitted respectively), kept so existing
-code and reports keep working; prefer the qualified ones. ``docs/method.md`` has the
-definitions.
+``summary()["L_total"]``, ``["composition"]`` etc. without a suffix are the debiased
+headline numbers (the same as the ``*_debiased`` keys). ``docs/method.md`` has the
+definitions; ``rope_leak.quantities`` lists every name.
 """
 
 from __future__ import annotations
@@ -246,7 +245,7 @@ class Analysis(Displayable):
 
         ``L_*_debiased`` / ``_ci_low`` / ``_ci_high``: debiased shares of the headline
         target with CIs; ``{target}_L_*_crossfit``: cross-fitted shares of every target
-        (``{target}_L_*`` without the suffix: the same values, under their earlier name)."""
+        (every share column names its estimator)."""
         layers, heads = np.meshgrid(np.arange(self.n_layers), np.arange(self.n_heads), indexing="ij")
         table = pd.DataFrame({
             "layer": layers.ravel(),
@@ -257,7 +256,6 @@ class Analysis(Displayable):
             dec = self.decomposition(target)
             for name, values in (("L_total", dec.total), ("L_resid", dec.resid), ("L_mask", dec.mask)):
                 table[f"{target}_{name}_crossfit"] = values.ravel()
-                table[f"{target}_{name}"] = values.ravel()  # earlier name of the same column
             for condition in CONDITIONS:
                 fit = self.fits[condition, target]
                 prefix = f"{target}_{condition}"
@@ -297,12 +295,11 @@ class Analysis(Displayable):
         return table
 
     def layers(self, target: str | None = None) -> pd.DataFrame:
-        """Per-layer means and composition: ``*_crossfit`` cross-fitted (``L_total`` etc.
-        without a suffix: the same values, earlier names), ``*_debiased`` with CIs for the
-        headline target, and the completed split (``completed_*``, pooled over heads)."""
-        table = self.decomposition(target).layer_table()
-        for name in ("L_total", "L_resid", "L_mask", "composition"):  # qualified names first
-            table.insert(table.columns.get_loc(name), f"{name}_crossfit", table[name])
+        """Per-layer means and composition: ``*_crossfit`` cross-fitted, ``*_debiased`` with
+        CIs for the headline target, and the completed split (``completed_*``, pooled over
+        heads)."""
+        table = self.decomposition(target).layer_table().rename(
+            columns={name: f"{name}_crossfit" for name in ("L_total", "L_resid", "L_mask", "composition")})
         table.insert(1, "target", target or self.target)
         table["sink_heads"] = (self.sink_scores() > self.sink_threshold).sum(1)
         if (target or self.target) == self.target:
@@ -330,7 +327,7 @@ class Analysis(Displayable):
     def top_heads(self, k: int = 10) -> pd.DataFrame:
         col = "L_total_debiased"
         cols = ["label", "L_total_debiased", "L_total_ci_low", "L_total_ci_high", "L_total_qvalue",
-                "L_resid_debiased", "L_mask_debiased", f"{self.target}_L_total", "sink_score"]
+                "L_resid_debiased", "L_mask_debiased", f"{self.target}_L_total_crossfit", "sink_score"]
         return self.heads().nlargest(k, col)[cols].reset_index(drop=True)
 
     def head(self, layer, head: int | None = None, *, condition: str = "causal",

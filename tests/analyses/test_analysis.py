@@ -26,9 +26,11 @@ def test_analysis_tables_are_consistent(tiny_model, tiny_tokens):
     analysis = analyze(tiny_model, tiny_tokens, progress=False, batch_size=5, window=4)
     heads = analysis.heads()
     assert len(heads) == 2 * 4 and heads["label"].iloc[5] == "L1H1"
-    np.testing.assert_allclose(heads["pattern_L_mask"], heads["pattern_L_total"] - heads["pattern_L_resid"])
+    np.testing.assert_allclose(heads["pattern_L_mask_crossfit"],
+                               heads["pattern_L_total_crossfit"] - heads["pattern_L_resid_crossfit"])
+    assert "pattern_L_total" not in heads and "L_total" not in analysis.layers()  # every name says its estimator
     layers = analysis.layers()
-    np.testing.assert_allclose(layers["L_total"], heads.groupby("layer")["pattern_L_total"].mean())
+    np.testing.assert_allclose(layers["L_total_crossfit"], heads.groupby("layer")["pattern_L_total_crossfit"].mean())
     summary = analysis.summary()
     dec = analysis.decomposition()
     crossfit = summary["crossfit"]["pattern"]["composition"]
@@ -108,7 +110,7 @@ def test_real_model_analysis(real_model):
     analysis = analyze(real_model, corpus.tokens, progress=False)
     heads = analysis.heads()
     assert len(heads) == 30 * 9
-    assert np.isfinite(heads["pattern_L_total"]).all()
+    assert np.isfinite(heads["pattern_L_total_crossfit"]).all()
     # Position 0 holds the same BOS in every prompt: a closed system under the causal mask.
     pz = analysis.position_zero()
     assert max(pz["causal"]["std"]) == 0.0
