@@ -97,6 +97,8 @@ class LayerAccumulator:
         self._tasks: list[tuple[int, int]] | None = None
         self._buffers: dict = {}
         self.use_kernel = True  # set False to force the pure-torch path
+        #: the last layer's ``log Z_i`` ``[batch, head, q]`` (valid until the next add_layer)
+        self.last_log_z: Tensor | None = None
 
     @staticmethod
     def _mask(design: PairDesign) -> np.ndarray:
@@ -185,6 +187,7 @@ class LayerAccumulator:
             )}
         row, log_z, log_z_full, buffers = self._buffers[key]
         row.zero_()
+        self.last_log_z = log_z  # filled by the kernel below (read by the start cut's hook)
 
         def task(index: int):
             rows = self._tasks[index]
@@ -224,6 +227,7 @@ class LayerAccumulator:
 
     def _add_layer_torch(self, layer: int, scores: Tensor, prompt_ids: Tensor) -> None:
         log_z = torch.logsumexp(scores, dim=-1)  # [batch, head, q]
+        self.last_log_z = log_z
         self.nonfinite[layer] += (~torch.isfinite(log_z)).sum((0, 2))
         device = self.count.device
         buckets = prompt_ids.to(device) % self.n_buckets

@@ -139,7 +139,7 @@ class ConditionRun:
             scores = scores.detach()
             self.acc.add_layer(layer, scores, self._prompt_ids)
             if self.start_cut is not None:
-                self.start_cut.add_layer(layer, scores, self._prompt_ids)
+                self.start_cut.add_layer(layer, scores, self._prompt_ids, self.acc.last_log_z)
         return hook
 
     def _resid_hook(self, index: int) -> Callable:

@@ -73,12 +73,17 @@ def window_log_mass(scores: Float[Tensor, "... n n"], window: int) -> Float[Tens
 
 def start_cut_rows(
     scores: Float[Tensor, "batch head n n"], window: int, design: PairDesign | None = None,
+    log_z: Float[Tensor, "batch head n"] | None = None,
 ) -> tuple[Float[Tensor, "batch head n"], Float[Tensor, "batch head n"],
            Float[Tensor, "batch head column"] | None, Float[Tensor, "batch head"] | None]:
     """``(log rho, profile sums, X^T log A, sum of (log A)^2)`` of one layer's causally
     masked scores; the last two over ``design``'s cells (None without a design).
+    ``log_z``: the rows' ``log Z_i`` when the caller has them (the accumulator computes
+    them in the same pass), else computed here.
 
-    ``profile[..., d] = sum_{i >= w, i - d >= 1} exp(s_{i, i-d} - LSE_{R_i} s_i)``.
+    ``profile[..., d] = sum_{i >= w, i - d >= 1} exp(s_{i, i-d} - LSE_{R_i} s_i)``. ``log A =
+    s - log Z_i`` is the scores plus a part constant along each row, so its sums come from
+    the masked scores' sums and ``row_xty`` of ``-log Z`` (no copy of ``log A`` is made).
     Worked in chunks of prompts x heads so that no temporary exceeds
     :data:`CHUNK_ELEMENTS` elements."""
     B, H, n, _ = scores.shape
@@ -91,24 +96,30 @@ def start_cut_rows(
         cells = torch.as_tensor((j[None, :] >= design.key_start[:, None]) & (j[None, :] <= j[:, None]),
                                 device=scores.device)
         index = [torch.as_tensor(a, device=scores.device) for a in (design.offsets, design.queries, design.keys)]
+        row_count = torch.as_tensor(design.row_count, **f64)
     flat = scores.reshape(B * H, n, n)
+    flat_log_z = None if log_z is None else log_z.reshape(B * H, n).to(scores.dtype)
     step = max(1, CHUNK_ELEMENTS // (n * n))
     for start in range(0, B * H, step):
         rows = slice(start, start + step)
         chunk = flat[rows]
         lse_window = window_log_mass(chunk, window)
-        log_z = torch.logsumexp(chunk, dim=-1)
-        count_free = torch.exp(chunk - lse_window[..., None])
-        count_free[:, :window] = 0.0  # the profile comes from queries i >= w ...
-        count_free[..., 0] = 0.0  # ... and keys j >= 1 only (the sink stays out)
+        log_z = torch.logsumexp(chunk, dim=-1) if flat_log_z is None else flat_log_z[rows]
         log_rho[rows] = (lse_window - log_z).double()
+        # the profile: queries i >= w only, keys j >= 1 only (the sink stays out)
+        count_free = torch.zeros_like(chunk)
+        torch.exp(chunk[:, window:] - lse_window[:, window:, None], out=count_free[:, window:])
+        count_free[..., 0] = 0.0
         profile[rows] = lower_diagonal_sums(count_free).double()
+        del count_free
         if design is not None:
-            del count_free
-            log_a = torch.where(cells, chunk - log_z[..., None], 0.0).double()
-            xty[rows] = torch.cat([lower_diagonal_sums(log_a)[..., index[0]], log_a.sum(-1)[..., index[1]],
-                                   log_a.sum(-2)[..., index[2]]], -1)
-            sumsq[rows] = (log_a * log_a).sum((-2, -1))
+            masked = torch.where(cells, chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))
+            row_sum = masked.sum(-1).double()
+            neg_log_z = -log_z.double()
+            xty[rows] = torch.cat([lower_diagonal_sums(masked)[..., index[0]].double(), row_sum[..., index[1]],
+                                   masked.sum(-2)[..., index[2]].double()], -1) + design.row_xty(neg_log_z)
+            sumsq[rows] = ((masked * masked).sum((-2, -1)).double() + 2 * (neg_log_z * row_sum).sum(-1)
+                           + (neg_log_z * neg_log_z * row_count).sum(-1))
     log_rho[:, 0] = float("-inf")  # row 0 has no non-sink key
     shape = lambda t: None if t is None else t.reshape(B, H, *t.shape[1:])  # noqa: E731
     return shape(log_rho), shape(profile), shape(xty), shape(sumsq)
@@ -147,8 +158,9 @@ class StartCutAccumulator:
                                  device=self.device)
 
     def add_layer(self, layer: int, scores: Float[Tensor, "batch head n n"],
-                  prompt_ids: Int[Tensor, " batch"]) -> None:
-        log_rho, profile, xty, sumsq = start_cut_rows(scores, self.window, self.design)
+                  prompt_ids: Int[Tensor, " batch"], log_z: Float[Tensor, "batch head n"] | None = None) -> None:
+        """``log_z``: the rows' log-denominators, when the caller already has them."""
+        log_rho, profile, xty, sumsq = start_cut_rows(scores, self.window, self.design, log_z)
         self._batch[:, layer] = log_rho
         buckets = prompt_ids.to(self.profile_sum.device) % self.n_buckets
         self.profile_sum[:, layer].index_add_(0, buckets, profile)

@@ -165,3 +165,28 @@ def test_bad_windows_are_refused_with_a_fix():
         check_window(0, 64)
     with pytest.raises(ValueError, match="Fix"):
         check_window(32, 33)
+
+
+def test_kernel_and_torch_paths_give_the_same_start_cut_statistics():
+    """On CPU float32 the start cut reuses the fused kernel's log-denominators; the torch
+    path computes its own: both give the same statistics (to float32 rounding)."""
+    from rope_leak.engine.kernel import load_kernel
+    from rope_leak.engine.pairs import PairDesign, PairSpec
+    from rope_leak.engine.run import ConditionRun
+
+    if load_kernel() is None:
+        pytest.skip("no C compiler: the kernel path is not available")
+    model = tiny_rope_model(n_layers=2, n_heads=4, d_model=32, d_head=8, n_ctx=48)
+    tokens = torch.randint(1, 50, (6, 48), generator=torch.Generator().manual_seed(2))
+    tokens[:, 0] = 0
+    out = []
+    for use_kernel in (True, False):
+        run = ConditionRun(model, PairDesign(PairSpec(), 48), ("log_pattern",), 4, start_cut_window=8)
+        run.acc.use_kernel = use_kernel
+        with causal(model):
+            run.run_batch(tokens, torch.arange(6))
+        out.append(run.statistics("causal").start_cut)
+    kernel, plain = out
+    np.testing.assert_allclose(kernel.log_rho[:, :, :, 1:], plain.log_rho[:, :, :, 1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernel.profile_sum, plain.profile_sum, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kernel.log_pattern.xty, plain.log_pattern.xty, rtol=1e-5, atol=1e-4)
