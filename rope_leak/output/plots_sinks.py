@@ -81,7 +81,7 @@ def sink_reading_heatmaps(reading: SinkReading, sink_scores: np.ndarray | None =
 
 def _ratio_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
     """``(ratio column, its baseline quantity, panel title)`` present in ``table``."""
-    found = [("scores_part_relative", "scores_part_ss", "completed split: scores' part SS / baseline"),
+    found = [("scores_part_relative", "scores_part_ss", "completed split, i >= 8: scores' part SS / baseline"),
              ("scores_ss_relative", "scores_ss", "scores' absolute-position SS / baseline"),
              ("leakage_relative", "L_total", "L_total (pattern) / baseline"),
              ("L_resid_relative", "L_resid", "L_resid (bidirectional) / baseline")]
