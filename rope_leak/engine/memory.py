@@ -189,8 +189,7 @@ def estimate_memory(
     ``kernel``: whether the fused CPU kernel accumulates (default: it does on CPU when
     it builds). Pair counts are bounded by ``3 n`` columns and ``n (n + 1) / 2`` cells, so
     a restricted pair spec is slightly overestimated."""
-    from rope_leak.engine.run import default_buckets
-    from rope_leak.engine.statistics import TARGETS, required_targets
+    from rope_leak.engine.statistics import TARGETS, default_buckets, required_targets
 
     cfg = model.cfg
     n, B = int(n_tokens), int(batch_size)

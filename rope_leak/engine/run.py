@@ -29,11 +29,13 @@ from rope_leak.engine.memory import allocation_failure, check_memory, is_allocat
 from rope_leak.engine.pairs import PairDesign, PairSpec, start_cut_spec
 from rope_leak.engine.start_cut import DEFAULT_WINDOW, StartCutAccumulator, check_window
 from rope_leak.engine.statistics import (
+    DEFAULT_BUCKETS,
     TARGETS,
     ConditionStatistics,
     PositionZeroStatistics,
     RunStatistics,
     StatisticsFileError,
+    default_buckets,
     required_targets,
 )
 from rope_leak.interventions.conditions import Condition
@@ -45,15 +47,6 @@ class StartCutSkippedWarning(UserWarning):
 
 
 DEFAULT_CONDITIONS: dict[str, Condition] = {"causal": causal, "bidirectional": bidirectional}
-DEFAULT_BUCKETS = 32
-
-
-def default_buckets(n_prompts: int) -> int:
-    """``min(32, P)`` rounded up to even: per-bucket sums cost memory (``3 n`` per head
-    each), and more buckets than prompts would only hold zeros."""
-    return int(min(DEFAULT_BUCKETS, max(2, n_prompts + n_prompts % 2)))
-
-
 class PositionZeroAccumulator:
     """:class:`PositionZeroStatistics`, accumulated on the model's device (float64)."""
 

@@ -50,6 +50,15 @@ def required_targets(targets) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in targets)
 
 
+DEFAULT_BUCKETS = 32
+
+
+def default_buckets(n_prompts: int) -> int:
+    """``min(32, P)`` rounded up to even: per-bucket sums cost memory (``3 n`` per head
+    each), and more buckets than prompts would only hold zeros. The one bucket rule."""
+    return int(min(DEFAULT_BUCKETS, max(2, n_prompts + n_prompts % 2)))
+
+
 FORMAT_VERSION = 4
 ARRAY_FIELDS = ("xty", "sumsq", "count", "cell_sum")
 

@@ -62,7 +62,8 @@ def test_patching_and_bos_figures(tiny_model):
     fig = plots_sinks.patching_heatmap(result, "L1")
     assert fig.data[0].z.shape == (2, 4)
     table = bos_interventions(tiny_model, tokens, replacements=("zeros",), n_boot=5, n_buckets=8).table()
-    assert len(plots_sinks.bos_interventions_figure(table).data) == 2
+    # panels: the completed split's scores' part (queries 8 <= i < 12), the scores' SS, L_total
+    assert len(plots_sinks.bos_interventions_figure(table).data) == 3
     assert plots_sinks.bos_table_figure(table).data[0].type == "table"
 
 
