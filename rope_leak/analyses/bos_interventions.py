@@ -230,11 +230,13 @@ class BosInterventions(Displayable):
         return point, low, high, samples
 
     def _completed_projections(self) -> list[tuple[BucketProjection, BucketProjection]] | None:
-        cuts = [self.statistics.conditions[f"{name}/causal"].start_cut for name in self.rows]
-        if any(cut is None for cut in cuts):
-            return None
-        return [(BucketProjection.from_statistics(cut.log_pattern),
+        """Per row, the projections of ``log A`` and of the start cut ``m`` (built once)."""
+        if "_completed" not in self.__dict__:
+            cuts = [self.statistics.conditions[f"{name}/causal"].start_cut for name in self.rows]
+            self.__dict__["_completed"] = None if any(cut is None for cut in cuts) else [
+                (BucketProjection.from_statistics(cut.log_pattern),
                  row_projection(cut.design, mask_part_rows(cut), cut.buckets, cut.n_buckets)) for cut in cuts]
+        return self.__dict__["_completed"]
 
     def _completed_rows(self, part: str):
         """Mean over heads of one part of the completed split per row: point, pivotal CI,

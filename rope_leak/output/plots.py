@@ -81,43 +81,48 @@ def _bottom_legend(fig: go.Figure, plot_height: int, rows: int) -> None:
 
 
 def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
-    """Layer x head maps of the debiased shares and the completed split's parts,
-    on one colour scale set by the bulk of heads. Heads beyond the scale are marked ×,
-    degenerate heads (scored variance below the floor; left blank) are marked ○."""
+    """Layer x head maps of the debiased shares and of the completed split's parts. The two
+    are in different units (a share of the head's scored variance; a fraction of its
+    absolute-position sum of squares, which can exceed 1), so each has its own colour scale,
+    set by the bulk of heads. Heads beyond a scale are marked ×, degenerate heads
+    (scored variance below the floor; left blank) are marked ○."""
     target = target or analysis.target
     inf = analysis.inference(target)
     degenerate = inf.degenerate
-    panels = [(f"L_total<br>({target}, causal)", inf.total.estimate)]
+    panels = [(f"L_total<br>({target}, causal)", inf.total.estimate, "share"),
+              (f"ablation<br>L_mask ({target})", inf.mask.estimate, "share")]
     split = analysis.completed_split()
     if split is not None:
         frac = split.head_table()
-        panels += [("completed split:<br>scores' part (log A)", frac["scores_part"]),
-                   ("completed split:<br>start cut (log A)", frac["mask_part"])]
-    panels += [(f"ablation<br>L_mask ({target})", inf.mask.estimate)]
-    shown = [np.where(degenerate, np.nan, values) for _, values in panels]
-    zmax = _robust_range(*shown)
+        panels += [("completed split:<br>scores' part (log A)", frac["scores_part"], "completed"),
+                   ("completed split:<br>start cut (log A)", frac["mask_part"], "completed")]
+    shown = [np.where(degenerate, np.nan, values) for _, values, _ in panels]
+    groups = list(dict.fromkeys(group for _, _, group in panels))
+    zmax = {g: _robust_range(*(v for v, (_, _, pg) in zip(shown, panels) if pg == g)) for g in groups}
+    bars = {"share": "share of the head's<br>scored variance", "completed": "fraction of the<br>head's SS(D log A)"}
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
                         shared_yaxes=True, horizontal_spacing=0.03)
     n_layers, n_heads = degenerate.shape
     labels = _labels(n_layers, n_heads)
-    for col, ((name, _), values) in enumerate(zip(panels, shown), start=1):
+    for col, ((name, _, group), values) in enumerate(zip(panels, shown), start=1):
+        last_of_group = col == max(k for k, p in enumerate(panels, start=1) if p[2] == group)
+        place = groups.index(group)
         fig.add_trace(go.Heatmap(
             z=values, x=list(range(n_heads)), y=list(range(n_layers)), customdata=labels,
-            zmin=-zmax, zmax=zmax, colorscale=DIVERGING, showscale=col == len(panels),
-            colorbar=dict(title="share of the head's<br>scored variance"),
+            zmin=-zmax[group], zmax=zmax[group], colorscale=DIVERGING, showscale=last_of_group,
+            colorbar=dict(title=bars[group], len=0.45 if len(groups) > 1 else 1.0,
+                          y=(0.77 - 0.52 * place) if len(groups) > 1 else 0.5),
             hovertemplate="%{customdata}<br>" + name.replace("<br>", " ") + " = %{z:.4f}<extra></extra>",
         ), row=1, col=col)
-        _marks(fig, _beyond(values, -zmax, zmax), "x-thin", "beyond the colour scale",
+        _marks(fig, _beyond(values, -zmax[group], zmax[group]), "x-thin", "beyond the colour scale",
                1, col, col == 1)
         _marks(fig, degenerate, "circle-open", "degenerate (left out)", 1, col, col == 1)
         fig.update_xaxes(title_text="head", row=1, col=col)
         _head_axes(fig, n_layers, n_heads, row=1, col=col)
     fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(
-        title=("Absolute-position share per head (debiased; colour scale: 98% of heads, "
-               f"±{zmax:.3g})"),
-    )
+    ranges = "; ".join(f"{'shares' if g == 'share' else 'completed split'} ±{zmax[g]:.3g}" for g in groups)
+    fig.update_layout(title=f"Absolute-position share per head (debiased; colour scales: 98% of heads, {ranges})")
     _bottom_legend(fig, max(220, 18 * n_layers + 60), rows=1)
     fig.update_layout(margin=dict(t=120))
     return fig

@@ -33,8 +33,9 @@ CAPTIONS = {
     "shares": "Each cell is one head (debiased shares, as fractions of the head's scored variance). "
               "L_total: absolute-position share under the causal mask. The completed split's two "
               "parts (of log A): the scores' part and the start cut. Ablation L_mask: "
-              "L_total minus the share under a bidirectional mask. One colour scale for all panels, "
-              "set by 98% of the heads; × marks heads beyond it, ○ degenerate heads (scored "
+              "L_total minus the share under a bidirectional mask. The shares and the completed "
+              "split's parts (fractions of the head's SS(D log A), which can exceed 1) each have "
+              "one colour scale, set by 98% of the heads; × marks heads beyond it, ○ degenerate heads (scored "
               "variance below the floor; blank, left out of every mean and pool).",
     "composition": "Left: mean debiased components per layer over non-degenerate heads. Right: the "
                    "mask's share of log A's absolute position per layer, pooled over heads (sums of "
