@@ -23,6 +23,9 @@ mask share ``<D m, D log A> / SS(D log A)`` (it and the scores' share ``<D y^S, 
 SS`` sum to 1). Each inner product is a U-statistic over pairs of distinct prompt
 buckets (:func:`~rope_leak.fits.projection.pair_products`), with delete-one-bucket
 jackknife intervals (the profile is held at its cross-fitted estimate in the replicates).
+The replicates are kept (:attr:`CompletedSplit.replicates`), so any group of heads or layers
+gets its pooled share with the same interval (:meth:`CompletedSplit.group_ci`), and two
+groups their difference, jackknifed bucket by bucket (:meth:`CompletedSplit.group_difference`).
 
 A per-query shift of the scores leaves every number unchanged (``rho``, ``Ã`` and
 ``log A`` are all shift-free). Conventions: interactions between the cut and the scores
@@ -144,6 +147,9 @@ class CompletedSplit:
     layer_ci: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [layer, 2]
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     level: float = 0.95
+    # the delete-one-bucket replicates of :meth:`sums`, name -> [replicate, layer, head]
+    # (empty without the jackknife); what :meth:`group_ci` and :meth:`group_difference` pool
+    replicates: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (f"CompletedSplit({self.total.shape[0]}x{self.total.shape[1]} heads, w={self.window}, "
@@ -185,6 +191,77 @@ class CompletedSplit:
     def compensating(self) -> np.ndarray:
         """Heads whose parts are large and cancel (cross term below ``-0.5 x SS``)."""
         return self.keep & (self.head_table()["cross"] < -COMPENSATING_CROSS)
+
+    def group(self, layers=None, heads=None) -> np.ndarray:
+        """A group of heads as a boolean ``[layer, head]`` array: ``layers`` (indices, or a
+        boolean per layer) and/or ``heads`` (``(layer, head)`` pairs, or a boolean
+        ``[layer, head]`` array); both given: their union. Neither: every head."""
+        shape = self.total.shape
+        if layers is None and heads is None:
+            return np.ones(shape, dtype=bool)
+        out = np.zeros(shape, dtype=bool)
+        if layers is not None:
+            layers = np.asarray(layers)
+            if layers.dtype == bool:
+                if layers.shape != shape[:1]:
+                    raise ValueError(f"a boolean layer group needs {shape[0]} entries, got {layers.shape}.")
+                out |= layers[:, None]
+            else:
+                out[layers.astype(int).ravel()] = True
+        if heads is not None:
+            heads = np.asarray(heads)
+            if heads.dtype == bool:
+                if heads.shape != shape:
+                    raise ValueError(f"a boolean head group needs shape {shape}, got {heads.shape}.")
+                out |= heads
+            else:
+                heads = heads.astype(int).reshape(-1, 2)
+                out[heads[:, 0], heads[:, 1]] = True
+        return out
+
+    def _group_mask(self, group) -> np.ndarray:
+        """``group`` as :meth:`group` reads it: a boolean ``[layer, head]`` array or
+        ``(layer, head)`` pairs (heads), a boolean ``[layer]`` array or layer indices (layers)."""
+        array = np.asarray(group)
+        if array.ndim == 2:
+            return self.group(heads=array)
+        return self.group(layers=array)
+
+    def group_table(self, group) -> dict[str, float]:
+        """Each part pooled over the kept heads of ``group`` (see :meth:`group`), as a
+        fraction of their summed ``SS(D log A)``: :meth:`model_table` restricted to the group."""
+        keep = self.keep & self._group_mask(group)
+        return {k: float(v) for k, v in self.pooled(self.sums(), keep).items()}
+
+    def _group_replicates(self, group) -> dict[str, np.ndarray]:
+        if not self.replicates:
+            raise ValueError("group intervals need the jackknife's replicates. Fix: build the split "
+                             "with completed_split(..., jackknife=True) (the default).")
+        keep = self.keep & self._group_mask(group)
+        return self.pooled(self.replicates, keep[None], axis=(1, 2))
+
+    def group_ci(self, group, name: str = "mask_share") -> dict:
+        """The pooled ``name`` (``mask_share``, ``mask_part``, ``scores_part``, ``cross``) over
+        the kept heads of ``group``, with the delete-one-bucket jackknife interval that
+        :attr:`ci` and :attr:`layer_ci` use (a group of every head gives :attr:`ci`, a group of
+        one layer its :attr:`layer_ci` row): ``{"estimate", "ci", "se", "heads"}``."""
+        estimate = self.group_table(group)[name]
+        se = jackknife_se(self._group_replicates(group)[name])
+        z = norm.ppf((1 + self.level) / 2)
+        return {"estimate": estimate, "ci": (estimate - z * se, estimate + z * se), "se": se,
+                "heads": int((self.keep & self._group_mask(group)).sum())}
+
+    def group_difference(self, first, second, name: str = "mask_share") -> dict:
+        """``group_ci(first) - group_ci(second)`` with the jackknife interval of the
+        difference itself: each replicate leaves the same bucket out of both groups, so
+        their correlation (the same prompts) is accounted for.
+        ``{"estimate", "ci", "se", "first", "second"}`` (the last two: :meth:`group_ci`)."""
+        a, b = self.group_ci(first, name), self.group_ci(second, name)
+        estimate = a["estimate"] - b["estimate"]
+        se = jackknife_se(self._group_replicates(first)[name] - self._group_replicates(second)[name])
+        z = norm.ppf((1 + self.level) / 2)
+        return {"estimate": estimate, "ci": (estimate - z * se, estimate + z * se), "se": se,
+                "first": a, "second": b}
 
     def heads(self) -> pd.DataFrame:
         """One row per head (registry names)."""
@@ -265,6 +342,17 @@ def completed_split(stats: ConditionStatistics, *, horizon: int | None = None, j
     return split
 
 
+def jackknife_se(values: np.ndarray) -> np.ndarray:
+    """The delete-one-bucket jackknife standard error over the replicates' axis 0:
+    ``sqrt((g - 1) / g * sum (v_k - mean v)^2)``, the replicates that are NaN (nothing
+    kept, or no variance) left out of the mean and the sum; ``g`` counts every replicate."""
+    values = np.asarray(values, dtype=float)
+    g = values.shape[0]
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a head left out everywhere: NaN
+        return np.sqrt((g - 1) / g * np.nansum((values - np.nanmean(values, 0)) ** 2, 0))
+
+
 def _jackknife(split: CompletedSplit, log_a: BucketProjection, m: BucketProjection, level: float) -> None:
     buckets = np.flatnonzero(log_a.count > 0)
     g = len(buckets)
@@ -274,12 +362,9 @@ def _jackknife(split: CompletedSplit, log_a: BucketProjection, m: BucketProjecti
     weights = np.ones((g, log_a.n_buckets))
     weights[np.arange(g), buckets] = 0.0
     terms = _terms(log_a, m, weights)
+    split.replicates = terms
     z = norm.ppf((1 + level) / 2)
-
-    def spread(values):
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a head left out everywhere: NaN
-            return np.sqrt((g - 1) / g * np.nansum((values - np.nanmean(values, 0)) ** 2, 0))
+    spread = jackknife_se
 
     # a head's SS(D log A) is "not above its noise" when its interval reaches 0
     split.not_estimable = ~(split.total - z * spread(terms["total"]) > 0)
