@@ -20,6 +20,10 @@ figure min / median / max over --repeats):
     python -m bench.benchmark --quick          # a few minutes
     python -m bench.benchmark --out bench/latest.txt
     python -m bench.benchmark --prompts 64 --parts 1   # the analysis / bare-forward ratio only
+
+Writes its report, headed by the command, the date (UTC) and the machine, to --latest
+(default ``bench/ratio_latest.txt`` when only part 1 runs, else ``bench/latest.txt``); with
+``--doc docs/benchmarks.md`` it also replaces its block in that page.
 """
 
 from __future__ import annotations
@@ -187,6 +191,11 @@ def main() -> None:
                    "--memory-repeats 1")
     p.add_argument("--parts", default="1,2,3", help="which parts to run (default all: 1,2,3)")
     p.add_argument("--out", default=None, help="also write the report to this file")
+    p.add_argument("--latest", default=None,
+                   help="the latest-output file (default bench/ratio_latest.txt for --parts 1, "
+                   "else bench/latest.txt; '' for none)")
+    p.add_argument("--append", action="store_true", help="append to --latest instead of replacing it")
+    p.add_argument("--doc", default=None, help="markdown page whose generated block to replace")
     p.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     from rope_leak.engine.allocator import tune_allocator
@@ -295,6 +304,20 @@ def main() -> None:
             say(f"   n={large[1]} / n={small[1]} at P={small[0]}: {spread(r)}")
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.machine import update_doc, write_latest
+
+    latest = a.latest
+    if latest is None:
+        latest = str(ROOT / "bench" / ("ratio_latest.txt" if parts == {1} else "latest.txt"))
+    if latest:
+        write_latest(latest, lines, module="bench.benchmark", append=a.append)
+        print(f"wrote {latest}")
+    if a.doc:
+        key = "bench.benchmark" + (" --parts 1" if parts == {1} else "")
+        update_doc(a.doc, key, lines, module="bench.benchmark")
+        print(f"updated {a.doc}")
 
 
 if __name__ == "__main__":

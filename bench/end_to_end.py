@@ -9,6 +9,10 @@ phases of the analyze run (from its run_info.json). Variants alternate over --re
 
     python -m bench.end_to_end                          # default analyze: 64 prompts x 256 tokens
     python -m bench.end_to_end --prompts 16 --tokens 128
+
+Writes the printed lines, headed by the command, the date (UTC) and the machine, to
+--latest (default ``bench/end_to_end_latest.txt``); with ``--doc docs/benchmarks.md`` it
+also replaces its block in that page.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default=None, help="also write the printed lines to this file")
+    parser.add_argument("--latest", default="bench/end_to_end_latest.txt",
+                        help="the latest-output file ('' for none)")
+    parser.add_argument("--append", action="store_true", help="append to --latest instead of replacing it")
+    parser.add_argument("--doc", default=None, help="markdown page whose generated block to replace")
     args = parser.parse_args()
 
     from rope_leak.backends import load_model
@@ -102,6 +110,14 @@ def main() -> None:
     say(f"  load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+    from bench.machine import update_doc, write_latest
+
+    if args.latest:
+        write_latest(args.latest, lines, module="bench.end_to_end", append=args.append)
+        print(f"wrote {args.latest}")
+    if args.doc:
+        update_doc(args.doc, "bench.end_to_end", lines, module="bench.end_to_end")
+        print(f"updated {args.doc}")
 
 
 if __name__ == "__main__":
