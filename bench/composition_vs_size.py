@@ -61,7 +61,7 @@ def main() -> None:
               f"{s['L_total_debiased']:>7.4f} {ci4(s['L_total_debiased_ci']):>16} "
               f"{s['L_resid_debiased']:>7.4f} {ci4(s['L_resid_debiased_ci']):>16} "
               f"{s['L_mask_debiased']:>7.4f} {ci4(s['L_mask_debiased_ci']):>17} "
-              f"{s['composition']:>6.2f} {ci(s['composition_ci']):>14} "
+              f"{s['composition_debiased']:>6.2f} {ci(s['composition_debiased_ci']):>14} "
               f"{split.get('composition', float('nan')):>5.2f} "
               f"{ci(split.get('composition_ci', [float('nan')] * 2)):>12} "
               f"{len(s['heads_degenerate']):>5} {seconds:>6.0f}  {load}", flush=True)

@@ -193,8 +193,9 @@ analyses[last].head(strongest)  # one head by its label: shares with CIs, sink s
 # %%
 for name, a in analyses.items():
     s = a.summary()
-    print(f"STEP 5 [{name}]: composition (mask share) = {s['composition']:.3f}; mean L_total = "
-          f"{s['L_total']:.4f}, L_resid = {s['L_resid']:.4f}, L_mask = {s['L_mask']:.4f}; "
+    print(f"STEP 5 [{name}]: composition (mask share) = {s['composition_debiased']:.3f}; mean L_total = "
+          f"{s['L_total_debiased']:.4f}, L_resid = {s['L_resid_debiased']:.4f}, "
+          f"L_mask = {s['L_mask_debiased']:.4f}; "
           f"heads with L_mask < 0: {s['heads_additivity_violated']}")
 plots.share_heatmaps(analyses[last]).show()
 plots.layer_composition(analyses[last]).show()

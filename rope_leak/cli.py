@@ -151,9 +151,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     else:
         print("completed split: not computed (prompts shorter than the window + 2)")
     print(f"ablation (the paper's method, {s['target']}): composition (mask share) = "
-          f"{s['composition']:.3f} {ci('composition')}; "
-          f"mean L_total = {s['L_total']:.4f} {ci('L_total')}, L_resid = {s['L_resid']:.4f} "
-          f"{ci('L_resid')}, L_mask = {s['L_mask']:.4f} {ci('L_mask')} (debiased, "
+          f"{s['composition_debiased']:.3f} {ci('composition_debiased')}; "
+          f"mean L_total = {s['L_total_debiased']:.4f} {ci('L_total_debiased')}, L_resid = "
+          f"{s['L_resid_debiased']:.4f} {ci('L_resid_debiased')}, L_mask = {s['L_mask_debiased']:.4f} "
+          f"{ci('L_mask_debiased')} (debiased, "
           f"{s['ci_level']:.0%} CIs); top heads: {', '.join(s['top_heads'])}")
     _print_bos(s["bos"])
     print(f"wrote {result.out}/report.html in {result.run_info['seconds']:.0f} s")

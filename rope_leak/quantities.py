@@ -11,7 +11,7 @@ debiased number in one table and a cross-fitted one in another.
 'L_total_debiased'
 >>> column("completed_mask_share")
 'completed_mask_share'
->>> QUANTITIES["composition_ablation"].aggregation
+>>> QUANTITIES["composition"].aggregation
 'pooled sums of squares over non-degenerate heads'
 """
 
@@ -70,8 +70,8 @@ QUANTITIES: dict[str, Quantity] = {q.name: q for q in (
     _q("L_resid", "the same share with every layer's mask swapped for a bidirectional one "
                   "(the ablation; same causal pairs scored)"),
     _q("L_mask", "L_total - L_resid (the ablation's mask part)"),
-    _q("composition_ablation", "the ablation's mask share sum L_mask / sum L_total, the paper's "
-                               "method; biased by the end of the prompt at long n", aggregation=POOLED),
+    _q("composition", "the ablation's mask share sum L_mask / sum L_total, the paper's "
+                      "method; biased by the end of the prompt at long n", aggregation=POOLED),
     _q("completed_mask_share", "the start cut's share of log A's absolute position: "
                                "<D m, D log A> / SS(D log A), m_i = log(1 + rho_i T_i)",
        estimators=("debiased",), aggregation=POOLED, suffixed=False),

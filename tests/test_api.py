@@ -5,6 +5,7 @@ estimators, progress switches, no process-wide side effects on import or analysi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import rope_leak as rl
+from rope_leak.quantities import QUANTITIES
 from rope_leak.analyses import explore, patching
 from rope_leak.backends.requirements import NotRoPEModelError
 from rope_leak.corpus import make_random_corpus
@@ -289,8 +291,18 @@ def test_estimator_names_and_corpus_input(model, corpus, analysis):
                                   analysis.heads()["pattern_L_total_crossfit"])
     summary, heads, layers = analysis.summary(), analysis.heads(), analysis.layers()
     inf = analysis.inference()
-    assert summary["L_total_debiased"] == summary["L_total"] == pytest.approx(float(inf.total.estimate.mean()))
-    assert summary["composition_debiased_ci"] == summary["composition_ci"]
+    assert summary["L_total_debiased"] == pytest.approx(float(inf.total.estimate.mean()))
+    assert summary["composition_debiased_ci"] == pytest.approx([float(inf.composition.low),
+                                                                float(inf.composition.high)])
+    # one name per quantity: no unsuffixed duplicate, and every suffixed name is registered
+    assert not {"L_total", "L_resid", "L_mask", "composition", "L_total_ci", "composition_ci"} & set(summary)
+    suffixed = [name for name in (*summary, *heads.columns, *layers.columns)
+                if re.search(r"_(debiased|crossfit)(_ci)?$", name)]
+    assert suffixed
+    for name in suffixed:
+        stem = re.sub(r"_(debiased|crossfit)(_ci)?$", "", name)
+        stem = re.sub(r"^(pattern|log_pattern|scores)_", "", stem)
+        assert stem in QUANTITIES, f"{name}: {stem!r} is not in the estimator registry"
     np.testing.assert_array_equal(heads["pattern_L_total_crossfit"], analysis.decomposition().total.ravel())
     np.testing.assert_array_equal(heads["L_total_debiased"], inf.total.estimate.ravel())
     np.testing.assert_array_equal(layers["L_total_crossfit"], analysis.decomposition().total.mean(1))

@@ -14,9 +14,8 @@ Two estimators of each share appear, and every name says which:
 * **cross-fitted** (``*_crossfit``; :meth:`Analysis.decomposition`): the definition,
   biased low at realistic prompt counts.
 
-``summary()["L_total"]``, ``["composition"]`` etc. without a suffix are the debiased
-headline numbers (the same as the ``*_debiased`` keys). ``docs/method.md`` has the
-definitions; ``rope_leak.quantities`` lists every name.
+``docs/method.md`` has the definitions; ``rope_leak.quantities`` lists every name.
+Output (figures, report, files) renders :meth:`Analysis.record`, plain tables and dicts.
 """
 
 from __future__ import annotations
@@ -51,11 +50,14 @@ from rope_leak.engine.run import run_statistics
 from rope_leak.engine.start_cut import DEFAULT_WINDOW
 from rope_leak.engine.statistics import TARGETS, RunStatistics
 from rope_leak.fits.decomposition import Decomposition
-from rope_leak.fits.profiles import abs_profiles
-from rope_leak.fits.shares import ShareFit, fit_shares
+from rope_leak.fits.profiles import abs_profiles, gauged_coefficients, per_prompt_xty
+from rope_leak.fits.shares import ShareFit, cell_means, fit_shares
 from rope_leak.fits.start_cut import CompletedSplit, completed_split
 from rope_leak.heads import head_label, normalize_head
 from rope_leak.inference.intervals import DecompositionInference, decomposition_inference
+from rope_leak.output.records import AnalysisRecord, CellMeans, HeadProfiles, top_heads_table
+from rope_leak.output.results import save_analysis
+from rope_leak.quantities import column
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")
 CONDITIONS = ("causal", "bidirectional")
@@ -295,15 +297,15 @@ class Analysis(Displayable):
         return table
 
     def layers(self, target: str | None = None) -> pd.DataFrame:
-        """Per-layer means and composition: ``*_crossfit`` cross-fitted, ``*_debiased`` with
-        CIs for the headline target, and the completed split (``completed_*``, pooled over
-        heads)."""
+        """Per-layer means and composition of ``target`` (default: the headline target):
+        ``*_crossfit`` cross-fitted, ``*_debiased`` with CIs, and the completed split of
+        ``log A`` (``completed_*``, pooled over heads; the same rows for every target)."""
         table = self.decomposition(target).layer_table().rename(
             columns={name: f"{name}_crossfit" for name in ("L_total", "L_resid", "L_mask", "composition")})
         table.insert(1, "target", target or self.target)
         table["sink_heads"] = (self.sink_scores() > self.sink_threshold).sum(1)
-        if (target or self.target) == self.target:
-            inf = self.inference()
+        if target in self.targets or target is None:
+            inf = self.inference(target)
             table["composition_debiased"] = inf.layer_composition.estimate
             table["composition_ci_low"] = inf.layer_composition.low
             table["composition_ci_high"] = inf.layer_composition.high
@@ -325,10 +327,44 @@ class Analysis(Displayable):
         return table
 
     def top_heads(self, k: int = 10) -> pd.DataFrame:
-        col = "L_total_debiased"
-        cols = ["label", "L_total_debiased", "L_total_ci_low", "L_total_ci_high", "L_total_qvalue",
-                "L_resid_debiased", "L_mask_debiased", f"{self.target}_L_total_crossfit", "sink_score"]
-        return self.heads().nlargest(k, col)[cols].reset_index(drop=True)
+        """The ``k`` heads with the largest debiased ``L_total``."""
+        return top_heads_table(self.heads(), self.target, k)
+
+    def target_means(self) -> pd.DataFrame:
+        """One row per target: the debiased components' means over non-degenerate heads,
+        with CIs (``L_total_debiased``, ``L_total_ci_low``, ...)."""
+        rows = []
+        for target in self.targets:
+            means = self.inference(target).means
+            row = {"target": target}
+            for k, name in enumerate(("L_total", "L_resid", "L_mask")):
+                row[column(name, "debiased")] = float(means.estimate[k])
+                row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(means.low[k]), float(means.high[k])
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def record(self, *, statistics: bool = True) -> AnalysisRecord:
+        """The plain tables and dicts that output renders (figures, report, saved files);
+        ``statistics=False`` leaves the mergeable statistics out (nothing to save)."""
+        causal = self.statistics.conditions["causal"].targets[self.target]
+        fitted = gauged_coefficients(causal.design, per_prompt_xty(causal))
+        profiles = HeadProfiles(causal.design.offsets, causal.design.queries, causal.design.keys,
+                                *fitted, n_tokens=int(causal.design.n_tokens))
+        cells = None
+        if causal.has_cells:
+            queries, keys = causal.design.cells
+            cells = CellMeans(queries, keys, cell_means(causal), int(causal.design.n_tokens))
+        heads = self.heads()
+        return AnalysisRecord(
+            target=self.target, targets=tuple(self.targets), n_layers=self.n_layers,
+            n_heads=self.n_heads, n_prompts=self.n_prompts, ci_level=self.inference().level,
+            sink_threshold=self.sink_threshold, summary=self.summary(), settings=self.settings(),
+            metadata=self.statistics.metadata, heads=heads,
+            layers=pd.concat([self.layers(t) for t in self.targets], ignore_index=True),
+            target_means=self.target_means(), diagnostics=self.diagnostics(),
+            position_zero=self.position_zero(), profiles=profiles, cell_means=cells,
+            model=dict(self.inputs.get("model") or {}),
+            statistics=self.statistics if statistics else None)
 
     def head(self, layer, head: int | None = None, *, condition: str = "causal",
              target: str | None = None) -> HeadResult:
@@ -355,9 +391,7 @@ class Analysis(Displayable):
         """Write ``results.json``, ``heads.csv``, ``layers.csv``, ``statistics.npz`` and
         ``report.html`` into ``out_dir`` (see :func:`rope_leak.output.results.save_analysis` for
         ``options``, e.g. ``statistics=False`` to skip the large statistics file)."""
-        from rope_leak.output.results import save_analysis
-
-        return save_analysis(self, out_dir, overwrite=overwrite, **options)
+        return save_analysis(self.record(), out_dir, overwrite=overwrite, **options)
 
     def _display_items(self):
         model = self.inputs.get("model", {})
@@ -378,17 +412,16 @@ class Analysis(Displayable):
     def summary(self) -> dict:
         """Headline numbers. ``L_total_debiased``, ``L_resid_debiased``, ``L_mask_debiased``
         (means over heads) and ``composition_debiased``, each with ``..._ci``, are the
-        *debiased* estimates with bootstrap CIs (robust at realistic prompt counts);
-        ``L_total`` etc. without the suffix are the same numbers under their earlier names.
+        *debiased* estimates with bootstrap CIs (robust at realistic prompt counts).
         The cross-fitted shares of the definition are under ``crossfit`` (means are
         sensitive to near-constant heads, so medians are given too)."""
         inf = self.inference().summary()
         out = {"target": self.target, "n_prompts": self.n_prompts, "estimator": inf["share_estimator"]}
         for key in ("composition", "L_total", "L_resid", "L_mask"):
             name = key if key == "composition" else f"{key}_mean"
-            out[f"{key}_debiased"] = out[key] = inf[name]
-            out[f"{key}_debiased_ci"] = out[f"{key}_ci"] = inf[f"{name}_ci"]
-        out["estimators"] = ("*_debiased: debiased shares (headline; unsuffixed keys are the same); "
+            out[column(key, "debiased")] = inf[name]
+            out[f"{column(key, 'debiased')}_ci"] = inf[f"{name}_ci"]
+        out["estimators"] = ("*_debiased: debiased shares (the headline); "
                              "crossfit: cross-fitted shares of the definition")
         out["composition_aggregation"] = inf["aggregation"]
         out["ci_level"] = inf["level"]
@@ -397,7 +430,7 @@ class Analysis(Displayable):
         out["fdr_level"] = inf["fdr_level"]
         dec = self.decomposition()
         out["heads_additivity_violated"] = int((self.inference().mask.high < 0).sum())
-        out["additivity_violated"] = bool(out["L_mask_ci"][1] < 0)
+        out["additivity_violated"] = bool(out["L_mask_debiased_ci"][1] < 0)
         out["crossfit"] = {t: self.decomposition(t).summary() for t in self.targets}
         out["crossfit"][self.target]["L_total_median"] = float(np.median(dec.total))
         out["crossfit"][self.target]["L_resid_median"] = float(np.median(dec.resid))

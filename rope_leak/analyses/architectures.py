@@ -316,7 +316,7 @@ def summarize_model(
     row["composition"] = inference["composition"]
     row["composition_ci_low"], row["composition_ci_high"] = (inference["composition_ci"] if n_boot
                                                              else (np.nan, np.nan))
-    row["composition_aggregation"] = QUANTITIES["composition_ablation"].aggregation
+    row["composition_aggregation"] = QUANTITIES["composition"].aggregation
     row["heads_degenerate"] = inference["degenerate_heads"]
     split = completed_split(c) if c.start_cut is not None else None
     if split is not None:

@@ -2,14 +2,13 @@
 stream by token, the position-0 trajectory, sink-reading heads, the fingerprint probe and
 the BOS-intervention table, in one call.
 
-``analyze_sinks(model, tokens)`` returns a :class:`SinkAnalysis`; ``save_sinks(result,
-out_dir)`` writes ``sinks.json``, ``sink_heads.csv``, ``trajectory.csv``, ``probe.csv``,
-``bos_interventions.csv`` and ``sinks.html``.
+``analyze_sinks(model, tokens)`` returns a :class:`SinkAnalysis`; its ``save(out_dir)``
+(:func:`rope_leak.output.results.save_sinks`) writes ``sinks.json``, ``sink_heads.csv``,
+``trajectory.csv``, ``probe.csv``, ``bos_interventions.csv`` and ``sinks.html``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,15 +35,14 @@ from rope_leak.analyses.sink_scores import (
 )
 from rope_leak.analyses.trajectory import Trajectories, position_zero_trajectories
 from rope_leak.display import Displayable
-from rope_leak.download_cache import atomic_write_text
 from rope_leak.engine.run import default_buckets, run_statistics
 from rope_leak.engine.statistics import RunStatistics
 from rope_leak.heads import head_label
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.output.bos_text import bos_label
+from rope_leak.output.records import SinkRecord
+from rope_leak.output.results import SINK_FILES, save_sinks
 
-SINK_FILES = ("sinks.json", "sink_heads.csv", "trajectory.csv", "probe.csv",
-              "bos_interventions.csv", "sinks.html")
 
 
 @dataclass(repr=False)
@@ -92,6 +90,21 @@ class SinkAnalysis(Displayable):
 
     def bos_table(self) -> pd.DataFrame | None:
         return None if self.bos is None else self.bos.table()
+
+    def record(self) -> SinkRecord:
+        """The plain tables and dicts that output renders (figures, pages, saved files)."""
+        within = pd.concat([t.within_token_spread().assign(condition=t.condition)
+                            for t in (self.trajectory, self.trajectory_bidirectional)], ignore_index=True)
+        return SinkRecord(
+            summary=self.summary(), heads=self.heads(), trajectory_within=within,
+            trajectory_between=self.trajectory.between_token_distance(),
+            reading_threshold=self.reading.threshold, source_token_id=self.reading.source_token_id,
+            reading_prompts=self.reading.n_prompts, probe=self.probe, probe_status=self.probe_status,
+            bos_table=self.bos_table(), bos_status=self.bos_status, sink_metrics=self.sink_metrics)
+
+    def save(self, out_dir: str | Path, *, provenance: dict | None = None, overwrite: bool = False) -> Path:
+        """Write the sink result files (:data:`SINK_FILES`) into ``out_dir``."""
+        return save_sinks(self.record(), out_dir, provenance=provenance, overwrite=overwrite)
 
     def summary(self) -> dict:
         out = {
@@ -248,30 +261,3 @@ def analyze_sinks(
                 "sink_statistics_prompts": int(causal_stats.n_prompts)}
     return SinkAnalysis(scores, sink_threshold, profiles, trajectory, trajectory_b, reading,
                         probe_result, spread, bos_result, settings, n_boot, metrics, status, probe_status)
-
-
-def save_sinks(result: SinkAnalysis, out_dir: str | Path, *, provenance: dict | None = None,
-               overwrite: bool = False) -> Path:
-    """Write the sink result files (see :data:`SINK_FILES`) into ``out_dir``."""
-    from rope_leak.output.plots_sinks import sinks_html
-    from rope_leak.output.results import check_output_dir, package_versions, to_jsonable
-
-    out = check_output_dir(out_dir, overwrite, SINK_FILES)
-    payload = to_jsonable({"rope_leak_sinks": 1,
-                           "provenance": {"versions": package_versions(), **(provenance or {})},
-                           **result.summary()})
-    atomic_write_text(out / "sinks.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(out / "sink_heads.csv", result.heads().to_csv(index=False, float_format="%.17g"))  # full float64 precision
-    traj = result.trajectory.within_token_spread().merge(
-        result.trajectory.between_token_distance(), on="depth")
-    atomic_write_text(out / "trajectory.csv", traj.to_csv(index=False, float_format="%.17g"))  # full float64 precision
-    probe = result.probe
-    if probe is None:  # say so in the file too, never leave it out silently
-        probe = pd.DataFrame([{"features": None, "run": False,
-                               "reason": result.probe_status.get("reason", "not run")}])
-    atomic_write_text(out / "probe.csv", probe.to_csv(index=False, float_format="%.17g"))  # full float64 precision
-    if result.bos is not None:
-        atomic_write_text(out / "bos_interventions.csv",
-                          result.bos.table().to_csv(index=False, float_format="%.17g"))  # full float64 precision
-    atomic_write_text(out / "sinks.html", sinks_html(result))
-    return out

@@ -14,18 +14,13 @@ from __future__ import annotations
 import html
 import json
 import math
-from typing import TYPE_CHECKING
-
 import numpy as np
 from plotly.colors import get_colorscale
 
-from rope_leak.fits.profiles import gauged_coefficients, per_prompt_xty
-from rope_leak.fits.shares import cell_means
 from rope_leak.heads import head_label
 from rope_leak.output.plots import DIVERGING
-
-if TYPE_CHECKING:  # types only: output sits below the analyses that call it
-    from rope_leak.analyses.analysis import Analysis
+from rope_leak.output.records import CellMeans, as_analysis_record, as_sink_record
+from rope_leak.quantities import column
 
 #: Significant digits of every float in the embedded data.
 DIGITS = 4
@@ -39,7 +34,7 @@ PATTERN_SIDE = 96
 #: over runs of consecutive positions (SmolLM2-135M at n = 256 needs 207k, so none are).
 PROFILE_BUDGET = 300_000
 
-#: Columns of ``Analysis.heads()`` the explorer shows (those present are embedded).
+#: Columns of the heads table the explorer shows (those present are embedded).
 NUMBERS = (
     "L_total_debiased", "L_total_ci_low", "L_total_ci_high", "L_total_qvalue", "L_total_significant",
     "L_resid_debiased", "L_resid_ci_low", "L_resid_ci_high",
@@ -82,26 +77,23 @@ def _thin(values: np.ndarray, step: int) -> np.ndarray:
     return _bin_means(np.arange(len(values)) // step, values, math.ceil(len(values) / step))
 
 
-def _block_grid(design, values: np.ndarray, step: int) -> np.ndarray:
+def _block_grid(cells: CellMeans, values: np.ndarray, step: int) -> np.ndarray:
     """Scored-cell values ``[cell]`` as a query x key grid of ``step x step`` block means
     (NaN where a block holds no scored cell)."""
-    queries, keys = design.cells
-    side = math.ceil(design.n_tokens / step)
-    bins = (queries // step) * side + keys // step
+    side = math.ceil(cells.n_tokens / step)
+    bins = (cells.queries // step) * side + cells.keys // step
     return _bin_means(bins, np.asarray(values, dtype=float), side * side).reshape(side, side)
 
 
-def _patterns(analysis: Analysis, table, k: int, side: int, digits: int) -> dict:
+def _patterns(cells: CellMeans | None, table, k: int, side: int, digits: int) -> dict:
     """Mean cell maps of the top ``k`` non-degenerate heads (empty without per-cell sums)."""
-    stats = analysis.statistics.conditions["causal"].targets[analysis.target]
-    if not stats.has_cells or k <= 0:
+    if cells is None or k <= 0:
         return {}
-    means = cell_means(stats)  # [layer, head, cell], the same as head_cell_maps' "observed"
-    ranked = table[~table["degenerate"]].nlargest(k, "L_total_debiased")
+    ranked = table[~table["degenerate"]].nlargest(k, column("L_total", "debiased"))
     out = {}
     for layer, head in zip(ranked["layer"], ranked["head"]):
-        step = max(1, math.ceil(stats.design.n_tokens / side))
-        grid = _block_grid(stats.design, means[layer, head], step)
+        step = max(1, math.ceil(cells.n_tokens / side))
+        grid = _block_grid(cells, cells.values[layer, head], step)
         out[head_label(layer, head)] = {
             "step": step,
             "z": [[_round(v, digits) for v in row] for row in grid.tolist()],
@@ -109,44 +101,45 @@ def _patterns(analysis: Analysis, table, k: int, side: int, digits: int) -> dict
     return out
 
 
-def explorer_data(analysis: Analysis, sinks=None, *, digits: int = DIGITS,
+def explorer_data(analysis, sinks=None, *, digits: int = DIGITS,
                   pattern_heads: int = PATTERN_HEADS, pattern_side: int = PATTERN_SIDE,
                   profile_budget: int = PROFILE_BUDGET) -> dict:
-    """The explorer's data: every head's numbers (columns of :meth:`Analysis.heads`, one
-    list per column in ``layer * n_heads + head`` order), its ``M_abs`` profiles (the same
-    as :meth:`Analysis.head`'s ``a``, ``b``, ``c``, causal condition, headline target) and
-    the top heads' mean patterns when the analysis kept per-cell sums. When all profiles
-    together exceed ``profile_budget`` values they are averaged over runs of
+    """The explorer's data for an :class:`~rope_leak.output.records.AnalysisRecord` (or an
+    analysis): every head's numbers (columns of its heads table, one list per column in
+    ``layer * n_heads + head`` order), its ``M_abs`` profiles (the same as
+    :meth:`rope_leak.Analysis.head`'s ``a``, ``b``, ``c``, causal condition, headline
+    target) and the top heads' mean patterns when the analysis kept per-cell sums. When
+    all profiles together exceed ``profile_budget`` values they are averaged over runs of
     ``profile_step`` consecutive positions (and so are their positions).
 
-    ``sinks``: a :class:`rope_leak.analyses.sinks.SinkAnalysis` of the same model, for the
-    sink-reading flag (absent: the page says it was not measured)."""
-    table = analysis.heads()
-    stats = analysis.statistics.conditions["causal"].targets[analysis.target]
-    design = stats.design
+    ``sinks``: the sink analysis of the same model (or its
+    :class:`~rope_leak.output.records.SinkRecord`), for the sink-reading flag (absent: the
+    page says it was not measured)."""
+    record, sinks = as_analysis_record(analysis), as_sink_record(sinks)
+    table = record.heads
+    profiles = record.profiles
     numbers = {name: _rounded(table[name], digits) for name in NUMBERS if name in table}
     if sinks is not None:
-        numbers["sink_reading"] = _rounded(sinks.reading.is_reading(), digits)
-        numbers["sink_reading_change"] = _rounded(sinks.reading.relative_change, digits)
-    positions = {"a": design.offsets, "b": design.queries, "c": design.keys}
+        numbers["sink_reading"] = _rounded(sinks.heads["sink_reading"], digits)
+        numbers["sink_reading_change"] = _rounded(sinks.heads["relative_change"], digits)
+    positions = {"a": profiles.offsets, "b": profiles.queries, "c": profiles.keys}
     n_values = len(table) * sum(len(p) for p in positions.values())
     step = max(1, math.ceil(n_values / profile_budget))
     thin = lambda values: _thin(values, step)  # noqa: E731
-    fitted = dict(zip("abc", gauged_coefficients(design, per_prompt_xty(stats))))  # all heads at once
-    profiles = {name: [_rounded(thin(fitted[name][int(layer), int(head)]), digits)
-                       for layer, head in zip(table["layer"], table["head"])] for name in "abc"}
-    cells = stats.has_cells
+    fitted = {"a": profiles.a, "b": profiles.b, "c": profiles.c}
+    curves = {name: [_rounded(thin(fitted[name][int(layer), int(head)]), digits)
+                     for layer, head in zip(table["layer"], table["head"])] for name in "abc"}
     return {
         "colorscale": get_colorscale(DIVERGING),
-        "n_layers": analysis.n_layers, "n_heads": analysis.n_heads,
-        "labels": table["label"].tolist(), "target": analysis.target,
-        "level": analysis.inference().level, "sink_threshold": analysis.sink_threshold,
-        "reading_threshold": None if sinks is None else sinks.reading.threshold,
+        "n_layers": record.n_layers, "n_heads": record.n_heads,
+        "labels": table["label"].tolist(), "target": record.target,
+        "level": record.ci_level, "sink_threshold": record.sink_threshold,
+        "reading_threshold": None if sinks is None else sinks.reading_threshold,
         **{axis: positions[name].tolist() if step == 1 else _rounded(thin(positions[name]), 8)
            for name, axis in (("a", "offsets"), ("b", "queries"), ("c", "keys"))},
-        "profile_step": step, "n_tokens": int(design.n_tokens),
-        "numbers": numbers, "profiles": profiles, "cell_maps": cells,
-        "patterns": _patterns(analysis, table, pattern_heads, pattern_side, digits),
+        "profile_step": step, "n_tokens": int(profiles.n_tokens),
+        "numbers": numbers, "profiles": curves, "cell_maps": record.cell_means is not None,
+        "patterns": _patterns(record.cell_means, table, pattern_heads, pattern_side, digits),
         "pattern_heads": pattern_heads,
     }
 
@@ -334,7 +327,7 @@ SCRIPT = r"""
 """
 
 
-def explorer_html(analysis: Analysis, sinks=None, **options) -> str:
+def explorer_html(analysis, sinks=None, **options) -> str:
     """The explorer's section (needs plotly.js on the page, loaded before it)."""
     data = explorer_data(analysis, sinks, **options)
     total = np.asarray(data["numbers"]["L_total_debiased"], dtype=float)

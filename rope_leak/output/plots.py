@@ -1,16 +1,20 @@
 """Plotly figures of an analysis. Heads are labelled ``L{layer}H{head}``; heatmaps that
-are compared share one colour scale, centred on zero."""
+are compared share one colour scale, centred on zero.
+
+Each figure of a whole analysis takes its :class:`~rope_leak.output.records.AnalysisRecord`
+(or the analysis, whose record it takes):
+
+>>> plots.share_heatmaps(analysis).show()  # doctest: +SKIP
+"""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-if TYPE_CHECKING:  # types only: output sits below the analyses that call it
-    from rope_leak.analyses.analysis import Analysis
+from rope_leak.output.records import AnalysisRecord, as_analysis_record
+from rope_leak.quantities import column
 
 
 DIVERGING = "RdBu_r"
@@ -80,22 +84,22 @@ def _bottom_legend(fig: go.Figure, plot_height: int, rows: int) -> None:
                                   x=0, xanchor="left"))
 
 
-def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
-    """Layer x head maps of the debiased shares and of the completed split's parts. The two
-    are in different units (a share of the head's scored variance; a fraction of its
-    absolute-position sum of squares, which can exceed 1), so each has its own colour scale,
-    set by the bulk of heads. Heads beyond a scale are marked ×, degenerate heads
-    (scored variance below the floor; left blank) are marked ○."""
-    target = target or analysis.target
-    inf = analysis.inference(target)
-    degenerate = inf.degenerate
-    panels = [(f"L_total<br>({target}, causal)", inf.total.estimate, "share"),
-              (f"ablation<br>L_mask ({target})", inf.mask.estimate, "share")]
-    split = analysis.completed_split()
-    if split is not None:
-        frac = split.head_table()
-        panels += [("completed split:<br>scores' part (log A)", frac["scores_part"], "completed"),
-                   ("completed split:<br>start cut (log A)", frac["mask_part"], "completed")]
+def share_heatmaps(analysis) -> go.Figure:
+    """Layer x head maps of the headline target's debiased shares and of the completed
+    split's parts. The two are in different units (a share of the head's scored variance;
+    a fraction of its absolute-position sum of squares, which can exceed 1), so each has
+    its own colour scale, set by the bulk of heads. Heads beyond a scale are marked ×,
+    degenerate heads (scored variance below the floor; left blank) are marked ○."""
+    record = as_analysis_record(analysis)
+    target = record.target
+    degenerate = record.head_grid("degenerate")
+    panels = [(f"L_total<br>({target}, causal)", record.head_grid(column("L_total", "debiased")), "share"),
+              (f"ablation<br>L_mask ({target})", record.head_grid(column("L_mask", "debiased")), "share")]
+    if column("completed_scores_part") in record.heads:
+        panels += [("completed split:<br>scores' part (log A)", record.head_grid(column("completed_scores_part")),
+                    "completed"),
+                   ("completed split:<br>start cut (log A)", record.head_grid(column("completed_mask_part")),
+                    "completed")]
     shown = [np.where(degenerate, np.nan, values) for _, values, _ in panels]
     groups = list(dict.fromkeys(group for _, _, group in panels))
     zmax = {g: _robust_range(*(v for v, (_, _, pg) in zip(shown, panels) if pg == g)) for g in groups}
@@ -133,21 +137,21 @@ def share_heatmaps(analysis: Analysis, target: str | None = None) -> go.Figure:
 SHARE_AXIS = (-0.25, 1.25)
 
 
-def layer_composition(analysis: Analysis, target: str | None = None) -> go.Figure:
-    """Per layer: the debiased components pooled over non-degenerate heads (bars) and the
-    mask's share of log A by the completed split and by the ablation (lines, CIs)."""
-    target = target or analysis.target
-    inf = analysis.inference(target)
-    keep = np.where(inf.degenerate, np.nan, 1.0)
+def layer_composition(analysis, target: str | None = None) -> go.Figure:
+    """Per layer: the debiased components of ``target`` (default: the headline target)
+    averaged over non-degenerate heads (bars) and the mask's share of log A by the
+    completed split and by the ablation (lines, CIs)."""
+    record = as_analysis_record(analysis)
+    target = target or record.target
+    table = record.layer_table(target)
     fig = make_subplots(rows=1, cols=2, subplot_titles=[
         f"mean debiased components ({target}; non-degenerate heads)",
         "mask's share of log A's absolute position (95% CI)"])
-    layers = np.arange(analysis.n_layers)
-    for name, part in (("L_total (causal)", inf.total), ("L_resid (bidirectional)", inf.resid),
-                       ("L_mask = L_total − L_resid", inf.mask)):
-        fig.add_bar(x=layers, y=np.nanmean(part.estimate * keep, 1), name=name, row=1, col=1,
+    for name, quantity in (("L_total (causal)", "L_total"), ("L_resid (bidirectional)", "L_resid"),
+                           ("L_mask = L_total − L_resid", "L_mask")):
+        fig.add_bar(x=table["layer"], y=table[column(quantity, "debiased")], name=name, row=1, col=1,
                     hovertemplate="layer %{x}<br>" + name + " = %{y:.4f}<extra></extra>")
-    _composition_lines(fig, analysis, row=1, col=2)
+    _composition_lines(fig, record, row=1, col=2)
     fig.update_layout(barmode="group", title=f"Decomposition by layer (target: {target})")
     _bottom_legend(fig, 320, rows=(len(fig.data) + 1) // 2)
     fig.update_xaxes(title_text="layer")
@@ -156,11 +160,11 @@ def layer_composition(analysis: Analysis, target: str | None = None) -> go.Figur
     return fig
 
 
-def _composition_lines(fig: go.Figure, analysis: Analysis, row=None, col=None) -> None:
+def _composition_lines(fig: go.Figure, record: AnalysisRecord, row=None, col=None) -> None:
     """Per-layer mask shares with CIs. A layer whose CI is wider than 1 (its pooled total
     is about 0, so the ratio is noise) is not estimable: marked at the bottom, not drawn.
     A share outside ``SHARE_AXIS`` is a triangle at that edge, its value and CI on hover."""
-    layers = np.arange(analysis.n_layers)
+    layers = np.arange(record.n_layers)
     bottom, top = SHARE_AXIS
     off_axis = "off the axis (▲/▼ at the edge; value on hover)"
 
@@ -192,24 +196,27 @@ def _composition_lines(fig: go.Figure, analysis: Analysis, row=None, col=None) -
                             name=f"not estimable (CI wider than 1): {name.split(':')[0]}",
                             hovertemplate="layer %{x}: not estimable<extra></extra>", row=row, col=col)
 
-    split = analysis.completed_split()
-    if split is not None:
-        comp = split.layer_table()["mask_share"]
-        ci = split.layer_ci.get("mask_share", np.stack([comp, comp], 1))
-        band(comp, ci[:, 0], ci[:, 1], "completed split: <D m, D log A> / SS(D log A)", "#636efa")
-    ablation = analysis.inference("log_pattern").layer_composition
-    band(ablation.estimate, ablation.low, ablation.high,
-         "bidirectional ablation (the paper's method): L_mask / L_total (log A)", "#ef553b")
+    share = column("completed_mask_share")
+    completed = record.layer_table()
+    if share in completed:
+        low, high = (completed.get(f"{share}_ci_{end}", completed[share]) for end in ("low", "high"))
+        band(completed[share], low, high,
+             "completed split: <D m, D log A> / SS(D log A)", "#636efa")
+    if "log_pattern" in record.targets:
+        ablation, composition = record.layer_table("log_pattern"), column("composition", "debiased")
+        band(ablation[composition], ablation["composition_ci_low"], ablation["composition_ci_high"],
+             "bidirectional ablation (the paper's method): L_mask / L_total (log A)", "#ef553b")
     for y in (0, 1):
         fig.add_hline(y=y, line_dash="dot", line_color="grey", row=row, col=col)
     fig.update_yaxes(range=list(SHARE_AXIS), row=row, col=col)
 
 
-def sink_map(analysis: Analysis) -> go.Figure:
+def sink_map(analysis) -> go.Figure:
     """Sink score per head under the causal mask and under the bidirectional ablation,
     on one 0..1 colour scale."""
-    panels = [("causal mask", analysis.sink_scores("causal")),
-              ("bidirectional ablation", analysis.sink_scores("bidirectional"))]
+    record = as_analysis_record(analysis)
+    panels = [("causal mask", record.head_grid("sink_score")),
+              ("bidirectional ablation", record.head_grid("sink_score_bidirectional"))]
     n_layers, n_heads = panels[0][1].shape
     labels = _labels(n_layers, n_heads)
     fig = make_subplots(rows=1, cols=2, subplot_titles=[p[0] for p in panels], shared_yaxes=True,
@@ -225,16 +232,16 @@ def sink_map(analysis: Analysis) -> go.Figure:
     fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=f"Sink score per head (mean attention to key 0 over queries i ≥ 1; "
-                            f"sink heads > {analysis.sink_threshold})",
+                            f"sink heads > {record.sink_threshold})",
                       height=max(350, 18 * n_layers + 150))
     return fig
 
 
-def position_zero_trajectory(analysis: Analysis) -> go.Figure:
+def position_zero_trajectory(analysis) -> go.Figure:
     """Cross-prompt std of the position-0 residual stream through the layers."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=[
         "cross-prompt std of resid at position 0", "norm of resid: position 0 vs others (causal)"])
-    profiles = analysis.position_zero()
+    profiles = as_analysis_record(analysis).position_zero
     for condition, profile in profiles.items():
         depth = list(range(len(profile["std"])))
         fig.add_scatter(x=depth, y=profile["std"], mode="lines+markers", name=f"std, {condition}",
@@ -253,17 +260,16 @@ def position_zero_trajectory(analysis: Analysis) -> go.Figure:
     return fig
 
 
-def target_comparison(analysis: Analysis) -> go.Figure:
+def target_comparison(analysis) -> go.Figure:
     """Mean debiased L_total / L_resid / L_mask over non-degenerate heads for each target
     (pattern, log pattern, scores), with bootstrap CIs: the mask part lives in the softmax
     denominator, so it vanishes for scores."""
+    means = as_analysis_record(analysis).target_means
     fig = go.Figure()
-    targets = analysis.targets
-    for k, component in enumerate(("L_total", "L_resid", "L_mask")):
-        means = [analysis.inference(t).means for t in targets]
-        est = np.array([m.estimate[k] for m in means])
-        low, high = np.array([m.low[k] for m in means]), np.array([m.high[k] for m in means])
-        fig.add_bar(x=targets, y=est, name=component,
+    for component in ("L_total", "L_resid", "L_mask"):
+        est = means[column(component, "debiased")].to_numpy()
+        low, high = means[f"{component}_ci_low"].to_numpy(), means[f"{component}_ci_high"].to_numpy()
+        fig.add_bar(x=means["target"], y=est, name=component,
                     error_y=dict(type="data", symmetric=False, array=high - est, arrayminus=est - low),
                     hovertemplate="target %{x}<br>mean " + component + " = %{y:.4f}<extra></extra>")
     fig.update_layout(barmode="group", title="Components by target (debiased; mean over non-degenerate heads, 95% CI)",
@@ -378,22 +384,24 @@ def offset_profiles(pattern: np.ndarray, offsets=(0, 1, 2, 4), title: str = "") 
     return fig
 
 
-def decompositions_by_layer(analysis: Analysis) -> go.Figure:
+def decompositions_by_layer(analysis) -> go.Figure:
     """Per-layer mask share of ``log A``'s absolute position by the two decompositions."""
     fig = go.Figure()
-    _composition_lines(fig, analysis)
+    _composition_lines(fig, as_analysis_record(analysis))
     fig.update_layout(title="Causal-mask share of log A's absolute position, by layer: the two decompositions",
                       xaxis_title="layer", yaxis_title="fraction from the causal mask")
     _bottom_legend(fig, 340, rows=len(fig.data))
     return fig
 
 
-def all_figures(analysis: Analysis) -> dict[str, go.Figure]:
+def all_figures(analysis) -> dict[str, go.Figure]:
+    """Every figure of the report, by section name."""
+    record = as_analysis_record(analysis)
     return {
-        "shares": share_heatmaps(analysis),
-        "composition": layer_composition(analysis),
-        "decompositions": decompositions_by_layer(analysis),
-        "targets": target_comparison(analysis),
-        "sinks": sink_map(analysis),
-        "position_zero": position_zero_trajectory(analysis),
+        "shares": share_heatmaps(record),
+        "composition": layer_composition(record),
+        "decompositions": decompositions_by_layer(record),
+        "targets": target_comparison(record),
+        "sinks": sink_map(record),
+        "position_zero": position_zero_trajectory(record),
     }

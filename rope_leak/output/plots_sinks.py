@@ -1,14 +1,14 @@
 """Plotly figures of the sinks analysis, and HTML sections the ``analyze`` report can
 append (``sink_sections``/``sinks_html``). Kept apart from ``plots.py``/``report.py``.
 
-Every function takes plain results (``Trajectories``, ``SinkReading``, a BOS table, a
-``PatchingResult``) so it can be called from notebooks as well.
+Every function takes plain tables (a :class:`~rope_leak.output.records.SinkRecord`'s,
+a BOS table) so it can be called from notebooks as well; the sections take the record
+or the sink analysis itself.
 """
 
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,10 +17,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from rope_leak.output.bos_text import NOT_ESTIMABLE, bos_label, spread_text
-
-if TYPE_CHECKING:  # types only: output sits below the analyses that call it
-    from rope_leak.analyses.sink_reading import SinkReading
-    from rope_leak.analyses.trajectory import Trajectories
+from rope_leak.output.records import as_sink_record
 
 
 DIVERGING = "RdBu_r"
@@ -30,36 +27,46 @@ def _labels(n_layers: int, n_heads: int) -> np.ndarray:
     return np.array([[f"L{l}H{h}" for h in range(n_heads)] for l in range(n_layers)])
 
 
-def trajectory_by_token(causal: Trajectories, bidirectional: Trajectories | None = None) -> go.Figure:
+def trajectory_by_token(within: pd.DataFrame, between: pd.DataFrame) -> go.Figure:
     """Left: distance between the position-0 trajectories of different position-0 tokens
-    (relative to the stream's norm). Right: cross-prompt std among prompts sharing the
-    token — exactly 0 under the causal mask, not under the bidirectional ablation."""
+    (relative to the stream's norm; ``between``, causal mask). Right: cross-prompt std
+    among prompts sharing the token (``within``, one curve per ``condition``) — exactly 0
+    under the causal mask, not under the bidirectional ablation."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=[
         "different position-0 tokens: min distance / norm", "same position-0 token: cross-prompt std"])
-    between = causal.between_token_distance()
     fig.add_scatter(x=between["depth"], y=between["relative_min_distance"], mode="lines+markers",
                     name="between tokens (causal)", row=1, col=1,
                     hovertemplate="depth %{x}<br>relative distance = %{y:.3g}<extra></extra>")
-    for traj in [t for t in (causal, bidirectional) if t is not None]:
-        spread = traj.within_token_spread().groupby("depth")["std"].max()
+    for condition, rows in within.groupby("condition", sort=False):
+        spread = rows.groupby("depth")["std"].max()
         fig.add_scatter(x=spread.index, y=spread.values, mode="lines+markers",
-                        name=f"within token ({traj.condition})", row=1, col=2,
+                        name=f"within token ({condition})", row=1, col=2,
                         hovertemplate="depth %{x}<br>std = %{y:.3g}<extra></extra>")
     fig.update_xaxes(title_text="depth (resid_pre of layer; last = final resid_post)")
-    tokens = ", ".join(str(t) for t in sorted(causal.groups()))
+    causal = within[within["condition"] == "causal"] if (within["condition"] == "causal").any() else within
+    tokens = ", ".join(str(t) for t in sorted(causal["token"].unique()))
     fig.update_layout(title=f"Position-0 trajectory by token (tokens {tokens})",
                       legend=dict(orientation="h", y=-0.25))
     return fig
 
 
-def sink_reading_heatmaps(reading: SinkReading, sink_scores: np.ndarray | None = None) -> go.Figure:
+def _grid(heads: pd.DataFrame, name: str) -> np.ndarray:
+    grid = np.full((heads["layer"].max() + 1, heads["head"].max() + 1), np.nan)
+    grid[heads["layer"].to_numpy(), heads["head"].to_numpy()] = heads[name].to_numpy(dtype=float)
+    return grid
+
+
+def sink_reading_heatmaps(heads: pd.DataFrame, threshold: float, source_token_id: int | None = None,
+                          n_prompts: int | None = None) -> go.Figure:
     """Relative change of each head's output when only position 0 is patched, the
-    fraction of its output through key 0, and (if given) its sink score."""
-    panels = [(f"relative change (sink-reading > {reading.threshold})", reading.relative_change),
-              ("fraction of output through key 0", reading.key0_fraction)]
-    if sink_scores is not None:
-        panels.append(("rope_leak sink score (mean over i ≥ 1 of A[i,0])", np.asarray(sink_scores)))
-    n_layers, n_heads = reading.relative_change.shape
+    fraction of its output through key 0, and (when ``heads`` has it) its sink score.
+    ``heads``: one row per head (``layer``, ``head``, ``relative_change``,
+    ``key0_fraction``, ``sink_reading``; a :class:`~rope_leak.output.records.SinkRecord`'s ``heads``)."""
+    panels = [(f"relative change (sink-reading > {threshold})", _grid(heads, "relative_change")),
+              ("fraction of output through key 0", _grid(heads, "key0_fraction"))]
+    if "sink_score" in heads:
+        panels.append(("rope_leak sink score (mean over i ≥ 1 of A[i,0])", _grid(heads, "sink_score")))
+    n_layers, n_heads = panels[0][1].shape
     labels = _labels(n_layers, n_heads)
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
                         shared_yaxes=True, horizontal_spacing=0.05)
@@ -71,12 +78,12 @@ def sink_reading_heatmaps(reading: SinkReading, sink_scores: np.ndarray | None =
         ), row=1, col=col)
         fig.update_xaxes(title_text="head", row=1, col=col)
     fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
-    fig.update_layout(title=f"Sink-reading heads ({len(reading.heads())} of {n_layers * n_heads}; "
-                            f"source token {reading.source_token_id}, {reading.n_prompts} prompts)",
+    source = "" if source_token_id is None else f"; source token {source_token_id}"
+    prompts = "" if n_prompts is None else f", {n_prompts} prompts"
+    fig.update_layout(title=f"Sink-reading heads ({int(heads['sink_reading'].sum())} of {n_layers * n_heads}"
+                            f"{source}{prompts})",
                       height=max(350, 18 * n_layers + 150))
     return fig
-
-
 
 
 def _ratio_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
@@ -216,46 +223,49 @@ def sink_metrics_html(metrics: dict) -> str:
             f"({html.escape(own['threshold_source'])}).</li></ul>")
 
 
-def sink_sections(result) -> list[tuple[str, str, go.Figure]]:
-    """``(title, caption, figure)`` for the report, from a :class:`SinkAnalysis`."""
+def sink_sections(sinks) -> list[tuple[str, str, go.Figure]]:
+    """``(title, caption, figure)`` for the report, from a :class:`~rope_leak.output.records.SinkRecord` (or a sink
+    analysis)."""
+    record = as_sink_record(sinks)
     sections = [
         ("Position-0 trajectory by token", SECTION_CAPTIONS["trajectory"],
-         trajectory_by_token(result.trajectory, result.trajectory_bidirectional)),
+         trajectory_by_token(record.trajectory_within, record.trajectory_between)),
         ("Sink-reading heads", SECTION_CAPTIONS["sink_reading"],
-         sink_reading_heatmaps(result.reading, result.sink_scores)),
+         sink_reading_heatmaps(record.heads, record.reading_threshold, record.source_token_id,
+                               record.reading_prompts)),
     ]
-    table = result.bos_table()
-    if table is not None:
+    if record.bos_table is not None:
         sections.append(("Position-0 (BOS) interventions", SECTION_CAPTIONS["bos"],
-                         bos_interventions_figure(table)))
+                         bos_interventions_figure(record.bos_table)))
     return sections
 
 
-def sections_html(result, include_plotlyjs: bool | str = False) -> str:
-    """HTML of the sink analysis for a report page: BOS status, both sink metrics, the
-    figures of :func:`sink_sections`, the BOS table and the probe (or why it was not run)."""
-    parts = ["<h2>Sinks and position 0</h2>", bos_status_html(getattr(result, "bos_status", None)),
-             sink_metrics_html(getattr(result, "sink_metrics", {}))]
-    for index, (title, caption, fig) in enumerate(sink_sections(result)):
+def sections_html(sinks, include_plotlyjs: bool | str = False) -> str:
+    """HTML of the sink analysis (a :class:`~rope_leak.output.records.SinkRecord` or a sink analysis) for a report
+    page: BOS status, both sink metrics, the figures of :func:`sink_sections`, the BOS table
+    and the probe (or why it was not run)."""
+    record = as_sink_record(sinks)
+    parts = ["<h2>Sinks and position 0</h2>", bos_status_html(record.bos_status),
+             sink_metrics_html(record.sink_metrics)]
+    for index, (title, caption, fig) in enumerate(sink_sections(record)):
         div = pio.to_html(fig, full_html=False, include_plotlyjs=include_plotlyjs if index == 0 else False)
         parts.append(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(caption)}</p>{div}")
-    table = result.bos_table()
-    if table is not None:
-        parts.append("<h3>Position-0 intervention table</h3>" + bos_table_html(table))
-    status = getattr(result, "probe_status", {}) or {}
-    if result.probe is not None:
+    if record.bos_table is not None:
+        parts.append("<h3>Position-0 intervention table</h3>" + bos_table_html(record.bos_table))
+    status = record.probe_status or {}
+    if record.probe is not None:
         parts.append("<h2>Fingerprint probe</h2><p class='note'>Cross-validated ridge probe from each "
                      f"feature set to the prompts' {html.escape(str(status.get('target')))} (out-of-fold "
                      "R², permutation p-value).</p>"
-                     + result.probe.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0))
+                     + record.probe.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0))
     else:
         parts.append("<h2>Fingerprint probe</h2><p class='flag'>"
                      + html.escape(status.get("reason", "not run")) + "</p>")
     return "".join(parts)
 
 
-def sinks_html(result) -> str:
+def sinks_html(sinks) -> str:
     """A standalone page with every sink section (plotly.js inlined: opens offline)."""
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>rope_leak sinks</title></head>"
-            f"<body><h1>rope_leak: attention sinks and position 0</h1>{sections_html(result, True)}"
+            f"<body><h1>rope_leak: attention sinks and position 0</h1>{sections_html(sinks, True)}"
             "</body></html>")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 import plotly.io as pio
@@ -16,9 +14,8 @@ from rope_leak.download_cache import atomic_write_text
 from rope_leak.output.bos_text import bos_label, spread_text
 from rope_leak.output.explorer import explorer_html
 from rope_leak.output.plots import all_figures, top_heads_figure
-
-if TYPE_CHECKING:  # types only: output sits below the analyses that call it
-    from rope_leak.analyses.analysis import Analysis
+from rope_leak.output.records import AnalysisRecord, SinkRecord, as_analysis_record, as_sink_record
+from rope_leak.quantities import column
 
 CAPTIONS = {
     "decompositions": "Two ways to split log A's absolute position, layer by layer, with 95% CIs. The "
@@ -80,12 +77,12 @@ def _fmt(value, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
-def _top_heads_table(analysis: Analysis, k: int = 10) -> pd.DataFrame:
+def _top_heads_table(record: AnalysisRecord, k: int = 10) -> pd.DataFrame:
     """Top heads by the debiased L_total, with its CI, BH q-value and the components."""
-    return analysis.top_heads(k).rename(columns={
+    return record.top_heads(k).rename(columns={
         "L_total_debiased": "L_total", "L_total_ci_low": "ci_low", "L_total_ci_high": "ci_high",
         "L_resid_debiased": "L_resid", "L_mask_debiased": "L_mask", "L_total_qvalue": "q (BH)",
-        f"{analysis.target}_L_total": "L_total (cross-fitted)",
+        f"{record.target}_L_total_crossfit": "L_total (cross-fitted)",
     })
 
 
@@ -96,8 +93,8 @@ def _with_ci_column(table: pd.DataFrame, level: float) -> pd.DataFrame:
     return table
 
 
-def _diagnostics_html(analysis: Analysis, limit: int = 40) -> str:
-    table = analysis.diagnostics()
+def _diagnostics_html(record: AnalysisRecord, limit: int = 40) -> str:
+    table = record.diagnostics
     if table.empty:
         return "<p>No head or layer is flagged.</p>"
     counts = ", ".join(f"{n} × {html.escape(issue)}" for issue, n in table["issue"].value_counts().items())
@@ -108,13 +105,13 @@ def _diagnostics_html(analysis: Analysis, limit: int = 40) -> str:
     return f"<p>{counts}. Nothing is clipped; these rows say where to read with care.</p>{shown}{more}"
 
 
-def _sink_heads_html(analysis: Analysis) -> str:
-    heads = analysis.heads()
+def _sink_heads_html(record: AnalysisRecord) -> str:
+    heads = record.heads
     sinks = heads[heads["sink_head"]].sort_values("sink_score", ascending=False)
     if sinks.empty:
-        return f"<p>No head has a sink score above {analysis.sink_threshold}.</p>"
+        return f"<p>No head has a sink score above {record.sink_threshold}.</p>"
     items = ", ".join(f"{html.escape(l)} ({v:.2f})" for l, v in zip(sinks["label"], sinks["sink_score"]))
-    return (f"<p><b>{len(sinks)} sink heads</b> (sink score &gt; {analysis.sink_threshold}, "
+    return (f"<p><b>{len(sinks)} sink heads</b> (sink score &gt; {record.sink_threshold}, "
             f"mean attention to key 0): {items}</p>")
 
 
@@ -131,17 +128,21 @@ def _bos_header(status: dict) -> str:
             "two prompts, or a single token).</p>")
 
 
-def summary_html(analysis: Analysis) -> str:
-    s = analysis.summary()
-    comp = s["composition"]
+def summary_html(analysis) -> str:
+    """The report's summary section for an :class:`AnalysisRecord` (or an analysis)."""
+    record = as_analysis_record(analysis)
+    s = record.summary
+    total, resid, mask, composition = (column(name, "debiased") for name in
+                                       ("L_total", "L_resid", "L_mask", "composition"))
+    comp = s[composition]
     comp_text = "n/a" if not np.isfinite(comp) else f"{comp:.0%}"
     level = f"{s['ci_level']:.0%}"
     headline = (
         f"<p class='headline'>Under the model's causal mask, the absolute-position share of "
-        f"<b>{html.escape(s['target'])}</b> averages <b>{s['L_total']:.4f}</b> {_ci(s['L_total_ci'])} "
+        f"<b>{html.escape(s['target'])}</b> averages <b>{s[total]:.4f}</b> {_ci(s[total + '_ci'])} "
         f"(ΔR², debiased, {level} CI) per head; the causal mask accounts for <b>{comp_text}</b> "
-        f"{_ci(s['composition_ci'])} of it and the residual stream for the rest "
-        f"(mean L_mask {s['L_mask']:.4f}, L_resid {s['L_resid']:.4f}; {s['n_prompts']} prompts).</p>")
+        f"{_ci(s[composition + '_ci'])} of it and the residual stream for the rest "
+        f"(mean L_mask {s[mask]:.4f}, L_resid {s[resid]:.4f}; {s['n_prompts']} prompts).</p>")
     split = s.get("completed_split")
     if split:
         headline = (
@@ -153,11 +154,11 @@ def summary_html(analysis: Analysis) -> str:
             f"over {split['heads_kept']} heads.</p>") + headline
     rows = [
         ("target", s["target"]), ("prompts", s["n_prompts"]),
-        (f"mean L_total (causal) [{level} CI]", f"{s['L_total']:.4f} {_ci(s['L_total_ci'])}"),
-        (f"mean L_resid (bidirectional) [{level} CI]", f"{s['L_resid']:.4f} {_ci(s['L_resid_ci'])}"),
-        (f"mean L_mask [{level} CI]", f"{s['L_mask']:.4f} {_ci(s['L_mask_ci'])}"),
+        (f"mean L_total (causal) [{level} CI]", f"{s[total]:.4f} {_ci(s[total + '_ci'])}"),
+        (f"mean L_resid (bidirectional) [{level} CI]", f"{s[resid]:.4f} {_ci(s[resid + '_ci'])}"),
+        (f"mean L_mask [{level} CI]", f"{s[mask]:.4f} {_ci(s[mask + '_ci'])}"),
         (f"ablation composition (the paper's method; mask share of {s['target']}) [{level} CI]",
-         f"{comp:.3f} {_ci(s['composition_ci'])}"),
+         f"{comp:.3f} {_ci(s[composition + '_ci'])}"),
         *([(f"completed split (w = {split['window']}): mask share <D m, D log A> / SS(D log A) "
              f"[{level} CI]", f"{split['mask_share']:.3f} {_ci(split.get('mask_share_ci', [np.nan, np.nan]))}"),
            (f"completed split: cross term / SS(log A) [{level} CI]",
@@ -171,10 +172,10 @@ def summary_html(analysis: Analysis) -> str:
         (f"heads with L_total > 0 (BH q < {s['fdr_level']})", s["heads_significant_total"]),
         (f"heads with L_resid > 0 (BH q < {s['fdr_level']})", s["heads_significant_resid"]),
         ("sink heads: rope_leak score (mean over i ≥ 1 of A[i,0]) > "
-         f"{analysis.sink_threshold}", f"{len(s['sink_heads'])} of {analysis.n_layers * analysis.n_heads}"),
+         f"{record.sink_threshold}", f"{len(s['sink_heads'])} of {record.n_layers * record.n_heads}"),
         ("sink heads: Gu et al. (ICLR 2025) α₀ > "
          f"{s['sink_metrics']['gu_et_al_2025']['epsilon']} (query 0 included)",
-         f"{len(s['sink_metrics']['gu_et_al_2025']['sink_heads'])} of {analysis.n_layers * analysis.n_heads} "
+         f"{len(s['sink_metrics']['gu_et_al_2025']['sink_heads'])} of {record.n_layers * record.n_heads} "
          f"(sink ratio {s['sink_metrics']['gu_et_al_2025']['sink_ratio']:.3f})"),
         ("heads with L_mask < 0 beyond their CI (additivity violated)", s["heads_additivity_violated"]),
         ("max cross-prompt std at position 0 (causal)", s["position_zero_max_std"].get("causal")),
@@ -183,7 +184,7 @@ def summary_html(analysis: Analysis) -> str:
     crossfit = pd.DataFrame([{"target": t, **{k: v for k, v in d.items() if isinstance(v, float)}}
                              for t, d in s["crossfit"].items()])
     crossfit_html = crossfit.to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0)
-    top_html = _with_ci_column(_top_heads_table(analysis), s["ci_level"]).to_html(index=False, float_format=lambda x: f"{x:.4f}",
+    top_html = _with_ci_column(_top_heads_table(record), s["ci_level"]).to_html(index=False, float_format=lambda x: f"{x:.4f}",
                                                   border=0, na_rep="n/a")
     warn = ""
     if s["additivity_violated"]:
@@ -198,32 +199,33 @@ def summary_html(analysis: Analysis) -> str:
             f"low at small prompt counts (table below). CIs: bootstrap over prompt buckets; "
             f"q: sign-flip null, Benjamini–Hochberg across heads.</p>"
             f"<h3>Top heads by L_total</h3>{top_html}"
-            f"<h3>Diagnostics</h3>{_diagnostics_html(analysis)}"
-            f"<h3>Sink heads</h3>{_sink_heads_html(analysis)}"
+            f"<h3>Diagnostics</h3>{_diagnostics_html(record)}"
+            f"<h3>Sink heads</h3>{_sink_heads_html(record)}"
             f"<h3>Cross-fitted shares by target (the definition; means over heads)</h3>{crossfit_html}</section>")
 
 
 def write_report(
-    analysis: Analysis,
+    analysis,
     path: str | Path,
     *,
     provenance: dict | None = None,
     run_info: dict | None = None,
     extra_sections: Sequence[str] = (),
-    sinks=None,
+    sinks: SinkRecord | None = None,
 ) -> Path:
     """Write a self-contained HTML report (opens offline: plotly.js is inlined once, in
     the page's head).
 
     ``extra_sections``: more HTML sections (e.g. :func:`rope_leak.output.plots_sinks.sections_html`
-    with ``include_plotlyjs=False``), placed after the analysis' own figures. ``sinks``: the
-    :class:`rope_leak.analyses.sinks.SinkAnalysis` of the same run, for the head explorer's
-    sink-reading flag."""
-    figures = all_figures(analysis)
+    with ``include_plotlyjs=False``), placed after the analysis' own figures. ``analysis``:
+    an :class:`AnalysisRecord` or an analysis; ``sinks``: the sink analysis of the same run
+    (or its :class:`SinkRecord`), for the head explorer's sink-reading flag."""
+    record, sinks = as_analysis_record(analysis), as_sink_record(sinks)
+    figures = all_figures(record)
     figures["intervals"] = top_heads_figure(
-        _top_heads_table(analysis, k=20), "L_total", ci=("ci_low", "ci_high"),
-        title=f"Top heads by L_total (debiased) with {analysis.inference().level:.0%} CIs "
-              f"(target {analysis.target})")
+        _top_heads_table(record, k=20), "L_total", ci=("ci_low", "ci_high"),
+        title=f"Top heads by L_total (debiased) with {record.ci_level:.0%} CIs "
+              f"(target {record.target})")
     sections = []
     for key, fig in figures.items():
         div = pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=f"fig-{key}")
@@ -244,6 +246,6 @@ def write_report(
             f"<style>{STYLE}</style><script>window.PlotlyConfig = {{MathJaxConfig: 'local'}};</script>"
             f"<script>{get_plotlyjs()}</script></head>"
             f"<body><h1>rope_leak: where does absolute position come from? ({model_name})</h1>"
-            f"{summary_html(analysis)}{explorer_html(analysis, sinks)}{''.join(sections)}"
+            f"{summary_html(record)}{explorer_html(record, sinks)}{''.join(sections)}"
             f"{''.join(extra_sections)}{footer}</body></html>")
     return atomic_write_text(path, page)

@@ -19,9 +19,9 @@ import platform
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from rope_leak.download_cache import (
     atomic_write_text,
@@ -30,11 +30,12 @@ from rope_leak.download_cache import (
     remove_stale_writes,
     staged_files,
 )
-
-if TYPE_CHECKING:  # types only: output sits below the analyses that call it
-    from rope_leak.analyses.analysis import Analysis
+from rope_leak.output.records import AnalysisRecord, as_analysis_record, as_sink_record
+from rope_leak.version import __version__
 
 RESULT_FILES = ("results.json", "heads.csv", "layers.csv", "statistics.npz", "report.html")
+SINK_FILES = ("sinks.json", "sink_heads.csv", "trajectory.csv", "probe.csv",
+              "bos_interventions.csv", "sinks.html")
 STAGING_PREFIX = ".rope_leak_staging."
 
 
@@ -50,8 +51,6 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     if out["rope_leak"] == "not installed":
-        from rope_leak.version import __version__
-
         out["rope_leak"] = __version__
     out["python"] = platform.python_version()
     return out
@@ -109,34 +108,38 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False, files: Sequen
     return out
 
 
-def _provenance(analysis: Analysis, provenance: dict | None) -> dict:
-    """Versions, the caller's provenance, and the model fingerprint recorded by
-    :func:`rope_leak.analyses.analysis.analyze` (it fills what the caller left out or None)."""
+def _provenance(record: AnalysisRecord, provenance: dict | None) -> dict:
+    """Versions, the caller's provenance, and the model fingerprint the analysis recorded
+    (it fills what the caller left out or None)."""
     out = {"versions": package_versions(), **(provenance or {})}
-    fingerprint = analysis.inputs.get("model")
-    if fingerprint:
+    if record.model:
         given = dict(out.get("model") or {})
-        out["model"] = {**given, **{k: v for k, v in fingerprint.items() if given.get(k) is None}}
+        out["model"] = {**given, **{k: v for k, v in record.model.items() if given.get(k) is None}}
     return out
 
 
-def results_dict(analysis: Analysis, provenance: dict | None = None) -> dict:
-    heads = analysis.heads()
+def results_dict(analysis, provenance: dict | None = None) -> dict:
+    """``results.json``'s content for an :class:`AnalysisRecord` (or an analysis)."""
+    record = as_analysis_record(analysis)
     return to_jsonable({
         "rope_leak_results": 1,
-        "provenance": _provenance(analysis, provenance),
-        "analysis": analysis.settings(),
-        "metadata": analysis.statistics.metadata,
-        "summary": analysis.summary(),
-        "layers": {t: analysis.layers(t).to_dict(orient="list") for t in analysis.targets},
-        "heads": heads.to_dict(orient="list"),
-        "position_zero": analysis.position_zero(),
-        "diagnostics": analysis.diagnostics().to_dict(orient="records"),
+        "provenance": _provenance(record, provenance),
+        "analysis": record.settings,
+        "metadata": record.metadata,
+        "summary": record.summary,
+        "layers": {t: record.layer_table(t).to_dict(orient="list") for t in record.targets},
+        "heads": record.heads.to_dict(orient="list"),
+        "position_zero": record.position_zero,
+        "diagnostics": record.diagnostics.to_dict(orient="records"),
     })
 
 
+def _csv(table: pd.DataFrame) -> str:
+    return table.to_csv(index=False, float_format="%.17g")  # full float64 precision
+
+
 def save_analysis(
-    analysis: Analysis,
+    analysis,
     out_dir: str | Path,
     *,
     provenance: dict | None = None,
@@ -150,15 +153,16 @@ def save_analysis(
     extra_writer: Callable[[Path], object] | None = None,
     replaces: Sequence[str] = (),
 ) -> Path:
-    """Write every result file of ``analysis`` into ``out_dir``.
+    """Write every result file of ``analysis`` (an :class:`AnalysisRecord`, or an analysis,
+    whose record is taken) into ``out_dir``.
 
     All files are written into a hidden staging folder inside ``out_dir`` first; only when
     every one is complete are they renamed into place, ``results.json`` last. An error or
     interrupt while writing leaves ``out_dir`` as it was (no partial results, no
     temporary files). With ``overwrite=True`` result files of an earlier run that this
     run does not write (e.g. ``report.html`` with ``report=False``) are removed, so the
-    folder never mixes two runs. ``sinks``: the run's
-    :class:`rope_leak.analyses.sinks.SinkAnalysis`, for the report's sink-reading flags.
+    folder never mixes two runs. ``sinks``: the run's sink analysis (or its
+    :class:`SinkRecord`), for the report's sink-reading flags.
     ``extra_files``: ``{file name: text}`` written with the results (e.g. ``effects.csv``).
     ``extra_writer``: called with the staging folder to write more files there (e.g.
     ``lambda folder: save_sinks(result, folder, overwrite=True)``), committed with the rest.
@@ -170,28 +174,55 @@ def save_analysis(
     ``out_dir`` (:func:`check_output_dir`) has run; until then a killed commit's hidden
     ``.rope_leak_staging.*`` folder holds what is needed to undo it.
     """
+    record = as_analysis_record(analysis)
+    if statistics and record.statistics is None:
+        raise ValueError("this record holds no statistics to save. Fix: pass statistics=False, "
+                         "or the record of analysis.record() with its statistics.")
     out = check_output_dir(out_dir, overwrite)
-    payload = results_dict(analysis, provenance)
+    payload = results_dict(record, provenance)
     owned = (*RESULT_FILES, "run_info.json", *replaces)
     with staged_files(out, prefix=STAGING_PREFIX, last="results.json", owned=owned) as staging:
-        atomic_write_text(staging / "heads.csv", analysis.heads().to_csv(index=False, float_format="%.17g"))  # full float64 precision
-        layers = [analysis.layers(t) for t in analysis.targets]
-        import pandas as pd
-
-        atomic_write_text(staging / "layers.csv", pd.concat(layers).to_csv(index=False, float_format="%.17g"))  # full float64 precision
+        atomic_write_text(staging / "heads.csv", _csv(record.heads))
+        atomic_write_text(staging / "layers.csv", _csv(record.layers))
         for name, text in (extra_files or {}).items():
             atomic_write_text(staging / name, text)
         if statistics:  # mergeable; tens of MB for SmolLM2 at 64 x 256 (more with cell maps)
-            analysis.statistics.save(staging / "statistics.npz")
+            record.statistics.save(staging / "statistics.npz")
         if run_info is not None:
             atomic_write_text(staging / "run_info.json",
                               json.dumps(to_jsonable(run_info), indent=1, sort_keys=True))
         if report:
-            from rope_leak.output.report import write_report
+            from rope_leak.output.report import write_report  # deferred: plotly takes ~1 s to import
 
-            write_report(analysis, staging / "report.html", provenance=payload["provenance"],
-                         run_info=run_info, extra_sections=extra_sections, sinks=sinks)
+            write_report(record, staging / "report.html", provenance=payload["provenance"],
+                         run_info=run_info, extra_sections=extra_sections, sinks=as_sink_record(sinks))
         if extra_writer is not None:
             extra_writer(staging)
         atomic_write_text(staging / "results.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def save_sinks(sinks, out_dir: str | Path, *, provenance: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Write the sink result files (see :data:`SINK_FILES`) of ``sinks`` (a
+    :class:`~rope_leak.output.records.SinkRecord`, or a sink analysis, whose record is
+    taken) into ``out_dir``."""
+    from rope_leak.output.plots_sinks import sinks_html  # deferred: plotly takes ~1 s to import
+
+    record = as_sink_record(sinks)
+    out = check_output_dir(out_dir, overwrite, SINK_FILES)
+    payload = to_jsonable({"rope_leak_sinks": 1,
+                           "provenance": {"versions": package_versions(), **(provenance or {})},
+                           **record.summary})
+    atomic_write_text(out / "sinks.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / "sink_heads.csv", _csv(record.heads))
+    atomic_write_text(out / "trajectory.csv", _csv(record.trajectory_table()))
+    probe = record.probe
+    if probe is None:  # say so in the file too, never leave it out silently
+        probe = pd.DataFrame([{"features": None, "run": False,
+                               "reason": record.probe_status.get("reason", "not run")}])
+    atomic_write_text(out / "probe.csv", _csv(probe))
+    if record.bos_table is not None:
+        atomic_write_text(out / "bos_interventions.csv", _csv(record.bos_table))
+    atomic_write_text(out / "sinks.html", sinks_html(record))
     return out

@@ -45,8 +45,8 @@ def test_analysis_tables_are_consistent(tiny_model, tiny_tokens):
         sst = BucketProjection.from_statistics(
             analysis.statistics.conditions[condition].targets["pattern"]).per_prompt_sst()[0].ravel()
         pooled[condition] = (heads[column].to_numpy() * sst)[keep].sum() / sst[keep].sum()
-    assert summary["composition"] == pytest.approx(1 - pooled["bidirectional"] / pooled["causal"])
-    low, high = summary["composition_ci"]
+    assert summary["composition_debiased"] == pytest.approx(1 - pooled["bidirectional"] / pooled["causal"])
+    low, high = summary["composition_debiased_ci"]
     assert np.isfinite(low) and low <= high
     np.testing.assert_allclose(heads["L_mask_debiased"], heads["L_total_debiased"] - heads["L_resid_debiased"])
     # The completed split: its parts add up per head, and the model and layer values are

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from rope_leak.analyses.analysis import analyze
@@ -16,6 +16,7 @@ from rope_leak.analyses.sink_reading import SinkReading
 from rope_leak.backends import TINY_BOS_TOKEN_ID, tiny_rope_model
 from rope_leak.corpus import make_random_corpus
 from rope_leak.output.explorer import explorer_data
+from rope_leak.output.records import AnalysisRecord, SinkRecord
 from rope_leak.output.plots import (
     SHARE_AXIS,
     all_figures,
@@ -88,7 +89,10 @@ def test_report_explorer_holds_each_heads_numbers(analysis, tmp_path):
         diff_sumsq=np.full((2, 2, 4), 0.05**2), base_sumsq=np.ones((2, 2, 4)),
         per_prompt_key0_fraction=np.zeros((2, 2, 4)), source_token_id=3)
     reading.diff_sumsq[:, 1, 2] = 0.2**2
-    page = write_report(analysis, tmp_path / "report.html", sinks=SimpleNamespace(reading=reading)).read_text()
+    sinks = SinkRecord(summary={}, heads=reading.table(), trajectory_within=pd.DataFrame(),
+                       trajectory_between=pd.DataFrame(), reading_threshold=reading.threshold,
+                       source_token_id=3, reading_prompts=reading.n_prompts)
+    page = write_report(analysis, tmp_path / "report.html", sinks=sinks).read_text()
     assert "id='section-explorer'" in page and "id='explorer-select'" in page
     assert page.index("id='summary'") < page.index("id='section-explorer'") < page.index("id='section-shares'")
     assert page.count("<option value=") == analysis.n_layers * analysis.n_heads
@@ -225,10 +229,14 @@ def test_share_heatmap_titles_do_not_overlap(analysis):
 
 def test_composition_marks_shares_off_the_axis():
     estimate = np.array([0.5, -3.0, 0.8, 2.0])
-    inference = SimpleNamespace(layer_composition=SimpleNamespace(
-        estimate=estimate, low=estimate - 0.2, high=estimate + 0.2))
-    fake = SimpleNamespace(n_layers=4, completed_split=lambda: None, inference=lambda target: inference)
-    fig = decompositions_by_layer(fake)
+    layers = pd.DataFrame({"layer": range(4), "target": "log_pattern", "composition_debiased": estimate,
+                           "composition_ci_low": estimate - 0.2, "composition_ci_high": estimate + 0.2})
+    record = AnalysisRecord(  # a record built by hand: the figure reads nothing else
+        target="log_pattern", targets=("log_pattern",), n_layers=4, n_heads=1, n_prompts=2,
+        ci_level=0.95, sink_threshold=0.3, summary={}, settings={}, metadata={}, heads=pd.DataFrame(),
+        layers=layers, target_means=pd.DataFrame(), diagnostics=pd.DataFrame(), position_zero={},
+        profiles=None)
+    fig = decompositions_by_layer(record)
     low, high = SHARE_AXIS
     line = next(t for t in fig.data if t.name.startswith("bidirectional ablation"))
     assert np.isnan(np.asarray(line.y, dtype=float)[[1, 3]]).all()
