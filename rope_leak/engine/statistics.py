@@ -517,11 +517,15 @@ class RunStatistics(Displayable):
         for key, value in self.state.items():
             arrays[f"state/{key}"] = value
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        with zipfile.ZipFile(buffer, "w") as inner:  # np.savez's layout, readable by np.load
+            for key, array in arrays.items():
+                entry = io.BytesIO()
+                np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+                _write_entry(inner, f"{key}.npy", entry.getvalue())
         with atomic_path(path) as tmp:
             with zipfile.ZipFile(tmp, "w") as archive:
-                archive.writestr("header.json", json.dumps(header, sort_keys=True))
-                archive.writestr("arrays.npz", buffer.getvalue())
+                _write_entry(archive, "header.json", json.dumps(header, sort_keys=True).encode())
+                _write_entry(archive, "arrays.npz", buffer.getvalue())
         return Path(path)
 
     @classmethod
@@ -589,3 +593,13 @@ class RunStatistics(Displayable):
             raise StatisticsFileError(
                 f"the {kind} {path} is inconsistent ({type(err).__name__}: {err}). Fix: delete "
                 "it and rerun.") from err
+
+
+#: Every zip entry's timestamp: fixed, so the same statistics give a byte-identical file.
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def _write_entry(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+    info.external_attr = 0o644 << 16
+    archive.writestr(info, data)

@@ -166,6 +166,21 @@ def test_statistics_round_trip_through_file(tiny_model, tiny_tokens, tmp_path):
         RunStatistics.load(tmp_path / "bad.npz")
 
 
+def test_statistics_file_is_byte_identical_at_any_time(tiny_model, tiny_tokens, tmp_path, monkeypatch):
+    """The same statistics saved at two different clock times give the same bytes (zip
+    entries carry no write time), and still load with numpy."""
+    import time
+
+    stats = run_statistics(tiny_model, tiny_tokens, progress=False)
+    first = stats.save(tmp_path / "first.npz").read_bytes()
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 3 * 86400)  # three days later
+    assert stats.save(tmp_path / "second.npz").read_bytes() == first
+    loaded = RunStatistics.load(tmp_path / "second.npz")
+    np.testing.assert_array_equal(loaded.conditions["causal"].targets["pattern"].xty,
+                                  stats.conditions["causal"].targets["pattern"].xty)
+
+
 def test_engine_pattern_equals_model_pattern(tiny_model, tiny_tokens):
     """The engine derives A from the scores; it must be the model's own hook_pattern."""
     seen = {}
