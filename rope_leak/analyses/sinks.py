@@ -190,17 +190,11 @@ def analyze_sinks(
             interventions, trajectories, sink reading, fingerprint and probe); False hides them.
     """
     source = default_replacement_token(tokens) if source_token_id is None else int(source_token_id)
-    n_buckets = default_buckets(len(tokens))
     if statistics is None:
         statistics = run_statistics(model, tokens, targets=("pattern",), batch_size=batch_size,
-                                    n_buckets=n_buckets, progress=progress, start_cut_window=None)
+                                    n_buckets=default_buckets(len(tokens)), progress=progress,
+                                    start_cut_window=None)
     causal_stats = statistics.conditions["causal"]
-    bidir_stats = statistics.conditions["bidirectional"]
-    scores = sink_scores(causal_stats)
-    metrics = sink_metrics(causal_stats, sink_threshold)
-    profiles = {"causal": position_zero_profile(causal_stats.position_zero),
-                "bidirectional": position_zero_profile(bidir_stats.position_zero)}
-    status = bos_status if bos_status is not None else measure_bos_status(model, tokens)
     bos_result = None
     if bos:
         bos_prompts = tokens if bos_tokens is None else bos_tokens
@@ -209,47 +203,15 @@ def analyze_sinks(
                                        bidirectional=bos_bidirectional, batch_size=batch_size,
                                        n_buckets=default_buckets(len(bos_prompts)),
                                        progress=progress)
-
     if trajectory_tokens is None:
-        ids, counts = np.unique(tokens[:, 1:].reshape(-1).numpy(), return_counts=True)
-        second = int(ids[np.argsort(-counts, kind="stable")[1]]) if len(ids) > 1 else source
-        trajectory_tokens = list(dict.fromkeys([int(tokens[0, 0]), source, second]))
-    n_traj = 2 * len(trajectory_tokens)
-    rows = tokens[np.arange(n_traj) % len(tokens)]
-    # Causal: position 0 sees no later token, so a short prefix gives the same stream.
-    rows = rows[:, :min(rows.shape[1], max(2, early_queries))]
-    with tqdm(total=2, desc="position-0 trajectories", disable=not progress, leave=False) as bar:
-        trajectory = position_zero_trajectories(model, rows, [t for t in trajectory_tokens for _ in (0, 1)],
-                                                batch_size=max(batch_size, n_traj))
-        bar.update()
-        # Bidirectional: position 0 sees the whole prompt (full length needed); the main pass
-        # already has the cross-prompt spread over all prompts, so 2 prompts show the trajectory.
-        trajectory_b = position_zero_trajectories(model, tokens[:min(len(tokens), 2)],
-                                                  condition=bidirectional, condition_name="bidirectional")
-        bar.update()
+        trajectory_tokens = default_trajectory_tokens(tokens, source)
+    trajectory, trajectory_b = _trajectories(model, tokens, trajectory_tokens, early_queries,
+                                             batch_size, progress)
     reading = sink_reading(model, tokens[:reading_prompts], source_token_id=source,
                            threshold=reading_threshold, batch_size=batch_size, progress=progress)
-    probe_result = spread = None
-    targets, target_kind = content_targets(tokens, doc_ids)
-    if not probe:
-        probe_status = {"run": False, "reason": "switched off (probe=False / --no-probe)"}
-    elif target_kind != "document":
-        probe_status = {"run": False, "reason": (
-            "not run: no document holds two of the prompts, so there is no prompt content shared "
-            "within a group for the probe to decode (one prompt per article: chance by design). Run "
-            "`rope-leak sinks --documents 4` (several prompts per article) for a meaningful probe")}
-    elif len(tokens) < 10:
-        probe_status = {"run": False, "reason": (
-            f"not run: {len(tokens)} prompts are too few for 5-fold cross-validation (need 10)")}
-    elif not reading.heads():
-        probe_status = {"run": False, "reason": "not run: no sink-reading head to take a fingerprint from"}
-    else:
-        fp = fingerprint(model, tokens, reading.heads(), batch_size=batch_size, progress=progress)
-        spread = fp.spread()
-        probe_result = probe_table(fp, targets, n_permutations=n_permutations, progress=progress)
-        probe_status = {"run": True, "reason": "several prompts per document: the probe predicts "
-                        "the document (one-hot)"}
-    probe_status["target"] = target_kind if probe_status["run"] else None
+    probe_result, spread, probe_status = _fingerprint_probe(
+        model, tokens, doc_ids, reading, run=probe, n_permutations=n_permutations,
+        batch_size=batch_size, progress=progress)
     settings = {"source_token_id": source, "reading_threshold": reading_threshold,
                 "reading_prompts": int(min(reading_prompts, len(tokens))),
                 "early_queries": early_queries, "probe_target": probe_status["target"], "n_boot": n_boot,
@@ -259,5 +221,70 @@ def analyze_sinks(
                 "bos_prompts": None if bos_result is None else int(bos_result.statistics.conditions[
                     "baseline/causal"].n_prompts),
                 "sink_statistics_prompts": int(causal_stats.n_prompts)}
-    return SinkAnalysis(scores, sink_threshold, profiles, trajectory, trajectory_b, reading,
-                        probe_result, spread, bos_result, settings, n_boot, metrics, status, probe_status)
+    return SinkAnalysis(
+        sink_scores=sink_scores(causal_stats), sink_threshold=sink_threshold,
+        position_zero={condition: position_zero_profile(statistics.conditions[condition].position_zero)
+                       for condition in ("causal", "bidirectional")},
+        trajectory=trajectory, trajectory_bidirectional=trajectory_b, reading=reading,
+        probe=probe_result, fingerprint_spread=spread, bos=bos_result, settings=settings, n_boot=n_boot,
+        sink_metrics=sink_metrics(causal_stats, sink_threshold),
+        bos_status=bos_status if bos_status is not None else measure_bos_status(model, tokens),
+        probe_status=probe_status)
+
+
+def default_trajectory_tokens(tokens: Tensor, source: int) -> list[int]:
+    """The position-0 tokens whose trajectories are compared: the prompts' own position-0
+    token, ``source`` and the prompts' second most common token (each once)."""
+    ids, counts = np.unique(tokens[:, 1:].reshape(-1).numpy(), return_counts=True)
+    second = int(ids[np.argsort(-counts, kind="stable")[1]]) if len(ids) > 1 else source
+    return list(dict.fromkeys([int(tokens[0, 0]), source, second]))
+
+
+def _trajectories(model: HookedTransformer, tokens: Tensor, trajectory_tokens: list[int],
+                  early_queries: int, batch_size: int, progress: bool) -> tuple[Trajectories, Trajectories]:
+    """Position-0 trajectories: each of ``trajectory_tokens`` put on two prompts (causal
+    mask), and two prompts under the bidirectional ablation."""
+    n_traj = 2 * len(trajectory_tokens)
+    rows = tokens[np.arange(n_traj) % len(tokens)]
+    # Causal: position 0 sees no later token, so a short prefix gives the same stream.
+    rows = rows[:, :min(rows.shape[1], max(2, early_queries))]
+    with tqdm(total=2, desc="position-0 trajectories", disable=not progress, leave=False) as bar:
+        causal = position_zero_trajectories(model, rows, [t for t in trajectory_tokens for _ in (0, 1)],
+                                            batch_size=max(batch_size, n_traj))
+        bar.update()
+        # Bidirectional: position 0 sees the whole prompt (full length needed); the main pass
+        # already has the cross-prompt spread over all prompts, so 2 prompts show the trajectory.
+        bidirectional_run = position_zero_trajectories(model, tokens[:min(len(tokens), 2)],
+                                                       condition=bidirectional,
+                                                       condition_name="bidirectional")
+        bar.update()
+    return causal, bidirectional_run
+
+
+def _fingerprint_probe(model: HookedTransformer, tokens: Tensor, doc_ids: list | None,
+                       reading: SinkReading, *, run: bool, n_permutations: int, batch_size: int,
+                       progress: bool) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict]:
+    """The fingerprint probe's table, the fingerprint's spread and the probe's status
+    (``{"run", "reason", "target"}``: when it is not run, why)."""
+    targets, target_kind = content_targets(tokens, doc_ids)
+    table = spread = None
+    if not run:
+        status = {"run": False, "reason": "switched off (probe=False / --no-probe)"}
+    elif target_kind != "document":
+        status = {"run": False, "reason": (
+            "not run: no document holds two of the prompts, so there is no prompt content shared "
+            "within a group for the probe to decode (one prompt per article: chance by design). Run "
+            "`rope-leak sinks --documents 4` (several prompts per article) for a meaningful probe")}
+    elif len(tokens) < 10:
+        status = {"run": False, "reason": (
+            f"not run: {len(tokens)} prompts are too few for 5-fold cross-validation (need 10)")}
+    elif not reading.heads():
+        status = {"run": False, "reason": "not run: no sink-reading head to take a fingerprint from"}
+    else:
+        fp = fingerprint(model, tokens, reading.heads(), batch_size=batch_size, progress=progress)
+        spread = fp.spread()
+        table = probe_table(fp, targets, n_permutations=n_permutations, progress=progress)
+        status = {"run": True, "reason": "several prompts per document: the probe predicts "
+                  "the document (one-hot)"}
+    status["target"] = target_kind if status["run"] else None
+    return table, spread, status
