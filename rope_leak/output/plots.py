@@ -89,7 +89,8 @@ def share_heatmaps(analysis) -> go.Figure:
     split's parts. The two are in different units (a share of the head's scored variance;
     a fraction of its absolute-position sum of squares, which can exceed 1), so each has
     its own colour scale, set by the bulk of heads. Heads beyond a scale are marked ×,
-    degenerate heads (scored variance below the floor; left blank) are marked ○."""
+    degenerate heads (scored variance below the floor; left blank) are marked ○, other
+    blank heads (the completed split's heads left out: not estimable) −."""
     record = as_analysis_record(analysis)
     target = record.target
     degenerate = record.head_grid("degenerate")
@@ -121,6 +122,9 @@ def share_heatmaps(analysis) -> go.Figure:
         _marks(fig, _beyond(values, -zmax[group], zmax[group]), "x-thin", "beyond the colour scale",
                1, col, col == 1)
         _marks(fig, degenerate, "circle-open", "degenerate (left out)", 1, col, col == 1)
+        blank = "not estimable (blank)"
+        _marks(fig, ~np.isfinite(values) & ~degenerate, "line-ew-open", blank, 1, col,
+               not any(t.name == blank for t in fig.data))
         fig.update_xaxes(title_text="head", row=1, col=col)
         _head_axes(fig, n_layers, n_heads, row=1, col=col)
     fig.update_yaxes(title_text="layer", row=1, col=1)

@@ -33,7 +33,8 @@ CAPTIONS = {
               "L_total minus the share under a bidirectional mask. The shares and the completed "
               "split's parts (fractions of the head's SS(D log A), which can exceed 1) each have "
               "one colour scale, set by 98% of the heads; × marks heads beyond it, ○ degenerate heads (scored "
-              "variance below the floor; blank, left out of every mean and pool).",
+              "variance below the floor; blank, left out of every mean and pool), − heads the completed "
+              "split leaves out (SS(log A) not above its noise: not estimable).",
     "composition": "Left: mean debiased components per layer over non-degenerate heads. Right: the "
                    "mask's share of log A's absolute position per layer, pooled over heads (sums of "
                    "squares), by the completed split and by the ablation, with 95% CIs.",
