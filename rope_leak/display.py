@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 
 MAX_REPR = 400
 MAX_ITEMS = 6
@@ -21,17 +23,12 @@ MAX_ITEMS = 6
 
 def brief(value: Any, max_len: int = 60) -> str:
     """A short text for one value: arrays and tables by shape, numbers to 4 digits."""
-    try:
-        import pandas as pd
-        import torch
-    except ImportError:  # pragma: no cover
-        pd = torch = None
-    if isinstance(value, np.ndarray) or (torch is not None and isinstance(value, torch.Tensor)):
+    if isinstance(value, (np.ndarray, torch.Tensor)):
         dtype = str(value.dtype).removeprefix("torch.")
         return f"<{'x'.join(map(str, value.shape)) or 'scalar'} {dtype}>"
-    if pd is not None and isinstance(value, pd.DataFrame):
+    if isinstance(value, pd.DataFrame):
         return f"<table {value.shape[0]} rows x {value.shape[1]} cols>"
-    if pd is not None and isinstance(value, pd.Series):
+    if isinstance(value, pd.Series):
         return f"<series of {len(value)}>"
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))

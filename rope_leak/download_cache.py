@@ -27,6 +27,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
+try:  # POSIX only; elsewhere folder_lock does not lock
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 CACHE_ENV_VAR = "ROPE_LEAK_CACHE"
 
 
@@ -199,9 +204,7 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Exclusive ``flock`` on the folder itself (no lock file is left behind; the kernel
     releases it when the process dies). Not reentrant: a process must not take it twice
     for one folder. A no-op where ``fcntl`` or ``flock`` is missing."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    if fcntl is None:  # pragma: no cover - not POSIX
         yield
         return
     try:

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
+from scipy.stats import ttest_1samp
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -46,6 +47,7 @@ from rope_leak.analyses.values import values_per_query_head
 from rope_leak.backends.requirements import require_rope
 from rope_leak.display import Displayable
 from rope_leak.heads import head_label
+from rope_leak.inference.fdr import benjamini_hochberg
 from rope_leak.interventions.hooks import act_name
 from rope_leak.interventions.position_zero_patch import record_position_zero, resid_pre_name
 
@@ -126,10 +128,6 @@ class SinkReading(Displayable):
         (alternative "greater"), then Benjamini–Hochberg across heads. Heads whose
         per-prompt values do not vary (e.g. exactly 0) get p = 1. Returns ``pvalue``,
         ``qvalue`` and ``significant``, each ``[layer, head]``."""
-        from scipy.stats import ttest_1samp
-
-        from rope_leak.inference.fdr import benjamini_hochberg
-
         values = self.per_prompt_relative_change
         with np.errstate(divide="ignore", invalid="ignore"):
             pvalues = ttest_1samp(values, self.threshold, axis=0, alternative="greater").pvalue

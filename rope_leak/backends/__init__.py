@@ -34,9 +34,9 @@ def bos_token_id(model: HookedTransformer) -> int | None:
     missing BOS to its EOS, so for a model loaded some other way the fallback may be EOS;
     check ``model.cfg.default_prepend_bos`` to see whether the model expects BOS at all.
     """
-    bos = getattr(model, "rope_leak_bos_token_id", None)
-    if bos is not None:
-        return int(bos)
+    bos_id = getattr(model, "rope_leak_bos_token_id", None)
+    if bos_id is not None:
+        return int(bos_id)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None and tokenizer.bos_token_id is not None:
         return int(tokenizer.bos_token_id)

@@ -32,27 +32,28 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+try:
+    from transformer_lens.model_bridge import TransformerBridge
+except ImportError:  # pragma: no cover - transformer-lens without the bridge
+    TransformerBridge = None
+
 
 def is_bridge(model: Any) -> bool:
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:  # pragma: no cover - transformer-lens without the bridge
-        return False
-    return isinstance(model, TransformerBridge)
+    return TransformerBridge is not None and isinstance(model, TransformerBridge)
 
 
 def _offline_tokenizer(vocab_size: int, bos_token_id: int | None):
     """A word-level tokenizer ``t0 .. t{V-1}`` (loaded back from a folder, as the bridge
     re-loads tokenizers by ``name_or_path``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {f"t{i}": i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    bos = f"t{bos_token_id if bos_token_id is not None else 0}"
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=bos,
-                                   pad_token=bos, unk_token="t0")
+    bos_token = f"t{bos_token_id if bos_token_id is not None else 0}"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos_token, eos_token=bos_token,
+                                   pad_token=bos_token, unk_token="t0")
     folder = tempfile.mkdtemp(prefix="rl-tok-")
     fast.save_pretrained(folder)
     return PreTrainedTokenizerFast.from_pretrained(folder)
@@ -65,19 +66,19 @@ def bridge_from_hf(hf_model: Any, tokenizer: Any = None, *, name: str = "rope-le
     made (enough for token-id input). The BOS id is recorded as
     ``bridge.rope_leak_bos_token_id``, as :func:`rope_leak.backends.load_model` does.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
+    if TransformerBridge is None:  # pragma: no cover - transformer-lens without the bridge
+        raise ImportError("transformer_lens.model_bridge is missing: bridges need transformer-lens 3.9.")
     config = hf_model.config
     if not getattr(config, "architectures", None):
         # a freshly built (or GGUF-loaded) model has none; the bridge picks its adapter by it
         config.architectures = [type(hf_model).__name__]
-    bos = getattr(config, "bos_token_id", None)
+    bos_id = getattr(config, "bos_token_id", None)
     if tokenizer is None:
-        tokenizer = _offline_tokenizer(int(config.vocab_size), bos)
+        tokenizer = _offline_tokenizer(int(config.vocab_size), bos_id)
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer,
                                                  dtype=hf_model.dtype)
     bridge.eval()
-    bridge.rope_leak_bos_token_id = bos  # type: ignore[attr-defined]
+    bridge.rope_leak_bos_token_id = bos_id  # type: ignore[attr-defined]
     bridge.cfg.default_prepend_bos = True
     return bridge
 

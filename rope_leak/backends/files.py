@@ -79,6 +79,7 @@ def check_gguf(path: str | Path) -> None:
     """Raise :class:`IncompleteModelFileError` unless ``path`` is a whole GGUF file: its
     header parses and the file holds every tensor's bytes (offset + size, per the
     quantisation type's block size) after the aligned data start."""
+    # deferred: gguf (~70 ms to import) is needed for .gguf files only
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)

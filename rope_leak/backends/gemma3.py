@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformer_lens import loading_from_pretrained as tl_loading
 
 TEMPLATE = "google/gemma-3-270m"
@@ -80,7 +81,7 @@ def tiny_gemma3_hf(
     heads of 16 dims, local (sliding-window) and global layers alternating by default,
     bases 1e3 (local) and 1e5 (global), BOS id 0. Norm weights are random too (Gemma
     adds 1 to them), so QK-norm and sandwich norms are exercised."""
-    import torch
+    # deferred: transformers loads its Gemma 3 model code on first use (only test models need it)
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     if layer_types is None:

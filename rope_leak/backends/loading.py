@@ -40,6 +40,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from rope_leak.backends.errors import UnknownModelError, UnsupportedModelError
 from rope_leak.backends.files import check_model_files
+from rope_leak.backends.gemma3 import gemma3_cfg_dict
 from rope_leak.backends.zoo import ZOO, ZooEntry, get_entry
 from rope_leak.download_cache import (
     atomic_path,
@@ -247,12 +248,12 @@ def hooked_from_hf(
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}  # dtype of cfg
 
     # Read BOS before HookedTransformer.set_tokenizer, which sets bos = eos when absent.
-    bos = _original_bos_token_id(tokenizer, hf_config)
+    bos_id = _original_bos_token_id(tokenizer, hf_config)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     _load_exact_state_dict(model, state_dict, architecture)
     model.to(device)
     model.eval()
-    model.rope_leak_bos_token_id = bos  # type: ignore[attr-defined]
+    model.rope_leak_bos_token_id = bos_id  # type: ignore[attr-defined]
     return model
 
 
@@ -455,8 +456,6 @@ def _tl_config_dict(hf_config: Any, architecture: str, tl_config_name: str | Non
     if tl_config_name is not None:
         return dict(tl_loading.convert_hf_model_config(tl_config_name))
     if architecture == "Gemma3ForCausalLM":
-        from rope_leak.backends.gemma3 import gemma3_cfg_dict
-
         return gemma3_cfg_dict(getattr(hf_config, "text_config", hf_config))
     if architecture in _NAME_ONLY_CONFIG:
         raise UnsupportedModelError(
@@ -526,8 +525,8 @@ def _original_bos_token_id(tokenizer: Any, hf_config: Any) -> int | None:
     """BOS id as the model defines it, before TransformerLens' eos-for-bos fallback."""
     if tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is not None:
         return int(tokenizer.bos_token_id)
-    bos = getattr(hf_config, "bos_token_id", None)
-    return int(bos) if isinstance(bos, int) else None
+    bos_id = getattr(hf_config, "bos_token_id", None)
+    return int(bos_id) if isinstance(bos_id, int) else None
 
 
 #: What ``rope_leak_source["sha256"]`` is the hash of, by kind of source.

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from rope_leak.backends.loading import parameters_sha256
+
 #: The BOS id that tiny models use (token 0 of their vocabulary).
 TINY_BOS_TOKEN_ID = 0
 
@@ -78,8 +80,6 @@ def tiny_rope_model(
                 param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
     model.eval()
     model.rope_leak_bos_token_id = TINY_BOS_TOKEN_ID  # type: ignore[attr-defined]
-    from rope_leak.backends.loading import parameters_sha256
-
     model.rope_leak_source = {  # type: ignore[attr-defined]
         "name": cfg.model_name, "kind": "tiny", "sha256": parameters_sha256(model),
     }

@@ -31,15 +31,15 @@ def model_bos_token_id(model: Any) -> int | None:
     """
     if not getattr(model.cfg, "default_prepend_bos", False):
         return None
-    bos = bos_token_id(model)
-    if bos is None:
+    bos_id = bos_token_id(model)
+    if bos_id is None:
         warnings.warn(
             "model.cfg.default_prepend_bos is True but the model has no BOS token id, so the "
             "prompts get no BOS. Fix: set the tokenizer's bos_token (or "
             "model.rope_leak_bos_token_id), or set model.cfg.default_prepend_bos = False.",
             stacklevel=3,
         )
-    return bos
+    return bos_id
 
 
 def load_corpus(

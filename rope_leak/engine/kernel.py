@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -94,8 +95,6 @@ _pools: dict[int, object] = {}
 
 def thread_pool(workers: int):
     """A shared executor with ``workers`` threads (created once per size)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with _pool_lock:
         if workers not in _pools:
             _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="rope_leak")

@@ -53,7 +53,18 @@ from pathlib import Path
 
 import torch
 
+from rope_leak.engine.kernel import load_kernel
 from rope_leak.engine.start_cut import DEFAULT_WINDOW
+from rope_leak.engine.statistics import TARGETS, default_buckets, required_targets
+
+try:  # optional: without psutil, MemAvailable comes from /proc/meminfo
+    import psutil
+except ImportError:  # pragma: no cover - psutil is not a dependency
+    psutil = None
+try:  # POSIX only
+    import resource
+except ImportError:  # pragma: no cover - not POSIX
+    resource = None
 
 #: the start cut works in chunks of at most this many score elements (see start_cut.py)
 START_CUT_CHUNK = 1 << 24
@@ -159,8 +170,6 @@ def _uses_kernel(device: str, spec_window: bool) -> bool:
     if not device.startswith("cpu") or spec_window:
         return False
     try:
-        from rope_leak.engine.kernel import load_kernel
-
         return load_kernel() is not None
     except Exception:  # noqa: BLE001 - no kernel: the estimate takes the torch path
         return False
@@ -189,8 +198,6 @@ def estimate_memory(
     ``kernel``: whether the fused CPU kernel accumulates (default: it does on CPU when
     it builds). Pair counts are bounded by ``3 n`` columns and ``n (n + 1) / 2`` cells, so
     a restricted pair spec is slightly overestimated."""
-    from rope_leak.engine.statistics import TARGETS, default_buckets, required_targets
-
     cfg = model.cfg
     n, B = int(n_tokens), int(batch_size)
     P = int(n_prompts if n_prompts is not None else B)
@@ -287,12 +294,11 @@ def _proc_status(key: str) -> int | None:
 
 
 def _mem_available() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - psutil missing or unsupported: /proc/meminfo
-        pass
+    if psutil is not None:
+        try:
+            return int(psutil.virtual_memory().available)
+        except Exception:  # noqa: BLE001 - psutil unsupported here: /proc/meminfo
+            pass
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -337,9 +343,7 @@ def _cgroup_headroom() -> int | None:
 
 def _rlimit_headroom() -> tuple[int, str] | None:
     """The tightest of RLIMIT_AS (minus VmSize) and RLIMIT_DATA (minus VmData)."""
-    try:
-        import resource
-    except ImportError:
+    if resource is None:
         return None
     out = None
     for name, used_key in (("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")):

@@ -30,6 +30,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from jaxtyping import Float
+from scipy.linalg.lapack import dpotrf
 
 from rope_leak.engine.pairs import PairDesign
 
@@ -154,8 +155,6 @@ def _cholesky_in_place(s: np.ndarray) -> tuple[np.ndarray, int]:
     ``potrf`` on the column-major view ``s.T``: its upper factor is ``s``'s lower one), so
     that no second ``m x m`` array exists. Returns the factor (upper triangle zeroed; a
     view of ``s``) and LAPACK's ``info`` (0: positive definite)."""
-    from scipy.linalg.lapack import dpotrf
-
     upper, info = dpotrf(s.T, lower=0, clean=1, overwrite_a=1)
     if not np.shares_memory(upper, s):  # the wrapper copied: keep one array alive
         s[...] = upper.T

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from rope_leak.engine.pairs import PairDesign
 from rope_leak.engine.statistics import TargetStatistics
@@ -180,8 +181,6 @@ def pair_products(a: BucketProjection, b: BucketProjection, weights: np.ndarray)
 
 def _bucket_gram(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
     """``[bucket, layer, head, rank]`` x2 -> ``[layer, head, bucket, bucket]`` inner products."""
-    import torch
-
     a = torch.from_numpy(np.ascontiguousarray(za)).permute(1, 2, 0, 3)
     b = torch.from_numpy(np.ascontiguousarray(zb)).permute(1, 2, 3, 0)
     return (a @ b).numpy()
@@ -190,8 +189,6 @@ def _bucket_gram(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
 def _quadratic(wa: np.ndarray, products: np.ndarray, wb: np.ndarray) -> np.ndarray:
     """``wa[B, g] M[l, h, g, g'] wb[B, g']`` -> ``[B, layer, head]`` (torch: numpy's
     einsum takes a slow path for this contraction)."""
-    import torch
-
     wa_t, wb_t = (torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)) for w in (wa, wb))
     left = wa_t @ torch.from_numpy(products)  # [layer, head, B, g']
     return (left * wb_t).sum(-1).permute(2, 0, 1).numpy()

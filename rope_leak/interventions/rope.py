@@ -27,6 +27,9 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rope_leak.backends.bridge import is_bridge
+from rope_leak.backends.requirements import require_rope
+
 SCALING_KINDS = ("linear", "ntk_by_parts")
 APPLY_TO = ("global", "all")
 
@@ -35,9 +38,6 @@ Tables = tuple[Float[Tensor, "rows rotary_dim"], Float[Tensor, "rows rotary_dim"
 
 def rotary_modules(model: HookedTransformer) -> list:
     """The attention modules of ``model`` that carry rotary tables, in layer order."""
-    from rope_leak.backends.bridge import is_bridge
-    from rope_leak.backends.requirements import require_rope
-
     if is_bridge(model):
         raise ValueError(
             "RoPE controls act on HookedTransformer rotary tables; a TransformerBridge takes "
