@@ -302,15 +302,7 @@ def run_statistics(
     targets = required_targets(targets)
     if n_buckets is None:  # shards (prompt ids given) must agree whatever their size
         n_buckets = DEFAULT_BUCKETS if prompt_ids is not None else default_buckets(len(tokens))
-    if start_cut_window is not None and tokens.shape[1] < start_cut_window + 2:
-        warnings.warn(
-            f"prompts of {tokens.shape[1]} tokens are too short for the start cut's window of "
-            f"{start_cut_window} keys (it needs n >= w + 2): the completed split is not computed. "
-            "Fix: use longer prompts, or a smaller window (--window).", StartCutSkippedWarning, stacklevel=2)
-        start_cut_window = None
-    if start_cut_window is not None:
-        check_window(start_cut_window, tokens.shape[1])
-        start_cut_spec(spec, start_cut_window)  # refuses pairs that end before query w
+    start_cut_window = _start_cut_window(start_cut_window, spec, tokens.shape[1])
     with_start_cut = set(start_cut_conditions) if start_cut_window is not None else set()
     # Before anything large is allocated: refuse a run that cannot fit (force: warn, go on).
     memory_settings = dict(
@@ -323,36 +315,96 @@ def run_statistics(
     runs = {name: ConditionRun(model, design, targets, n_buckets, cell_maps=cell_maps,
                                start_cut_window=start_cut_window if name in with_start_cut else None)
             for name in conditions}
+    done = _resume(runs, checkpoint, metadata, design, n_buckets, ids, batch_size)
+    checkpoints = None if checkpoint is None else _Checkpoints(checkpoint, checkpoint_every, checkpoint_seconds)
+    failure, where = _stream(model, tokens, ids, conditions, runs, metadata, done, batch_size=batch_size,
+                             progress=progress, checkpoints=checkpoints)
+    if failure is not None:  # out of the except block: the failed frames' tensors are freed
+        runs.clear()
+        raise allocation_failure(failure, where=where, estimate=estimate, model=model,
+                                 estimate_kwargs=memory_settings)
+    return _snapshot(runs, metadata, ids.tolist())
+
+
+def _start_cut_window(window: int | None, spec: PairSpec, n_tokens: int) -> int | None:
+    """``window``, checked against the prompts and the pairs; None (with a
+    :class:`StartCutSkippedWarning`) when the prompts are too short for it."""
+    if window is not None and n_tokens < window + 2:
+        warnings.warn(
+            f"prompts of {n_tokens} tokens are too short for the start cut's window of "
+            f"{window} keys (it needs n >= w + 2): the completed split is not computed. "
+            "Fix: use longer prompts, or a smaller window (--window).", StartCutSkippedWarning,
+            stacklevel=3)  # the caller of run_statistics
+        return None
+    if window is not None:
+        check_window(window, n_tokens)
+        start_cut_spec(spec, window)  # refuses pairs that end before query w
+    return window
+
+
+def _snapshot(runs: dict[str, ConditionRun], metadata: dict | None, prompts: Iterable[int],
+              with_state: bool = False) -> RunStatistics:
+    """The statistics of ``runs`` so far, over ``prompts``; ``with_state``: with every
+    running sum too (a checkpoint)."""
+    state = {f"{name}/{key}": value.cpu().numpy() for name, run in runs.items()
+             for key, value in run.state().items()} if with_state else {}
+    return RunStatistics(
+        {name: run.statistics(name) for name, run in runs.items()},
+        dict(metadata or {}),
+        sorted(int(i) for i in prompts),
+        state,
+    )
+
+
+def _resume(runs: dict[str, ConditionRun], checkpoint, metadata: dict | None, design: PairDesign,
+            n_buckets: int, ids: Tensor, batch_size: int) -> set[int]:
+    """Restore ``runs`` from ``checkpoint`` when it exists (refused when written with
+    other settings); the prompts it already holds. A checkpoint that cannot be read is
+    ignored with a warning (the run starts over and rewrites it)."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return set()
+    try:
+        saved = RunStatistics.load(checkpoint, kind="checkpoint")
+    except StatisticsFileError as err:  # a crash mid-write cannot cause this (atomic)
+        warnings.warn(f"{err} Starting the run over; the checkpoint will be rewritten.",
+                      stacklevel=3)  # the caller of run_statistics
+        return set()
+    _check_resumable(saved, checkpoint, dict(metadata or {}), runs, design, n_buckets, ids, batch_size)
+    for name, run in runs.items():
+        run.restore(saved.conditions[name], {k.split("/", 1)[1]: v for k, v in saved.state.items()
+                                             if k.startswith(name + "/")})
+    return set(saved.prompts_done)
+
+
+class _Checkpoints:
+    """Where a run saves its resumable statistics, and when: after every ``every``
+    batches, or once ``seconds`` have passed since the last save (0: never)."""
+
+    def __init__(self, path: str | Path, every: int, seconds: float) -> None:
+        self.path, self.every, self.seconds = path, every, seconds
+        self.since, self.last_save = 0, time.monotonic()
+
+    def due(self) -> bool:
+        """Count one batch done; whether a save is due."""
+        self.since += 1
+        return bool((self.every and self.since >= self.every) or (
+            self.seconds and time.monotonic() - self.last_save >= self.seconds))
+
+    def saved(self) -> None:
+        self.since, self.last_save = 0, time.monotonic()
+
+
+def _stream(model: HookedTransformer, tokens: Tensor, ids: Tensor, conditions: dict[str, Condition],
+            runs: dict[str, ConditionRun], metadata: dict | None, done: set[int], *, batch_size: int,
+            progress: bool, checkpoints: _Checkpoints | None) -> tuple[str | None, str]:
+    """Every batch not in ``done`` through every condition (``done`` grows with them),
+    checkpointing between batches. Returns ``(failure, where)``: the message of an
+    allocation that failed (None: all went through) and the step it failed in."""
     starts = list(range(0, len(tokens), batch_size))
-    done: set[int] = set()
-    saved = None
-    if checkpoint is not None and Path(checkpoint).exists():
-        try:
-            saved = RunStatistics.load(checkpoint, kind="checkpoint")
-        except StatisticsFileError as err:  # a crash mid-write cannot cause this (atomic)
-            warnings.warn(f"{err} Starting the run over; the checkpoint will be rewritten.",
-                          stacklevel=2)
-    if saved is not None:
-        _check_resumable(saved, checkpoint, dict(metadata or {}), runs, design, n_buckets,
-                         ids, batch_size)
-        for name, run in runs.items():
-            run.restore(saved.conditions[name], {k.split("/", 1)[1]: v for k, v in saved.state.items()
-                                                 if k.startswith(name + "/")})
-        done = set(saved.prompts_done)
-
-    def snapshot(prompts: Iterable[int], with_state: bool = False) -> RunStatistics:
-        state = {f"{name}/{key}": value.cpu().numpy() for name, run in runs.items()
-                 for key, value in run.state().items()} if with_state else {}
-        return RunStatistics(
-            {name: run.statistics(name) for name, run in runs.items()},
-            dict(metadata or {}),
-            sorted(int(i) for i in prompts),
-            state,
-        )
-
     bar = tqdm(total=len(tokens) * len(conditions), disable=not progress,
                desc="forward passes", unit="prompt", initial=len(done) * len(conditions))
-    since_checkpoint, last_save = 0, time.monotonic()
+    if checkpoints is not None:
+        checkpoints.saved()  # the clock starts with the passes
     where, failure = "the first forward pass", None
     try:
         with bar:
@@ -368,22 +420,15 @@ def run_statistics(
                         runs[name].run_batch(batch, batch_ids)
                     bar.update(len(batch))
                 done.update(int(i) for i in batch_ids)
-                since_checkpoint += 1
-                due = (checkpoint_every and since_checkpoint >= checkpoint_every) or (
-                    checkpoint_seconds and time.monotonic() - last_save >= checkpoint_seconds)
-                if checkpoint is not None and due and k + 1 < len(starts):
-                    where = f"writing the checkpoint {checkpoint}"
-                    snapshot(done, with_state=True).save(checkpoint)
-                    since_checkpoint, last_save = 0, time.monotonic()
+                if checkpoints is not None and checkpoints.due() and k + 1 < len(starts):
+                    where = f"writing the checkpoint {checkpoints.path}"
+                    _snapshot(runs, metadata, done, with_state=True).save(checkpoints.path)
+                    checkpoints.saved()
     except Exception as err:  # noqa: BLE001 - only allocation failures are translated
         if not is_allocation_failure(err):
             raise
         failure = str(err) or type(err).__name__
-    if failure is not None:  # out of the except block: the failed frames' tensors are freed
-        runs.clear()
-        raise allocation_failure(failure, where=where, estimate=estimate, model=model,
-                                 estimate_kwargs=memory_settings)
-    return snapshot(ids.tolist())
+    return failure, where
 
 
 def _check_resumable(saved: RunStatistics, path, metadata: dict, runs: dict, design: PairDesign,
