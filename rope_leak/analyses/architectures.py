@@ -26,6 +26,7 @@ layers keep their RoPE, as in Gemma 3), at inference, via
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,10 +37,12 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from rope_leak.analyses.sink_scores import SINK_THRESHOLD
+from rope_leak.analyses.bos_status import bos_label, bos_status
+from rope_leak.analyses.sink_scores import GU_EPSILON, SINK_THRESHOLD, gu_alpha0
+from rope_leak.backends.bridge import is_bridge, layer_kinds, window_size
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
-from rope_leak.engine.statistics import RunStatistics
+from rope_leak.engine.statistics import ConditionStatistics, RunStatistics, TargetStatistics
 from rope_leak.fits.decomposition import Decomposition
 from rope_leak.fits.depth import (
     CI_LEVEL,
@@ -48,8 +51,10 @@ from rope_leak.fits.depth import (
     percentile_interval,
     slopes_over_depth,
 )
+from rope_leak.fits.projection import BucketProjection
 from rope_leak.fits.shares import fit_shares
 from rope_leak.fits.start_cut import completed_split
+from rope_leak.inference import bootstrap_statistic, bucket_weights
 from rope_leak.inference.intervals import decomposition_inference
 from rope_leak.interventions.conditions import Condition, compose
 from rope_leak.interventions.mask import bidirectional, causal
@@ -245,6 +250,181 @@ def _model_statistics(shares: dict[str, np.ndarray]) -> np.ndarray:
     ], axis=1)
 
 
+@dataclass
+class _ModelFits:
+    """What every part of :func:`summarize_model` reads: both conditions' statistics, their
+    cross-fitted and debiased decompositions, and the bootstrap settings."""
+
+    causal: ConditionStatistics
+    bidirectional: ConditionStatistics
+    target: str
+    n_boot: int
+    seed: int
+    level: float
+    crossfit: Decomposition = field(init=False)
+    debiased: Decomposition = field(init=False)
+
+    def __post_init__(self) -> None:
+        cs, bs = self.shares_input["causal"], self.shares_input["bidirectional"]
+        self.crossfit = Decomposition(fit_shares(cs).share, fit_shares(bs).share)
+        self.debiased = Decomposition(BucketProjection.from_statistics(cs).debiased_share(None)[0],
+                                      BucketProjection.from_statistics(bs).debiased_share(None)[0])
+
+    @property
+    def shares_input(self) -> dict[str, TargetStatistics]:
+        """The target's statistics per condition (what the bootstrap resamples)."""
+        return {"causal": self.causal.targets[self.target],
+                "bidirectional": self.bidirectional.targets[self.target]}
+
+    def point(self, statistic: Callable, decomposition: Decomposition | None = None) -> np.ndarray:
+        """``statistic`` of the shares of ``decomposition`` (default: the debiased one)."""
+        d = self.debiased if decomposition is None else decomposition
+        return statistic({"causal": d.total[None], "bidirectional": d.resid[None]})[0]
+
+    def bootstrap(self, statistic: Callable):
+        """Pivotal ("basic") bucket-bootstrap intervals of ``statistic`` of the debiased
+        shares, one joint resample for both masks."""
+        return bootstrap_statistic(self.shares_input, statistic, n_boot=self.n_boot, seed=self.seed,
+                                   level=self.level, share="debiased", method="basic")
+
+    def intervals(self, statistic: Callable, n_values: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(low, high)`` of :meth:`bootstrap`; NaN without resamples."""
+        if not self.n_boot:
+            low = high = np.full(n_values, np.nan)
+            return low, high
+        boot = self.bootstrap(statistic)
+        return boot.ci_low, boot.ci_high
+
+    def sink_scores(self) -> np.ndarray:
+        """``[layer, head]``: the mean over prompts of each head's sink score."""
+        return self.causal.sink_sum.sum(0) / self.causal.n_prompts
+
+
+def _named_columns(names: Sequence[str], point: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict:
+    """``{name, name_ci_low, name_ci_high}`` for each of ``names``."""
+    row: dict = {}
+    for k, name in enumerate(names):
+        row[name] = float(point[k])
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low[k]), float(high[k])
+    return row
+
+
+def _headline_columns(fits: _ModelFits, bar: tqdm) -> dict:
+    """:data:`STAT_NAMES` from the debiased shares with their intervals, then each one's
+    cross-fitted value (``*_crossfit``)."""
+    point = fits.point(_model_statistics)
+    cross = fits.point(_model_statistics, fits.crossfit)
+    low, high = fits.intervals(_model_statistics, len(STAT_NAMES))
+    if fits.n_boot:
+        bar.update()
+    row = _named_columns(STAT_NAMES, point, low, high)
+    for k, name in enumerate(STAT_NAMES):
+        row[f"{name}_crossfit"] = float(cross[k])
+    return row
+
+
+def _ablation_columns(fits: _ModelFits) -> dict:
+    """The components and the composition exactly as analyze reports them (means over,
+    and sums of squares pooled over, the non-degenerate heads): one definition per quantity."""
+    n_boot = fits.n_boot
+    inference = decomposition_inference(fits.causal, fits.bidirectional, fits.target, n_boot=max(n_boot, 1),
+                                        seed=fits.seed, level=fits.level).summary()
+    row: dict = {}
+    for name in COMPONENT_NAMES:
+        row[name] = inference[f"{name}_mean"]
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = (inference[f"{name}_mean_ci"] if n_boot else (np.nan, np.nan))
+    row["composition"] = inference["composition"]
+    row["composition_ci_low"], row["composition_ci_high"] = (inference["composition_ci"] if n_boot
+                                                             else (np.nan, np.nan))
+    row["composition_aggregation"] = QUANTITIES["composition"].aggregation
+    row["heads_degenerate"] = inference["degenerate_heads"]
+    return row
+
+
+def _completed_columns(split) -> dict:
+    """``completed_*``: the completed split's summary with its intervals (none without it)."""
+    if split is None:
+        return {}
+    completed = split.summary()
+    row: dict = {}
+    for name in ("mask_share", "cross", "mask_part", "scores_part"):
+        row[f"completed_{name}"] = completed[name]
+        row[f"completed_{name}_ci_low"], row[f"completed_{name}_ci_high"] = completed.get(
+            f"{name}_ci", (np.nan, np.nan))
+    row["completed_heads_compensating"] = len(completed["heads_compensating"])
+    return row
+
+
+def _depth_slope_fits(fits: _ModelFits) -> tuple[dict, dict]:
+    """``(columns, fits)``: the ``linregress`` t interval of each component's depth slope
+    (``depth_slope_*_t_low`` / ``_t_high``), and each fit as a dict."""
+    row, slopes = {}, {}
+    for name in ("L_resid", "L_mask", "L_total"):
+        fit = depth_slope(layer_profile(fits.debiased)[name].to_numpy(), fits.level)
+        row[f"depth_slope_{name}_t_low"], row[f"depth_slope_{name}_t_high"] = fit.ci_low, fit.ci_high
+        slopes[name] = fit.to_dict()
+    return row, slopes
+
+
+def _sink_head_columns(fits: _ModelFits, sink_threshold: float) -> dict:
+    """``sink_heads`` (sink score above the threshold) with a percentile interval over a
+    bucket resample."""
+    sink = fits.sink_scores()
+    row: dict = {"sink_heads": int((sink > sink_threshold).sum())}
+    if fits.n_boot:
+        count = fits.shares_input["causal"].count
+        weights = bucket_weights(count, fits.n_boot, np.random.default_rng(fits.seed + 1))
+        boot_sinks = (np.einsum("bg,glh->blh", weights, fits.causal.sink_sum)
+                      / (weights @ count)[:, None, None] > sink_threshold).sum((1, 2))
+        row["sink_heads_ci_low"], row["sink_heads_ci_high"] = percentile_interval(boot_sinks, fits.level)
+    else:
+        row["sink_heads_ci_low"] = row["sink_heads_ci_high"] = np.nan
+    return row
+
+
+def _layer_table(fits: _ModelFits, spec: str, bar: tqdm) -> pd.DataFrame:
+    """The per-layer profile of the debiased shares, its cross-fitted columns and (with
+    resamples) each component's pivotal interval."""
+    layers = layer_profile(fits.debiased)
+    layers.insert(0, "model", spec)
+    cross_layers = layer_profile(fits.crossfit)
+    for name in ("L_total", "L_resid", "L_mask"):
+        layers[f"{name}_crossfit"] = cross_layers[name]
+    if fits.n_boot:
+        per_layer = fits.bootstrap(_layer_components)
+        for k, name in enumerate(COMPONENT_NAMES):
+            layers[f"{name}_ci_low"] = per_layer.ci_low[k]
+            layers[f"{name}_ci_high"] = per_layer.ci_high[k]
+        bar.update()
+    return layers
+
+
+def _insert_kind_column(layers: pd.DataFrame, kinds: Sequence[str]) -> np.ndarray:
+    """Add the ``kind`` column to ``layers``; returns which layers are sliding-window ones."""
+    kinds = [str(k) for k in kinds]
+    if len(kinds) != len(layers):
+        raise ValueError(f"kinds has {len(kinds)} entries for {len(layers)} layers.")
+    layers.insert(2, "kind", kinds)
+    return np.array([k == "local" for k in kinds])
+
+
+def _kind_columns(fits: _ModelFits, local: np.ndarray, split) -> dict:
+    """Layer counts per kind and, when both kinds occur, :data:`KIND_STAT_NAMES` with
+    their intervals and the completed split pooled over each kind's heads."""
+    row: dict = {"n_local_layers": int(local.sum()), "n_global_layers": int((~local).sum())}
+    if not local.any() or local.all():
+        return row
+    statistic = partial(_kind_statistics, local=local)
+    row.update(_named_columns(KIND_STAT_NAMES, fits.point(statistic),
+                              *fits.intervals(statistic, len(KIND_STAT_NAMES))))
+    if split is not None:  # the completed split pooled over each kind's heads
+        for kind, heads in (("local", local), ("global", ~local)):
+            terms = split.pooled(split.sums(), split.keep & heads[:, None], axis=(0, 1))
+            row[f"completed_mask_share_{kind}"] = float(terms["mask_share"])
+            row[f"completed_cross_{kind}"] = float(terms["cross"])
+    return row
+
+
 def summarize_model(
     stats: RunStatistics,
     spec: str,
@@ -278,114 +458,29 @@ def summarize_model(
     difference, each with its pivotal bucket-bootstrap interval (the same resample as
     the other intervals, so the difference keeps the pairing of the two means).
     """
-    from rope_leak.fits.projection import BucketProjection
-    from rope_leak.inference import bootstrap_statistic, bucket_weights
-
-    c = stats.conditions["causal"]
-    b = stats.conditions["bidirectional"]
-    cs, bs = c.targets[target], b.targets[target]
-    crossfit = Decomposition(fit_shares(cs).share, fit_shares(bs).share)
-    debiased = Decomposition(BucketProjection.from_statistics(cs).debiased_share(None)[0],
-                             BucketProjection.from_statistics(bs).debiased_share(None)[0])
-    point = _model_statistics({"causal": debiased.total[None], "bidirectional": debiased.resid[None]})[0]
-    cross = _model_statistics({"causal": crossfit.total[None], "bidirectional": crossfit.resid[None]})[0]
+    fits = _ModelFits(stats.conditions["causal"], stats.conditions["bidirectional"], target,
+                      n_boot=n_boot, seed=seed, level=level)
+    design = fits.shares_input["causal"].design
     bar = tqdm(total=2 if n_boot else 0, desc=f"bootstrap CIs of {spec} ({n_boot} resamples)",
                disable=not progress or not n_boot, leave=False)
-    if n_boot:
-        boot = bootstrap_statistic({"causal": cs, "bidirectional": bs}, _model_statistics,
-                                   n_boot=n_boot, seed=seed, level=level, share="debiased",
-                                   method="basic")
-        bar.update()
-        low, high = boot.ci_low, boot.ci_high
-    else:
-        low = high = np.full(len(STAT_NAMES), np.nan)
-    row: dict = {"model": spec, "target": target, "n_prompts": c.n_prompts,
-                 "n_tokens": int(cs.design.n_tokens) if hasattr(cs.design, "n_tokens") else None,
-                 "n_layers": crossfit.total.shape[0], "n_heads": crossfit.total.shape[1]}
-    for k, name in enumerate(STAT_NAMES):
-        row[name] = float(point[k])
-        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low[k]), float(high[k])
-    for k, name in enumerate(STAT_NAMES):
-        row[f"{name}_crossfit"] = float(cross[k])
-    # The components and the composition exactly as analyze reports them (means over, and
-    # sums of squares pooled over, the non-degenerate heads): one definition per quantity.
-    inference = decomposition_inference(c, b, target, n_boot=max(n_boot, 1), seed=seed, level=level).summary()
-    for name in COMPONENT_NAMES:
-        row[name] = inference[f"{name}_mean"]
-        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = (inference[f"{name}_mean_ci"] if n_boot else (np.nan, np.nan))
-    row["composition"] = inference["composition"]
-    row["composition_ci_low"], row["composition_ci_high"] = (inference["composition_ci"] if n_boot
-                                                             else (np.nan, np.nan))
-    row["composition_aggregation"] = QUANTITIES["composition"].aggregation
-    row["heads_degenerate"] = inference["degenerate_heads"]
-    split = completed_split(c) if c.start_cut is not None else None
-    if split is not None:
-        completed = split.summary()
-        for name in ("mask_share", "cross", "mask_part", "scores_part"):
-            row[f"completed_{name}"] = completed[name]
-            row[f"completed_{name}_ci_low"], row[f"completed_{name}_ci_high"] = completed.get(
-                f"{name}_ci", (np.nan, np.nan))
-        row["completed_heads_compensating"] = len(completed["heads_compensating"])
-    slopes = {}
-    for name in ("L_resid", "L_mask", "L_total"):
-        fit = depth_slope(layer_profile(debiased)[name].to_numpy(), level)
-        row[f"depth_slope_{name}_t_low"], row[f"depth_slope_{name}_t_high"] = fit.ci_low, fit.ci_high
-        slopes[name] = fit.to_dict()
-    violated = crossfit.additivity_violated()
-    row["heads_additivity_violated"] = int(violated.sum())
+    row: dict = {"model": spec, "target": target, "n_prompts": fits.causal.n_prompts,
+                 "n_tokens": int(design.n_tokens) if hasattr(design, "n_tokens") else None,
+                 "n_layers": fits.crossfit.total.shape[0], "n_heads": fits.crossfit.total.shape[1]}
+    row.update(_headline_columns(fits, bar))
+    row.update(_ablation_columns(fits))  # replaces the components' and the composition's values
+    split = completed_split(fits.causal) if fits.causal.start_cut is not None else None
+    row.update(_completed_columns(split))
+    slope_columns, slopes = _depth_slope_fits(fits)
+    row.update(slope_columns)
+    row["heads_additivity_violated"] = int(fits.crossfit.additivity_violated().sum())
     row["additivity_violated"] = bool(row["L_mask_ci_high"] < 0) if n_boot else bool(row["L_mask"] < 0)
-    sink = c.sink_sum.sum(0) / c.n_prompts
-    row["sink_heads"] = int((sink > sink_threshold).sum())
-    if n_boot:
-        weights = bucket_weights(cs.count, n_boot, np.random.default_rng(seed + 1))
-        boot_sinks = (np.einsum("bg,glh->blh", weights, c.sink_sum)
-                      / (weights @ cs.count)[:, None, None] > sink_threshold).sum((1, 2))
-        row["sink_heads_ci_low"], row["sink_heads_ci_high"] = percentile_interval(boot_sinks, level)
-    else:
-        row["sink_heads_ci_low"] = row["sink_heads_ci_high"] = np.nan
+    row.update(_sink_head_columns(fits, sink_threshold))
     row["n_boot"] = n_boot
-    layers = layer_profile(debiased)
-    layers.insert(0, "model", spec)
-    cross_layers = layer_profile(crossfit)
-    for name in ("L_total", "L_resid", "L_mask"):
-        layers[f"{name}_crossfit"] = cross_layers[name]
-    if n_boot:
-        per_layer = bootstrap_statistic(
-            {"causal": cs, "bidirectional": bs}, _layer_components,
-            n_boot=n_boot, seed=seed, level=level, share="debiased", method="basic")
-        for k, name in enumerate(COMPONENT_NAMES):
-            layers[f"{name}_ci_low"] = per_layer.ci_low[k]
-            layers[f"{name}_ci_high"] = per_layer.ci_high[k]
-        bar.update()
+    layers = _layer_table(fits, spec, bar)
     bar.close()
-    layers["sink_heads"] = (sink > sink_threshold).sum(1)
+    layers["sink_heads"] = (fits.sink_scores() > sink_threshold).sum(1)
     if kinds is not None:
-        kinds = [str(k) for k in kinds]
-        if len(kinds) != len(layers):
-            raise ValueError(f"kinds has {len(kinds)} entries for {len(layers)} layers.")
-        layers.insert(2, "kind", kinds)
-        local = np.array([k == "local" for k in kinds])
-        row["n_local_layers"], row["n_global_layers"] = int(local.sum()), int((~local).sum())
-        if local.any() and not local.all():
-            fn = partial(_kind_statistics, local=local)
-            point_kind = fn({"causal": debiased.total[None], "bidirectional": debiased.resid[None]})[0]
-            if n_boot:
-                boot_kind = bootstrap_statistic({"causal": cs, "bidirectional": bs}, fn,
-                                                n_boot=n_boot, seed=seed, level=level,
-                                                share="debiased", method="basic")
-                low_kind, high_kind = boot_kind.ci_low, boot_kind.ci_high
-            else:
-                low_kind = high_kind = np.full(len(KIND_STAT_NAMES), np.nan)
-            for k, name in enumerate(KIND_STAT_NAMES):
-                row[name] = float(point_kind[k])
-                row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low_kind[k]), float(high_kind[k])
-            if split is not None:  # the completed split pooled over each kind's heads
-                terms = split.pooled(split.sums(), split.keep & local[:, None], axis=(0, 1))
-                row["completed_mask_share_local"] = float(terms["mask_share"])
-                row["completed_cross_local"] = float(terms["cross"])
-                terms = split.pooled(split.sums(), split.keep & ~local[:, None], axis=(0, 1))
-                row["completed_mask_share_global"] = float(terms["mask_share"])
-                row["completed_cross_global"] = float(terms["cross"])
+        row.update(_kind_columns(fits, _insert_kind_column(layers, kinds), split))
     if split is not None:
         layer_table = split.layer_table()
         layers["completed_mask_share"] = layer_table["mask_share"]
@@ -395,8 +490,6 @@ def summarize_model(
 
 def model_layer_kinds(model: HookedTransformer) -> list[str]:
     """``"local"`` (sliding-window) or ``"global"`` for every layer of ``model``."""
-    from rope_leak.backends.bridge import is_bridge, layer_kinds
-
     if is_bridge(model):
         return layer_kinds(model)
     return [str(getattr(block.attn, "attn_type", "global")) for block in model.blocks]
@@ -405,10 +498,6 @@ def model_layer_kinds(model: HookedTransformer) -> list[str]:
 def model_facts(model: HookedTransformer, tokens: torch.Tensor, stats: RunStatistics) -> dict:
     """What ``compare`` shows beside the numbers: head total, BOS status, context and
     sliding window, and Gu et al.'s sink-head count (alpha_0 > 0.3)."""
-    from rope_leak.analyses.bos_status import bos_label, bos_status
-    from rope_leak.analyses.sink_scores import GU_EPSILON, gu_alpha0
-    from rope_leak.backends.bridge import is_bridge, window_size
-
     status = bos_status(model, tokens, measure=False)
     kinds = model_layer_kinds(model)
     window = window_size(model) if is_bridge(model) else getattr(model.cfg, "window_size", None)
@@ -448,8 +537,6 @@ def compare_models(
     parsed = [parse_model_spec(s) for s in specs]
     loaded: dict[str, tuple[HookedTransformer, torch.Tensor]] = {}
     rows, layer_tables, info = [], [], {}
-    import time
-
     first_seen = {ms.name: k for k, ms in reversed(list(enumerate(parsed)))}
     # process variants of one base model together (one load), report in the given order
     order = sorted(range(len(parsed)), key=lambda k: (first_seen[parsed[k].name], k))
