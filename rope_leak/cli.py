@@ -15,7 +15,10 @@ import sys
 import time
 from collections.abc import Sequence
 
+from rope_leak import pipeline
+from rope_leak.analyses.bos_status import bos_label, spread_text
 from rope_leak.backends.zoo import DEFAULT_MODEL
+from rope_leak.engine.allocator import tune_allocator
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.run_config import RunConfig, add_arguments
 
@@ -131,11 +134,9 @@ def run_options(args: argparse.Namespace) -> dict:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from rope_leak.pipeline import run, shard_range, stderr_log
-
-    result = run(**run_options(args), log=stderr_log)
+    result = pipeline.run(**run_options(args), log=pipeline.stderr_log)
     if result.shard is not None:
-        prompts = shard_range(result)
+        prompts = pipeline.shard_range(result)
         k, n = result.shard
         print(f"wrote shard {k}/{n} (prompts {prompts.start}..{prompts.stop - 1}) to {result.out} "
               f"in {result.run_info['seconds']:.0f} s; combine with `rope-leak merge`")
@@ -156,25 +157,22 @@ def run_analyze(args: argparse.Namespace) -> int:
           f"{s['L_resid_debiased']:.4f} {ci('L_resid_debiased')}, L_mask = {s['L_mask_debiased']:.4f} "
           f"{ci('L_mask_debiased')} (debiased, "
           f"{s['ci_level']:.0%} CIs); top heads: {', '.join(s['top_heads'])}")
-    _print_bos(s["bos"])
+    _print_bos_status(s["bos"])
     print(f"wrote {result.out}/report.html in {result.run_info['seconds']:.0f} s")
     return 0
 
 
-def _print_bos(status: dict) -> None:
-    from rope_leak.analyses.bos_status import bos_label, spread_text
-
-    print(f"BOS: {bos_label(status)}. {status.get('implication', '')}")
-    print(spread_text(status))
+def _print_bos_status(bos_status: dict) -> None:
+    print(f"BOS: {bos_label(bos_status)}. {bos_status.get('implication', '')}")
+    print(spread_text(bos_status))
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from rope_leak.pipeline import compare, stderr_log
-
-    result = compare(args.models, args.corpus, args.out, prompts=args.prompts, tokens=args.tokens,
-                     seed=args.seed, target=args.target, pairs=_pairs(args), batch_size=args.batch_size,
-                     device=args.device, dtype=args.dtype, n_boot=args.n_boot, overwrite=args.overwrite,
-                     progress=not args.no_progress, log=stderr_log)
+    result = pipeline.compare(args.models, args.corpus, args.out, prompts=args.prompts, tokens=args.tokens,
+                              seed=args.seed, target=args.target, pairs=_pairs(args),
+                              batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                              n_boot=args.n_boot, overwrite=args.overwrite,
+                              progress=not args.no_progress, log=pipeline.stderr_log)
     table = result.table
     shown = table.assign(sink_heads=[f"{k} / {n}" for k, n in zip(table["sink_heads"], table["n_heads_total"])],
                          sink_heads_gu=[f"{k} / {n}" for k, n in zip(table["sink_heads_gu"], table["n_heads_total"])])
@@ -201,37 +199,34 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_sinks(args: argparse.Namespace) -> int:
-    from rope_leak.pipeline import run_sinks as sinks
-    from rope_leak.pipeline import stderr_log
-
     started = time.perf_counter()
-    run = sinks(
+    sink_run = pipeline.run_sinks(
         args.model, args.corpus, args.out, prompts=args.prompts, tokens=args.tokens, seed=args.seed,
         documents=args.documents, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-        settings={k: v for k, v in vars(args).items() if k != "func"}, log=stderr_log,
+        settings={k: v for k, v in vars(args).items() if k != "func"}, log=pipeline.stderr_log,
         sink_threshold=args.sink_threshold, reading_threshold=args.reading_threshold,
         source_token_id=args.source_token, reading_prompts=args.reading_prompts,
         early_queries=args.early_queries, bos=not args.no_bos, bos_bidirectional=args.bos_bidirectional,
         probe=not args.no_probe, n_boot=args.bootstrap, n_permutations=args.permutations,
         batch_size=args.batch_size, progress=not args.no_progress,
     )
-    result, out = run.sinks, args.out
-    summary = result.summary()
+    sink_analysis, out = sink_run.sinks, args.out
+    summary = sink_analysis.summary()
     gu = summary["sink_metrics"]["gu_et_al_2025"]
     n_heads = gu["n_heads"]
     print(f"sink heads: {len(gu['sink_heads'])} of {n_heads} by Gu et al.'s alpha_0 > {gu['epsilon']} "
           f"(sink ratio {gu['sink_ratio']:.3f}); {len(summary['sink_heads'])} of {n_heads} by rope_leak's "
           f"score (mean over i >= 1 of A[i,0]) > {args.sink_threshold}; sink-reading heads "
           f"(> {args.reading_threshold}): {len(summary['sink_reading']['sink_reading_heads'])}")
-    _print_bos(summary["bos_status"])
+    _print_bos_status(summary["bos_status"])
     check = summary["trajectory"]["max_within_token_deviation"]
     print("closed-system check (causal; each trajectory token put on 2 prompts): max deviation between "
           f"prompts sharing a token {'not estimable' if check is None else f'{check:.3g}'}")
     print(f"fingerprint probe: {'run' if summary['probe_status']['run'] else summary['probe_status']['reason']}")
-    table = result.bos_table()
-    if table is not None:
+    bos_table = sink_analysis.bos_table()
+    if bos_table is not None:
         fmt = lambda v: "not estimable" if v is None or v != v else f"{v:.3f}"  # noqa: E731
-        for row in table.to_dict(orient="records")[1:]:
+        for row in bos_table.to_dict(orient="records")[1:]:
             print(f"  {row['replacement']:>6}: scores' absolute-position SS x {fmt(row.get('scores_ss_relative'))} "
                   f"[{fmt(row.get('scores_ss_relative_low'))}, {fmt(row.get('scores_ss_relative_high'))}], "
                   f"L_total x {fmt(row.get('leakage_relative'))} of baseline")
@@ -251,9 +246,7 @@ def _add_merge_parser(sub) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from rope_leak.pipeline import merge
-
-    result = merge(args.shards, args.out, overwrite=args.overwrite, report=not args.no_report)
+    result = pipeline.merge(args.shards, args.out, overwrite=args.overwrite, report=not args.no_report)
     print(f"merged {len(args.shards)} shards ({result.analysis.n_prompts} prompts) into {result.out}")
     return 0
 
@@ -267,14 +260,13 @@ def _heads_option(text: str | None):
 
 
 def run_effects_command(args: argparse.Namespace) -> int:
-    from rope_leak.pipeline import run_effects, stderr_log
-
-    result = run_effects(args.model, args.corpus, args.out, prompts=args.prompts, heldout=args.heldout,
-                         tokens=args.tokens, seed=args.seed, window=args.window,
-                         heads=_heads_option(args.heads), layers=not args.no_layers,
-                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                         n_boot=args.n_boot, overwrite=args.overwrite, progress=not args.no_progress,
-                         log=stderr_log)
+    result = pipeline.run_effects(args.model, args.corpus, args.out, prompts=args.prompts,
+                                  heldout=args.heldout, tokens=args.tokens, seed=args.seed,
+                                  window=args.window, heads=_heads_option(args.heads),
+                                  layers=not args.no_layers, batch_size=args.batch_size,
+                                  device=args.device, dtype=args.dtype, n_boot=args.n_boot,
+                                  overwrite=args.overwrite, progress=not args.no_progress,
+                                  log=pipeline.stderr_log)
     table = result.effects.table
     layers = table[(table["scope"] == "layer") & (table["queries"] == "all")]
     for intervention, rows in layers.groupby("intervention", sort=False):
@@ -294,8 +286,6 @@ COMMANDS = {"analyze": run_analyze, "compare": run_compare, "sinks": run_sinks, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from rope_leak.engine.allocator import tune_allocator
-
     tune_allocator()  # process-wide malloc thresholds for long streaming passes (ROPE_LEAK_MALLOC=0: off)
     try:
         return COMMANDS[args.command](args)

@@ -26,13 +26,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
+from transformer_lens import HookedTransformer
 
+from rope_leak.analyses.analysis import Analysis, analyze, model_fingerprint, tokens_sha256
+from rope_leak.analyses.architectures import compare_models, parse_model_spec
+from rope_leak.analyses.bos_status import bos_status
+from rope_leak.analyses.effects import LossEffects, loss_effects
+from rope_leak.analyses.sinks import SinkAnalysis, analyze_sinks
+from rope_leak.backends import load_model
 from rope_leak.backends.loading import DEFAULT_MAX_N_CTX
+from rope_leak.corpus import Corpus, load_corpus
+from rope_leak.corpus.wikipedia import wikipedia_documents
 from rope_leak.display import Displayable
+from rope_leak.download_cache import atomic_write_text
 from rope_leak.engine.pairs import PairSpec
+from rope_leak.engine.run import run_statistics
 from rope_leak.engine.start_cut import DEFAULT_WINDOW
-from rope_leak.output.results import to_jsonable
+from rope_leak.engine.statistics import RunStatistics, default_buckets
+from rope_leak.output.results import (
+    RESULT_FILES,
+    SINK_FILES,
+    check_output_dir,
+    save_analysis,
+    save_sinks,
+    to_jsonable,
+)
+from rope_leak.output.shards import (
+    CHECKPOINT_FILE,
+    check_shard_output,
+    load_shards,
+    parse_shard,
+    shard_prompts,
+    write_shard,
+)
 from rope_leak.run_config import RunConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,8 +86,6 @@ def _dtype_name(dtype) -> str:
 
 
 def _is_model(model) -> bool:
-    from transformer_lens import HookedTransformer
-
     return isinstance(model, HookedTransformer)
 
 
@@ -70,8 +96,6 @@ def _model(model, *, device: str, dtype: str, n_tokens: int | None, log: Log):
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a HookedTransformer, a model name or a path, got "
                         f"{type(model).__name__}. Fix: pass e.g. 'smollm2-135m' or rl.load_model(...).")
-    from rope_leak.backends import load_model
-
     log(f"loading {model} ...")
     # the default context cap is 2048 tokens; longer prompts raise it explicitly
     long = n_tokens is not None and n_tokens > DEFAULT_MAX_N_CTX
@@ -81,8 +105,6 @@ def _model(model, *, device: str, dtype: str, n_tokens: int | None, log: Log):
 def _corpus(model, corpus, *, prompts: int, tokens: int, seed: int):
     """``(corpus, name)``: a Corpus is used as is, a source (``"wikipedia"``, a path, a list
     of documents) is cut into ``prompts`` x ``tokens`` chunks for ``model``."""
-    from rope_leak.corpus import Corpus, load_corpus
-
     if isinstance(corpus, Corpus):
         return corpus, str(corpus.source)
     if isinstance(corpus, torch.Tensor):
@@ -91,6 +113,15 @@ def _corpus(model, corpus, *, prompts: int, tokens: int, seed: int):
                         "rl.load_corpus(...), or call rl.analyze(model, tokens) for a bare tensor.")
     loaded = load_corpus(model, corpus, n_prompts=prompts, n_tokens=tokens, seed=seed)
     return loaded, str(corpus) if isinstance(corpus, (str, os.PathLike)) else str(loaded.source)
+
+
+def _provenance(model, model_name: str, corpus: Corpus, settings: dict) -> dict:
+    """Where the model and the corpus came from, and the run's settings."""
+    return {
+        "model": dict(getattr(model, "rope_leak_source", {"name": model_name})),
+        "corpus": corpus.to_dict(),
+        "settings": settings,
+    }
 
 
 def _files(out: Path | None, names: Iterable[str]) -> list[str]:
@@ -107,15 +138,15 @@ class RunResult(Displayable):
     without ``out``); ``model`` and ``corpus`` as used (None after a merge);
     ``run_info``: timings; ``shard``: ``(k, N)`` for a shard run."""
 
-    analysis: Any = None
-    sinks: Any = None
+    analysis: Analysis | None = None
+    sinks: SinkAnalysis | None = None
     out: Path | None = None
     files: list[str] = field(default_factory=list)
-    model: Any = None
-    corpus: Any = None
+    model: HookedTransformer | None = None
+    corpus: Corpus | None = None
     run_info: dict = field(default_factory=dict)
     shard: tuple[int, int] | None = None
-    statistics: Any = None
+    statistics: RunStatistics | None = None
     provenance: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -183,19 +214,55 @@ def run(
         ``run_info.json``).
     """
     config = (config or RunConfig()).replace(**options)
-    prompts, tokens, seed, target, pairs = (config.prompts, config.tokens, config.seed, config.target,
-                                            config.pairs)
-    window, batch_size, device, dtype = config.window, config.batch_size, config.device, config.dtype
-    sinks, sink_prompts, bos_prompts = config.sinks, config.sink_prompts, config.bos_prompts
-    reading_prompts, save_statistics, cell_maps = config.reading_prompts, config.save_statistics, config.cell_maps
-    shard, checkpoint_minutes, checkpoint_every = config.shard, config.checkpoint_minutes, config.checkpoint_every
-    force = config.force
-    from rope_leak.analyses.sinks import SINK_FILES
-    from rope_leak.output.results import RESULT_FILES, check_output_dir
-    from rope_leak.output.shards import CHECKPOINT_FILE, check_shard_output, parse_shard
-
     log = log or _quiet
-    dtype = _dtype_name(dtype)
+    device, dtype = config.device, _dtype_name(config.dtype)
+    shard, out = _checked_output(config, out, overwrite)
+    started = time.perf_counter()
+    if _is_model(model):  # used as is: record its own device and dtype
+        device, dtype = str(model.cfg.device), _dtype_name(model.cfg.dtype)
+    n_tokens = getattr(corpus, "n_tokens", config.tokens)  # a Corpus brings its own length
+    model, model_name = _model(model, device=device, dtype=dtype, n_tokens=n_tokens, log=log)
+    loaded = time.perf_counter()
+    corpus, corpus_name = _corpus(model, corpus, prompts=config.prompts, tokens=config.tokens,
+                                  seed=config.seed)
+    # what the run was given, with what the corpus and the model made of it
+    settings = {"model": model_name, "corpus": corpus_name,
+                **config.replace(prompts=corpus.n_prompts, tokens=corpus.n_tokens, seed=corpus.seed,
+                                 device=device, dtype=dtype).settings()}
+    settings.pop("device")  # where it ran is in run_info.json: the numbers do not depend on it
+    provenance = _provenance(model, model_name, corpus, settings)
+    resume = _resume_options(config, out, log)
+    if shard is not None:
+        stats = _run_shard(model, corpus, out, config.pairs, config.window, config.batch_size,
+                           config.cell_maps, progress, settings, provenance, shard, resume, config.force)
+        return RunResult(out=out, files=_files(out, ("statistics.npz", "shard.json")), model=model,
+                         corpus=corpus, run_info={"seconds": time.perf_counter() - started},
+                         shard=shard, statistics=stats, provenance=provenance)
+    analysis = analyze(model, corpus.tokens, target=config.target, spec=config.pairs, window=config.window,
+                       batch_size=config.batch_size, progress=progress, metadata={"settings": settings},
+                       cell_maps=config.cell_maps, force=config.force, **resume)
+    main_done = time.perf_counter()
+    sink_result, sections = (_sink_step(model, corpus, analysis, config, progress=progress, log=log,
+                                        report=out is not None)
+                             if config.sinks else (None, ()))
+    finished = time.perf_counter()
+    run_info = {"seconds": finished - started, "load_seconds": loaded - started,
+                "analysis_seconds": finished - loaded, "main_analysis_seconds": main_done - loaded,
+                "sink_analysis_seconds": finished - main_done, "device": device,
+                "threads": torch.get_num_threads()}
+    if out is not None:
+        _save_run(analysis, sink_result, out, provenance=provenance, run_info=run_info,
+                  overwrite=overwrite, sections=sections, statistics=config.save_statistics)
+    return RunResult(analysis=analysis, sinks=sink_result, out=out,
+                     files=_files(out, (*RESULT_FILES, "run_info.json", *SINK_FILES)), model=model,
+                     corpus=corpus, run_info=run_info, provenance=provenance)
+
+
+def _checked_output(config: RunConfig, out: str | os.PathLike | None,
+                    overwrite: bool) -> tuple[tuple[int, int] | None, Path | None]:
+    """``(shard, out)``: the shard as ``(k, N)`` (None: the whole run) and the output
+    folder, refused before the long run when it already holds results."""
+    shard = config.shard
     if isinstance(shard, str):
         shard = parse_shard(shard)
     if shard is not None:
@@ -207,89 +274,58 @@ def run(
         out = Path(out)
         # Fail before the long run, not after.
         if shard is None:
-            check_output_dir(out, overwrite, RESULT_FILES + (SINK_FILES if sinks else ()))
+            check_output_dir(out, overwrite, RESULT_FILES + (SINK_FILES if config.sinks else ()))
         else:
             check_shard_output(out, overwrite)
-    checkpoint = (out / CHECKPOINT_FILE
-                  if out is not None and (checkpoint_minutes or checkpoint_every) else None)
-    started = time.perf_counter()
-    if _is_model(model):  # used as is: record its own device and dtype
-        device, dtype = str(model.cfg.device), _dtype_name(model.cfg.dtype)
-    n_tokens = getattr(corpus, "n_tokens", tokens)  # a Corpus brings its own length
-    model, model_name = _model(model, device=device, dtype=dtype, n_tokens=n_tokens, log=log)
-    loaded = time.perf_counter()
-    corpus, corpus_name = _corpus(model, corpus, prompts=prompts, tokens=tokens, seed=seed)
-    # what the run was given, with what the corpus and the model made of it
-    settings = {"model": model_name, "corpus": corpus_name,
-                **config.replace(prompts=corpus.n_prompts, tokens=corpus.n_tokens, seed=corpus.seed,
-                                 device=device, dtype=dtype).settings()}
-    settings.pop("device")  # where it ran is in run_info.json: the numbers do not depend on it
-    provenance = {
-        "model": dict(getattr(model, "rope_leak_source", {"name": model_name})),
-        "corpus": corpus.to_dict(),
-        "settings": settings,
-    }
-    resume = {}
-    if checkpoint is not None:
-        if checkpoint.exists():
-            log(f"resuming from {checkpoint}")
-        resume = {"checkpoint": checkpoint, "checkpoint_every": checkpoint_every,
-                  "checkpoint_seconds": 60.0 * checkpoint_minutes}
-    if shard is not None:
-        stats = _run_shard(model, corpus, out, pairs, window, batch_size, cell_maps, progress, settings,
-                           provenance, shard, resume, force)
-        return RunResult(out=out, files=_files(out, ("statistics.npz", "shard.json")), model=model,
-                         corpus=corpus, run_info={"seconds": time.perf_counter() - started},
-                         shard=shard, statistics=stats, provenance=provenance)
-    from rope_leak.analyses.analysis import analyze
+    return shard, out
 
-    analysis = analyze(model, corpus.tokens, target=target, spec=pairs, window=window, batch_size=batch_size,
-                       progress=progress, metadata={"settings": settings},
-                       cell_maps=cell_maps, force=force, **resume)
-    sink_result, sections = None, ()
-    main_done = time.perf_counter()
-    if sinks:
-        from rope_leak.analyses.sinks import analyze_sinks
-        from rope_leak.output.plots_sinks import sections_html
 
-        count = min(sink_prompts, len(corpus.tokens))
-        log(f"sink analysis on {count} prompts ...")
-        # Sink scores and position-0 profiles come from the main pass (all prompts).
-        sink_result = analyze_sinks(model, corpus.tokens[:count], doc_ids=corpus.doc_ids[:count],
-                                    statistics=analysis.statistics, bos_status=analysis.bos,
-                                    bos_tokens=corpus.tokens[:bos_prompts],
-                                    reading_prompts=reading_prompts,
-                                    batch_size=batch_size, progress=progress)
-        if out is not None:
-            sections = (sections_html(sink_result, include_plotlyjs=False),)
-    finished = time.perf_counter()
-    run_info = {"seconds": finished - started, "load_seconds": loaded - started,
-                "analysis_seconds": finished - loaded, "main_analysis_seconds": main_done - loaded,
-                "sink_analysis_seconds": finished - main_done, "device": device,
-                "threads": torch.get_num_threads()}
-    if out is not None:
-        from rope_leak.analyses.sinks import save_sinks
-        from rope_leak.output.results import save_analysis
+def _resume_options(config: RunConfig, out: Path | None, log: Log) -> dict:
+    """The checkpoint keywords of :func:`~rope_leak.engine.run.run_statistics` (none without
+    ``out`` or with checkpoints off)."""
+    if out is None or not (config.checkpoint_minutes or config.checkpoint_every):
+        return {}
+    checkpoint = out / CHECKPOINT_FILE
+    if checkpoint.exists():
+        log(f"resuming from {checkpoint}")
+    return {"checkpoint": checkpoint, "checkpoint_every": config.checkpoint_every,
+            "checkpoint_seconds": 60.0 * config.checkpoint_minutes}
 
-        # one commit: the results, the sink files and the end of the checkpoint (a kill at any
-        # moment leaves the earlier folder or the new one, never half of each)
-        save_analysis(analysis, out, provenance=provenance, run_info=run_info, overwrite=overwrite,
-                      extra_sections=sections, statistics=save_statistics, sinks=sink_result,
-                      extra_writer=None if sink_result is None else (
-                          lambda folder: save_sinks(sink_result, folder, provenance=provenance, overwrite=True)),
-                      replaces=(*SINK_FILES, CHECKPOINT_FILE))
-    return RunResult(analysis=analysis, sinks=sink_result, out=out,
-                     files=_files(out, (*RESULT_FILES, "run_info.json", *SINK_FILES)), model=model,
-                     corpus=corpus, run_info=run_info, provenance=provenance)
+
+def _sink_step(model: HookedTransformer, corpus: Corpus, analysis: Analysis, config: RunConfig, *,
+               progress: bool, log: Log, report: bool) -> tuple[SinkAnalysis, tuple[str, ...]]:
+    """The sink analysis of a run on its first ``sink_prompts`` prompts, and (``report``)
+    its report sections."""
+    count = min(config.sink_prompts, len(corpus.tokens))
+    log(f"sink analysis on {count} prompts ...")
+    # Sink scores and position-0 profiles come from the main pass (all prompts).
+    sink_result = analyze_sinks(model, corpus.tokens[:count], doc_ids=corpus.doc_ids[:count],
+                                statistics=analysis.statistics, bos_status=analysis.bos,
+                                bos_tokens=corpus.tokens[:config.bos_prompts],
+                                reading_prompts=config.reading_prompts,
+                                batch_size=config.batch_size, progress=progress)
+    if not report:
+        return sink_result, ()
+    # deferred: the report's figures import plotly (~1 s)
+    from rope_leak.output.plots_sinks import sections_html
+
+    return sink_result, (sections_html(sink_result, include_plotlyjs=False),)
+
+
+def _save_run(analysis: Analysis, sink_result: SinkAnalysis | None, out: Path, *, provenance: dict,
+              run_info: dict, overwrite: bool, sections: tuple[str, ...], statistics: bool) -> None:
+    """Write a run's results and sink files into ``out`` in one commit, with the end of the
+    checkpoint (a kill at any moment leaves the earlier folder or the new one, never half
+    of each)."""
+    save_analysis(analysis, out, provenance=provenance, run_info=run_info, overwrite=overwrite,
+                  extra_sections=sections, statistics=statistics, sinks=sink_result,
+                  extra_writer=None if sink_result is None else (
+                      lambda folder: save_sinks(sink_result, folder, provenance=provenance, overwrite=True)),
+                  replaces=(*SINK_FILES, CHECKPOINT_FILE))
 
 
 def _run_shard(model, corpus, out, pairs, window, batch_size, cell_maps, progress, settings, provenance,
                shard, resume, force=False):
-    from rope_leak.analyses.analysis import model_fingerprint, tokens_sha256
-    from rope_leak.analyses.bos_status import bos_status
-    from rope_leak.engine.run import default_buckets, run_statistics
-    from rope_leak.output.shards import CHECKPOINT_FILE, shard_prompts, write_shard
-
     prompts = shard_prompts(len(corpus.tokens), batch_size, shard)
     # What `analyze` records of a whole run, so that the merged results.json is the same.
     inputs = {"model": model_fingerprint(model), "tokens_sha256": tokens_sha256(corpus.tokens),
@@ -308,8 +344,6 @@ def _run_shard(model, corpus, out, pairs, window, batch_size, cell_maps, progres
 
 def shard_range(result: RunResult) -> range:
     """Global prompt indices a shard :class:`RunResult` covered."""
-    from rope_leak.output.shards import shard_prompts
-
     batch_size = result.provenance["settings"]["batch_size"]
     return shard_prompts(result.corpus.n_prompts, batch_size, result.shard)
 
@@ -320,8 +354,8 @@ class EffectsRunResult(Displayable):
     the :class:`~rope_leak.analyses.effects.LossEffects` on the held-out prompts, the
     output folder and the files written there, and timings."""
 
-    analysis: Any
-    effects: Any
+    analysis: Analysis
+    effects: LossEffects
     out: Path | None = None
     files: list[str] = field(default_factory=list)
     run_info: dict = field(default_factory=dict)
@@ -356,11 +390,6 @@ def run_effects(
     (disjoint from the fitted ones) for every layer and for ``heads`` (default: the top
     heads). Writes the analysis' result files plus ``effects.csv``, with an effects section
     in ``report.html``."""
-    from rope_leak.analyses.analysis import analyze
-    from rope_leak.analyses.effects import loss_effects
-    from rope_leak.output.effects_report import effects_section_html
-    from rope_leak.output.results import RESULT_FILES, check_output_dir, save_analysis
-
     log = log or _quiet
     dtype = _dtype_name(dtype)
     if heldout < 2:
@@ -390,10 +419,12 @@ def run_effects(
                 "effects_seconds": finished - fitted, "device": device, "threads": torch.get_num_threads(),
                 "baseline_loss": effects.baseline_loss, "baseline_loss_early": effects.baseline_loss_early}
     if out is not None:
+        # deferred: the report's figures import plotly (~1 s)
+        from rope_leak.output.effects_report import effects_section_html
+
         section = effects_section_html(effects.table, baseline_loss=effects.baseline_loss,
                                        n_prompts=effects.n_prompts)
-        provenance = {"model": dict(getattr(model, "rope_leak_source", {"name": model_name})),
-                      "corpus": corpus.to_dict(), "settings": settings}
+        provenance = _provenance(model, model_name, corpus, settings)
         save_analysis(analysis, out, provenance=provenance, run_info=run_info, overwrite=overwrite,
                       statistics=False, extra_sections=(section,),
                       extra_files={"effects.csv": effects.table.to_csv(index=False, float_format="%.17g")})
@@ -405,10 +436,6 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, *, overwr
           report: bool = True) -> RunResult:
     """Combine the folders of finished shard runs (``run(..., shard=(k, N))``) into the full
     results in ``out``, as one run over the whole corpus would have written them."""
-    from rope_leak.analyses.analysis import Analysis
-    from rope_leak.output.results import RESULT_FILES, check_output_dir, save_analysis
-    from rope_leak.output.shards import load_shards
-
     check_output_dir(out, overwrite)
     started = time.perf_counter()
     stats, provenance = load_shards(shards)
@@ -446,16 +473,12 @@ def run_sinks(
     ``documents``: draw the prompts from only this many documents of the Wikipedia
     sample (the longest), so the fingerprint probe can predict the document.
     ``settings``: what to record as the run's settings (default: these arguments)."""
-    from rope_leak.analyses.sinks import SINK_FILES, analyze_sinks, save_sinks
-
     log = log or _quiet
     dtype = _dtype_name(dtype)
     if documents is not None:
         if corpus != "wikipedia":
             raise ValueError("documents= works with the 'wikipedia' corpus only. Fix: drop documents "
                              "(--documents), or pass corpus='wikipedia'.")
-        from rope_leak.corpus.wikipedia import wikipedia_documents
-
         corpus = sorted(wikipedia_documents(), key=lambda d: len(d.text))[-documents:]
     started = time.perf_counter()
     model, model_name = _model(model, device=device, dtype=dtype, n_tokens=None, log=log)
@@ -465,8 +488,7 @@ def run_sinks(
         settings = {"model": model_name, "corpus": str(corpus.source), "prompts": corpus.n_prompts,
                     "tokens": corpus.n_tokens, "seed": corpus.seed, "documents": documents,
                     "dtype": dtype, **{k: v for k, v in options.items() if k != "progress"}}
-    provenance = {"model": dict(getattr(model, "rope_leak_source", {"name": model_name})),
-                  "corpus": corpus.to_dict(), "settings": settings}
+    provenance = _provenance(model, model_name, corpus, settings)
     if out is not None:
         out = save_sinks(result, out, provenance=provenance, overwrite=overwrite)
     return RunResult(sinks=result, out=None if out is None else Path(out),
@@ -481,8 +503,8 @@ class CompareResult(Displayable):
     row per spec and layer), ``info`` (per spec: depth-slope fits, timings), and the
     output folder and files (empty without ``out``)."""
 
-    table: Any  # pandas DataFrames
-    layers: Any
+    table: pd.DataFrame
+    layers: pd.DataFrame
     info: dict
     settings: dict
     out: Path | None = None
@@ -519,12 +541,6 @@ def compare(
     (``NAME[+VARIANT]``, see :func:`rope_leak.analyses.architectures.parse_model_spec`) and write
     ``comparison.csv``, ``comparison_layers.csv``, ``comparison.json`` and
     ``comparison.html`` into ``out`` (each atomically) when given."""
-    from rope_leak.analyses.architectures import compare_models, parse_model_spec
-    from rope_leak.backends import load_model
-    from rope_leak.corpus import load_corpus
-    from rope_leak.download_cache import atomic_write_text
-    from rope_leak.output.plots_architectures import comparison_html
-
     models = list(models)
     for model_spec in models:
         parse_model_spec(model_spec)  # fail on a bad spec before any loading
@@ -556,17 +572,26 @@ def compare(
     )
     result = CompareResult(table, layers, info, settings, seconds=time.perf_counter() - started)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
-        atomic_write_text(out / "comparison_layers.csv", layers.to_csv(index=False))
-        payload = {"settings": settings, "models": table.to_dict(orient="records"), "details": info,
-                   "corpora": corpora,
-                   "ci": "95% percentile intervals over a bootstrap of prompt buckets within "
-                         "cross-fitting folds; depth_slope_*_ci_*: t interval of the linregress slope "
-                         "over layers, depth_slope_*_boot_*: bootstrap interval",
-                   "seconds": time.perf_counter() - started}
-        atomic_write_text(out / "comparison.json",
-                          json.dumps(to_jsonable(payload), indent=2, sort_keys=True, allow_nan=False))
-        atomic_write_text(out / "comparison.html", comparison_html(table, layers, settings))
-        result.out, result.files = out, _files(out, COMPARE_FILES)
+        _write_comparison(result, out, corpora, started)
     return result
+
+
+def _write_comparison(result: CompareResult, out: Path, corpora: dict[str, dict], started: float) -> None:
+    """Write :data:`COMPARE_FILES` into ``out`` (each atomically) and record them in ``result``."""
+    # deferred: the figures import plotly (~1 s)
+    from rope_leak.output.plots_architectures import comparison_html
+
+    table, layers, settings = result.table, result.layers, result.settings
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
+    atomic_write_text(out / "comparison_layers.csv", layers.to_csv(index=False))
+    payload = {"settings": settings, "models": table.to_dict(orient="records"), "details": result.info,
+               "corpora": corpora,
+               "ci": "95% percentile intervals over a bootstrap of prompt buckets within "
+                     "cross-fitting folds; depth_slope_*_ci_*: t interval of the linregress slope "
+                     "over layers, depth_slope_*_boot_*: bootstrap interval",
+               "seconds": time.perf_counter() - started}
+    atomic_write_text(out / "comparison.json",
+                      json.dumps(to_jsonable(payload), indent=2, sort_keys=True, allow_nan=False))
+    atomic_write_text(out / "comparison.html", comparison_html(table, layers, settings))
+    result.out, result.files = out, _files(out, COMPARE_FILES)

@@ -176,7 +176,7 @@ def test_non_rope_models_are_refused_everywhere(standard_model):
         "patching": lambda: patching.mask_swap_by_layer(standard_model, tokens, progress=False),
         "head_patterns": lambda: explore.head_patterns(standard_model, tokens, 0),
         "position_zero_patch": lambda: explore.position_zero_patch(standard_model, tokens, 0, 0, token_id=3),
-        "bos_interventions": lambda: explore.bos_interventions(standard_model, tokens, progress=False),
+        "bos_intervention_table": lambda: explore.bos_intervention_table(standard_model, tokens, progress=False),
         "sink_reading": lambda: sink_reading(standard_model, tokens, source_token_id=3),
         "fingerprint": lambda: fingerprint(standard_model, tokens, [(0, 0)]),
         "trajectories": lambda: position_zero_trajectories(standard_model, tokens),

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rope_leak.backends import bos_token_id
 from rope_leak.interventions.position_zero_patch import record_position_zero
 from rope_leak.output.bos_text import NOT_ESTIMABLE, bos_label, spread_text  # noqa: F401 (re-exported)
 
@@ -37,12 +38,10 @@ def special_token_ids(model: HookedTransformer) -> dict[str, int]:
     """Ids the model or its tokenizer uses as BOS / EOS: ``{"bos": id, "eos": id, ...}``
     (``bos`` is rope_leak's BOS id, see :func:`rope_leak.backends.bos_token_id`;
     ``tokenizer_bos`` / ``tokenizer_eos`` the tokenizer's own)."""
-    from rope_leak.backends import bos_token_id
-
     out: dict[str, int] = {}
-    bos = bos_token_id(model)
-    if bos is not None:
-        out["bos"] = int(bos)
+    bos_id = bos_token_id(model)
+    if bos_id is not None:
+        out["bos"] = int(bos_id)
     tokenizer = getattr(model, "tokenizer", None)
     for name in ("bos", "eos"):
         value = getattr(tokenizer, f"{name}_token_id", None) if tokenizer is not None else None
@@ -93,14 +92,14 @@ def bos_status(model: HookedTransformer, tokens: Tensor, *, prefix: int = 2,
     """
     specials = special_token_ids(model)
     prepends = bool(getattr(model.cfg, "default_prepend_bos", False))
-    bos = specials.get("bos") if prepends else None
+    bos_id = specials.get("bos") if prepends else None
     first = tokens[:, 0].cpu().numpy()
     n_prompts = int(len(first))
-    with_bos = int((first == bos).sum()) if bos is not None else 0
+    with_bos = int((first == bos_id).sum()) if bos_id is not None else 0
     kind = "bos" if with_bos == n_prompts and n_prompts else ("ordinary tokens" if with_bos == 0 else "mixed")
     distinct = int(len(np.unique(first)))
     if kind == "bos":
-        implication = (f"BOS (id {bos}) at position 0 of every prompt: under the causal mask the "
+        implication = (f"BOS (id {bos_id}) at position 0 of every prompt: under the causal mask the "
                        "position-0 stream is the same for every prompt (cross-prompt spread 0), so sinks "
                        "anchored there are constant across inputs.")
     elif kind == "ordinary tokens":
@@ -113,7 +112,7 @@ def bos_status(model: HookedTransformer, tokens: Tensor, *, prefix: int = 2,
                        "stream is shared by the prompts with BOS and token-dependent for the others.")
     out = {
         "model_prepends_bos": prepends,
-        "bos_token_id": bos,
+        "bos_token_id": bos_id,
         "special_token_ids": specials,
         "position_zero": kind,
         "prompts_with_bos_at_position_zero": with_bos,

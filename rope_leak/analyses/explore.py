@@ -10,7 +10,7 @@ one head at a time (the streaming analysis itself lives in :mod:`rope_leak.analy
   relative: the denominator depends on the query position.
 * :func:`head_patterns`, :func:`head_cell_maps` — one head's mean pattern and its fits.
 * :func:`position_zero_patch` — what replacing position 0 does to one head.
-* :func:`bos_interventions` — the BOS-replacement table (``docs/method.md``).
+* :func:`bos_intervention_table` — the BOS-replacement table (``docs/method.md``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rope_leak.analyses.bos_interventions import bos_interventions as run_bos_interventions
 from rope_leak.backends.requirements import require_rope
 from rope_leak.engine.pairs import PairDesign
 from rope_leak.fits.shares import cell_means, fitted_cells
@@ -260,7 +261,7 @@ def position_zero_patch(
 
 
 # -- BOS interventions --------------------------------------------------------------------------
-def bos_interventions(
+def bos_intervention_table(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     *,
@@ -275,11 +276,9 @@ def bos_interventions(
     ``L_total`` at queries ``i < early_queries`` with bootstrap CIs, and their ratios to
     the baseline, "not estimable" (NaN) where the baseline's CI includes 0. Other keyword
     arguments go to that function."""
-    from rope_leak.analyses.bos_interventions import bos_interventions as run
-
-    require_rope(model, "bos_interventions")
-    result = run(model, tokens, early_queries=early_queries, target=target, batch_size=batch_size,
-                 progress=progress, **kwargs)
-    return result.table()
+    require_rope(model, "bos_intervention_table")
+    bos_result = run_bos_interventions(model, tokens, early_queries=early_queries, target=target,
+                                       batch_size=batch_size, progress=progress, **kwargs)
+    return bos_result.table()
 
 
