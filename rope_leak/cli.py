@@ -157,7 +157,7 @@ def run_analyze(args: argparse.Namespace) -> int:
           f"{s['L_resid_debiased']:.4f} {ci('L_resid_debiased')}, L_mask = {s['L_mask_debiased']:.4f} "
           f"{ci('L_mask_debiased')} (debiased, "
           f"{s['ci_level']:.0%} CIs); top heads: {', '.join(s['top_heads'])}")
-    _print_bos_status(s["bos"])
+    _print_bos_status(s["bos_status"])
     print(f"wrote {result.out}/report.html in {result.run_info['seconds']:.0f} s")
     return 0
 
@@ -206,7 +206,7 @@ def run_sinks(args: argparse.Namespace) -> int:
         settings={k: v for k, v in vars(args).items() if k != "func"}, log=pipeline.stderr_log,
         sink_threshold=args.sink_threshold, reading_threshold=args.reading_threshold,
         source_token_id=args.source_token, reading_prompts=args.reading_prompts,
-        early_queries=args.early_queries, bos=not args.no_bos, bos_bidirectional=args.bos_bidirectional,
+        early_queries=args.early_queries, run_bos_interventions=not args.no_bos, bos_bidirectional=args.bos_bidirectional,
         probe=not args.no_probe, n_boot=args.bootstrap, n_permutations=args.permutations,
         batch_size=args.batch_size, progress=not args.no_progress,
     )

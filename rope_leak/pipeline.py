@@ -300,7 +300,7 @@ def _sink_step(model: HookedTransformer, corpus: Corpus, analysis: Analysis, con
     log(f"sink analysis on {count} prompts ...")
     # Sink scores and position-0 profiles come from the main pass (all prompts).
     sink_result = analyze_sinks(model, corpus.tokens[:count], doc_ids=corpus.doc_ids[:count],
-                                statistics=analysis.statistics, bos_status=analysis.bos,
+                                statistics=analysis.statistics, bos_status=analysis.bos_status,
                                 bos_tokens=corpus.tokens[:config.bos_prompts],
                                 reading_prompts=config.reading_prompts,
                                 batch_size=config.batch_size, progress=progress)
@@ -331,7 +331,7 @@ def _run_shard(model, corpus, out, pairs, window, batch_size, cell_maps, progres
     inputs = {"model": model_fingerprint(model), "tokens_sha256": tokens_sha256(corpus.tokens),
               "batch_size": batch_size, "on_missing_bos": "error", "prompt_ids": None,
               # of the whole corpus (a short causal prefix pass), so the merge reports it
-              "bos": bos_status(model, corpus.tokens, batch_size=max(batch_size, 64))}
+              "bos_status": bos_status(model, corpus.tokens, batch_size=max(batch_size, 64))}
     stats = run_statistics(model, corpus.tokens[prompts.start:prompts.stop], spec=pairs,
                            batch_size=batch_size, prompt_ids=prompts,
                            n_buckets=default_buckets(len(corpus.tokens)),  # as the whole run's
@@ -441,7 +441,7 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, *, overwr
     stats, provenance = load_shards(shards)
     inputs = stats.metadata.pop("inputs", {})
     analysis = Analysis(stats, target=provenance["settings"]["target"], inputs=inputs,
-                        bos=inputs.pop("bos", None))
+                        bos_status=inputs.pop("bos_status", None))
     run_info = {"merged_shards": [str(s) for s in shards],
                 "merge_seconds": time.perf_counter() - started}
     out = save_analysis(analysis, out, provenance=provenance, run_info=run_info,
@@ -468,7 +468,7 @@ def run_sinks(
 ) -> RunResult:
     """Everything ``rope-leak sinks`` does: the sink analysis alone
     (:func:`rope_leak.analyses.sinks.analyze_sinks`; ``options`` go there, e.g.
-    ``reading_prompts``, ``bos=False``, ``progress=False``), written into ``out`` when given.
+    ``reading_prompts``, ``run_bos_interventions=False``, ``progress=False``), written into ``out`` when given.
 
     ``documents``: draw the prompts from only this many documents of the Wikipedia
     sample (the longest), so the fingerprint probe can predict the document.

@@ -16,7 +16,6 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import rope_leak as rl
-from rope_leak.quantities import QUANTITIES
 from rope_leak.analyses import explore, patching
 from rope_leak.backends.requirements import NotRoPEModelError
 from rope_leak.corpus import make_random_corpus
@@ -25,6 +24,7 @@ from rope_leak.heads import HeadSpecError, normalize_head, normalize_heads, norm
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.interventions.position_zero_patch import patch_position_zero, token_trajectory
+from rope_leak.quantities import QUANTITIES
 
 N_LAYERS, N_HEADS = 2, 4
 

@@ -149,7 +149,9 @@ REVIEWED_WRITES = {
     ("rope_leak/backends/loading.py",
      "(neutral / \"config.json\").write_text(json.dumps(config, default=str), encoding=\"utf-8\")"),
     ("rope_leak/engine/statistics.py", "with zipfile.ZipFile(tmp, \"w\") as archive:"),
-    ("rope_leak/engine/statistics.py", "np.savez(buffer, **arrays)"),  # in memory
+    ("rope_leak/engine/statistics.py",
+     "with zipfile.ZipFile(buffer, \"w\") as inner:  # np.savez's layout, readable by np.load"),  # in memory
+    ("rope_leak/engine/statistics.py", "np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)"),  # in memory
     ("rope_leak/backends/loading.py",  # an error message, not a call
      "f\"model.save_pretrained(folder)). Accepted: {_accepted_forms()}.\""),
 }

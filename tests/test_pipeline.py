@@ -17,10 +17,10 @@ import pytest
 import rope_leak as rl
 import rope_leak.pipeline as pipeline
 from rope_leak.analyses.architectures import compare_models
-from rope_leak.analyses.sinks import SINK_FILES, analyze_sinks
+from rope_leak.analyses.sinks import analyze_sinks
 from rope_leak.cli import main
 from rope_leak.corpus import make_random_corpus
-from rope_leak.output.results import RESULT_FILES
+from rope_leak.output.results import RESULT_FILES, SINK_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Files whose bytes depend only on the inputs (report.html / sinks.html embed plotly ids,
@@ -147,7 +147,7 @@ def spy(name, monkeypatch):
     (["compare", "m1", "m2+ntk4", "--n-boot", "7", "--out", "o"], "compare",
      lambda a, k: a[0] == ["m1", "m2+ntk4"] and a[2] == "o" and k["n_boot"] == 7 and k["progress"]),
     (["sinks", "--model", "m", "--documents", "3", "--no-bos", "--out", "o"], "run_sinks",
-     lambda a, k: a[:3] == ("m", "wikipedia", "o") and k["documents"] == 3 and k["bos"] is False),
+     lambda a, k: a[:3] == ("m", "wikipedia", "o") and k["documents"] == 3 and k["run_bos_interventions"] is False),
 ])
 def test_cli_calls_the_pipeline(argv, name, check, monkeypatch):
     seen = spy(name, monkeypatch)

@@ -65,7 +65,7 @@ def test_sink_and_bos_reprs(sinks):
     text = check_display(sinks, f"{int(heads['sink_head'].sum())} of 8", f"{top['label']} {top['sink_score']:.3f}",
                          f"sink_reading_heads={int(heads['sink_reading'].sum())}", "BOS")
     assert "probe='run'" in text
-    bos = sinks.bos
+    bos = sinks.bos_interventions
     table = bos.table()  # through the bootstrap's point estimate
     baseline = table.loc[table["replacement"] == "baseline", "L_total"].item()
     zeros = table.loc[table["replacement"] == "zeros", "L_total"].item()

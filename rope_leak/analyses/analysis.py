@@ -96,7 +96,7 @@ class Analysis(Displayable):
     progress: bool = True
     #: BOS facts and the measured position-0 spread by token
     #: (:func:`rope_leak.analyses.bos_status.bos_status`); None when not measured (merged shards).
-    bos: dict | None = None
+    bos_status: dict | None = None
 
     def __post_init__(self) -> None:
         if self.target not in REPORTED_TARGETS:
@@ -460,14 +460,14 @@ class Analysis(Displayable):
         out["sink_metrics"] = metrics
         pz = self.position_zero()
         out["position_zero_max_std"] = {c: float(np.max(p["std"])) for c, p in pz.items()}
-        out["bos"] = self.bos_summary()
+        out["bos_status"] = self.bos_summary()
         return out
 
     def bos_summary(self) -> dict:
         """BOS status of the run (see :mod:`rope_leak.analyses.bos_status`): from :func:`analyze`,
         or, for statistics merged from shards, the model's ``default_prepend_bos`` only."""
-        if self.bos is not None:
-            return self.bos
+        if self.bos_status is not None:
+            return self.bos_status
         prepends = (self.inputs.get("model") or {}).get("default_prepend_bos")
         return {"model_prepends_bos": prepends, "position_zero": "unknown", "measured": False,
                 "implication": "position-0 tokens not recorded for this run"}
@@ -658,4 +658,5 @@ def analyze(
     from rope_leak.analyses.bos_status import bos_status
 
     return Analysis(stats, target=target, sink_threshold=sink_threshold, n_boot=n_boot, seed=seed,
-                    inputs=inputs, progress=progress, bos=bos_status(model, tokens, batch_size=max(batch_size, 64)))
+                    inputs=inputs, progress=progress,
+                    bos_status=bos_status(model, tokens, batch_size=max(batch_size, 64)))

@@ -41,8 +41,7 @@ from rope_leak.heads import head_label
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.output.bos_text import bos_label
 from rope_leak.output.records import SinkRecord
-from rope_leak.output.results import SINK_FILES, save_sinks
-
+from rope_leak.output.results import save_sinks
 
 
 @dataclass(repr=False)
@@ -55,7 +54,7 @@ class SinkAnalysis(Displayable):
     reading: SinkReading
     probe: pd.DataFrame | None
     fingerprint_spread: pd.DataFrame | None
-    bos: BosInterventions | None
+    bos_interventions: BosInterventions | None
     settings: dict = field(default_factory=dict)
     n_boot: int = 200
     sink_metrics: dict = field(default_factory=dict)  # both metrics by name (analyses.sink_scores.sink_metrics)
@@ -76,7 +75,8 @@ class SinkAnalysis(Displayable):
             items.append(("sink_ratio_gu", gu["sink_ratio"]))
         items += [("sink_reading_heads", len(self.reading.heads())),
                   ("probe", "run" if self.probe_status.get("run") else "not run"),
-                  ("bos_interventions", "not run" if self.bos is None else self.bos.replacements)]
+                  ("bos_interventions", "not run" if self.bos_interventions is None
+                   else self.bos_interventions.replacements)]
         return items
 
     def heads(self) -> pd.DataFrame:
@@ -89,7 +89,7 @@ class SinkAnalysis(Displayable):
         return table
 
     def bos_table(self) -> pd.DataFrame | None:
-        return None if self.bos is None else self.bos.table()
+        return None if self.bos_interventions is None else self.bos_interventions.table()
 
     def record(self) -> SinkRecord:
         """The plain tables and dicts that output renders (figures, pages, saved files)."""
@@ -103,7 +103,7 @@ class SinkAnalysis(Displayable):
             bos_table=self.bos_table(), bos_status=self.bos_status, sink_metrics=self.sink_metrics)
 
     def save(self, out_dir: str | Path, *, provenance: dict | None = None, overwrite: bool = False) -> Path:
-        """Write the sink result files (:data:`SINK_FILES`) into ``out_dir``."""
+        """Write the sink result files (:data:`rope_leak.output.results.SINK_FILES`) into ``out_dir``."""
         return save_sinks(self.record(), out_dir, provenance=provenance, overwrite=overwrite)
 
     def summary(self) -> dict:
@@ -121,8 +121,8 @@ class SinkAnalysis(Displayable):
         }
         if self.probe is not None:
             out["probe"] = self.probe.to_dict(orient="records")
-        if self.bos is not None:
-            out["bos_interventions"] = self.bos.table().to_dict(orient="records")
+        if self.bos_interventions is not None:
+            out["bos_interventions"] = self.bos_interventions.table().to_dict(orient="records")
         return out
 
 
@@ -150,7 +150,7 @@ def analyze_sinks(
     trajectory_tokens: list[int] | None = None,
     reading_prompts: int = 8,
     early_queries: int = 32,
-    bos: bool = True,
+    run_bos_interventions: bool = True,
     bos_bidirectional: bool = False,
     bos_tokens: Tensor | None = None,
     probe: bool = True,
@@ -196,7 +196,7 @@ def analyze_sinks(
                                     start_cut_window=None)
     causal_stats = statistics.conditions["causal"]
     bos_result = None
-    if bos:
+    if run_bos_interventions:
         bos_prompts = tokens if bos_tokens is None else bos_tokens
         bos_result = bos_interventions(model, bos_prompts, token_id=source, n_boot=n_boot,
                                        early_queries=min(early_queries, tokens.shape[1]),
@@ -226,7 +226,7 @@ def analyze_sinks(
         position_zero={condition: position_zero_profile(statistics.conditions[condition].position_zero)
                        for condition in ("causal", "bidirectional")},
         trajectory=trajectory, trajectory_bidirectional=trajectory_b, reading=reading,
-        probe=probe_result, fingerprint_spread=spread, bos=bos_result, settings=settings, n_boot=n_boot,
+        probe=probe_result, fingerprint_spread=spread, bos_interventions=bos_result, settings=settings, n_boot=n_boot,
         sink_metrics=sink_metrics(causal_stats, sink_threshold),
         bos_status=bos_status if bos_status is not None else measure_bos_status(model, tokens),
         probe_status=probe_status)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import math
+
 import numpy as np
 from plotly.colors import get_colorscale
 

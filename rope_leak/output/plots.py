@@ -16,7 +16,6 @@ from plotly.subplots import make_subplots
 from rope_leak.output.records import AnalysisRecord, as_analysis_record
 from rope_leak.quantities import column
 
-
 DIVERGING = "RdBu_r"
 
 

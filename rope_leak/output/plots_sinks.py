@@ -19,7 +19,6 @@ from plotly.subplots import make_subplots
 from rope_leak.output.bos_text import NOT_ESTIMABLE, bos_label, spread_text
 from rope_leak.output.records import as_sink_record
 
-
 DIVERGING = "RdBu_r"
 
 

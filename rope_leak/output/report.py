@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import plotly.io as pio
@@ -192,7 +193,7 @@ def summary_html(analysis) -> str:
         warn = ("<p class='flag'>Additivity violated: the bidirectional ablation raised the mean "
                 "share (L_mask &lt; 0 beyond its CI). Read the ablation-based decomposition with care "
                 "and read the completed split.</p>")
-    return (f"<section id='summary'><h2>Summary</h2>{_bos_header(s['bos'])}{headline}<table>{body}</table>{warn}"
+    return (f"<section id='summary'><h2>Summary</h2>{_bos_header(s['bos_status'])}{headline}<table>{body}</table>{warn}"
             f"<p class='note'>Composition = {html.escape(s['composition_aggregation'])}. ΔR² = "
             f"R²(M_abs) − R²(M_rel): 0 means offset alone explains the head's "
             f"{html.escape(s['target'])} as well as absolute position does. Debiased shares are "

@@ -192,7 +192,9 @@ def save_analysis(
             atomic_write_text(staging / "run_info.json",
                               json.dumps(to_jsonable(run_info), indent=1, sort_keys=True))
         if report:
-            from rope_leak.output.report import write_report  # deferred: plotly takes ~1 s to import
+            from rope_leak.output.report import (
+                write_report,  # deferred: plotly takes ~1 s to import
+            )
 
             write_report(record, staging / "report.html", provenance=payload["provenance"],
                          run_info=run_info, extra_sections=extra_sections, sinks=as_sink_record(sinks))

@@ -347,8 +347,8 @@ def test_compare_and_analyze_report_the_same_composition(tiny_model):
     analysis = analyze(tiny_model, tokens, progress=False, n_boot=50, window=8)
     row = summarize_model(analysis.statistics, "tiny", n_boot=50).row
     summary = analysis.summary()
-    assert row["composition"] == pytest.approx(summary["composition"], rel=1e-12)
+    assert row["composition"] == pytest.approx(summary["composition_debiased"], rel=1e-12)
     for name in ("L_total", "L_resid", "L_mask"):
-        assert row[name] == pytest.approx(summary[name], rel=1e-12)
+        assert row[name] == pytest.approx(summary[f"{name}_debiased"], rel=1e-12)
     assert row["completed_mask_share"] == pytest.approx(summary["completed_split"]["mask_share"], rel=1e-12)
     assert row["completed_cross"] == pytest.approx(summary["completed_split"]["cross"], rel=1e-12)

@@ -48,7 +48,7 @@ def test_no_bos_model_through_analyze(no_bos_folder, texts, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "BOS: no BOS (model prepends none)" in printed and "vary with that token" in printed
     summary = json.loads((out / "results.json").read_text())["summary"]
-    bos = summary["bos"]
+    bos = summary["bos_status"]
     assert bos["model_prepends_bos"] is False and bos["position_zero"] == "ordinary tokens"
     assert bos["measured"] and bos["max_between_token_std"] > 0
     if bos["n_tokens_repeated"] == 0:
@@ -113,10 +113,10 @@ def test_smollm2_on_prompts_starting_with_an_ordinary_token(real_model):
         warnings.simplefilter("always")
         analysis = analyze(real_model, tokens, progress=False, n_boot=50, on_missing_bos="warn")
     assert any(issubclass(w.category, MissingBOSWarning) for w in caught)
-    bos = analysis.summary()["bos"]
+    bos = analysis.summary()["bos_status"]
     assert bos["position_zero"] == "ordinary tokens" and bos["model_prepends_bos"]
     assert bos["max_between_token_std"] > 1  # the position-0 stream varies with the first token
-    sinks = analyze_sinks(real_model, tokens, statistics=analysis.statistics, bos_status=analysis.bos,
+    sinks = analyze_sinks(real_model, tokens, statistics=analysis.statistics, bos_status=analysis.bos_status,
                           n_boot=20, reading_prompts=2, early_queries=16)
     summary = sinks.summary()
     assert summary["bos_status"]["position_zero"] == "ordinary tokens"

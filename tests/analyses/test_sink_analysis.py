@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rope_leak import cli
-from rope_leak.analyses.sinks import SINK_FILES, analyze_sinks, content_targets, save_sinks
+from rope_leak.analyses.sinks import analyze_sinks, content_targets
+from rope_leak.output.results import SINK_FILES, save_sinks
 
 
 def test_analyze_and_save_sinks(tiny_model, tmp_path):
@@ -85,10 +86,10 @@ def test_sink_analysis_reuses_the_main_pass(tiny_model, tiny_tokens, monkeypatch
 
     monkeypatch.setattr(sink_module, "run_statistics", counting(sink_module.run_statistics))
     monkeypatch.setattr(bos_module, "run_statistics", counting(bos_module.run_statistics))
-    result = analyze_sinks(tiny_model, tiny_tokens[:8], statistics=analysis.statistics, bos_status=analysis.bos,
+    result = analyze_sinks(tiny_model, tiny_tokens[:8], statistics=analysis.statistics, bos_status=analysis.bos_status,
                            n_boot=10, early_queries=6)
     assert len(calls) == 1 and calls[0][0] == (8, 6)
     assert all(name.endswith("/causal") for name in calls[0][1])
     np.testing.assert_array_equal(result.sink_scores, analysis.sink_scores())
-    assert result.summary()["bos_status"] is analysis.bos
+    assert result.summary()["bos_status"] is analysis.bos_status
     assert result.probe_status["run"] is False and "not run" in result.probe_status["reason"]

@@ -75,7 +75,7 @@ def test_analysis_reports_both_metrics(tiny_model, tiny_tokens):
     np.testing.assert_allclose(heads["alpha0_gu"], alpha0_from_score(heads["sink_score"], tiny_tokens.shape[1]))
     summary = analysis.summary()
     assert set(summary["sink_metrics"]) == {"gu_et_al_2025", "rope_leak_sink_score"}
-    assert summary["bos"]["position_zero"] == "bos"
+    assert summary["bos_status"]["position_zero"] == "bos"
 
 
 # -- BOS status and the position-0 spread by token -------------------------------------------

@@ -16,7 +16,6 @@ from rope_leak.analyses.sink_reading import SinkReading
 from rope_leak.backends import TINY_BOS_TOKEN_ID, tiny_rope_model
 from rope_leak.corpus import make_random_corpus
 from rope_leak.output.explorer import explorer_data
-from rope_leak.output.records import AnalysisRecord, SinkRecord
 from rope_leak.output.plots import (
     SHARE_AXIS,
     all_figures,
@@ -25,6 +24,7 @@ from rope_leak.output.plots import (
     pattern_figure,
     sink_map,
 )
+from rope_leak.output.records import AnalysisRecord, SinkRecord
 from rope_leak.output.report import write_report
 
 
