@@ -7,11 +7,13 @@ The top-level names are the ones a session needs::
     analysis = analyze(model, corpus)
     analysis.head("L3H1")
     analysis.completed_split()                     # the start cut: mask vs scores, per head
+    analysis.record()                              # the plain tables output renders
     result = run("smollm2-135m", "wikipedia", "out/")   # what `rope-leak analyze` does
 """
 
 from rope_leak.analyses.analysis import Analysis, analyze
 from rope_leak.analyses.effects import loss_effects
+from rope_leak.analyses.sinks import SinkAnalysis, analyze_sinks
 from rope_leak.backends import load_hf_model, load_model, tiny_rope_model
 from rope_leak.backends.requirements import NotRoPEModelError, require_rope
 from rope_leak.corpus import Corpus, load_corpus
@@ -25,7 +27,8 @@ from rope_leak.interventions.key_position_removal import remove_key_positions
 from rope_leak.interventions.mask import bidirectional
 from rope_leak.interventions.position_zero import replace_position_zero
 from rope_leak.interventions.start_cut_removal import remove_start_cut
-from rope_leak.output.results import save_analysis
+from rope_leak.output.records import AnalysisRecord, SinkRecord
+from rope_leak.output.results import save_analysis, save_sinks
 from rope_leak.pipeline import (
     CompareResult,
     EffectsRunResult,
@@ -40,6 +43,7 @@ from rope_leak.version import __version__ as __version__
 
 __all__ = [
     "Analysis",
+    "AnalysisRecord",
     "CompareResult",
     "EffectsRunResult",
     "Corpus",
@@ -49,7 +53,10 @@ __all__ = [
     "PairSpec",
     "RunResult",
     "RunStatistics",
+    "SinkAnalysis",
+    "SinkRecord",
     "analyze",
+    "analyze_sinks",
     "bidirectional",
     "compare",
     "estimate_memory",
@@ -70,6 +77,7 @@ __all__ = [
     "run_sinks",
     "run_statistics",
     "save_analysis",
+    "save_sinks",
     "tiny_rope_model",
     "tune_allocator",
 ]
