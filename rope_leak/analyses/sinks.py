@@ -46,6 +46,14 @@ from rope_leak.output.results import save_sinks
 
 @dataclass(repr=False)
 class SinkAnalysis(Displayable):
+    """Sink heads, BOS status, position-0 trajectories, sink reading, fingerprint probe and
+    BOS interventions of one model (:func:`analyze_sinks`).
+
+    >>> sinks = rl.analyze_sinks(model, corpus.tokens)   # doctest: +SKIP
+    >>> sinks.heads()                                     # one row per head  # doctest: +SKIP
+    >>> sinks.save("out/")                                # sinks.json, sinks.html, ...  # doctest: +SKIP
+    """
+
     sink_scores: np.ndarray  # [layer, head], rope_leak's score (mean over i >= 1 of A[i, 0])
     sink_threshold: float
     position_zero: dict  # causal / bidirectional profiles (std, norms)
