@@ -4,10 +4,11 @@ counts (not a test).
 For each P of --prompts: the first P chunks of the default run's corpus (Wikipedia, 256
 tokens, seed 0; ``max(P, 64)`` chunks drawn, so P <= 64 are the default run's first P),
 cut to their first 32 tokens, the baseline and each replacement of the position-0
-embedding (another token: the corpus' most common one, as the default run picks it; the
-mean embedding; zeros; norm-matched noise), under the causal mask; the start cut with
-w = 8 on the early queries 8 <= i < 32 (``rope_leak.analyses.bos_interventions``, exactly
-what ``rope-leak analyze`` runs with ``--bos-prompts P``). Mean over heads, debiased, 95%
+embedding (another token: the most common token of the first 16 chunks at positions >= 1,
+as the default run's sink analysis picks it from its 16 sink prompts; the mean embedding;
+zeros; norm-matched noise), under the causal mask; the start cut with w = 8 on the early
+queries 8 <= i < 32 (``rope_leak.analyses.bos_interventions``, what ``rope-leak analyze``
+runs with ``--bos-prompts P``). Mean over heads, debiased, 95%
 pivotal bootstrap CIs over prompt buckets; the ratio to the baseline with the paired
 percentile CI, "not estimable" when the baseline's CI includes 0.
 
@@ -28,6 +29,8 @@ import pandas as pd
 import torch
 
 from bench.machine import header
+
+SINK_PROMPTS = 16  # the default run's sink prompts, from which it picks the replacement token
 
 
 def interval(row, name: str, fmt: str = "{:.0f}") -> str:
@@ -66,7 +69,7 @@ def main() -> None:
     for prompts in (int(p) for p in args.prompts.split(",")):
         corpus = rl.load_corpus(model, "wikipedia", n_prompts=max(prompts, 64), n_tokens=args.tokens, seed=0)
         started = time.perf_counter()
-        result = bos_interventions(model, corpus.tokens[:prompts], token_id=default_replacement_token(corpus.tokens),
+        result = bos_interventions(model, corpus.tokens[:prompts], token_id=default_replacement_token(corpus.tokens[:SINK_PROMPTS]),
                                    n_boot=args.n_boot, batch_size=args.batch_size,
                                    n_buckets=default_buckets(prompts))
         table = result.table()
@@ -84,7 +87,8 @@ def main() -> None:
         "",
         "SmolLM2-135M-Instruct (float32, CPU), the first P chunks of the default run's Wikipedia corpus "
         "cut to 32 tokens, causal mask. Each condition replaces the position-0 embedding before the "
-        "forward pass (`token`: the corpus' most common token, id in each heading; `mean`: the mean embedding; `zeros`; `noise`: norm-matched Gaussian noise). The "
+        "forward pass (`token`: the most common token of the first 16 chunks, as the default run picks it, "
+        "id in each heading; `mean`: the mean embedding; `zeros`; `noise`: norm-matched Gaussian noise). The "
         "completed split of `log A` with w = 8 on the early queries 8 <= i < 32: `SS(D y^S)` is the "
         "scores' part (what the residual stream carries), `SS(D m)` the start cut's. Debiased, mean over "
         f"heads, 95% pivotal bootstrap CIs over prompt buckets ({args.n_boot} resamples); ratios to the "

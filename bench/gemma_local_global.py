@@ -54,6 +54,24 @@ def cell(model, prompts: int, tokens: int, batch_size: int, window: int) -> dict
                      "global": diff["second"]["estimate"], "global_ci": list(diff["second"]["ci"]),
                      "local_minus_global": diff["estimate"], "local_minus_global_ci": list(diff["ci"]),
                      "local_heads": diff["first"]["heads"], "global_heads": diff["second"]["heads"]}
+    # sensitivity: without the compensating heads (cross term below -0.5 x SS), and with each
+    # global layer left out of its kind in turn
+    heads = np.broadcast_to(local[:, None], split.keep.shape)
+    compensating = split.compensating()
+    out["compensating_heads"] = [f"L{l}H{h}" for l, h in zip(*np.nonzero(compensating))]
+    sensitivity = {"without compensating heads": (heads & ~compensating, ~heads & ~compensating)}
+    for layer in np.flatnonzero(~local):
+        others = ~heads.copy()
+        others[layer] = False
+        sensitivity[f"global without layer {layer}"] = (heads, others)
+    out["sensitivity"] = {}
+    for label, (first, second) in sensitivity.items():
+        diff = split.group_difference(first, second, "mask_share")
+        out["sensitivity"][label] = {
+            "local": diff["first"]["estimate"], "local_ci": list(diff["first"]["ci"]),
+            "global": diff["second"]["estimate"], "global_ci": list(diff["second"]["ci"]),
+            "local_minus_global": diff["estimate"], "local_minus_global_ci": list(diff["ci"]),
+            "local_heads": diff["first"]["heads"], "global_heads": diff["second"]["heads"]}
     layers = split.layer_table()
     out["layers"] = [{"layer": l, "kind": "local" if local[l] else "global",
                       "mask_share": float(layers["mask_share"][l]),
@@ -117,6 +135,17 @@ def main() -> None:
         lines.append(f"| {c['prompts']} | {c['tokens']} | {m['local']:.2f} {ci(m['local_ci'])} | "
                      f"{m['global']:.2f} {ci(m['global_ci'])} | {m['local_minus_global']:.2f} "
                      f"{ci(m['local_minus_global_ci'])} | {c['model']['cross']:.2f} {ci(c['model']['cross_ci'])} |")
+    lines += ["", "Sensitivity of the mask share: without the compensating heads (cross term below "
+              "-0.5 x their SS(D log A); both kinds), and with each global layer left out of its kind:", "",
+              "| P | n | variant | sliding-window layers | global layers | sliding-window − global | "
+              "heads kept (local / global) |", "|---|---|---|---|---|---|---|"]
+    for c in cells:
+        for label, m in c["sensitivity"].items():
+            lines.append(f"| {c['prompts']} | {c['tokens']} | {label} | {m['local']:.2f} {ci(m['local_ci'])} | "
+                         f"{m['global']:.2f} {ci(m['global_ci'])} | {m['local_minus_global']:.2f} "
+                         f"{ci(m['local_minus_global_ci'])} | {m['local_heads']} / {m['global_heads']} |")
+    lines += ["", "Compensating heads: " + "; ".join(
+        f"{c['prompts']} x {c['tokens']}: {', '.join(c['compensating_heads']) or 'none'}" for c in cells)]
     last = cells[-1]
     lines += ["", f"Per layer at {last['prompts']} x {last['tokens']} (jackknife 95% CIs):", "",
               "| layer | kind | mask share | cross | heads kept |", "|---|---|---|---|---|"]
