@@ -87,8 +87,8 @@ def sink_reading_heatmaps(heads: pd.DataFrame, threshold: float, source_token_id
 
 def _ratio_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
     """``(ratio column, its baseline quantity, panel title)`` present in ``table``."""
-    found = [("scores_part_relative", "scores_part_ss", "completed split, i >= 8: scores' part SS / baseline"),
-             ("scores_ss_relative", "scores_ss", "scores' absolute-position SS / baseline"),
+    found = [("scores_part_relative", "scores_part_ss", "completed split, i >= 8:<br>scores' part SS / baseline"),
+             ("scores_ss_relative", "scores_ss", "scores' absolute-position<br>SS / baseline"),
              ("leakage_relative", "L_total", "L_total (pattern) / baseline"),
              ("L_resid_relative", "L_resid", "L_resid (bidirectional) / baseline")]
     return [f for f in found if f[0] in table]
@@ -103,7 +103,7 @@ def bos_interventions_figure(table: pd.DataFrame) -> go.Figure:
     panels = _ratio_columns(table)
     estimable = [bool(table[f"{m}_estimable"].iloc[0]) if f"{m}_estimable" in table else True
                  for m, _, _ in panels]
-    titles = [title if ok else f"{title.split(' / ')[0]} (ratio {NOT_ESTIMABLE}: baseline CI includes 0)"
+    titles = [title if ok else f"{title.split(' / ')[0]}<br>(ratio {NOT_ESTIMABLE}: baseline CI includes 0)"
               for (_, quantity, title), ok in zip(panels, estimable)]
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles)
     for col, ((metric, quantity, _), ok) in enumerate(zip(panels, estimable), start=1):
@@ -121,10 +121,11 @@ def bos_interventions_figure(table: pd.DataFrame) -> go.Figure:
                              row=1, col=col)
         else:
             fig.add_hline(y=0.0, line_dash="dot", row=1, col=col)
-            fig.update_yaxes(title_text=titles[col - 1].split(" (ratio")[0], row=1, col=col)
+            fig.update_yaxes(title_text=titles[col - 1].split("<br>(ratio")[0].replace("<br>", " "),
+                             row=1, col=col)
     fig.update_layout(title=f"Position-0 interventions at early queries (i < "
                             f"{table['early_queries'].iloc[0] if 'early_queries' in table else '?'}), "
-                            "95% bootstrap CIs over prompts")
+                            "95% bootstrap CIs over prompts", margin=dict(t=120))
     for annotation in fig.layout.annotations:
         annotation.font.size = 12
     return fig
