@@ -306,18 +306,13 @@ def main() -> None:
         Path(a.out).write_text("\n".join(lines) + "\n")
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from bench.machine import update_doc, write_latest
+    from bench.machine import publish
 
     latest = a.latest
     if latest is None:
         latest = str(ROOT / "bench" / ("ratio_latest.txt" if parts == {1} else "latest.txt"))
-    if latest:
-        write_latest(latest, lines, module="bench.benchmark", append=a.append)
-        print(f"wrote {latest}")
-    if a.doc:
-        key = "bench.benchmark" + (" --parts 1" if parts == {1} else "")
-        update_doc(a.doc, key, lines, module="bench.benchmark")
-        print(f"updated {a.doc}")
+    publish(lines, "bench.benchmark", latest=latest, doc=a.doc,
+            key="bench.benchmark" + (" --parts 1" if parts == {1} else ""), append=a.append)
 
 
 if __name__ == "__main__":

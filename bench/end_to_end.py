@@ -110,14 +110,9 @@ def main() -> None:
     say(f"  load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
-    from bench.machine import update_doc, write_latest
+    from bench.machine import publish
 
-    if args.latest:
-        write_latest(args.latest, lines, module="bench.end_to_end", append=args.append)
-        print(f"wrote {args.latest}")
-    if args.doc:
-        update_doc(args.doc, "bench.end_to_end", lines, module="bench.end_to_end")
-        print(f"updated {args.doc}")
+    publish(lines, "bench.end_to_end", latest=args.latest, doc=args.doc, append=args.append)
 
 
 if __name__ == "__main__":

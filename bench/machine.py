@@ -80,3 +80,15 @@ def update_doc(path: str | Path, key: str, lines: list[str], *, module: str | No
                       f"{machine_line}.", "", "```", *lines, "```", "", end])
     path.write_text(head + body + tail)
     return path
+
+
+def publish(lines: list[str], module: str, *, latest: str | None = None, doc: str | None = None,
+            key: str | None = None, append: bool = True) -> None:
+    """Write ``lines`` to the script's latest file and/or its block ``key`` (default: the
+    module name) of a docs page, each with the command, date and machine, and say where."""
+    if latest:
+        write_latest(latest, lines, module=module, append=append)
+        print(f"wrote {latest}")
+    if doc:
+        update_doc(doc, key or module, lines, module=module)
+        print(f"updated {doc}")

@@ -115,14 +115,9 @@ def main() -> None:
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
-    from bench.machine import update_doc, write_latest
+    from bench.machine import publish
 
-    if args.latest:
-        write_latest(args.latest, lines, module="bench.memory_vs_n", append=args.append)
-        print(f"wrote {args.latest}")
-    if args.doc:
-        update_doc(args.doc, "bench.memory_vs_n", lines, module="bench.memory_vs_n")
-        print(f"updated {args.doc}")
+    publish(lines, "bench.memory_vs_n", latest=args.latest, doc=args.doc, append=args.append)
 
 if __name__ == "__main__":
     main()
