@@ -354,12 +354,11 @@ class Analysis(Displayable):
         if causal.has_cells:
             queries, keys = causal.design.cells
             cells = CellMeans(queries, keys, cell_means(causal), int(causal.design.n_tokens))
-        heads = self.heads()
         return AnalysisRecord(
             target=self.target, targets=tuple(self.targets), n_layers=self.n_layers,
             n_heads=self.n_heads, n_prompts=self.n_prompts, ci_level=self.inference().level,
             sink_threshold=self.sink_threshold, summary=self.summary(), settings=self.settings(),
-            metadata=self.statistics.metadata, heads=heads,
+            metadata=self.statistics.metadata, heads=self.heads(),
             layers=pd.concat([self.layers(t) for t in self.targets], ignore_index=True),
             target_means=self.target_means(), diagnostics=self.diagnostics(),
             position_zero=self.position_zero(), profiles=profiles, cell_means=cells,

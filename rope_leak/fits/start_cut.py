@@ -246,9 +246,7 @@ class CompletedSplit:
         :attr:`ci` and :attr:`layer_ci` use (a group of every head gives :attr:`ci`, a group of
         one layer its :attr:`layer_ci` row): ``{"estimate", "ci", "se", "heads"}``."""
         estimate = self.group_table(group)[name]
-        se = jackknife_se(self._group_replicates(group)[name])
-        z = norm.ppf((1 + self.level) / 2)
-        return {"estimate": estimate, "ci": (estimate - z * se, estimate + z * se), "se": se,
+        return {**self._interval(estimate, self._group_replicates(group)[name]),
                 "heads": int((self.keep & self._group_mask(group)).sum())}
 
     def group_difference(self, first, second, name: str = "mask_share") -> dict:
@@ -257,11 +255,15 @@ class CompletedSplit:
         their correlation (the same prompts) is accounted for.
         ``{"estimate", "ci", "se", "first", "second"}`` (the last two: :meth:`group_ci`)."""
         a, b = self.group_ci(first, name), self.group_ci(second, name)
-        estimate = a["estimate"] - b["estimate"]
-        se = jackknife_se(self._group_replicates(first)[name] - self._group_replicates(second)[name])
+        replicates = self._group_replicates(first)[name] - self._group_replicates(second)[name]
+        return {**self._interval(a["estimate"] - b["estimate"], replicates), "first": a, "second": b}
+
+    def _interval(self, estimate: float, replicates: np.ndarray) -> dict:
+        """``{"estimate", "ci", "se"}``: the normal interval at :attr:`level` from the
+        jackknife standard error of ``replicates``."""
+        se = jackknife_se(replicates)
         z = norm.ppf((1 + self.level) / 2)
-        return {"estimate": estimate, "ci": (estimate - z * se, estimate + z * se), "se": se,
-                "first": a, "second": b}
+        return {"estimate": estimate, "ci": (estimate - z * se, estimate + z * se), "se": se}
 
     def heads(self) -> pd.DataFrame:
         """One row per head (registry names)."""
@@ -364,14 +366,13 @@ def _jackknife(split: CompletedSplit, log_a: BucketProjection, m: BucketProjecti
     terms = _terms(log_a, m, weights)
     split.replicates = terms
     z = norm.ppf((1 + level) / 2)
-    spread = jackknife_se
 
     # a head's SS(D log A) is "not above its noise" when its interval reaches 0
-    split.not_estimable = ~(split.total - z * spread(terms["total"]) > 0)
+    split.not_estimable = ~(split.total - z * jackknife_se(terms["total"]) > 0)
     keep = split.keep
     with np.errstate(divide="ignore", invalid="ignore"):
         for name, num in (("mask_share", "mask_inner"), ("cross", "cross")):
-            se = spread(terms[num] / terms["total"])
+            se = jackknife_se(terms[num] / terms["total"])
             est = split.head_table()[name]
             split.head_ci[name] = np.stack([est - z * se, est + z * se], -1)
     point_terms = split.sums()
@@ -379,6 +380,6 @@ def _jackknife(split: CompletedSplit, log_a: BucketProjection, m: BucketProjecti
         point = CompletedSplit.pooled(point_terms, keep, axis=point_axis)
         left_out = CompletedSplit.pooled(terms, keep[None], axis=axis)
         for name, values in left_out.items():
-            se = spread(values)
+            se = jackknife_se(values)
             low, high = point[name] - z * se, point[name] + z * se
             target[name] = (float(low), float(high)) if np.ndim(low) == 0 else np.stack([low, high], -1)

@@ -17,7 +17,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from rope_leak.output.bos_text import NOT_ESTIMABLE, bos_label, spread_text
-from rope_leak.output.records import as_sink_record
+from rope_leak.output.records import as_sink_record, head_grid
 
 DIVERGING = "RdBu_r"
 
@@ -49,22 +49,16 @@ def trajectory_by_token(within: pd.DataFrame, between: pd.DataFrame) -> go.Figur
     return fig
 
 
-def _grid(heads: pd.DataFrame, name: str) -> np.ndarray:
-    grid = np.full((heads["layer"].max() + 1, heads["head"].max() + 1), np.nan)
-    grid[heads["layer"].to_numpy(), heads["head"].to_numpy()] = heads[name].to_numpy(dtype=float)
-    return grid
-
-
 def sink_reading_heatmaps(heads: pd.DataFrame, threshold: float, source_token_id: int | None = None,
                           n_prompts: int | None = None) -> go.Figure:
     """Relative change of each head's output when only position 0 is patched, the
     fraction of its output through key 0, and (when ``heads`` has it) its sink score.
     ``heads``: one row per head (``layer``, ``head``, ``relative_change``,
     ``key0_fraction``, ``sink_reading``; a :class:`~rope_leak.output.records.SinkRecord`'s ``heads``)."""
-    panels = [(f"relative change (sink-reading > {threshold})", _grid(heads, "relative_change")),
-              ("fraction of output through key 0", _grid(heads, "key0_fraction"))]
+    panels = [(f"relative change (sink-reading > {threshold})", head_grid(heads, "relative_change")),
+              ("fraction of output through key 0", head_grid(heads, "key0_fraction"))]
     if "sink_score" in heads:
-        panels.append(("rope_leak sink score (mean over i ≥ 1 of A[i,0])", _grid(heads, "sink_score")))
+        panels.append(("rope_leak sink score (mean over i ≥ 1 of A[i,0])", head_grid(heads, "sink_score")))
     n_layers, n_heads = panels[0][1].shape
     labels = _labels(n_layers, n_heads)
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],

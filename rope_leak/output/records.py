@@ -91,12 +91,7 @@ class AnalysisRecord:
 
     def head_grid(self, column: str) -> np.ndarray:
         """A column of :attr:`heads` as a ``[layer, head]`` array."""
-        grid = np.full((self.n_layers, self.n_heads), np.nan)
-        values = self.heads[column].to_numpy()
-        if values.dtype == bool:
-            grid = np.zeros((self.n_layers, self.n_heads), dtype=bool)
-        grid[self.heads["layer"].to_numpy(), self.heads["head"].to_numpy()] = values
-        return grid
+        return head_grid(self.heads, column, (self.n_layers, self.n_heads))
 
     def top_heads(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` heads with the largest debiased ``L_total``."""
@@ -133,6 +128,17 @@ class SinkRecord:
         """``trajectory.csv``: the causal within-token spread beside the between-token distance."""
         causal = self.trajectory_within[self.trajectory_within["condition"] == "causal"]
         return causal.drop(columns="condition").merge(self.trajectory_between, on="depth")
+
+
+def head_grid(table: pd.DataFrame, column: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """``table[column]`` (one row per head, with ``layer`` and ``head`` columns) as a
+    ``[layer, head]`` array; heads without a row are NaN (False for a boolean column)."""
+    layers, heads = table["layer"].to_numpy(), table["head"].to_numpy()
+    shape = shape or (int(layers.max()) + 1, int(heads.max()) + 1)
+    values = table[column].to_numpy()
+    grid = np.zeros(shape, dtype=bool) if values.dtype == bool else np.full(shape, np.nan)
+    grid[layers, heads] = values
+    return grid
 
 
 def top_heads_table(heads: pd.DataFrame, target: str, k: int = 10) -> pd.DataFrame:
