@@ -3,7 +3,7 @@ counts (not a test).
 
 For each P of --prompts: the first P chunks of the default run's corpus (Wikipedia, 256
 tokens, seed 0; ``max(P, 64)`` chunks drawn, so P <= 64 are the default run's first P),
-cut to their first 32 tokens, the baseline and each replacement of the position-0
+cut to their first 33 tokens, the baseline and each replacement of the position-0
 embedding (another token: the most common token of the first 16 chunks at positions >= 1,
 as the default run's sink analysis picks it from its 16 sink prompts; the mean embedding;
 zeros; norm-matched noise), under the causal mask; the start cut with w = 8 on the early
@@ -54,7 +54,7 @@ def ratio(row, name: str, removed: bool = False, point: float | None = None) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default="16,64")
-    parser.add_argument("--tokens", type=int, default=256, help="chunk length of the corpus (cut to 32)")
+    parser.add_argument("--tokens", type=int, default=256, help="chunk length of the corpus (cut to 33 tokens)")
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default="docs/bos_split_smollm2.md")
@@ -86,7 +86,7 @@ def main() -> None:
         *header("bench.bos_split_smollm2"),
         "",
         "SmolLM2-135M-Instruct (float32, CPU), the first P chunks of the default run's Wikipedia corpus "
-        "cut to 32 tokens, causal mask. Each condition replaces the position-0 embedding before the "
+        "cut to 33 tokens, causal mask. Each condition replaces the position-0 embedding before the "
         "forward pass (`token`: the most common token of the first 16 chunks, as the default run picks it, "
         "id in each heading; `mean`: the mean embedding; `zeros`; `noise`: norm-matched Gaussian noise). The "
         "completed split of `log A` with w = 8 on the early queries 8 <= i < 32: `SS(D y^S)` is the "

@@ -1,7 +1,7 @@
 """The completed split on SmolLM2-135M against the prompt length n (not a test).
 
 For each ``PxN`` cell of ``--grid``: SmolLM2-135M on P Wikipedia chunks of n tokens, the
-completed split of ``log A`` (w = 32, queries i >= w; pooled over non-degenerate,
+completed split of ``log A`` (w = 32, queries w <= i <= n - 2; pooled over non-degenerate,
 estimable heads; jackknife 95% CIs) beside the bidirectional ablation's composition of
 ``log A`` (the paper's method; bootstrap CIs). For the first cell also: the headline's
 sensitivity to the window (w = 16, 64), the cross term per layer, and for every layer
@@ -85,7 +85,7 @@ def main() -> None:
         "# The completed split on SmolLM2-135M",
         "",
         "SmolLM2-135M-Instruct (float32, CPU) on Wikipedia chunks, `log A`, completed split with "
-        "w = 32 on queries i >= w (pooled over non-degenerate, estimable heads; 95% jackknife CIs "
+        "w = 32 on queries w <= i <= n - 2 (pooled over non-degenerate, estimable heads; 95% jackknife CIs "
         "over prompt buckets), beside the bidirectional ablation's mask share of `log A` (the "
         "paper's method; 95% bootstrap CIs; biased by the end of the prompt at long n, see "
         "`method.md`). Parts and cross term are fractions of SS(D log A).",

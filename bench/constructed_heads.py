@@ -2,7 +2,7 @@
 
 For each constructed head (noise-free scores, one prompt pattern) and length n: the
 completed split through rope_leak's engine (scores injected by a hook on a tiny float64
-model, w = 32, queries i >= w), and two per-cell references of the decompositions it
+model, w = 32, queries w <= i <= n - 2), and two per-cell references of the decompositions it
 replaces: the renormalisation split (softmax over all keys) and the bidirectional
 ablation (mask share ``1 - L_resid / L_total`` of ``log A``). Writes
 ``docs/constructed_heads.md``.
@@ -87,7 +87,7 @@ def main() -> None:
         "",
         "Heads whose answer is known by construction (noise-free scores; `answer`: where all of "
         "`log A`'s absolute position belongs). *Completed* is rope_leak's decomposition, through "
-        "its engine (w = 32, queries i >= w). *Renormalisation* (softmax over every key, future "
+        "its engine (w = 32, queries w <= i <= n - 2). *Renormalisation* (softmax over every key, future "
         "keys included) and *ablation* (the causal mask swapped for a bidirectional one) are "
         "per-cell references of the two decompositions it replaces, on the causal cells "
         f"1 <= j <= i (computed up to n = {REFERENCE_MAX_N}; – beyond). Mask shares and cross terms "

@@ -3,7 +3,7 @@ global layers, with the interval of the difference (not a test).
 
 For each ``PxN`` cell of ``--grid``: Gemma-3-270M on P Wikipedia chunks of n tokens (the
 corpus ``rope-leak compare`` draws: seed 0), one causal pass, the completed split of
-``log A`` (w = 32, queries i >= w; pooled over non-degenerate, estimable heads). Each
+``log A`` (w = 32, queries w <= i <= n - 2; pooled over non-degenerate, estimable heads). Each
 kind's pooled share and the difference come from the split's delete-one-bucket jackknife
 (:meth:`rope_leak.fits.start_cut.CompletedSplit.group_difference`: every replicate
 leaves the same bucket out of both kinds, so their correlation is in the interval).
@@ -108,7 +108,7 @@ def main() -> None:
         *header("bench.gemma_local_global"),
         "",
         "Gemma-3-270M (float32, CPU) on Wikipedia chunks (the corpus of `rope-leak compare`, seed 0), "
-        f"completed split of `log A` with w = {args.window} on queries i >= w, one causal pass. "
+        f"completed split of `log A` with w = {args.window} on queries w <= i <= n - 2, one causal pass. "
         f"Sliding-window (local) layers: {', '.join(map(str, first['local_layers']))} "
         f"({len(first['local_layers'])}); global layers: {', '.join(map(str, first['global_layers']))}. "
         "Each kind's share is pooled over its non-degenerate, estimable heads (sum <D m, D log A> / "

@@ -10,7 +10,7 @@ rotation) and a scrambled RoPE (a fixed permutation of the position ids; seed 0)
   (``rope_leak.analyses.architectures.controls_table``: debiased shares of the pattern,
   means over and sums of squares pooled over non-degenerate heads, 95% bucket-bootstrap
   CI of the composition), and whether it agrees with the real RoPE's within 0.1;
-* the completed split of ``log A`` under each causal condition (w = 32, queries i >= w,
+* the completed split of ``log A`` under each causal condition (w = 32, queries w <= i <= n - 2,
   pooled over non-degenerate, estimable heads, 95% jackknife CIs).
 
 Writes ``docs/rope_controls_smollm2.md`` and ``docs/rope_controls_smollm2_table.csv``.
@@ -75,7 +75,7 @@ def main() -> None:
         "columns: debiased shares of the pattern, means over the non-degenerate heads; composition = "
         "pooled mask share of the bidirectional swap, 95% bucket-bootstrap CI "
         f"({args.n_boot} resamples); agrees = within 0.1 of the real RoPE's. The completed split: "
-        "`log A`, w = 32, queries i >= w, pooled over non-degenerate, estimable heads, 95% jackknife CIs.",
+        "`log A`, w = 32, queries w <= i <= n - 2, pooled over non-degenerate, estimable heads, 95% jackknife CIs.",
         "",
         "| RoPE | L_total | L_mask | L_resid | composition (ablation) | − real | agrees | "
         "completed mask share | completed cross | heads kept |",

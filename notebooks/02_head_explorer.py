@@ -60,7 +60,7 @@ else:
     corpus = make_random_corpus(settings.n_prompts + HELD_OUT, settings.n_tokens, model.cfg.d_vocab, seed=0,
                                 bos_token_id=TINY_BOS_TOKEN_ID)
 tokens, held_out = corpus.tokens[:settings.n_prompts], corpus.tokens[settings.n_prompts:]
-window = min(32, settings.n_tokens // 4)  # the completed split's window (queries i >= w are scored)
+window = min(32, settings.n_tokens // 4)  # the completed split's window (queries w <= i <= n - 2 are scored)
 analysis = rl.analyze(model, tokens, cell_maps=True, window=window, progress=False)  # cell maps: heat maps
 analysis.top_heads(8).round(4)
 

@@ -9,8 +9,9 @@ Definitions (one prompt, noise-free, positions 0..n-1, causal mask hides j > i)
 -----------------------------------------------------------------------------
 * ``A[i, j]`` = softmax over the visible keys ``j' = 0..i`` of ``s[i, j']``;
   ``logA = log A``.
-* Scored cells: ``1 <= j <= i``, ``i >= max(1, min_query)`` (key 0, the sink,
-  is never scored).
+* Scored cells: ``1 <= j <= i``, ``max(1, min_query) <= i < max_query`` (key 0,
+  the sink, is never scored). The start cut scores ``w <= i < n - 1``: ``abar``
+  reaches offset ``n - 2``, and only the last query has a key at offset ``n - 1``.
 * ``M_rel``: ``y ~ a[i - j]``; ``M_abs``: ``y ~ a[i - j] + b[i] + c[j]`` (one-hot
   effects).  ``H_rel``, ``H_abs`` are the least-squares hat matrices over the
   scored cells, ``D = H_abs - H_rel`` and ``SS(y) = ||D y||^2``.  ``D y`` is
@@ -50,10 +51,10 @@ __all__ = [
 # scored cells, designs and the absolute-position part D y
 # --------------------------------------------------------------------------
 
-def scored_cells(n: int, min_query: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Query and key index of every scored cell (1 <= j <= i, i >= min_query)."""
+def scored_cells(n: int, min_query: int = 1, max_query: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Query and key index of every scored cell (1 <= j <= i, min_query <= i < max_query)."""
     qs, ks = [], []
-    for i in range(max(1, min_query), n):
+    for i in range(max(1, min_query), n if max_query is None else min(n, max_query)):
         for j in range(1, i + 1):
             qs.append(i)
             ks.append(j)
@@ -176,7 +177,8 @@ def start_cut_mask(A: np.ndarray, w: int = 32) -> tuple[np.ndarray, np.ndarray, 
     return m, rho, T, abar
 
 
-def completed_split_reference(scores: np.ndarray, w: int = 32, min_query: int = 1) -> dict:
+def completed_split_reference(scores: np.ndarray, w: int = 32, min_query: int = 1,
+                              max_query: int | None = None) -> dict:
     """Start-cut ("completed") split of logA into a mask part m and a scores' part.
 
     Returns mask_share, mask_part, scores_part, cross (units of SS(logA)),
@@ -189,7 +191,7 @@ def completed_split_reference(scores: np.ndarray, w: int = 32, min_query: int = 
     A = np.exp(logA)  # exp(NaN) stays NaN above the diagonal
     m, rho, T, abar = start_cut_mask(A, w)
 
-    qi, kj = scored_cells(n, min_query)
+    qi, kj = scored_cells(n, min_query, max_query)
     logA_c = logA[qi, kj]
     m_c = m[qi]
     yS_c = logA_c - m_c

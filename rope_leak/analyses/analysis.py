@@ -222,7 +222,7 @@ class Analysis(Displayable):
             for layer, head in zip(*np.nonzero(split.not_estimable & ~split.degenerate)):
                 rows.append({
                     "scope": "head", "where": head_label(layer, head), "issue": "not estimable",
-                    "reason": "completed split: debiased SS(log A) on queries i >= w is not above "
+                    "reason": "completed split: debiased SS(log A) on queries w <= i <= n - 2 is not above "
                               "its noise (jackknife interval reaches 0)",
                 })
         return pd.DataFrame(rows, columns=["scope", "where", "issue", "reason"])

@@ -324,7 +324,7 @@ def bos_interventions(
 ) -> BosInterventions:
     """Run the baseline and every replacement (see the module docstring).
 
-    Causal only (default): the prompts are cut to their first ``early_queries`` tokens, and
+    Causal only (default): the prompts are cut to their first ``early_queries + 1`` tokens, and
     all of them go through in one batch per condition (``1 + len(replacements)`` short
     passes). ``bidirectional=True`` also runs every condition under the bidirectional
     ablation, on the full-length prompts (its early queries see the whole prompt).
@@ -339,7 +339,8 @@ def bos_interventions(
         raise ValueError(f"{len(tokens)} prompts are too few to cross-fit; use at least 4 (64 recommended).")
     spec = PairSpec(max_query=int(early_queries)) if spec is None else spec
     token_id = default_replacement_token(tokens) if token_id is None else int(token_id)
-    cut = tokens.shape[1] if (bidirectional or spec.max_query is None) else min(spec.max_query, tokens.shape[1])
+    # one token past the early queries: the start cut leaves out a prompt's last query
+    cut = tokens.shape[1] if (bidirectional or spec.max_query is None) else min(spec.max_query + 1, tokens.shape[1])
     conditions = {}
     for name in ["baseline", *replacements]:
         replacement = None if name == "baseline" else _replacement_condition(name, token_id, seed)

@@ -65,14 +65,22 @@ class PairSpec:
         return f"{self.min_query}<=i<{upper},{keys}<=j<=i{window}"
 
 
-def start_cut_spec(spec: PairSpec, window: int) -> PairSpec:
-    """The start cut's pairs: ``spec`` with queries ``i < w`` left out."""
+def start_cut_spec(spec: PairSpec, window: int, n_tokens: int) -> PairSpec:
+    """The start cut's pairs at length ``n_tokens``: ``spec`` with queries ``i < w`` and the
+    last query ``i = n - 1`` left out.
+
+    The profile reaches offset ``n - 2`` (its keys are ``j >= 1``), so every query's past is
+    completed up to that offset. The last query alone sees a key at offset ``n - 1`` (key 0),
+    so its completed row would be one offset longer than the others'; that alone gives a
+    relative head a cross term (0.05 x SS for a cosine sum at n = 64)."""
     if spec.max_query is not None and spec.max_query <= max(spec.min_query, window):
         raise ValueError(
             f"the start cut scores queries i >= w = {window}, but the pairs end at query "
             f"{spec.max_query} (--max-query). Fix: use a smaller window (--window "
             f"{max(1, spec.max_query // 4)}) for early queries, or raise --max-query.")
-    return replace(spec, min_query=max(spec.min_query, window))
+    last = n_tokens - 1
+    return replace(spec, min_query=max(spec.min_query, window),
+                   max_query=last if spec.max_query is None else min(spec.max_query, last))
 
 
 @dataclass(frozen=True)

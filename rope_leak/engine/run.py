@@ -338,7 +338,7 @@ def _start_cut_window(window: int | None, spec: PairSpec, n_tokens: int) -> int 
         return None
     if window is not None:
         check_window(window, n_tokens)
-        start_cut_spec(spec, window)  # refuses pairs that end before query w
+        start_cut_spec(spec, window, n_tokens)  # refuses pairs that end before query w
     return window
 
 

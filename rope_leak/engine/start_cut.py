@@ -15,10 +15,11 @@ count-free offset profile. Per head, from the scores the ``hook_attn_scores`` ho
   pattern ``Ã_ij = exp(s_ij - LSE_{j' in R_i} s_ij')``, per prompt bucket (``n`` numbers
   per head and bucket);
 * the sufficient statistics of ``log A`` (``X^T y``, sum of squares) on the start cut's
-  own pairs: the run's pairs restricted to queries ``i >= w`` (:func:`start_cut_spec`).
+  own pairs: the run's pairs restricted to queries ``w <= i <= n - 2`` (:func:`start_cut_spec`).
   Early queries are left out: their window holds fewer than ``w`` keys, and both the
   noise in so small a window and a sink's displacement of the key at offset ``i`` would
-  be amplified by the large past imputed to them.
+  be amplified by the large past imputed to them. The last query is left out because it
+  alone sees a key (key 0) beyond the longest offset the profile measures.
 
 A per-query shift of the scores moves both log-sum-exps by the same amount, so every
 number here is unchanged by it. The cost is two log-sum-exps and one pass over the
@@ -141,7 +142,7 @@ class StartCutAccumulator:
         check_window(window, n_tokens)
         self.window, self.n_buckets = int(window), n_buckets
         self.spec = design.spec
-        self.design = PairDesign(start_cut_spec(design.spec, window), n_tokens)
+        self.design = PairDesign(start_cut_spec(design.spec, window, n_tokens), n_tokens)
         self.shape = (n_layers, n_heads, n_tokens)
         self.device = device
         f64 = dict(dtype=torch.float64, device=device)

@@ -59,7 +59,7 @@ def default_buckets(n_prompts: int) -> int:
     return int(min(DEFAULT_BUCKETS, max(2, n_prompts + n_prompts % 2)))
 
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 ARRAY_FIELDS = ("xty", "sumsq", "count", "cell_sum")
 
 
@@ -338,7 +338,7 @@ class StartCutStatistics:
             count-free pattern by offset (see the module docstring).
         log_rho: ``[prompt, layer, head, n]`` log visible window mass, per prompt.
         prompt_ids: ``[prompt]`` global index of each row of ``log_rho``.
-        log_pattern: ``log A``'s statistics on the start cut's pairs (queries ``i >= w``).
+        log_pattern: ``log A``'s statistics on the start cut's pairs (queries ``w <= i <= n - 2``).
     """
 
     window: int
@@ -382,7 +382,7 @@ class StartCutStatistics:
         window, n_buckets = int(window), int(n_buckets)
         _, n_layers, n_heads, n = arrays["profile_sum"].shape
         log_pattern = TargetStatistics(
-            PairDesign(start_cut_spec(spec, window), n), n_layers, n_heads, n_buckets,
+            PairDesign(start_cut_spec(spec, window, n), n), n_layers, n_heads, n_buckets,
             xty=arrays["log_pattern_xty"], sumsq=arrays["log_pattern_sumsq"],
             count=arrays["log_pattern_count"])
         return cls(window, n_buckets, arrays["profile_sum"], arrays["log_rho"],

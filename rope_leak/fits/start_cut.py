@@ -12,9 +12,11 @@ missing past put back, filled in from the head's own count-free offset profile:
   relative to the window's (``sum_{d<w} ā(d) = 1``). The tail is a stated **horizon**
   ``H`` (default ``n - 2``, the longest offset any prompt shows; no extrapolation beyond
   what was measured);
-* only queries ``i >= w`` are scored (:func:`~rope_leak.engine.pairs.start_cut_spec`):
+* only queries ``w <= i <= n - 2`` are scored (:func:`~rope_leak.engine.pairs.start_cut_spec`):
   an early query's window holds fewer than ``w`` keys, whose noise (and a sink's
   displacement of the key at offset ``i``) the large past imputed to it would amplify;
+  the last query sees key 0 at offset ``n - 1``, one beyond the horizon every other
+  query's past is completed to;
 * mask part ``m_i = log(1 + rho_i T_i) >= 0``; scores' part ``y^S = log A - m``.
 
 ``log A = y^S + m`` splits the absolute-position sum of squares (``D = H_abs - H_rel``)
@@ -299,7 +301,7 @@ class CompletedSplit:
             if self.keep.any() else float("nan"),
             "aggregation": "pooled over non-degenerate, estimable heads: sum <D m, D log A> / "
                            "sum SS(D log A) (and likewise for each part)",
-            "early_queries": f"left out: only queries i >= w = {self.window} are scored",
+            "early_queries": f"left out: only queries w = {self.window} <= i <= n - 2 are scored",
         })
         return out
 

@@ -23,7 +23,7 @@ CAPTIONS = {
                       "completed split (the headline) stays in distribution: the mask's part is the cut "
                       "at the start, m_i = log(1 + rho_i T_i), with the missing past T_i filled in from "
                       "the head's own count-free offset profile; the scores' part is log A - m. Both are "
-                      "unchanged by a per-query shift of the scores; queries i >= w are scored. The "
+                      "unchanged by a per-query shift of the scores; queries w <= i <= n - 2 are scored. The "
                       "bidirectional ablation (the paper's method) swaps the causal mask for a "
                       "bidirectional one: out of distribution, and a query near the end sees fewer "
                       "future keys, so the swap itself adds absolute position (its mask share falls, "

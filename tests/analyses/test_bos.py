@@ -90,7 +90,7 @@ def test_prefix_run_equals_full_length_run(tiny_model, prompts, bos_result):
                                rtol=1e-4, atol=1e-7)
     share = BucketProjection.from_statistics(full.conditions["mean"].targets["pattern"]).debiased_share()[0]
     np.testing.assert_allclose(bos_result.shares["mean/causal"], share, rtol=1e-4, atol=1e-6)
-    assert bos_result.statistics.metadata["prompt_tokens"] == EARLY
+    assert bos_result.statistics.metadata["prompt_tokens"] == EARLY + 1  # the start cut drops the last query
 
 
 def test_bos_table_rows_cis_and_ratios(bos_result):
@@ -180,7 +180,7 @@ def test_real_bos_interventions_move_the_scores(real_model):
 
     tokens = load_corpus(real_model, "wikipedia", n_prompts=16, n_tokens=64, seed=0).tokens
     result = bos_interventions(real_model, tokens, replacements=("mean", "zeros"), n_boot=200, n_buckets=16)
-    assert result.statistics.metadata["prompt_tokens"] == 32
+    assert result.statistics.metadata["prompt_tokens"] == 33
     table = result.table().set_index("replacement")
     # zeroing the position-0 embedding moves the early scores' absolute position far beyond
     # the baseline's interval (measured: 652 [374, 967] vs 77 [-5, 140] at 16 x 32)

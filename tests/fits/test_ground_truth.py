@@ -105,7 +105,7 @@ def test_purely_relative_logits_all_absolute_position_from_the_mask(tokens):
     # Completed split: the scores are periodic in the offset (relative), so the start cut
     # carries log A's absolute position; equal to the per-cell reference.
     split = analysis.completed_split()
-    ref = completed_split_reference(scores, w=WINDOW, min_query=WINDOW)
+    ref = completed_split_reference(scores, w=WINDOW, min_query=WINDOW, max_query=len(scores) - 1)
     for name in ("mask_share", "mask_part", "scores_part", "cross"):
         assert split.head_table()[name][0, 0] == pytest.approx(ref[name], abs=1e-5), name
     assert split.head_table()["mask_share"][0, 0] > 0.9
@@ -120,7 +120,7 @@ def test_planted_residual_stream_signal_is_recovered(tokens):
     # Every prompt is identical here, so the debiased SS is the exact SS: equal to the
     # per-cell reference, and the planted signal is in the scores' part.
     split = analysis.completed_split().head_table()
-    ref = completed_split_reference(scores, w=WINDOW, min_query=WINDOW)
+    ref = completed_split_reference(scores, w=WINDOW, min_query=WINDOW, max_query=len(scores) - 1)
     for name in ("mask_share", "mask_part", "scores_part", "cross"):
         assert split[name][0, 0] == pytest.approx(ref[name], abs=1e-5), name
     assert split["scores_part"][0, 0] > 0.05
