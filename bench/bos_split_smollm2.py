@@ -110,7 +110,7 @@ def main() -> None:
                 f"| {row['replacement']} | {interval(row, 'scores_part_ss')} | "
                 f"{'–' if first else ratio(row, 'scores_part_relative', True, row['scores_part_ss'] / base_part)} | "
                 f"{interval(row, 'mask_part_ss')} | {'1' if first else ratio(row, 'mask_part_relative')} | "
-                f"{interval(row, 'scores_ss')} | {interval(row, 'L_total', '{:.3f}')} |")
+                f"{interval(row, 'scores_ss')} | {interval(row, 'L_total_debiased', '{:.3f}')} |")
         lines.append("")
     out = Path(args.out)
     out.write_text("\n".join(lines))

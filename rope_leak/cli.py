@@ -20,6 +20,7 @@ from rope_leak.analyses.bos_status import bos_label, spread_text
 from rope_leak.backends.zoo import DEFAULT_MODEL
 from rope_leak.engine.allocator import tune_allocator
 from rope_leak.engine.pairs import PairSpec
+from rope_leak.quantities import column
 from rope_leak.run_config import RunConfig, add_arguments
 
 
@@ -176,22 +177,23 @@ def run_compare(args: argparse.Namespace) -> int:
     table = result.table
     shown = table.assign(sink_heads=[f"{k} / {n}" for k, n in zip(table["sink_heads"], table["n_heads_total"])],
                          sink_heads_gu=[f"{k} / {n}" for k, n in zip(table["sink_heads_gu"], table["n_heads_total"])])
-    cols = [c for c in ("model", "bos", "n_ctx", "window", "completed_mask_share", "completed_cross",
-                        "L_total", "L_mask", "L_resid", "composition", "sink_heads", "sink_heads_gu",
-                        "depth_slope_L_resid") if c in shown]
+    cols = [c for c in ("model", "bos", "n_ctx", "window", column("completed_mask_share"), column("completed_cross"),
+                        column("L_total"), column("L_mask"), column("L_resid"), column("composition"),
+                        "sink_heads", "sink_heads_gu", column("depth_slope_L_resid")) if c in shown]
     print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if "L_resid_local_minus_global" in table:
-        kind_rows = table[table["L_resid_local_minus_global"].notna()]
+    difference = column("L_resid", part="local_minus_global")
+    if difference in table:
 
-        def ci(r, name: str) -> str:
-            return f"{r[name]:.4f} [{r[name + '_ci_low']:.4f}, {r[name + '_ci_high']:.4f}]"
+        def ci(r, part: str) -> str:
+            stem = f"L_resid_{part}"
+            return f"{r[column('L_resid', part=part)]:.4f} [{r[stem + '_ci_low']:.4f}, {r[stem + '_ci_high']:.4f}]"
 
-        for _, r in kind_rows.iterrows():
-            print(f"{r['model']}: L_resid over {int(r['n_local_layers'])} sliding-window layers {ci(r, 'L_resid_local')}, "
-                  f"over {int(r['n_global_layers'])} global layers {ci(r, 'L_resid_global')}, "
-                  f"difference {ci(r, 'L_resid_local_minus_global')}")
-    print("completed_*: the completed split of log A (w = 32); composition: the ablation's pooled mask "
-          "share (the paper's method; as `analyze` prints it)")
+        for _, r in table[table[difference].notna()].iterrows():
+            print(f"{r['model']}: L_resid over {int(r['n_local_layers'])} sliding-window layers {ci(r, 'local')}, "
+                  f"over {int(r['n_global_layers'])} global layers {ci(r, 'global')}, "
+                  f"difference {ci(r, 'local_minus_global')}")
+    print("completed_*: the completed split of log A (w = 32, the headline); L_*, composition: the "
+          "bidirectional ablation (the paper's method; debiased, as `analyze` prints it)")
     print("sink_heads: rope_leak sink score (mean over i >= 1 of A[i,0]) > 0.3; sink_heads_gu: Gu et al. "
           "(ICLR 2025) alpha_0 > 0.3; both out of all heads")
     print(f"wrote {result.out}/comparison.html in {result.seconds:.0f} s")
@@ -229,7 +231,7 @@ def run_sinks(args: argparse.Namespace) -> int:
         for row in bos_table.to_dict(orient="records")[1:]:
             print(f"  {row['replacement']:>6}: scores' absolute-position SS x {fmt(row.get('scores_ss_relative'))} "
                   f"[{fmt(row.get('scores_ss_relative_low'))}, {fmt(row.get('scores_ss_relative_high'))}], "
-                  f"L_total x {fmt(row.get('leakage_relative'))} of baseline")
+                  f"L_total x {fmt(row.get('L_total_relative'))} of baseline")
     print(f"wrote {out}/sinks.json in {time.perf_counter() - started:.0f} s")
     return 0
 

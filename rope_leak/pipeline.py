@@ -61,6 +61,7 @@ from rope_leak.output.shards import (
     shard_prompts,
     write_shard,
 )
+from rope_leak.quantities import column
 from rope_leak.run_config import RunConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -513,8 +514,9 @@ class CompareResult(Displayable):
 
     def _display_items(self):
         items: list[tuple[str, Any]] = [("models", list(self.table["model"]))]
-        if "composition" in self.table:
-            items.append(("composition", [round(float(v), 3) for v in self.table["composition"]]))
+        for name in ("completed_mask_share", "composition"):
+            if column(name) in self.table:
+                items.append((column(name), [round(float(v), 3) for v in self.table[column(name)]]))
         items += [("out", None if self.out is None else str(self.out)), ("files", len(self.files))]
         return items
 
@@ -587,9 +589,10 @@ def _write_comparison(result: CompareResult, out: Path, corpora: dict[str, dict]
     atomic_write_text(out / "comparison_layers.csv", layers.to_csv(index=False))
     payload = {"settings": settings, "models": table.to_dict(orient="records"), "details": result.info,
                "corpora": corpora,
-               "ci": "95% percentile intervals over a bootstrap of prompt buckets within "
-                     "cross-fitting folds; depth_slope_*_ci_*: t interval of the linregress slope "
-                     "over layers, depth_slope_*_boot_*: bootstrap interval",
+               "ci": "completed_*_ci_*: 95% delete-one-bucket jackknife intervals; the ablation's "
+                     "*_ci_low / *_ci_high (of the *_debiased value): 95% pivotal intervals of a "
+                     "bootstrap of prompt buckets, one joint resample for both masks; "
+                     "depth_slope_*_t_*: t interval of the linregress slope over layers",
                "seconds": time.perf_counter() - started}
     atomic_write_text(out / "comparison.json",
                       json.dumps(to_jsonable(payload), indent=2, sort_keys=True, allow_nan=False))

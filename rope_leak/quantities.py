@@ -53,11 +53,12 @@ class Quantity:
     aggregation: str
     suffixed: bool = True
 
-    def column(self, estimator: str | None = None) -> str:
+    def column(self, estimator: str | None = None, part: str | None = None) -> str:
         estimator = estimator or self.estimators[0]
         if estimator not in self.estimators:
             raise KeyError(f"{self.name} has no {estimator!r} estimator; it has {self.estimators}.")
-        return f"{self.name}_{estimator}" if self.suffixed else self.name
+        stem = self.name if part is None else f"{self.name}_{part}"
+        return f"{stem}_{estimator}" if self.suffixed else stem
 
 
 def _q(name, definition, estimators=("debiased", "crossfit"), aggregation="mean over non-degenerate heads",
@@ -72,6 +73,10 @@ QUANTITIES: dict[str, Quantity] = {q.name: q for q in (
     _q("L_mask", "L_total - L_resid (the ablation's mask part)"),
     _q("composition", "the ablation's mask share sum L_mask / sum L_total, the paper's "
                       "method; biased by the end of the prompt at long n", aggregation=POOLED),
+    *(_q(f"depth_slope_{name}", f"least-squares slope of the per-layer {name} (mean over the "
+                                "layer's non-degenerate heads) against relative depth "
+                                "layer / (n_layers - 1)", aggregation="one value per model")
+      for name in ("L_total", "L_mask", "L_resid")),
     _q("completed_mask_share", "the start cut's share of log A's absolute position: "
                                "<D m, D log A> / SS(D log A), m_i = log(1 + rho_i T_i)",
        estimators=("debiased",), aggregation=POOLED, suffixed=False),
@@ -92,12 +97,25 @@ QUANTITIES: dict[str, Quantity] = {q.name: q for q in (
 )}
 
 
-def column(name: str, estimator: str | None = None) -> str:
+PARTS = ("local", "global", "local_minus_global")
+"""Subsets of layers a quantity can be restricted to: the sliding-window layers, the
+global layers, and their difference (``L_resid_local_debiased``)."""
+
+
+def column(name: str, estimator: str | None = None, part: str | None = None) -> str:
     """The column / summary key of quantity ``name`` under ``estimator`` (default: its
-    headline estimator)."""
+    headline estimator), optionally restricted to a ``part`` of the layers (:data:`PARTS`).
+    Its interval, where it has one (the headline estimator only), is ``{stem}_ci_low`` /
+    ``{stem}_ci_high``, the stem being the column without its estimator suffix.
+
+    >>> column("L_resid", "debiased", part="local")
+    'L_resid_local_debiased'
+    """
     if name not in QUANTITIES:
         raise KeyError(f"unknown quantity {name!r}; registered: {sorted(QUANTITIES)}.")
-    return QUANTITIES[name].column(estimator)
+    if part is not None and part not in PARTS:
+        raise KeyError(f"unknown part {part!r}; choose from {PARTS}.")
+    return QUANTITIES[name].column(estimator, part)
 
 
 def pooled_ratio(numerator: np.ndarray, denominator: np.ndarray, keep: np.ndarray, axis=None) -> np.ndarray:

@@ -176,7 +176,7 @@ def test_compare_progress_switch(tiny_model, tiny_tokens, capsys):
     loud, _, _ = compare_models(["tiny"], progress=True, **kwargs)
     err = capsys.readouterr().err
     assert "forward passes" in err and "bootstrap CIs of tiny" in err
-    assert quiet["L_total"].equals(loud["L_total"])
+    assert quiet["L_total_debiased"].equals(loud["L_total_debiased"])
 
 
 def test_run_progress_switch(tiny_model, capsys):

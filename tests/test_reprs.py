@@ -67,9 +67,9 @@ def test_sink_and_bos_reprs(sinks):
     assert "probe='run'" in text
     bos = sinks.bos_interventions
     table = bos.table()  # through the bootstrap's point estimate
-    baseline = table.loc[table["replacement"] == "baseline", "L_total"].item()
-    zeros = table.loc[table["replacement"] == "zeros", "L_total"].item()
-    check_display(bos, f"L_total[baseline]={baseline:.4g}", f"L_total[zeros]={zeros:.4g}",
+    baseline = table.loc[table["replacement"] == "baseline", "L_total_debiased"].item()
+    zeros = table.loc[table["replacement"] == "zeros", "L_total_debiased"].item()
+    check_display(bos, f"L_total_debiased[baseline]={baseline:.4g}", f"L_total_debiased[zeros]={zeros:.4g}",
                   "pairs='1<=i<8,1<=j<=i'")
 
 

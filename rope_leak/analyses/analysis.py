@@ -151,7 +151,16 @@ class Analysis(Displayable):
         """The *cross-fitted* components per head (``L_total``, ``L_resid``, ``L_mask``);
         the debiased ones with CIs are in :meth:`inference`."""
         target = target or self.target
-        return Decomposition.from_fits(self.fits["causal", target], self.fits["bidirectional", target])
+        if target not in self._decompositions:
+            self._decompositions[target] = Decomposition.of(
+                self.fits["causal", target].share, self.fits["bidirectional", target].share,
+                self.statistics.conditions["causal"].targets[target],
+                self.statistics.conditions["bidirectional"].targets[target])
+        return self._decompositions[target]
+
+    @cached_property
+    def _decompositions(self) -> dict[str, Decomposition]:
+        return {}
 
     @cached_property
     def _completed(self) -> CompletedSplit | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,8 +48,8 @@ from rope_leak.fits.decomposition import Decomposition
 from rope_leak.fits.depth import (
     CI_LEVEL,
     depth_slope,
-    layer_profile,
     percentile_interval,
+    relative_depth,
     slopes_over_depth,
 )
 from rope_leak.fits.projection import BucketProjection
@@ -59,7 +60,7 @@ from rope_leak.inference.intervals import decomposition_inference
 from rope_leak.interventions.conditions import Condition, compose
 from rope_leak.interventions.mask import bidirectional, causal
 from rope_leak.interventions.rope import identity_rope, rope_base, rope_scaling, scrambled_rope
-from rope_leak.quantities import QUANTITIES
+from rope_leak.quantities import PARTS, QUANTITIES, column
 
 MASKS: dict[str, Condition] = {"causal": causal, "bidirectional": bidirectional}
 CONTROL_NAMES = ("real", "identity", "scrambled")
@@ -98,33 +99,20 @@ def controls_table(
 ) -> pd.DataFrame:
     """The RoPE-controls table from statistics holding the six control conditions.
 
-    Components and compositions are the analysis headline's (debiased shares; means over,
-    and sums of squares pooled over, the non-degenerate heads), with bucket-bootstrap CIs
-    when ``n_boot`` > 0; the cross-fitted composition is kept as ``composition_crossfit``."""
-
+    Components and compositions are read as ``analyze`` reports them
+    (:func:`ablation_columns`): debiased and cross-fitted, means over the non-degenerate
+    heads and the composition pooled over them, with bucket-bootstrap CIs when ``n_boot`` > 0."""
     rows = []
     for control in CONTROL_NAMES:
         causal_stats = stats.conditions[_condition_name("causal", control)]
         bidirectional_stats = stats.conditions[_condition_name("bidirectional", control)]
-        c, b = causal_stats.targets[target], bidirectional_stats.targets[target]
-        # as analyze reports them: means over, and sums of squares pooled over, the
-        # non-degenerate heads
-        inference = decomposition_inference(causal_stats, bidirectional_stats, target,
-                                            n_boot=max(n_boot, 1), seed=seed)
-        s = inference.summary()
-        row = {"control": control, "target": target,
-               **{name: s[f"{name}_mean"] for name in COMPONENT_NAMES}, "composition": s["composition"],
-               "heads_additivity_violated": int((inference.mask.high < 0).sum()) if n_boot else
-               int((inference.mask.estimate < 0).sum()),
-               "additivity_violated": bool(s["L_mask_mean"] < 0)}
-        row["composition_crossfit"] = Decomposition(fit_shares(c).share, fit_shares(b).share).composition()
-        if n_boot:
-            row["composition_ci_low"], row["composition_ci_high"] = s["composition_ci"]
-        rows.append(row)
+        rows.append({"control": control, "target": target,
+                     **ablation_columns(causal_stats, bidirectional_stats, target, n_boot, seed)})
     table = pd.DataFrame(rows)
-    real = table.loc[table["control"] == "real", "composition"].iloc[0]
-    table["composition_minus_real"] = table["composition"] - real
-    table["agrees_with_real"] = table["composition_minus_real"].abs() <= tolerance
+    composition = column("composition")
+    table[f"{composition}_minus_real"] = table[composition] - table.loc[table["control"] == "real",
+                                                                        composition].iloc[0]
+    table["agrees_with_real"] = table[f"{composition}_minus_real"].abs() <= tolerance
     table["tolerance"] = tolerance
     return table
 
@@ -145,11 +133,11 @@ def rope_controls(
     """Recompute the decomposition under identity and scrambled RoPE (six conditions,
     one streaming pass) and compare each composition ratio with the real one.
 
-    Returns one row per control (``real``, ``identity``, ``scrambled``): ``L_total``,
-    ``L_resid``, ``L_mask`` (head means), ``composition`` (ratio of sums over heads),
-    heads with ``L_mask < 0``, ``composition_minus_real`` and ``agrees_with_real``
+    Returns one row per control (``real``, ``identity``, ``scrambled``): the columns of
+    :func:`ablation_columns` (``L_total_debiased``, ..., ``composition_debiased``,
+    ``composition_crossfit``), ``composition_debiased_minus_real`` and ``agrees_with_real``
     (``|difference| <= tolerance``); with ``n_boot`` > 0 also a bucket-bootstrap CI of
-    each composition. The scrambled permutation covers positions ``0..n-1`` of the
+    each component and composition. The scrambled permutation covers positions ``0..n-1`` of the
     prompts (``seed`` fixes it).
     """
     stats = run_statistics(
@@ -213,41 +201,31 @@ class ModelComparison:
     extra: dict = field(default_factory=dict)
 
 
-STAT_NAMES = ("L_total", "L_mask", "L_resid", "composition",
-              "depth_slope_L_resid", "depth_slope_L_mask", "depth_slope_L_total")
 COMPONENT_NAMES = ("L_total", "L_mask", "L_resid")
-#: Summary of sliding-window ("local") against global layers, per component.
-KIND_STAT_NAMES = tuple(f"{comp}_{part}" for comp in COMPONENT_NAMES
-                        for part in ("local", "global", "local_minus_global"))
 
 
-def _layer_components(shares: dict[str, np.ndarray]) -> np.ndarray:
-    """``{"causal", "bidirectional": [B, layer, head]}`` -> ``[B, 3, layer]``: head means of
-    ``L_total``, ``L_mask``, ``L_resid`` per layer (order of :data:`COMPONENT_NAMES`)."""
-    total, resid = shares["causal"], shares["bidirectional"]
-    return np.stack([total.mean(2), (total - resid).mean(2), resid.mean(2)], axis=1)
+def _layer_components(shares: dict[str, np.ndarray], keep: np.ndarray) -> np.ndarray:
+    """``{"causal", "bidirectional": [B, layer, head]}`` -> ``[B, 3, layer]``: per layer the
+    means of ``L_total``, ``L_mask``, ``L_resid`` (order of :data:`COMPONENT_NAMES`) over the
+    heads kept (``keep``: 1, or NaN for a degenerate head)."""
+    total, resid = shares["causal"] * keep, shares["bidirectional"] * keep
+    with warnings.catch_warnings():  # a layer of degenerate heads only: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.stack([np.nanmean(total, 2), np.nanmean(total - resid, 2), np.nanmean(resid, 2)], axis=1)
 
 
-def _kind_statistics(shares: dict[str, np.ndarray], local: np.ndarray) -> np.ndarray:
-    """``[B, len(KIND_STAT_NAMES)]``: per component, the mean of the per-layer values over
-    the sliding-window layers (``local``, bool per layer), over the global layers, and
-    their difference."""
-    per_layer = _layer_components(shares)
-    loc, glo = per_layer[:, :, local].mean(2), per_layer[:, :, ~local].mean(2)
+def _kind_statistics(shares: dict[str, np.ndarray], keep: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """``[B, 3 x 3]``: per component, the mean of the per-layer values over the
+    sliding-window layers (``local``, bool per layer), over the global layers, and their
+    difference (the order of :data:`rope_leak.quantities.PARTS`)."""
+    per_layer = _layer_components(shares, keep)
+    loc, glo = np.nanmean(per_layer[:, :, local], 2), np.nanmean(per_layer[:, :, ~local], 2)
     return np.stack([loc, glo, loc - glo], axis=2).reshape(len(per_layer), -1)
 
 
-def _model_statistics(shares: dict[str, np.ndarray]) -> np.ndarray:
-    """``{"causal", "bidirectional": [B, layer, head]}`` -> ``[B, len(STAT_NAMES)]``."""
-    total, resid = shares["causal"], shares["bidirectional"]
-    mask = total - resid
-    with np.errstate(divide="ignore", invalid="ignore"):
-        composition = mask.sum((1, 2)) / (mask.sum((1, 2)) + resid.sum((1, 2)))
-    return np.stack([
-        total.mean((1, 2)), mask.mean((1, 2)), resid.mean((1, 2)), composition,
-        slopes_over_depth(resid.mean(2)), slopes_over_depth(mask.mean(2)),
-        slopes_over_depth(total.mean(2)),
-    ], axis=1)
+def _depth_slopes(shares: dict[str, np.ndarray], keep: np.ndarray) -> np.ndarray:
+    """``[B, 3]``: each component's least-squares slope over relative depth."""
+    return slopes_over_depth(_layer_components(shares, keep))
 
 
 @dataclass
@@ -266,9 +244,14 @@ class _ModelFits:
 
     def __post_init__(self) -> None:
         cs, bs = self.shares_input["causal"], self.shares_input["bidirectional"]
-        self.crossfit = Decomposition(fit_shares(cs).share, fit_shares(bs).share)
-        self.debiased = Decomposition(BucketProjection.from_statistics(cs).debiased_share(None)[0],
-                                      BucketProjection.from_statistics(bs).debiased_share(None)[0])
+        self.crossfit = Decomposition.of(fit_shares(cs).share, fit_shares(bs).share, cs, bs)
+        self.debiased = Decomposition.of(BucketProjection.from_statistics(cs).debiased_share(None)[0],
+                                         BucketProjection.from_statistics(bs).debiased_share(None)[0], cs, bs)
+
+    @property
+    def keep(self) -> np.ndarray:
+        """``[layer, head]``: 1, or NaN for a degenerate head (left out of every mean)."""
+        return np.where(self.debiased.degenerate, np.nan, 1.0)
 
     @property
     def shares_input(self) -> dict[str, TargetStatistics]:
@@ -277,15 +260,16 @@ class _ModelFits:
                 "bidirectional": self.bidirectional.targets[self.target]}
 
     def point(self, statistic: Callable, decomposition: Decomposition | None = None) -> np.ndarray:
-        """``statistic`` of the shares of ``decomposition`` (default: the debiased one)."""
+        """``statistic`` of the shares of ``decomposition`` (default: the debiased one);
+        ``statistic(shares, keep)``."""
         d = self.debiased if decomposition is None else decomposition
-        return statistic({"causal": d.total[None], "bidirectional": d.resid[None]})[0]
+        return statistic({"causal": d.total[None], "bidirectional": d.resid[None]}, self.keep)[0]
 
     def bootstrap(self, statistic: Callable):
         """Pivotal ("basic") bucket-bootstrap intervals of ``statistic`` of the debiased
-        shares, one joint resample for both masks."""
-        return bootstrap_statistic(self.shares_input, statistic, n_boot=self.n_boot, seed=self.seed,
-                                   level=self.level, share="debiased", method="basic")
+        shares, one joint resample for both masks (the degenerate heads held fixed)."""
+        return bootstrap_statistic(self.shares_input, partial(statistic, keep=self.keep), n_boot=self.n_boot,
+                                   seed=self.seed, level=self.level, share="debiased", method="basic")
 
     def intervals(self, statistic: Callable, n_values: int) -> tuple[np.ndarray, np.ndarray]:
         """``(low, high)`` of :meth:`bootstrap`; NaN without resamples."""
@@ -300,44 +284,29 @@ class _ModelFits:
         return self.causal.sink_sum.sum(0) / self.causal.n_prompts
 
 
-def _named_columns(names: Sequence[str], point: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict:
-    """``{name, name_ci_low, name_ci_high}`` for each of ``names``."""
+def ablation_columns(causal: ConditionStatistics, bidirectional: ConditionStatistics, target: str,
+                     n_boot: int, seed: int = 0, level: float = CI_LEVEL) -> dict:
+    """The bidirectional ablation's components and composition exactly as ``analyze``
+    reports them, under both estimators (:mod:`rope_leak.quantities`): ``L_total_debiased``,
+    ``L_mask_debiased``, ``L_resid_debiased``, ``composition_debiased`` with their intervals
+    (``*_ci_low`` / ``*_ci_high``; NaN without resamples), and the same four ``*_crossfit``.
+    Means over the non-degenerate heads; the composition pools their sums of squares."""
+    inference = decomposition_inference(causal, bidirectional, target, n_boot=max(n_boot, 1),
+                                        seed=seed, level=level)
+    summary = inference.summary()
+    c, b = causal.targets[target], bidirectional.targets[target]
+    crossfit = Decomposition.of(fit_shares(c).share, fit_shares(b).share, c, b).summary()
     row: dict = {}
-    for k, name in enumerate(names):
-        row[name] = float(point[k])
-        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low[k]), float(high[k])
-    return row
-
-
-def _headline_columns(fits: _ModelFits, bar: tqdm) -> dict:
-    """:data:`STAT_NAMES` from the debiased shares with their intervals, then each one's
-    cross-fitted value (``*_crossfit``)."""
-    point = fits.point(_model_statistics)
-    cross = fits.point(_model_statistics, fits.crossfit)
-    low, high = fits.intervals(_model_statistics, len(STAT_NAMES))
-    if fits.n_boot:
-        bar.update()
-    row = _named_columns(STAT_NAMES, point, low, high)
-    for k, name in enumerate(STAT_NAMES):
-        row[f"{name}_crossfit"] = float(cross[k])
-    return row
-
-
-def _ablation_columns(fits: _ModelFits) -> dict:
-    """The components and the composition exactly as analyze reports them (means over,
-    and sums of squares pooled over, the non-degenerate heads): one definition per quantity."""
-    n_boot = fits.n_boot
-    inference = decomposition_inference(fits.causal, fits.bidirectional, fits.target, n_boot=max(n_boot, 1),
-                                        seed=fits.seed, level=fits.level).summary()
-    row: dict = {}
-    for name in COMPONENT_NAMES:
-        row[name] = inference[f"{name}_mean"]
-        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = (inference[f"{name}_mean_ci"] if n_boot else (np.nan, np.nan))
-    row["composition"] = inference["composition"]
-    row["composition_ci_low"], row["composition_ci_high"] = (inference["composition_ci"] if n_boot
-                                                             else (np.nan, np.nan))
+    for name in (*COMPONENT_NAMES, "composition"):
+        key = name if name == "composition" else f"{name}_mean"
+        row[column(name)] = summary[key]
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = summary[f"{key}_ci"] if n_boot else (np.nan, np.nan)
+        row[column(name, "crossfit")] = crossfit[name]
     row["composition_aggregation"] = QUANTITIES["composition"].aggregation
-    row["heads_degenerate"] = inference["degenerate_heads"]
+    row["heads_degenerate"] = summary["degenerate_heads"]
+    violated = inference.mask.high < 0 if n_boot else inference.mask.estimate < 0
+    row["heads_additivity_violated"] = int((violated & ~inference.degenerate).sum())
+    row["additivity_violated"] = bool(row["L_mask_ci_high"] < 0) if n_boot else bool(row[column("L_mask")] < 0)
     return row
 
 
@@ -355,13 +324,22 @@ def _completed_columns(split) -> dict:
     return row
 
 
-def _depth_slope_fits(fits: _ModelFits) -> tuple[dict, dict]:
-    """``(columns, fits)``: the ``linregress`` t interval of each component's depth slope
-    (``depth_slope_*_t_low`` / ``_t_high``), and each fit as a dict."""
+def _depth_slope_columns(fits: _ModelFits, bar: tqdm) -> tuple[dict, dict]:
+    """``(columns, fits)``: each component's depth slope, debiased with its bootstrap
+    interval (``*_ci_low`` / ``*_ci_high``) and the ``linregress`` t interval over layers
+    (``*_t_low`` / ``*_t_high``), and cross-fitted; each t fit also as a dict."""
+    point, crossfit = fits.point(_depth_slopes), fits.point(_depth_slopes, fits.crossfit)
+    low, high = fits.intervals(_depth_slopes, len(COMPONENT_NAMES))
+    if fits.n_boot:
+        bar.update()
+    layer_means = fits.debiased.layer_means()
     row, slopes = {}, {}
-    for name in ("L_resid", "L_mask", "L_total"):
-        fit = depth_slope(layer_profile(fits.debiased)[name].to_numpy(), fits.level)
-        row[f"depth_slope_{name}_t_low"], row[f"depth_slope_{name}_t_high"] = fit.ci_low, fit.ci_high
+    for k, name in enumerate(COMPONENT_NAMES):
+        stem = f"depth_slope_{name}"
+        row[column(stem)], row[column(stem, "crossfit")] = float(point[k]), float(crossfit[k])
+        row[f"{stem}_ci_low"], row[f"{stem}_ci_high"] = float(low[k]), float(high[k])
+        fit = depth_slope(layer_means[name], fits.level)
+        row[f"{stem}_t_low"], row[f"{stem}_t_high"] = fit.ci_low, fit.ci_high
         slopes[name] = fit.to_dict()
     return row, slopes
 
@@ -383,13 +361,13 @@ def _sink_head_columns(fits: _ModelFits, sink_threshold: float) -> dict:
 
 
 def _layer_table(fits: _ModelFits, spec: str, bar: tqdm) -> pd.DataFrame:
-    """The per-layer profile of the debiased shares, its cross-fitted columns and (with
-    resamples) each component's pivotal interval."""
-    layers = layer_profile(fits.debiased)
-    layers.insert(0, "model", spec)
-    cross_layers = layer_profile(fits.crossfit)
-    for name in ("L_total", "L_resid", "L_mask"):
-        layers[f"{name}_crossfit"] = cross_layers[name]
+    """Per layer: each component's mean over the non-degenerate heads, debiased (with its
+    pivotal interval when there are resamples) and cross-fitted."""
+    n_layers = fits.debiased.total.shape[0]
+    layers = pd.DataFrame({"model": spec, "layer": np.arange(n_layers), "relative_depth": relative_depth(n_layers)})
+    debiased, crossfit = fits.debiased.layer_means(), fits.crossfit.layer_means()
+    for name in COMPONENT_NAMES:
+        layers[column(name)], layers[column(name, "crossfit")] = debiased[name], crossfit[name]
     if fits.n_boot:
         per_layer = fits.bootstrap(_layer_components)
         for k, name in enumerate(COMPONENT_NAMES):
@@ -409,19 +387,25 @@ def _insert_kind_column(layers: pd.DataFrame, kinds: Sequence[str]) -> np.ndarra
 
 
 def _kind_columns(fits: _ModelFits, local: np.ndarray, split) -> dict:
-    """Layer counts per kind and, when both kinds occur, :data:`KIND_STAT_NAMES` with
-    their intervals and the completed split pooled over each kind's heads."""
+    """Layer counts per kind and, when both kinds occur, each component over the
+    sliding-window layers, the global layers and their difference (``L_resid_local_debiased``,
+    ... with intervals) and the completed split pooled over each kind's heads."""
     row: dict = {"n_local_layers": int(local.sum()), "n_global_layers": int((~local).sum())}
     if not local.any() or local.all():
         return row
     statistic = partial(_kind_statistics, local=local)
-    row.update(_named_columns(KIND_STAT_NAMES, fits.point(statistic),
-                              *fits.intervals(statistic, len(KIND_STAT_NAMES))))
+    point, (low, high) = fits.point(statistic), fits.intervals(statistic, len(COMPONENT_NAMES) * len(PARTS))
+    k = 0
+    for name in COMPONENT_NAMES:
+        for part in PARTS:
+            row[column(name, part=part)] = float(point[k])
+            row[f"{name}_{part}_ci_low"], row[f"{name}_{part}_ci_high"] = float(low[k]), float(high[k])
+            k += 1
     if split is not None:  # the completed split pooled over each kind's heads
-        for kind, heads in (("local", local), ("global", ~local)):
+        for part, heads in (("local", local), ("global", ~local)):
             terms = split.pooled(split.sums(), split.keep & heads[:, None], axis=(0, 1))
-            row[f"completed_mask_share_{kind}"] = float(terms["mask_share"])
-            row[f"completed_cross_{kind}"] = float(terms["cross"])
+            row[column("completed_mask_share", part=part)] = float(terms["mask_share"])
+            row[column("completed_cross", part=part)] = float(terms["cross"])
     return row
 
 
@@ -437,26 +421,28 @@ def summarize_model(
     progress: bool = False,
     kinds: Sequence[str] | None = None,
 ) -> ModelComparison:
-    """Components, composition, sink heads and depth slopes of one model, with CIs.
+    """The completed split, the ablation's components and composition, sink heads and
+    depth slopes of one model, with CIs; every column named as in :mod:`rope_leak.quantities`.
 
-    Headline numbers (``L_total``, ``L_mask``, ``L_resid``, ``composition``,
-    ``depth_slope_*``) are computed from the *debiased* shares of
-    :mod:`rope_leak.inference` (the cross-fitted share is biased low at small prompt
-    counts); their ``*_ci_low`` / ``*_ci_high`` are the pivotal ("basic") cluster-bootstrap
-    intervals over prompt buckets with one joint resample for both masks
-    (:func:`rope_leak.inference.bootstrap_statistic`). The cross-fitted values (what
-    :class:`~rope_leak.fits.decomposition.Decomposition` holds) are kept as
-    ``*_crossfit``. Depth slopes also carry the ``linregress`` t interval over layers
-    (``*_t_low`` / ``*_t_high``). ``sink_heads`` counts heads with sink score above the
-    threshold; its interval is a percentile interval over the same kind of resample.
-    ``progress``: a progress bar over the bootstrap steps.
+    ``completed_*``: the completed split of ``log A`` (the headline) with its jackknife
+    intervals. The ablation's columns are those of :func:`ablation_columns`, the numbers
+    ``analyze`` prints for the same run: ``*_debiased`` from the debiased shares (the
+    cross-fitted share is biased low at small prompt counts), with pivotal ("basic")
+    cluster-bootstrap intervals over prompt buckets (one joint resample for both masks;
+    :func:`rope_leak.inference.bootstrap_statistic`), and ``*_crossfit``. Means are over the
+    non-degenerate heads and the composition pools their sums of squares, for both
+    estimators. Depth slopes (``depth_slope_*``) also carry the ``linregress`` t interval
+    over layers (``*_t_low`` / ``*_t_high``). ``sink_heads`` counts heads with sink score
+    above the threshold; its interval is a percentile interval over the same kind of
+    resample. ``progress``: a progress bar over the bootstrap steps.
 
     ``kinds`` (``"local"`` for a sliding-window layer, ``"global"`` otherwise, one per
     layer) adds a ``kind`` column to the per-layer table and, when both kinds occur, the
-    row's ``{L_total,L_mask,L_resid}_{local,global,local_minus_global}``: the mean of the
-    per-layer values over the sliding-window layers, over the global layers, and their
-    difference, each with its pivotal bucket-bootstrap interval (the same resample as
-    the other intervals, so the difference keeps the pairing of the two means).
+    row's ``{L_total,L_mask,L_resid}_{local,global,local_minus_global}_debiased``: the mean
+    of the per-layer values over the sliding-window layers, over the global layers, and
+    their difference, each with its pivotal bucket-bootstrap interval (the same resample
+    as the other intervals, so the difference keeps the pairing of the two means), and
+    ``completed_mask_share_{local,global}``.
     """
     fits = _ModelFits(stats.conditions["causal"], stats.conditions["bidirectional"], target,
                       n_boot=n_boot, seed=seed, level=level)
@@ -466,14 +452,11 @@ def summarize_model(
     row: dict = {"model": spec, "target": target, "n_prompts": fits.causal.n_prompts,
                  "n_tokens": int(design.n_tokens) if hasattr(design, "n_tokens") else None,
                  "n_layers": fits.crossfit.total.shape[0], "n_heads": fits.crossfit.total.shape[1]}
-    row.update(_headline_columns(fits, bar))
-    row.update(_ablation_columns(fits))  # replaces the components' and the composition's values
     split = completed_split(fits.causal) if fits.causal.start_cut is not None else None
     row.update(_completed_columns(split))
-    slope_columns, slopes = _depth_slope_fits(fits)
+    row.update(ablation_columns(fits.causal, fits.bidirectional, target, n_boot, seed, level))
+    slope_columns, slopes = _depth_slope_columns(fits, bar)
     row.update(slope_columns)
-    row["heads_additivity_violated"] = int(fits.crossfit.additivity_violated().sum())
-    row["additivity_violated"] = bool(row["L_mask_ci_high"] < 0) if n_boot else bool(row["L_mask"] < 0)
     row.update(_sink_head_columns(fits, sink_threshold))
     row["n_boot"] = n_boot
     layers = _layer_table(fits, spec, bar)

@@ -25,7 +25,7 @@ stream gives the logits (the causal denominator is not in them), so this is wher
 of the position-0 stream shows. Beside it, ``L_total``: the debiased absolute-position share
 of the pattern at the same pairs.
 
-Ratios to the baseline (``scores_ss_relative``, ``leakage_relative``) come with paired
+Ratios to the baseline (``scores_ss_relative``, ``L_total_relative``) come with paired
 bootstrap CIs (one resample of prompt buckets for every condition). A ratio whose
 baseline's CI includes 0 is **not estimable**: NaN in the table, null in JSON, a dash in
 the report (``*_estimable`` columns say which).
@@ -74,6 +74,7 @@ from rope_leak.inference.bootstrap import bootstrap_statistic, bucket_weights
 from rope_leak.interventions.conditions import compose
 from rope_leak.interventions.mask import bidirectional as bidirectional_mask
 from rope_leak.interventions.position_zero import replace_position_zero
+from rope_leak.quantities import column
 
 ESTIMATORS = ("debiased", "crossfit")
 REPLACEMENTS = ("token", "mean", "zeros", "noise")
@@ -185,7 +186,7 @@ class BosInterventions(Displayable):
         first = next(iter(cond.targets.values()))
         items = [("token_id", self.token_id), ("prompts", cond.n_prompts),
                  ("pairs", first.design.spec.label()), ("target", self.target)]
-        items += [(f"L_total[{name}]", float(self._agg(self.shares[f"{name}/causal"][None])[0]))
+        items += [(f"{column('L_total', self.estimator)}[{name}]", float(self._agg(self.shares[f"{name}/causal"][None])[0]))
                   for name in self.rows]
         items.append(("bidirectional", self.has_bidirectional))
         return items
@@ -285,9 +286,10 @@ class BosInterventions(Displayable):
         if self._completed_projections() is not None:
             for part in ("scores_part_ss", "mask_part_ss"):
                 blocks.append((part, part.replace("_ss", "_relative"), self._completed_rows(part)))
-        blocks.append(("L_total", "leakage_relative", self._share_rows("causal")))
+        total, resid = column("L_total", self.estimator), column("L_resid", self.estimator)
+        blocks.append((total, "L_total_relative", self._share_rows("causal")))
         if self.has_bidirectional:
-            blocks.append(("L_resid", "L_resid_relative", self._share_rows("bidirectional")))
+            blocks.append((resid, "L_resid_relative", self._share_rows("bidirectional")))
         for name, ratio_name, (point, low, high, samples) in blocks:
             table[name], table[f"{name}_low"], table[f"{name}_high"] = point, low, high
             ratio = self._ratios(point, low, high, samples)
@@ -295,7 +297,7 @@ class BosInterventions(Displayable):
             table[f"{ratio_name}_low"], table[f"{ratio_name}_high"] = ratio["low"], ratio["high"]
             table[f"{ratio_name}_estimable"] = ratio["estimable"]
         if self.has_bidirectional:
-            table["L_mask"] = table["L_total"] - table["L_resid"]
+            table[column("L_mask", self.estimator)] = table[total] - table[resid]
         table["n_prompts"] = self.statistics.conditions["baseline/causal"].n_prompts
         table["token_id"] = self.token_id
         table["aggregate"] = self.aggregate

@@ -22,10 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pandas as pd
 from scipy import stats as sps
-
-from rope_leak.fits.decomposition import Decomposition
 
 CI_LEVEL = 0.95
 
@@ -62,18 +59,6 @@ def depth_slope(per_layer: np.ndarray, level: float = CI_LEVEL) -> SlopeFit:
     return SlopeFit(float(fit.slope), float(fit.intercept), float(fit.stderr),
                     float(fit.slope - t * fit.stderr), float(fit.slope + t * fit.stderr),
                     float(fit.pvalue))
-
-
-def layer_profile(dec: Decomposition) -> pd.DataFrame:
-    """One row per layer: relative depth and the head-mean components."""
-    n_layers = dec.total.shape[0]
-    return pd.DataFrame({
-        "layer": np.arange(n_layers),
-        "relative_depth": relative_depth(n_layers),
-        "L_total": np.nanmean(dec.total, 1),
-        "L_resid": np.nanmean(dec.resid, 1),
-        "L_mask": np.nanmean(dec.mask, 1),
-    })
 
 
 def slopes_over_depth(per_layer: np.ndarray) -> np.ndarray:

@@ -15,25 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from rope_leak.engine.statistics import ConditionStatistics
-from rope_leak.fits.degenerate import degenerate_heads, fold_scored_variance
-from rope_leak.fits.projection import BucketProjection
+from rope_leak.fits.decomposition import POOLED_TEXT, composition_weights, pooled_composition
 from rope_leak.inference.bootstrap import bootstrap_statistic, bucket_weights
 from rope_leak.inference.fdr import benjamini_hochberg
 from rope_leak.inference.nulls import signflip_null
-
-
-def _pooled(share: np.ndarray, weight: np.ndarray, axis) -> np.ndarray:
-    """``sum_h w_h L_h / sum_h w_h`` = ``sum dSS / sum SST`` with ``w`` each head's
-    scored variance (0 for degenerate heads)."""
-    weight = np.broadcast_to(weight, share.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.nansum(share * weight, axis) / weight.sum(axis)
-
-
-def _composition(total, resid, w_total, w_resid, axis) -> np.ndarray:
-    """Pooled ``1 - L_resid / L_total`` (each pooled as ``sum dSS / sum SST``)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return 1.0 - _pooled(resid, w_resid, axis) / _pooled(total, w_total, axis)
 
 
 @dataclass
@@ -89,9 +74,7 @@ class DecompositionInference:
                 f"{name}_mean_ci": [float(self.means.low[k]), float(self.means.high[k])]
                 for k, name in enumerate(("L_total", "L_resid", "L_mask"))
             },
-            "aggregation": "means over non-degenerate heads; composition pools sums of "
-                           "squares: 1 - (sum dSS / sum SST)_bidirectional / "
-                           "(sum dSS / sum SST)_causal",
+            "aggregation": POOLED_TEXT,
             "degenerate_heads": int(self.degenerate.sum()),
             "heads_significant_total": int(self.significant_total.sum()),
             "heads_significant_resid": int(self.significant_resid.sum()),
@@ -110,12 +93,7 @@ def decomposition_inference(
     seed: int = 0,
 ) -> DecompositionInference:
     pair = {"causal": causal.targets[target], "bidirectional": bidirectional.targets[target]}
-    projections = {c: BucketProjection.from_statistics(st) for c, st in pair.items()}
-    sst = {c: bp.per_prompt_sst()[0] for c, bp in projections.items()}
-    degenerate = np.zeros(sst["causal"].shape, dtype=bool)
-    for c, bp in projections.items():
-        degenerate |= degenerate_heads(sst[c], fold_sst=fold_scored_variance(bp))
-    w_c, w_b = (np.where(degenerate, 0.0, sst[c]) for c in ("causal", "bidirectional"))
+    w_c, w_b, degenerate = composition_weights(pair["causal"], pair["bidirectional"])
     keep = np.where(degenerate, np.nan, 1.0)
     heads = bootstrap_statistic(
         pair,
@@ -125,8 +103,8 @@ def decomposition_inference(
     compositions = bootstrap_statistic(
         pair,
         lambda s: np.concatenate([
-            _composition(s["causal"], s["bidirectional"], w_c, w_b, (1, 2))[:, None],
-            _composition(s["causal"], s["bidirectional"], w_c, w_b, 2),
+            pooled_composition(s["causal"], s["bidirectional"], w_c, w_b, (1, 2))[:, None],
+            pooled_composition(s["causal"], s["bidirectional"], w_c, w_b, 2),
             np.nanmean(s["causal"] * keep, (1, 2))[:, None],
             np.nanmean(s["bidirectional"] * keep, (1, 2))[:, None],
             np.nanmean((s["causal"] - s["bidirectional"]) * keep, (1, 2))[:, None],

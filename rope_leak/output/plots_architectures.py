@@ -13,11 +13,16 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
+from rope_leak.quantities import PARTS, column
+
 COMPONENTS = ("L_total", "L_mask", "L_resid")
 
 
-def _err(table: pd.DataFrame, name: str) -> dict | None:
-    lo, hi = f"{name}_ci_low", f"{name}_ci_high"
+def _err(table: pd.DataFrame, name: str, stem: str | None = None) -> dict | None:
+    """Error bars of column ``name`` from its interval ``{stem}_ci_low`` / ``_ci_high``
+    (``stem``: the quantity's name, default ``name``)."""
+    stem = name if stem is None else stem
+    lo, hi = f"{stem}_ci_low", f"{stem}_ci_high"
     if lo not in table or table[lo].isna().all():
         return None
     return dict(type="data", symmetric=False, array=(table[hi] - table[name]).to_numpy(),
@@ -25,44 +30,53 @@ def _err(table: pd.DataFrame, name: str) -> dict | None:
 
 
 def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
-    """Three panels: components per model (bars with 95% CIs), composition per model,
-    and the per-layer ``L_resid`` / ``L_mask`` over relative depth (open diamonds: the
-    global layers of a model that also has sliding-window layers)."""
-    fig = make_subplots(rows=1, cols=3, column_widths=[0.38, 0.22, 0.40],
-                        subplot_titles=("Absolute-position share (mean over heads)",
-                                        "Composition L_mask / (L_mask + L_resid)",
-                                        "Depth profile (dashed: L_mask)"))
+    """Three panels: per model, the completed split's mask share of ``log A`` beside the
+    ablation's composition (95% CIs); the ablation's components (debiased means over heads,
+    95% CIs); and the per-layer ``L_resid`` / ``L_mask`` over relative depth (open diamonds:
+    the global layers of a model that also has sliding-window layers)."""
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.26, 0.32, 0.42],
+                        subplot_titles=("Mask share: completed split vs ablation",
+                                        "Ablation: absolute-position share",
+                                        "Ablation by depth (dashed: L_mask)"))
     colors = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2"]
+    completed, composition = column("completed_mask_share"), column("composition")
+    if completed in table:
+        fig.add_trace(go.Bar(name="completed split (mask share of log A)", x=table["model"], y=table[completed],
+                             error_y=_err(table, completed), marker_color="#2F4B7C",
+                             legendgroup="shares"), row=1, col=1)
+    fig.add_trace(go.Bar(name="ablation composition (the paper's method)", x=table["model"], y=table[composition],
+                         error_y=_err(table, composition, "composition"), marker_color="#BAB0AC",
+                         legendgroup="shares"), row=1, col=1)
     for k, comp in enumerate(COMPONENTS):
-        fig.add_trace(go.Bar(name=comp, x=table["model"], y=table[comp], error_y=_err(table, comp),
-                             marker_color=colors[k], legendgroup="components"), row=1, col=1)
-    fig.add_trace(go.Bar(name="composition", x=table["model"], y=table["composition"],
-                         error_y=_err(table, "composition"), marker_color="#9D755D",
-                         showlegend=False), row=1, col=2)
+        fig.add_trace(go.Bar(name=comp, x=table["model"], y=table[column(comp)],
+                             error_y=_err(table, column(comp), comp), marker_color=colors[k],
+                             legendgroup="components"), row=1, col=2)
+    resid, mask = column("L_resid"), column("L_mask")
     for k, (model, part) in enumerate(layers.groupby("model", sort=False)):
         color = colors[k % len(colors)]
-        fig.add_trace(go.Scatter(x=part["relative_depth"], y=part["L_resid"], mode="lines+markers",
+        fig.add_trace(go.Scatter(x=part["relative_depth"], y=part[resid], mode="lines+markers",
                                  name=f"{model} L_resid", line=dict(color=color)), row=1, col=3)
-        fig.add_trace(go.Scatter(x=part["relative_depth"], y=part["L_mask"], mode="lines",
+        fig.add_trace(go.Scatter(x=part["relative_depth"], y=part[mask], mode="lines",
                                  name=f"{model} L_mask", line=dict(color=color, dash="dash")),
                       row=1, col=3)
         if "kind" in part and (part["kind"] == "local").any() and (part["kind"] != "local").any():
             glob = part[part["kind"] != "local"]
-            fig.add_trace(go.Scatter(x=glob["relative_depth"], y=glob["L_resid"], mode="markers",
+            fig.add_trace(go.Scatter(x=glob["relative_depth"], y=glob[resid], mode="markers",
                                      name=f"{model} global layers (L_resid)",
                                      marker=dict(color=color, symbol="diamond-open", size=13,
                                                  line=dict(width=2))),
                           row=1, col=3)
-    fig.update_layout(barmode="group", height=460, width=1350, template="plotly_white",
-                      legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(barmode="group", height=480, width=1350, template="plotly_white",
+                      legend=dict(orientation="h", y=-0.22))
     fig.update_xaxes(title_text="relative depth (layer / (n_layers - 1))", row=1, col=3)
     return fig
 
 
 def controls_figure(controls: pd.DataFrame) -> go.Figure:
     """Composition of each RoPE control next to the real one."""
-    fig = go.Figure(go.Bar(x=controls["control"], y=controls["composition"],
-                           error_y=_err(controls, "composition"),
+    composition = column("composition")
+    fig = go.Figure(go.Bar(x=controls["control"], y=controls[composition],
+                           error_y=_err(controls, composition, "composition"),
                            marker_color=["#4C78A8" if c == "real" else "#BAB0AC"
                                          for c in controls["control"]]))
     fig.update_layout(title="Additivity check: composition under RoPE controls",
@@ -95,14 +109,14 @@ def controls_section(controls: pd.DataFrame, include_plotlyjs: bool | str = "cdn
 def kind_summary_html(table: pd.DataFrame) -> str:
     """Sliding-window against global layers (models with both kinds): per component the
     mean of the per-layer values over each kind and their difference, with 95% CIs."""
-    if "L_resid_local_minus_global" not in table:
+    difference = column("L_resid", part="local_minus_global")
+    if difference not in table:
         return ""
     rows = []
-    for _, r in table[table["L_resid_local_minus_global"].notna()].iterrows():
+    for _, r in table[table[difference].notna()].iterrows():
         for comp in COMPONENTS:
-            cells = [f"{r[f'{comp}_{part}']:.4f} [{r[f'{comp}_{part}_ci_low']:.4f}, "
-                     f"{r[f'{comp}_{part}_ci_high']:.4f}]"
-                     for part in ("local", "global", "local_minus_global")]
+            cells = [f"{r[column(comp, part=part)]:.4f} [{r[f'{comp}_{part}_ci_low']:.4f}, "
+                     f"{r[f'{comp}_{part}_ci_high']:.4f}]" for part in PARTS]
             rows.append({"model": r["model"], "component": comp,
                          "layers (sliding / global)": f"{int(r['n_local_layers'])} / "
                                                       f"{int(r['n_global_layers'])}",
@@ -121,9 +135,10 @@ def comparison_html(table: pd.DataFrame, layers: pd.DataFrame, settings: dict | 
     for name in ("sink_heads", "sink_heads_gu"):
         if name in table and "n_heads_total" in table:
             table[name] = [f"{k} / {n}" for k, n in zip(table[name], table["n_heads_total"])]
-    cols = [c for c in ("model", "bos", "n_ctx", "window", "L_total", "L_mask", "L_resid", "composition",
-                        "sink_heads", "sink_heads_gu", "depth_slope_L_resid", "depth_slope_L_mask",
-                        "additivity_violated")
+    cols = [c for c in ("model", "bos", "n_ctx", "window", column("completed_mask_share"),
+                        column("completed_cross"), column("L_total"), column("L_mask"), column("L_resid"),
+                        column("composition"), "sink_heads", "sink_heads_gu", column("depth_slope_L_resid"),
+                        column("depth_slope_L_mask"), "additivity_violated")
             if c in table]
     settings_html = (f"<pre>{html.escape(str(settings))}</pre>" if settings else "")
     kind_html = kind_summary_html(table)
@@ -131,7 +146,10 @@ def comparison_html(table: pd.DataFrame, layers: pd.DataFrame, settings: dict | 
             "<style>body{font-family:sans-serif;margin:2em} .rl-table td,.rl-table th"
             "{padding:2px 8px;text-align:right}</style></head><body>"
             "<h1>rope-leak compare</h1>" + settings_html + _table_html(table[cols]) + kind_html + fig +
-            "<p>Shares are debiased; CIs: 95% pivotal (basic) intervals of a bootstrap of prompt "
+            "<p>completed_*: the completed split of log A (the headline; 95% jackknife CIs over "
+            "prompt buckets). L_*, composition: the bidirectional ablation (the paper's method; "
+            "out of distribution, and biased by the end of the prompt at long n). Its shares are "
+            "debiased; CIs: 95% pivotal (basic) intervals of a bootstrap of prompt "
             "buckets, one joint resample for both masks (sink-head counts: percentile); see "
             "comparison.csv for all interval columns. sink_heads: rope_leak's sink score (mean over "
             "queries i ≥ 1 of A[i,0]) above 0.3; sink_heads_gu: Gu et al. (ICLR 2025) α₀ (query 0 "

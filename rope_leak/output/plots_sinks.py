@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 
 from rope_leak.output.bos_text import NOT_ESTIMABLE, bos_label, spread_text
 from rope_leak.output.records import as_sink_record, head_grid
+from rope_leak.quantities import column
 
 DIVERGING = "RdBu_r"
 
@@ -79,13 +80,25 @@ def sink_reading_heatmaps(heads: pd.DataFrame, threshold: float, source_token_id
     return fig
 
 
+def _share_column(table: pd.DataFrame, name: str) -> str:
+    """The column of share ``name`` under the table's estimator."""
+    return column(name, table["estimator"].iloc[0] if "estimator" in table else None)
+
+
 def _ratio_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
     """``(ratio column, its baseline quantity, panel title)`` present in ``table``."""
     found = [("scores_part_relative", "scores_part_ss", "completed split, i >= 8:<br>scores' part SS / baseline"),
              ("scores_ss_relative", "scores_ss", "scores' absolute-position<br>SS / baseline"),
-             ("leakage_relative", "L_total", "L_total (pattern) / baseline"),
-             ("L_resid_relative", "L_resid", "L_resid (bidirectional) / baseline")]
+             ("L_total_relative", _share_column(table, "L_total"), "L_total (pattern) / baseline"),
+             ("L_resid_relative", _share_column(table, "L_resid"), "L_resid (bidirectional) / baseline")]
     return [f for f in found if f[0] in table]
+
+
+def _metrics(table: pd.DataFrame) -> list[str]:
+    """The table's quantities, in the order they are shown."""
+    return [m for m in ("scores_part_ss", "scores_part_relative", "mask_part_ss", "mask_part_relative",
+                        "scores_ss", "scores_ss_relative", _share_column(table, "L_total"), "L_total_relative",
+                        _share_column(table, "L_resid"), "L_resid_relative") if m in table]
 
 
 def bos_interventions_figure(table: pd.DataFrame) -> go.Figure:
@@ -137,9 +150,7 @@ def _cell(row: dict, metric: str) -> str:
 def bos_table_figure(table: pd.DataFrame) -> go.Figure:
     """The BOS-intervention table as a plotly table (point estimate [CI]; a dash where a
     quantity is not estimable)."""
-    metrics = [m for m in ("scores_part_ss", "scores_part_relative", "mask_part_ss", "mask_part_relative",
-                           "scores_ss", "scores_ss_relative", "L_total", "leakage_relative",
-                           "L_resid", "L_resid_relative") if m in table]
+    metrics = _metrics(table)
     records = table.to_dict(orient="records")
     columns = [[r["replacement"] for r in records]] + [[_cell(r, m) for r in records] for m in metrics]
     fig = go.Figure(go.Table(header=dict(values=["replacement", *metrics]), cells=dict(values=columns)))
@@ -149,9 +160,7 @@ def bos_table_figure(table: pd.DataFrame) -> go.Figure:
 
 def bos_table_html(table: pd.DataFrame) -> str:
     """The same table as HTML (a dash where not estimable)."""
-    metrics = [m for m in ("scores_part_ss", "scores_part_relative", "mask_part_ss", "mask_part_relative",
-                           "scores_ss", "scores_ss_relative", "L_total", "leakage_relative",
-                           "L_resid", "L_resid_relative") if m in table]
+    metrics = _metrics(table)
     head = "".join(f"<th>{html.escape(m)}</th>" for m in ["replacement", *metrics])
     body = "".join("<tr><th>" + html.escape(str(r["replacement"])) + "</th>"
                    + "".join(f"<td>{html.escape(_cell(r, m))}</td>" for m in metrics) + "</tr>"

@@ -14,15 +14,16 @@ is HF's own ``config.use_bidirectional_attention`` (full for global layers,
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from rope_leak.fits.decomposition import Decomposition
 from rope_leak.fits.depth import depth_slope, slopes_over_depth
 from rope_leak.interventions.mask import bidirectional
+from rope_leak.quantities import QUANTITIES, column
 
 N = 12
 WINDOW = 4
@@ -154,24 +155,34 @@ def test_vectorised_slopes_match_linregress():
 
 
 def test_summarize_model_on_tiny(tiny_model, tiny_tokens):
-    from rope_leak.analyses.architectures import STAT_NAMES, summarize_model
+    from rope_leak.analyses.architectures import summarize_model
     from rope_leak.engine.run import run_statistics
+    from rope_leak.fits.projection import BucketProjection
+    from rope_leak.fits.shares import fit_shares
+    from rope_leak.inference.intervals import decomposition_inference
 
     stats = run_statistics(tiny_model, tiny_tokens, targets=("pattern",), n_buckets=4, progress=False)
     result = summarize_model(stats, "tiny", n_boot=50)
     row = result.row
-    for name in STAT_NAMES:
-        assert np.isfinite(row[name]) and row[f"{name}_ci_low"] <= row[f"{name}_ci_high"], name
-    assert row["L_mask"] == pytest.approx(row["L_total"] - row["L_resid"])
-    c = stats.conditions["causal"].targets["pattern"]
-    b = stats.conditions["bidirectional"].targets["pattern"]
-    from rope_leak.fits.shares import fit_shares
-
-    dec = Decomposition(fit_shares(c).share, fit_shares(b).share)
-    assert row["L_total_crossfit"] == pytest.approx(dec.total.mean())
-    assert row["composition_crossfit"] == pytest.approx(dec.composition())
+    for stem in ("L_total", "L_mask", "L_resid", "composition", "depth_slope_L_resid", "depth_slope_L_mask",
+                 "depth_slope_L_total"):
+        value = row[column(stem)]
+        assert np.isfinite(value) and row[f"{stem}_ci_low"] <= row[f"{stem}_ci_high"], stem
+        assert np.isfinite(row[column(stem, "crossfit")]), stem
+    assert row["L_mask_debiased"] == pytest.approx(row["L_total_debiased"] - row["L_resid_debiased"])
+    # the cross-fitted columns, aggregated as the debiased ones: means over the
+    # non-degenerate heads, the composition pooling their sums of squares
+    causal, bidirectional = stats.conditions["causal"], stats.conditions["bidirectional"]
+    c, b = causal.targets["pattern"], bidirectional.targets["pattern"]
+    keep = ~decomposition_inference(causal, bidirectional, n_boot=1).degenerate
+    total, resid = fit_shares(c).share[keep], fit_shares(b).share[keep]
+    w_c, w_b = (BucketProjection.from_statistics(t).per_prompt_sst()[0][keep] for t in (c, b))
+    assert row["L_total_crossfit"] == pytest.approx(total.mean())
+    assert row["L_mask_crossfit"] == pytest.approx((total - resid).mean())
+    expected = 1 - (resid @ w_b / w_b.sum()) / (total @ w_c / w_c.sum())
+    assert row["composition_crossfit"] == pytest.approx(expected, rel=1e-12)
     assert list(result.layers["layer"]) == [0, 1]
-    assert {"L_resid_ci_low", "L_mask_ci_high", "L_resid_crossfit"} <= set(result.layers.columns)
+    assert {"L_resid_ci_low", "L_mask_ci_high", "L_resid_crossfit", "L_resid_debiased"} <= set(result.layers.columns)
 
 
 def test_sliding_vs_global_summary_on_tiny_gemma(tiny_gemma_hooked):
@@ -198,13 +209,14 @@ def test_sliding_vs_global_summary_on_tiny_gemma(tiny_gemma_hooked):
     assert (row["n_local_layers"], row["n_global_layers"]) == (2, 2)
     for comp in ("L_total", "L_mask", "L_resid"):
         assert (layers[f"{comp}_ci_low"] <= layers[f"{comp}_ci_high"]).all()
-        local = layers.loc[layers["kind"] == "local", comp].mean()
-        glob = layers.loc[layers["kind"] == "global", comp].mean()
-        assert row[f"{comp}_local"] == pytest.approx(local, abs=1e-12)
-        assert row[f"{comp}_global"] == pytest.approx(glob, abs=1e-12)
-        assert row[f"{comp}_local_minus_global"] == pytest.approx(local - glob, abs=1e-12)
-    # the overall mean over heads is the layer-weighted mix of the two kinds
-    assert row["L_resid"] == pytest.approx((row["L_resid_local"] + row["L_resid_global"]) / 2)
+        local = layers.loc[layers["kind"] == "local", column(comp)].mean()
+        glob = layers.loc[layers["kind"] == "global", column(comp)].mean()
+        assert row[f"{comp}_local_debiased"] == pytest.approx(local, abs=1e-12)
+        assert row[f"{comp}_global_debiased"] == pytest.approx(glob, abs=1e-12)
+        assert row[f"{comp}_local_minus_global_debiased"] == pytest.approx(local - glob, abs=1e-12)
+    # with no degenerate head, the overall mean is the layer-weighted mix of the two kinds
+    assert not row["heads_degenerate"]
+    assert row["L_resid_debiased"] == pytest.approx((row["L_resid_local_debiased"] + row["L_resid_global_debiased"]) / 2)
 
     # the difference's interval from per-layer replicates of the same resample
     c = stats.conditions["causal"].targets["pattern"]
@@ -217,7 +229,7 @@ def test_sliding_vs_global_summary_on_tiny_gemma(tiny_gemma_hooked):
     q_lo, q_hi = np.quantile(diff, [0.025, 0.975])
     plug_in = BucketProjection.from_statistics(b).in_sample_share().mean(-1)[0]
     truth = plug_in[is_local].mean() - plug_in[~is_local].mean()
-    estimate = row["L_resid_local_minus_global"]
+    estimate = row["L_resid_local_minus_global_debiased"]
     assert row["L_resid_local_minus_global_ci_low"] == pytest.approx(estimate + truth - q_hi, abs=1e-10)
     assert row["L_resid_local_minus_global_ci_high"] == pytest.approx(estimate + truth - q_lo, abs=1e-10)
 
@@ -229,7 +241,7 @@ def test_kind_summary_absent_with_one_kind(tiny_model, tiny_tokens):
     stats = run_statistics(tiny_model, tiny_tokens, targets=("pattern",), n_buckets=4, progress=False)
     result = summarize_model(stats, "tiny", n_boot=0, kinds=model_layer_kinds(tiny_model))
     assert list(result.layers["kind"]) == ["global", "global"]
-    assert "L_resid_local_minus_global" not in result.row
+    assert not any(name.startswith("L_resid_local") for name in result.row)
     assert result.row["n_local_layers"] == 0
 
 
@@ -282,25 +294,35 @@ def test_compare_cli_on_tiny_hf_folders(tiny_folders, compare_corpus, tmp_path):
     assert main(args) == 0
     table = pd.read_csv(out / "comparison.csv")
     assert len(table) == 3 and table["model"].iloc[2].endswith("+ntk4")
-    for col in ("L_total", "L_mask", "L_resid", "composition", "sink_heads", "depth_slope_L_resid",
-                "L_total_ci_low", "L_total_ci_high", "composition_ci_low", "depth_slope_L_resid_ci_low",
-                "depth_slope_L_resid_t_low", "sink_heads_ci_low", "L_total_crossfit"):
+    for col in ("L_total_debiased", "L_mask_debiased", "L_resid_debiased", "composition_debiased",
+                "sink_heads", "depth_slope_L_resid_debiased", "L_total_ci_low", "L_total_ci_high",
+                "composition_ci_low", "depth_slope_L_resid_ci_low", "depth_slope_L_resid_t_low",
+                "sink_heads_ci_low", "L_total_crossfit", "composition_crossfit"):
         assert col in table, col
-    np.testing.assert_allclose(table["L_mask"], table["L_total"] - table["L_resid"], atol=1e-12)
+    np.testing.assert_allclose(table["L_mask_debiased"], table["L_total_debiased"] - table["L_resid_debiased"],
+                               atol=1e-12)
     assert (table["L_total_ci_low"] <= table["L_total_ci_high"]).all()
     # NTK-by-parts at factor 4 changes the tiny Llama's shares
-    assert table["L_total"].iloc[0] != table["L_total"].iloc[2]
+    assert table["L_total_debiased"].iloc[0] != table["L_total_debiased"].iloc[2]
     layers = pd.read_csv(out / "comparison_layers.csv")
     assert len(layers) == 3 + 4 + 3
     assert list(layers["kind"]) == ["global"] * 3 + ["local", "global"] * 2 + ["global"] * 3
     assert {"L_total_ci_low", "L_total_ci_high"} <= set(layers.columns)
     # the sliding-vs-global summary exists for the tiny Gemma only, and is the per-layer means'
     g3 = layers[layers["model"] == str(gemma)]
-    diff = (g3.loc[g3["kind"] == "local", "L_resid"].mean()
-            - g3.loc[g3["kind"] == "global", "L_resid"].mean())
-    assert table["L_resid_local_minus_global"].iloc[1] == pytest.approx(diff, abs=1e-12)
-    assert table["L_resid_local_minus_global"].iloc[[0, 2]].isna().all()
+    diff = (g3.loc[g3["kind"] == "local", "L_resid_debiased"].mean()
+            - g3.loc[g3["kind"] == "global", "L_resid_debiased"].mean())
+    assert table["L_resid_local_minus_global_debiased"].iloc[1] == pytest.approx(diff, abs=1e-12)
+    assert table["L_resid_local_minus_global_debiased"].iloc[[0, 2]].isna().all()
     assert (table["n_local_layers"].tolist(), table["n_global_layers"].tolist()) == ([0, 2, 0], [3, 2, 3])
+    # every estimate names its estimator, as the registry spells it; no bare duplicate is left
+    suffixed = {name for name, quantity in QUANTITIES.items() if quantity.suffixed}
+    for frame in (table, layers):
+        assert not suffixed & set(frame.columns)
+        for name in frame.columns:
+            match = re.fullmatch(r"(.+?)(_local_minus_global|_local|_global)?_(debiased|crossfit)", name)
+            if match:
+                assert column(match[1], match[3], (match[2] or "_")[1:] or None) == name, name
     payload = json.loads((out / "comparison.json").read_text())
     assert payload["settings"]["models"][2].endswith("+ntk4") and len(payload["models"]) == 3
     assert "plotly" in (out / "comparison.html").read_text()[:5_000_000]
@@ -347,8 +369,10 @@ def test_compare_and_analyze_report_the_same_composition(tiny_model):
     analysis = analyze(tiny_model, tokens, progress=False, n_boot=50, window=8)
     row = summarize_model(analysis.statistics, "tiny", n_boot=50).row
     summary = analysis.summary()
-    assert row["composition"] == pytest.approx(summary["composition_debiased"], rel=1e-12)
-    for name in ("L_total", "L_resid", "L_mask"):
-        assert row[name] == pytest.approx(summary[f"{name}_debiased"], rel=1e-12)
+    for name in ("composition", "L_total", "L_resid", "L_mask"):
+        assert row[column(name)] == pytest.approx(summary[column(name)], rel=1e-12), name
+        assert row[f"{name}_ci_low"] == pytest.approx(summary[f"{column(name)}_ci"][0], rel=1e-12), name
+    # the cross-fitted composition: one formula in both
+    assert row["composition_crossfit"] == pytest.approx(analysis.decomposition().composition(), rel=1e-12)
     assert row["completed_mask_share"] == pytest.approx(summary["completed_split"]["mask_share"], rel=1e-12)
     assert row["completed_cross"] == pytest.approx(summary["completed_split"]["cross"], rel=1e-12)

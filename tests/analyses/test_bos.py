@@ -97,9 +97,9 @@ def test_bos_table_rows_cis_and_ratios(bos_result):
     table = bos_result.table().set_index("replacement")
     assert list(table.index) == ["baseline", *REPLACEMENTS]
     assert "replace_all" not in table.index
-    for metric in ("scores_ss", "L_total"):
+    for metric in ("scores_ss", "L_total_debiased"):
         assert (table[f"{metric}_low"] <= table[f"{metric}_high"]).all()
-    for ratio, base in (("scores_ss_relative", "scores_ss"), ("leakage_relative", "L_total")):
+    for ratio, base in (("scores_ss_relative", "scores_ss"), ("L_total_relative", "L_total_debiased")):
         estimable = bool(table[f"{ratio}_estimable"].iloc[0])
         includes_zero = table.loc["baseline", f"{base}_low"] <= 0 <= table.loc["baseline", f"{base}_high"]
         assert estimable == (not includes_zero)
@@ -148,7 +148,7 @@ def test_replacements_change_bidirectional_patterns_too(tiny_model, prompts):
     assert result.statistics.metadata["prompt_tokens"] == prompts.shape[1]
     assert np.abs(result.shares["mean/bidirectional"] - result.shares["baseline/bidirectional"]).max() > 1e-3
     table = result.table()
-    assert {"L_resid", "L_resid_relative", "L_mask"} <= set(table.columns)
+    assert {"L_resid_debiased", "L_resid_relative", "L_mask_debiased"} <= set(table.columns)
     with torch.no_grad(), bidirectional(tiny_model):
         a = tiny_model.run_with_cache(prompts[:2], names_filter="blocks.0.attn.hook_pattern")[1]
         with replace_position_zero(tiny_model, "mean"):
@@ -186,7 +186,7 @@ def test_real_bos_interventions_move_the_scores(real_model):
     # the baseline's interval (measured: 652 [374, 967] vs 77 [-5, 140] at 16 x 32)
     assert table.loc["zeros", "scores_ss_low"] > table.loc["baseline", "scores_ss_high"]
     # where the baseline's CI includes 0 the ratios are not estimable, not numbers
-    for ratio, base in (("scores_ss_relative", "scores_ss"), ("leakage_relative", "L_total")):
+    for ratio, base in (("scores_ss_relative", "scores_ss"), ("L_total_relative", "L_total_debiased")):
         if table.loc["baseline", f"{base}_low"] <= 0:
             assert table[ratio].isna().all()
 

@@ -65,7 +65,7 @@ def test_no_bos_model_through_analyze(no_bos_folder, texts, tmp_path, capsys):
     assert bidir["within_token_estimable"] == repeated
     assert (bidir["max_within_token_deviation"] is None) == (not repeated)  # never a 0 by default
     table = pd.read_csv(out / "bos_interventions.csv")
-    for ratio in ("scores_ss_relative", "leakage_relative"):
+    for ratio in ("scores_ss_relative", "L_total_relative"):
         estimable = bool(table[f"{ratio}_estimable"].iloc[0])
         assert estimable or table[ratio].isna().all()
 

@@ -218,15 +218,22 @@ def test_rope_controls_table(tiny_model, tiny_tokens):
 
     table = rope_controls(tiny_model, tiny_tokens, n_buckets=4, progress=False)
     assert list(table["control"]) == list(CONTROL_NAMES)
-    for col in ("L_total", "L_resid", "L_mask", "composition", "composition_minus_real",
-                "additivity_violated", "agrees_with_real"):
+    for col in ("L_total_debiased", "L_resid_debiased", "L_mask_debiased", "composition_debiased",
+                "composition_crossfit", "composition_debiased_minus_real", "additivity_violated",
+                "agrees_with_real"):
         assert col in table
     real = table.set_index("control").loc["real"]
-    assert real["composition_minus_real"] == 0
-    assert np.isfinite(table["L_total"]).all()
+    assert real["composition_debiased_minus_real"] == 0
+    assert np.isfinite(table["L_total_debiased"]).all()
     # identity RoPE: every logit is position-free, so under the bidirectional mask only
     # the residual stream can carry position.
-    assert np.isfinite(table.set_index("control").loc["identity", "L_resid"])
+    assert np.isfinite(table.set_index("control").loc["identity", "L_resid_debiased"])
+    # the real row is what analyze reports for the same prompts
+    from rope_leak.analyses.analysis import analyze
+
+    summary = analyze(tiny_model, tiny_tokens, n_buckets=4, progress=False, n_boot=1).summary()
+    assert real["composition_debiased"] == pytest.approx(summary["composition_debiased"], rel=1e-9)
+    assert real["L_resid_debiased"] == pytest.approx(summary["L_resid_debiased"], rel=1e-9)
 
 
 def test_controls_report_section(tiny_model, tiny_tokens):
