@@ -42,27 +42,14 @@ def main() -> None:
     parser.add_argument("--out", default="docs/rope_controls_smollm2.md")
     args = parser.parse_args()
     import rope_leak as rl
-    from rope_leak.analyses.architectures import CONTROL_NAMES, control_conditions, controls_table
-    from rope_leak.engine.run import run_statistics
-    from rope_leak.fits.start_cut import completed_split
+    from rope_leak.analyses.architectures import rope_controls
 
     rl.tune_allocator()
     model = rl.load_model("smollm2-135m")
     corpus = rl.load_corpus(model, "wikipedia", n_prompts=args.prompts, n_tokens=args.tokens, seed=0)
     started = time.perf_counter()
-    causal_names = {"real": "causal", "identity": "causal+identity", "scrambled": "causal+scrambled"}
-    stats = run_statistics(model, corpus.tokens, conditions=control_conditions(args.tokens, 0),
-                           targets=("pattern",), batch_size=args.batch_size, progress=False,
-                           start_cut_conditions=list(causal_names.values()))
-    table = controls_table(stats, "pattern", n_boot=args.n_boot, seed=0)
-    for control in CONTROL_NAMES:
-        split = completed_split(stats.conditions[causal_names[control]])
-        s = split.summary()
-        row = table["control"] == control
-        for name in ("mask_share", "cross", "mask_part", "scores_part"):
-            table.loc[row, f"completed_{name}"] = s[name]
-            table.loc[row, f"completed_{name}_ci_low"], table.loc[row, f"completed_{name}_ci_high"] = s[f"{name}_ci"]
-        table.loc[row, "completed_heads_kept"] = s["heads_kept"]
+    table = rope_controls(model, corpus.tokens, target="pattern", batch_size=args.batch_size,
+                          n_boot=args.n_boot, seed=0, progress=False)
     seconds = time.perf_counter() - started
     table["n_prompts"], table["n_tokens"] = args.prompts, args.tokens
     lines = [
@@ -83,9 +70,10 @@ def main() -> None:
     ]
     for _, r in table.iterrows():
         lines.append(
-            f"| {r['control']} | {r['L_total']:.4f} | {r['L_mask']:.4f} | {r['L_resid']:.4f} | "
-            f"{r['composition']:.2f} {ci(r['composition_ci_low'], r['composition_ci_high'])} | "
-            f"{r['composition_minus_real']:+.2f} | {'yes' if r['agrees_with_real'] else 'no'} | "
+            f"| {r['control']} | {r['L_total_debiased']:.4f} | {r['L_mask_debiased']:.4f} | "
+            f"{r['L_resid_debiased']:.4f} | "
+            f"{r['composition_debiased']:.2f} {ci(r['composition_ci_low'], r['composition_ci_high'])} | "
+            f"{r['composition_debiased_minus_real']:+.2f} | {'yes' if r['agrees_with_real'] else 'no'} | "
             f"{r['completed_mask_share']:.2f} {ci(r['completed_mask_share_ci_low'], r['completed_mask_share_ci_high'])} | "
             f"{r['completed_cross']:.2f} {ci(r['completed_cross_ci_low'], r['completed_cross_ci_high'])} | "
             f"{int(r['completed_heads_kept'])} |")

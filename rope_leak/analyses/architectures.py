@@ -101,12 +101,15 @@ def controls_table(
 
     Components and compositions are read as ``analyze`` reports them
     (:func:`ablation_columns`): debiased and cross-fitted, means over the non-degenerate
-    heads and the composition pooled over them, with bucket-bootstrap CIs when ``n_boot`` > 0."""
+    heads and the composition pooled over them, with bucket-bootstrap CIs when ``n_boot`` > 0.
+    Where the causal conditions carry the start cut, each row also has its completed split
+    (``completed_*``, with jackknife intervals)."""
     rows = []
     for control in CONTROL_NAMES:
         causal_stats = stats.conditions[_condition_name("causal", control)]
         bidirectional_stats = stats.conditions[_condition_name("bidirectional", control)]
-        rows.append({"control": control, "target": target,
+        split = completed_split(causal_stats) if causal_stats.start_cut is not None else None
+        rows.append({"control": control, "target": target, **_completed_columns(split),
                      **ablation_columns(causal_stats, bidirectional_stats, target, n_boot, seed)})
     table = pd.DataFrame(rows)
     composition = column("composition")
@@ -137,12 +140,14 @@ def rope_controls(
     :func:`ablation_columns` (``L_total_debiased``, ..., ``composition_debiased``,
     ``composition_crossfit``), ``composition_debiased_minus_real`` and ``agrees_with_real``
     (``|difference| <= tolerance``); with ``n_boot`` > 0 also a bucket-bootstrap CI of
-    each component and composition. The scrambled permutation covers positions ``0..n-1`` of the
-    prompts (``seed`` fixes it).
+    each component and composition; and each causal condition's completed split
+    (``completed_*``; prompts too short for its window skip it). The scrambled permutation
+    covers positions ``0..n-1`` of the prompts (``seed`` fixes it).
     """
     stats = run_statistics(
         model, tokens, conditions=control_conditions(tokens.shape[1], seed), targets=(target,),
         spec=spec, batch_size=batch_size, n_buckets=n_buckets, progress=progress,
+        start_cut_conditions=[_condition_name("causal", control) for control in CONTROL_NAMES],
     )
     return controls_table(stats, target, tolerance, n_boot, seed)
 
@@ -321,6 +326,7 @@ def _completed_columns(split) -> dict:
         row[f"completed_{name}_ci_low"], row[f"completed_{name}_ci_high"] = completed.get(
             f"{name}_ci", (np.nan, np.nan))
     row["completed_heads_compensating"] = len(completed["heads_compensating"])
+    row["completed_heads_kept"] = completed["heads_kept"]
     return row
 
 

@@ -244,3 +244,17 @@ def test_controls_report_section(tiny_model, tiny_tokens):
     assert (table["composition_ci_low"] <= table["composition_ci_high"]).all()
     html = controls_section(table, include_plotlyjs=False)
     assert html.startswith("<section>") and "additivity" in html.lower() and "scrambled" in html
+
+
+def test_rope_controls_carry_each_causal_conditions_completed_split(tiny_model):
+    """The real row's completed split is analyze's; the identity RoPE's differs."""
+    from rope_leak.analyses.analysis import analyze
+    from rope_leak.analyses.architectures import rope_controls
+
+    tokens = torch.randint(1, 50, (16, 64), generator=torch.Generator().manual_seed(4))
+    tokens[:, 0] = 0
+    table = rope_controls(tiny_model, tokens, n_buckets=8, progress=False).set_index("control")
+    split = analyze(tiny_model, tokens, n_buckets=8, progress=False, n_boot=1).summary()["completed_split"]
+    assert table.loc["real", "completed_mask_share"] == pytest.approx(split["mask_share"], rel=1e-9)
+    assert table.loc["real", "completed_cross"] == pytest.approx(split["cross"], rel=1e-9)
+    assert table.loc["identity", "completed_mask_share"] != table.loc["real", "completed_mask_share"]
