@@ -92,3 +92,10 @@ def publish(lines: list[str], module: str, *, latest: str | None = None, doc: st
     if doc:
         update_doc(doc, key or module, lines, module=module)
         print(f"updated {doc}")
+
+
+def markdown_table(frame) -> str:
+    """A pandas DataFrame as a markdown table (cells as printed by ``str``)."""
+    rows = [list(map(str, frame.columns)), ["---"] * len(frame.columns)]
+    rows += [[str(v) for v in row] for row in frame.itertuples(index=False)]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
