@@ -58,13 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Where does absolute position come from in a RoPE language model?",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_analyze_parser, _add_compare_parser, _add_sinks_parser, _add_effects_parser,
+                _add_merge_parser):
+        add(sub)
+    return parser
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
+
+
+def _add_analyze_parser(sub) -> None:
     analyze = sub.add_parser("analyze", help="per-head absolute-position share and its decomposition")
-    analyze.add_argument("--model", default=DEFAULT_MODEL,
-                         help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
+    _add_model_argument(analyze)
     _add_run_arguments(analyze, groups=("run", "analyze", "scale"))
+
+
+def _add_compare_parser(sub) -> None:
     compare = sub.add_parser(
         "compare",
-        help="compare models: L_total, L_mask, L_resid, composition, sink heads, depth slope (with CIs)",
+        help="compare models: the completed split, the ablation's components and composition, sink heads, "
+             "depth slope (with CIs)",
         description=(
             "Run the same corpus through each model and write comparison.csv, "
             "comparison_layers.csv, comparison.json and comparison.html into --out. A model "
@@ -79,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="bootstrap resamples of prompt buckets for CIs (0: none; default 200)")
     _add_run_arguments(compare)
     compare.set_defaults(out="rope_leak_compare")
+
+
+def _add_sinks_parser(sub) -> None:
     sinks = sub.add_parser("sinks", help="sink heads, position-0 trajectory, sink-reading heads, "
                            "fingerprint probe, BOS interventions")
-    sinks.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
+    _add_model_argument(sinks)
     _add_run_arguments(sinks)
     sinks.set_defaults(prompts=32)
     sinks.add_argument("--sink-threshold", type=float, default=0.3,
@@ -107,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run the BOS interventions under the bidirectional ablation "
                             "(full-length prompts; about 6x the cost)")
     sinks.add_argument("--no-probe", action="store_true", help="skip the fingerprint probe")
+
+
+def _add_effects_parser(sub) -> None:
     effects = sub.add_parser("effects", help="does the model use it? loss effects of removing each "
                              "layer's (and the top heads') start cut and absolute key effect")
-    effects.add_argument("--model", default=DEFAULT_MODEL,
-                         help=f"zoo name, HF folder, .gguf file or TransformerLens name (default {DEFAULT_MODEL})")
+    _add_model_argument(effects)
     _add_run_arguments(effects)
     effects.add_argument("--heldout", type=_positive_int, default=16,
                          help="held-out prompts the effects are measured on (default 16)")
@@ -120,8 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     effects.add_argument("--no-layers", action="store_true", help="skip the per-layer effects")
     effects.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of the fit (default 200)")
     effects.set_defaults(out="rope_leak_effects")
-    _add_merge_parser(sub)
-    return parser
 
 
 def _pairs(args: argparse.Namespace) -> PairSpec:

@@ -257,6 +257,11 @@ class Analysis(Displayable):
         ``L_*_debiased`` / ``_ci_low`` / ``_ci_high``: debiased shares of the headline
         target with CIs; ``{target}_L_*_crossfit``: cross-fitted shares of every target
         (every share column names its estimator)."""
+        return self._heads_table.copy()
+
+    @cached_property
+    def _heads_table(self) -> pd.DataFrame:
+        """:meth:`heads`, built once (the summary, the record and :meth:`head` all read it)."""
         layers, heads = np.meshgrid(np.arange(self.n_layers), np.arange(self.n_heads), indexing="ij")
         table = pd.DataFrame({
             "layer": layers.ravel(),

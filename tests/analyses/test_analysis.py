@@ -30,22 +30,26 @@ def test_analysis_tables_are_consistent(tiny_model, tiny_tokens):
                                heads["pattern_L_total_crossfit"] - heads["pattern_L_resid_crossfit"])
     assert "pattern_L_total" not in heads and "L_total" not in analysis.layers()  # every name says its estimator
     layers = analysis.layers()
-    np.testing.assert_allclose(layers["L_total_crossfit"], heads.groupby("layer")["pattern_L_total_crossfit"].mean())
+    keep = ~heads["degenerate"].to_numpy()
+    kept_heads = heads[keep]
+    np.testing.assert_allclose(layers["L_total_crossfit"],
+                               kept_heads.groupby("layer")["pattern_L_total_crossfit"].mean())
     summary = analysis.summary()
-    dec = analysis.decomposition()
-    crossfit = summary["crossfit"]["pattern"]["composition"]
-    assert crossfit == pytest.approx(dec.mask.sum() / (dec.mask.sum() + dec.resid.sum()))
-    # The headline composition pools the debiased shares' sums of squares (sum dSS / sum
-    # SST per condition, degenerate heads left out), inside its own CI.
+    # Both estimators' compositions pool sums of squares (sum dSS / sum SST per condition,
+    # degenerate heads left out); the debiased one lies inside its own CI.
     from rope_leak.fits.projection import BucketProjection
 
-    keep = ~heads["degenerate"].to_numpy()
-    pooled = {}
-    for condition, column in (("causal", "L_total_debiased"), ("bidirectional", "L_resid_debiased")):
-        sst = BucketProjection.from_statistics(
-            analysis.statistics.conditions[condition].targets["pattern"]).per_prompt_sst()[0].ravel()
-        pooled[condition] = (heads[column].to_numpy() * sst)[keep].sum() / sst[keep].sum()
-    assert summary["composition_debiased"] == pytest.approx(1 - pooled["bidirectional"] / pooled["causal"])
+    for estimator, total, resid in (("debiased", "L_total_debiased", "L_resid_debiased"),
+                                    ("crossfit", "pattern_L_total_crossfit", "pattern_L_resid_crossfit")):
+        pooled = {}
+        for condition, name in (("causal", total), ("bidirectional", resid)):
+            sst = BucketProjection.from_statistics(
+                analysis.statistics.conditions[condition].targets["pattern"]).per_prompt_sst()[0].ravel()
+            pooled[condition] = (heads[name].to_numpy() * sst)[keep].sum() / sst[keep].sum()
+        expected = 1 - pooled["bidirectional"] / pooled["causal"]
+        got = summary["composition_debiased"] if estimator == "debiased" else \
+            summary["crossfit"]["pattern"]["composition"]
+        assert got == pytest.approx(expected), estimator
     low, high = summary["composition_debiased_ci"]
     assert np.isfinite(low) and low <= high
     np.testing.assert_allclose(heads["L_mask_debiased"], heads["L_total_debiased"] - heads["L_resid_debiased"])
