@@ -38,7 +38,8 @@ def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
                         subplot_titles=("Mask share: completed split vs ablation",
                                         "Ablation: absolute-position share",
                                         "Ablation by depth (dashed: L_mask)"))
-    colors = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2"]
+    colors = ["#4C78A8", "#F58518", "#72B7B2", "#9D755D", "#FF9DA6", "#EECA3B"]  # one per model
+    component_colors = ["#54A24B", "#E45756", "#B279A2"]  # none of the models' colours
     completed, composition = column("completed_mask_share"), column("composition")
     if completed in table:
         fig.add_trace(go.Bar(name="completed split (mask share of log A)", x=table["model"], y=table[completed],
@@ -49,7 +50,7 @@ def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
                          legendgroup="shares"), row=1, col=1)
     for k, comp in enumerate(COMPONENTS):
         fig.add_trace(go.Bar(name=comp, x=table["model"], y=table[column(comp)],
-                             error_y=_err(table, column(comp), comp), marker_color=colors[k],
+                             error_y=_err(table, column(comp), comp), marker_color=component_colors[k],
                              legendgroup="components"), row=1, col=2)
     resid, mask = column("L_resid"), column("L_mask")
     for k, (model, part) in enumerate(layers.groupby("model", sort=False)):
