@@ -67,15 +67,20 @@ def main() -> None:
         analysis = rl.analyze(model, corpus, progress=False, n_boot=args.n_boot, batch_size=args.batch_size)
         s = analysis.summary()
         c = s["completed_split"]
-        ablation = analysis.inference("log_pattern").composition
+        inference = analysis.inference("log_pattern")
+        ablation = inference.composition
+        ablation_text = (f"{float(ablation.estimate):.2f} {ci([float(ablation.low), float(ablation.high)])}"
+                         if inference.composition_estimable else
+                         f"not estimable (point {inference.composition_point:.2f})")
         seconds = time.perf_counter() - started
         rows.append(f"| {prompts} | {tokens} | {c['mask_share']:.2f} {ci(c['mask_share_ci'])} | "
                     f"{c['cross']:.2f} {ci(c['cross_ci'])} | {c['mask_part']:.2f} | {c['scores_part']:.2f} | "
                     f"{c['heads_kept']} | {len(c['heads_compensating'])} | {len(c['heads_not_estimable'])} | "
-                    f"{float(ablation.estimate):.2f} {ci([float(ablation.low), float(ablation.high)])} | "
-                    f"{seconds:.0f} |")
+                    f"{ablation_text} | {seconds:.0f} |")
         record[cell] = {"completed_split": c, "ablation_log_pattern": [float(ablation.estimate),
-                        float(ablation.low), float(ablation.high)], "seconds": seconds}
+                        float(ablation.low), float(ablation.high)],
+                        "ablation_log_pattern_estimable": inference.composition_estimable,
+                        "ablation_log_pattern_point": inference.composition_point, "seconds": seconds}
         print(rows[-1], flush=True)
         if index == 0:
             details = first_cell_details(model, corpus, analysis, args.batch_size)
@@ -88,7 +93,9 @@ def main() -> None:
         "w = 32 on queries w <= i <= n - 2 (pooled over non-degenerate, estimable heads; 95% jackknife CIs "
         "over prompt buckets), beside the bidirectional ablation's mask share of `log A` (the "
         "paper's method; 95% bootstrap CIs; biased by the end of the prompt at long n, see "
-        "`method.md`). Parts and cross term are fractions of SS(D log A).",
+        "`method.md`; *not estimable* where the pooled L_total's interval reaches 0, the point "
+        "ratio in parentheses is then no number to read). Parts and cross term are fractions of "
+        "SS(D log A).",
         "",
         f"Command: `python -m bench.completed_split_smollm2 --grid {args.grid}`; {today}; "
         f"{platform.machine()}, {torch.get_num_threads()} threads.",

@@ -169,8 +169,9 @@ def run_analyze(args: argparse.Namespace) -> int:
               f"{len(completed['heads_compensating'])} compensating heads")
     else:
         print("completed split: not computed (prompts shorter than the window + 2)")
-    print(f"ablation (the paper's method, {s['target']}): composition (mask share) = "
-          f"{s['composition_debiased']:.3f} {ci('composition_debiased')}; "
+    composition = (f"{s['composition_debiased']:.3f} {ci('composition_debiased')}" if
+                   s["composition_debiased_estimable"] else "not estimable (the pooled L_total's CI reaches 0)")
+    print(f"ablation (the paper's method, {s['target']}): composition (mask share) = {composition}; "
           f"mean L_total = {s['L_total_debiased']:.4f} {ci('L_total_debiased')}, L_resid = "
           f"{s['L_resid_debiased']:.4f} {ci('L_resid_debiased')}, L_mask = {s['L_mask_debiased']:.4f} "
           f"{ci('L_mask_debiased')} (debiased, "

@@ -29,6 +29,10 @@ ESTIMATORS = {
     "plugin": "plain mean over prompts (no fitted model, no bias to remove)",
 }
 
+NOT_ESTIMABLE = "not estimable"
+"""What is printed in place of a number that cannot be estimated (a ratio over a baseline
+whose interval reaches 0, a spread over one prompt)."""
+
 POOLED = "pooled sums of squares over non-degenerate heads"
 """The one aggregation of every ratio over heads: ``sum_h numerator_h / sum_h
 denominator_h`` over the heads kept, so that a head weighs what it actually varies."""

@@ -57,7 +57,7 @@ from rope_leak.heads import head_label, normalize_head
 from rope_leak.inference.intervals import DecompositionInference, decomposition_inference
 from rope_leak.output.records import AnalysisRecord, CellMeans, HeadProfiles, top_heads_table
 from rope_leak.output.results import save_analysis
-from rope_leak.quantities import column
+from rope_leak.quantities import NOT_ESTIMABLE, column
 
 REPORTED_TARGETS = ("pattern", "log_pattern", "scores")
 CONDITIONS = ("causal", "bidirectional")
@@ -323,6 +323,8 @@ class Analysis(Displayable):
             table["composition_debiased"] = inf.layer_composition.estimate
             table["composition_ci_low"] = inf.layer_composition.low
             table["composition_ci_high"] = inf.layer_composition.high
+            table["composition_estimable"] = inf.layer_composition_estimable  # the crossfit one too
+            table["composition_crossfit"] = table["composition_crossfit"].where(inf.layer_composition_estimable)
             keep = np.where(inf.degenerate, np.nan, 1.0)  # degenerate heads left out
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a layer of degenerate heads: NaN
@@ -413,12 +415,12 @@ class Analysis(Displayable):
                  ("heads", f"{self.n_layers} layers x {self.n_heads} heads"),
                  ("prompts", f"{self.n_prompts} x {first.design.n_tokens} tokens"),
                  ("target", self.target)]
-        dec = self.decomposition()
-        items.append(("composition_crossfit", round(dec.composition(), 4)))
         if self.target in self._inferences:  # only what is already computed: a repr stays cheap
-            comp = self._inferences[self.target].composition
+            inf = self._inferences[self.target]
+            comp = inf.composition
             items.append(("composition_debiased",
-                          f"{float(comp.estimate):.3f} [{float(comp.low):.3f}, {float(comp.high):.3f}]"))
+                          f"{float(comp.estimate):.3f} [{float(comp.low):.3f}, {float(comp.high):.3f}]"
+                          if inf.composition_estimable else NOT_ESTIMABLE))
         items.append(("sink_heads", len(self.sink_heads())))
         return items
 
@@ -434,6 +436,8 @@ class Analysis(Displayable):
             name = key if key == "composition" else f"{key}_mean"
             out[column(key, "debiased")] = inf[name]
             out[f"{column(key, 'debiased')}_ci"] = inf[f"{name}_ci"]
+        out["composition_debiased_estimable"] = inf["composition_estimable"]
+        out["composition_debiased_point"] = inf["composition_point"]  # the ratio, also where not estimable
         out["estimators"] = ("*_debiased: debiased shares (the headline); "
                              "crossfit: cross-fitted shares of the definition")
         out["composition_aggregation"] = inf["aggregation"]
@@ -445,6 +449,8 @@ class Analysis(Displayable):
         out["heads_additivity_violated"] = int((self.inference().mask.high < 0).sum())
         out["additivity_violated"] = bool(out["L_mask_debiased_ci"][1] < 0)
         out["crossfit"] = {t: self.decomposition(t).summary() for t in self.targets}
+        if not inf["composition_estimable"]:  # the same ratio over the same near-0 baseline
+            out["crossfit"][self.target]["composition"] = float("nan")
         out["crossfit"][self.target]["L_total_median"] = float(np.median(dec.total))
         out["crossfit"][self.target]["L_resid_median"] = float(np.median(dec.resid))
         inference = self.inference()

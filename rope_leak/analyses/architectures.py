@@ -115,7 +115,9 @@ def controls_table(
     composition = column("composition")
     table[f"{composition}_minus_real"] = table[composition] - table.loc[table["control"] == "real",
                                                                         composition].iloc[0]
-    table["agrees_with_real"] = table[f"{composition}_minus_real"].abs() <= tolerance
+    difference = table[f"{composition}_minus_real"]
+    # None where a composition is not estimable: neither agreeing nor disagreeing
+    table["agrees_with_real"] = [None if np.isnan(d) else bool(abs(d) <= tolerance) for d in difference]
     table["tolerance"] = tolerance
     return table
 
@@ -307,6 +309,9 @@ def ablation_columns(causal: ConditionStatistics, bidirectional: ConditionStatis
         row[column(name)] = summary[key]
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = summary[f"{key}_ci"] if n_boot else (np.nan, np.nan)
         row[column(name, "crossfit")] = crossfit[name]
+    row["composition_estimable"] = summary["composition_estimable"]  # for both estimators
+    if not summary["composition_estimable"]:
+        row[column("composition", "crossfit")] = np.nan
     row["composition_aggregation"] = QUANTITIES["composition"].aggregation
     row["heads_degenerate"] = summary["degenerate_heads"]
     violated = inference.mask.high < 0 if n_boot else inference.mask.estimate < 0

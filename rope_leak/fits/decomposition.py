@@ -47,6 +47,20 @@ def pooled_share(share: np.ndarray, weight: np.ndarray, axis=None) -> np.ndarray
         return np.nansum(share * weight, axis) / weight.sum(axis)
 
 
+SHARE_ROUNDING = 1e-12
+"""A share (a fraction of a sum of squares) this small is rounding, not a baseline."""
+
+
+def composition_estimable(denominator: np.ndarray, denominator_low: np.ndarray) -> np.ndarray:
+    """Whether a composition ``1 - pooled L_resid / pooled L_total`` can be read: its
+    denominator, the pooled ``L_total``, must be above 0 (above :data:`SHARE_ROUNDING`) and
+    so must its interval's low end where there is one (NaN: no resamples, the point alone
+    decides). Otherwise the ratio is over a baseline that may be 0, and it is reported as
+    not estimable, not as a number."""
+    denominator, low = np.asarray(denominator, float), np.asarray(denominator_low, float)
+    return (denominator > SHARE_ROUNDING) & (np.isnan(low) | (low > SHARE_ROUNDING))
+
+
 def pooled_composition(total: np.ndarray, resid: np.ndarray, w_total: np.ndarray, w_resid: np.ndarray,
                        axis=None) -> np.ndarray:
     """The composition: ``1 - pooled(L_resid) / pooled(L_total)`` (:func:`pooled_share`)."""
@@ -84,10 +98,16 @@ class Decomposition:
         return np.where(self.degenerate, np.nan, values)
 
     def composition(self) -> float:
-        return float(pooled_composition(self.total, self.resid, self.w_total, self.w_resid))
+        """The pooled composition; NaN (not estimable) when the pooled ``L_total`` is not above 0."""
+        return float(self._composition(axis=None))
 
     def layer_composition(self) -> np.ndarray:
-        return pooled_composition(self.total, self.resid, self.w_total, self.w_resid, axis=1)
+        return self._composition(axis=1)
+
+    def _composition(self, axis) -> np.ndarray:
+        ratio = pooled_composition(self.total, self.resid, self.w_total, self.w_resid, axis)
+        denominator = pooled_share(self.total, self.w_total, axis)
+        return np.where(composition_estimable(denominator, np.nan), ratio, np.nan)
 
     def additivity_violated(self) -> np.ndarray:
         """Heads whose bidirectional share exceeds the causal one (``L_mask < 0``)."""

@@ -15,10 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from rope_leak.engine.statistics import ConditionStatistics
-from rope_leak.fits.decomposition import POOLED_TEXT, composition_weights, pooled_composition
+from rope_leak.fits.decomposition import (
+    POOLED_TEXT,
+    composition_estimable,
+    composition_weights,
+    pooled_composition,
+    pooled_share,
+)
 from rope_leak.inference.bootstrap import bootstrap_statistic, bucket_weights
 from rope_leak.inference.fdr import benjamini_hochberg
 from rope_leak.inference.nulls import signflip_null
+from rope_leak.quantities import NOT_ESTIMABLE
 
 
 @dataclass
@@ -38,8 +45,8 @@ class DecompositionInference:
     total: Interval
     resid: Interval
     mask: Interval
-    layer_composition: Interval  # [layer]
-    composition: Interval  # scalar arrays
+    layer_composition: Interval  # [layer]; NaN where not estimable
+    composition: Interval  # scalar arrays; NaN when not estimable
     means: Interval  # [3]: model means of L_total, L_resid, L_mask
     pvalue_total: np.ndarray
     qvalue_total: np.ndarray
@@ -52,11 +59,15 @@ class DecompositionInference:
     fdr_level: float
     n_boot: int
     degenerate: np.ndarray  # [layer, head] bool: scored variance below the floor
+    composition_estimable: bool = True
+    layer_composition_estimable: np.ndarray | None = None  # [layer] bool
+    composition_point: float = float("nan")  # the ratio itself, also where not estimable
+    layer_composition_point: np.ndarray | None = None
 
     def __repr__(self) -> str:
-        return (f"DecompositionInference(composition {float(self.composition.estimate):.3f} "
-                f"[{float(self.composition.low):.3f}, {float(self.composition.high):.3f}], "
-                f"{int(self.degenerate.sum())} degenerate heads)")
+        composition = (f"{float(self.composition.estimate):.3f} [{float(self.composition.low):.3f}, "
+                       f"{float(self.composition.high):.3f}]" if self.composition_estimable else NOT_ESTIMABLE)
+        return f"DecompositionInference(composition {composition}, {int(self.degenerate.sum())} degenerate heads)"
 
     def summary(self) -> dict:
         return {
@@ -66,6 +77,8 @@ class DecompositionInference:
             "n_boot": self.n_boot,
             "composition": float(self.composition.estimate),
             "composition_ci": [float(self.composition.low), float(self.composition.high)],
+            "composition_estimable": bool(self.composition_estimable),
+            "composition_point": float(self.composition_point),
             **{
                 f"{name}_mean": float(self.means.estimate[k])
                 for k, name in enumerate(("L_total", "L_resid", "L_mask"))
@@ -108,9 +121,17 @@ def decomposition_inference(
             np.nanmean(s["causal"] * keep, (1, 2))[:, None],
             np.nanmean(s["bidirectional"] * keep, (1, 2))[:, None],
             np.nanmean((s["causal"] - s["bidirectional"]) * keep, (1, 2))[:, None],
+            pooled_share(s["causal"], w_c, (1, 2))[:, None],  # the compositions' denominators
+            pooled_share(s["causal"], w_c, 2),
         ], 1),
         n_boot=n_boot, seed=seed, level=level,
     )
+    n_layers = w_c.shape[0]
+    ratios, means = slice(0, 1 + n_layers), slice(1 + n_layers, 4 + n_layers)
+    denominators = slice(4 + n_layers, None)
+    estimable = composition_estimable(compositions.estimate[denominators], compositions.ci_low[denominators])
+    masked = [np.where(estimable, a[ratios], np.nan) for a in
+              (compositions.estimate, compositions.ci_low, compositions.ci_high)]
     parts = [Interval(heads.estimate[k], heads.ci_low[k], heads.ci_high[k]) for k in range(3)]
     null_total = signflip_null(pair["causal"], n_flips=n_flips, seed=seed)
     null_resid = signflip_null(pair["bidirectional"], n_flips=n_flips, seed=seed)
@@ -118,15 +139,17 @@ def decomposition_inference(
     fdr_resid = benjamini_hochberg(null_resid.pvalues, fdr_level)
     return DecompositionInference(
         total=parts[0], resid=parts[1], mask=parts[2],
-        layer_composition=Interval(*(a[1:-3] for a in (compositions.estimate, compositions.ci_low, compositions.ci_high))),
-        composition=Interval(compositions.estimate[0], compositions.ci_low[0], compositions.ci_high[0]),
-        means=Interval(*(a[-3:] for a in (compositions.estimate, compositions.ci_low, compositions.ci_high))),
+        layer_composition=Interval(*(a[1:] for a in masked)),
+        composition=Interval(*(a[0] for a in masked)),
+        means=Interval(*(a[means] for a in (compositions.estimate, compositions.ci_low, compositions.ci_high))),
         pvalue_total=null_total.pvalues, qvalue_total=fdr_total.qvalues,
         significant_total=fdr_total.significant,
         pvalue_resid=null_resid.pvalues, qvalue_resid=fdr_resid.qvalues,
         significant_resid=fdr_resid.significant,
         sink=sink_interval(causal, n_boot=n_boot, level=level, seed=seed),
         level=level, fdr_level=fdr_level, n_boot=n_boot, degenerate=degenerate,
+        composition_estimable=bool(estimable[0]), layer_composition_estimable=estimable[1:],
+        composition_point=float(compositions.estimate[0]), layer_composition_point=compositions.estimate[1:n_layers + 1],
     )
 
 

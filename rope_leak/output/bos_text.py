@@ -3,7 +3,7 @@ the short label tables show and the line on the measured position-0 spread."""
 
 from __future__ import annotations
 
-NOT_ESTIMABLE = "not estimable"
+from rope_leak.quantities import NOT_ESTIMABLE  # noqa: F401 (re-exported)
 
 
 def bos_label(status: dict | None) -> str:

@@ -94,7 +94,13 @@ def _table_html(table: pd.DataFrame, digits: int = 4) -> str:
 def controls_section(controls: pd.DataFrame, include_plotlyjs: bool | str = "cdn") -> str:
     """HTML section: the controls table, a verdict sentence, and the figure."""
     tol = float(controls["tolerance"].iloc[0]) if "tolerance" in controls else float("nan")
-    off = controls.loc[~controls["agrees_with_real"], "control"].tolist()
+    agrees = controls["agrees_with_real"]
+    unknown = controls.loc[agrees.isna(), "control"].tolist()
+    off = controls.loc[agrees.notna() & (agrees == False), "control"].tolist()  # noqa: E712
+    if unknown:
+        return (f"<section><h2>RoPE controls (additivity check)</h2><p>The composition of "
+                f"{html.escape(', '.join(unknown))} is not estimable (the pooled L_total's interval "
+                "reaches 0), so the check cannot be read.</p>" + _table_html(controls) + "</section>")
     verdict = ("All controls agree with the real composition within "
                f"{tol:.2f}: consistent with additivity." if not off else
                f"Controls {', '.join(off)} differ from the real composition by more than "

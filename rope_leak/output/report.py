@@ -12,7 +12,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from rope_leak.download_cache import atomic_write_text
-from rope_leak.output.bos_text import bos_label, spread_text
+from rope_leak.output.bos_text import NOT_ESTIMABLE, bos_label, spread_text
 from rope_leak.output.explorer import explorer_html
 from rope_leak.output.plots import all_figures, top_heads_figure
 from rope_leak.output.records import AnalysisRecord, SinkRecord, as_analysis_record, as_sink_record
@@ -137,18 +137,20 @@ def summary_html(analysis) -> str:
     total, resid, mask, composition = (column(name, "debiased") for name in
                                        ("L_total", "L_resid", "L_mask", "composition"))
     comp = s[composition]
-    comp_text = "n/a" if not np.isfinite(comp) else f"{comp:.0%}"
+    estimable = bool(s.get(f"{composition}_estimable", np.isfinite(comp)))
+    comp_text = f"{comp:.0%} {_ci(s[composition + '_ci'])}" if estimable else \
+        "a share that is not estimable (the pooled L_total's interval reaches 0)"
     level = f"{s['ci_level']:.0%}"
     headline = (
         f"<p class='headline'>Under the model's causal mask, the absolute-position share of "
         f"<b>{html.escape(s['target'])}</b> averages <b>{s[total]:.4f}</b> {_ci(s[total + '_ci'])} "
-        f"(ΔR², debiased, {level} CI) per head; the causal mask accounts for <b>{comp_text}</b> "
-        f"{_ci(s[composition + '_ci'])} of it and the residual stream for the rest "
+        f"(ΔR², debiased, {level} CI) per head; by the bidirectional ablation the causal mask "
+        f"accounts for <b>{comp_text}</b> of it and the residual stream for the rest "
         f"(mean L_mask {s[mask]:.4f}, L_resid {s[resid]:.4f}; {s['n_prompts']} prompts).</p>")
     split = s.get("completed_split")
     if split:
         headline = (
-            f"<p class='headline'>Completed split (w = {split['window']}, queries i ≥ w, log A): the "
+            f"<p class='headline'>Completed split (w = {split['window']}, queries w ≤ i ≤ n − 2, log A): the "
             f"causal mask's start cut accounts for <b>{split['mask_share']:.0%}</b> "
             f"{_ci(split.get('mask_share_ci', [np.nan, np.nan]))} of the absolute position in the "
             f"attention, the scores (what the residual stream carries) for the rest; cross term "
@@ -160,7 +162,7 @@ def summary_html(analysis) -> str:
         (f"mean L_resid (bidirectional) [{level} CI]", f"{s[resid]:.4f} {_ci(s[resid + '_ci'])}"),
         (f"mean L_mask [{level} CI]", f"{s[mask]:.4f} {_ci(s[mask + '_ci'])}"),
         (f"ablation composition (the paper's method; mask share of {s['target']}) [{level} CI]",
-         f"{comp:.3f} {_ci(s[composition + '_ci'])}"),
+         f"{comp:.3f} {_ci(s[composition + '_ci'])}" if estimable else NOT_ESTIMABLE),
         *([(f"completed split (w = {split['window']}): mask share <D m, D log A> / SS(D log A) "
              f"[{level} CI]", f"{split['mask_share']:.3f} {_ci(split.get('mask_share_ci', [np.nan, np.nan]))}"),
            (f"completed split: cross term / SS(log A) [{level} CI]",

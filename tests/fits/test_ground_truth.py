@@ -128,3 +128,36 @@ def test_planted_residual_stream_signal_is_recovered(tokens):
     dec = analysis.decomposition("pattern")
     assert dec.resid[0, 0] > 0.05
     assert analysis.decomposition("scores").resid[0, 0] > 0.05
+
+
+def test_a_composition_over_a_zero_l_total_is_not_estimable(tokens):
+    """A composition is a ratio over the pooled L_total: where that is 0 it is not
+    estimable, in every table, not a number with an interval. Purely relative scores have
+    L_total = 0 by construction (6e-15 here, rounding); a random tiny model's scores have
+    an L_total whose interval reaches 0. The pattern's composition (L_total > 0) stays a
+    number."""
+    from rope_leak.analyses.architectures import ablation_columns
+    from rope_leak.backends import tiny_rope_model
+    from rope_leak.fits.decomposition import composition_estimable
+
+    model, _ = hand_set_model(planted=0.0)
+    relative = analyze(model, tokens, progress=False, window=WINDOW, n_boot=200).inference("scores")
+    assert relative.means.estimate[0] < 1e-12 and not relative.composition_estimable
+    model = tiny_rope_model(n_layers=2, n_heads=4, d_model=32, d_head=8, n_ctx=64)
+    prompts = torch.randint(1, 50, (8, 32), generator=torch.Generator().manual_seed(1))
+    prompts[:, 0] = 0
+    analysis = analyze(model, prompts, progress=False, window=8, n_boot=200)
+    scores = analysis.inference("scores")
+    assert scores.means.low[0] < 0  # the baseline's interval reaches 0
+    assert not scores.composition_estimable and np.isfinite(scores.composition_point)
+    assert np.isnan(scores.composition.estimate) and np.isnan(scores.composition.low)
+    assert not scores.layer_composition_estimable.any() and np.isnan(scores.layer_composition.estimate).all()
+    pattern = analysis.inference("pattern")
+    assert pattern.composition_estimable and np.isfinite(pattern.composition.estimate)
+    causal, bidirectional = (analysis.statistics.conditions[c] for c in ("causal", "bidirectional"))
+    row = ablation_columns(causal, bidirectional, "scores", n_boot=200)
+    assert not row["composition_estimable"]
+    assert np.isnan(row["composition_debiased"]) and np.isnan(row["composition_crossfit"])
+    # the rule: the denominator and its interval's low end above 0 (no interval: the point)
+    np.testing.assert_array_equal(composition_estimable([0.1, 0.1, -0.1, 0.1], [0.01, -0.01, 0.01, np.nan]),
+                                  [True, False, False, True])
