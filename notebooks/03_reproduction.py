@@ -94,9 +94,12 @@ for t in analysis.targets:
     inf = analysis.inference(t).summary()  # debiased shares, bootstrap CIs over prompt buckets
     rows.append({"target": t, **{name: with_ci(inf[f"{name}_mean"], inf[f"{name}_mean_ci"])
                                  for name in ("L_total", "L_resid", "L_mask")},
-                 "composition": with_ci(inf["composition"], inf["composition_ci"]),
+                 # a ratio over a pooled L_total whose interval reaches 0 is not a number to read
+                 "composition": with_ci(inf["composition"], inf["composition_ci"]) if inf["composition_estimable"]
+                 else f"{rl.NOT_ESTIMABLE} (point {inf['composition_point']:.2f})",
                  "degenerate heads": inf["degenerate_heads"],
-                 "composition (cross-fitted)": analysis.decomposition(t).composition()})
+                 "composition (cross-fitted)": analysis.decomposition(t).composition() if inf["composition_estimable"]
+                 else rl.NOT_ESTIMABLE})
 table1 = pd.DataFrame(rows)
 print_table(f"Table 1. Mean absolute-position share per head (debiased ΔR², 95% CIs) under the causal "
             f"mask (L_total) and the bidirectional ablation (L_resid); L_mask = L_total − L_resid. "

@@ -39,6 +39,7 @@ from rope_leak.pipeline import (
     run_effects,
     run_sinks,
 )
+from rope_leak.quantities import NOT_ESTIMABLE, QUANTITIES, column
 from rope_leak.version import __version__ as __version__
 
 __all__ = [
@@ -49,8 +50,10 @@ __all__ = [
     "Corpus",
     "HeadSpecError",
     "InsufficientMemoryError",
+    "NOT_ESTIMABLE",
     "NotRoPEModelError",
     "PairSpec",
+    "QUANTITIES",
     "RunResult",
     "RunStatistics",
     "SinkAnalysis",
@@ -58,6 +61,7 @@ __all__ = [
     "analyze",
     "analyze_sinks",
     "bidirectional",
+    "column",
     "compare",
     "estimate_memory",
     "head_label",

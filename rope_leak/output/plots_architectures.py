@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from rope_leak.quantities import PARTS, column
+from rope_leak.quantities import NOT_ESTIMABLE, PARTS, column
 
 COMPONENTS = ("L_total", "L_mask", "L_resid")
 
@@ -45,9 +45,11 @@ def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Bar(name="completed split (mask share of log A)", x=table["model"], y=table[completed],
                              error_y=_err(table, completed), marker_color="#2F4B7C",
                              legendgroup="shares"), row=1, col=1)
-    fig.add_trace(go.Bar(name="ablation composition (the paper's method)", x=table["model"], y=table[composition],
-                         error_y=_err(table, composition, "composition"), marker_color="#BAB0AC",
-                         legendgroup="shares"), row=1, col=1)
+    missing = table[composition].isna()  # not estimable: said at the bar's place, not left blank
+    fig.add_trace(go.Bar(name="ablation composition (the paper's method)", x=table["model"],
+                         y=table[composition].where(~missing, 0.0), error_y=_err(table, composition, "composition"),
+                         text=[NOT_ESTIMABLE if m else "" for m in missing], textposition="outside",
+                         textangle=-90, marker_color="#BAB0AC", legendgroup="shares"), row=1, col=1)
     for k, comp in enumerate(COMPONENTS):
         fig.add_trace(go.Bar(name=comp, x=table["model"], y=table[column(comp)],
                              error_y=_err(table, column(comp), comp), marker_color=component_colors[k],
