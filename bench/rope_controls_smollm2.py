@@ -33,6 +33,13 @@ def ci(low, high) -> str:
     return f"[{low:.2f}, {high:.2f}]"
 
 
+def composition(row) -> str:
+    """The ablation's composition with its CI, or why it has none."""
+    if not row["composition_estimable"]:
+        return "not estimable (the pooled L_total's CI reaches 0)"
+    return f"{row['composition_debiased']:.2f} {ci(row['composition_ci_low'], row['composition_ci_high'])}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
@@ -72,8 +79,8 @@ def main() -> None:
         lines.append(
             f"| {r['control']} | {r['L_total_debiased']:.4f} | {r['L_mask_debiased']:.4f} | "
             f"{r['L_resid_debiased']:.4f} | "
-            f"{r['composition_debiased']:.2f} {ci(r['composition_ci_low'], r['composition_ci_high'])} | "
-            f"{r['composition_debiased_minus_real']:+.2f} | {'yes' if r['agrees_with_real'] else 'no'} | "
+            f"{composition(r)} | {r['composition_debiased_minus_real']:+.2f} | "
+            f"{'–' if r['agrees_with_real'] is None else 'yes' if r['agrees_with_real'] else 'no'} | "
             f"{r['completed_mask_share']:.2f} {ci(r['completed_mask_share_ci_low'], r['completed_mask_share_ci_high'])} | "
             f"{r['completed_cross']:.2f} {ci(r['completed_cross_ci_low'], r['completed_cross_ci_high'])} | "
             f"{int(r['completed_heads_kept'])} |")
