@@ -164,8 +164,9 @@ def layer_composition(analysis, target: str | None = None) -> go.Figure:
 
 
 def _composition_lines(fig: go.Figure, record: AnalysisRecord, row=None, col=None) -> None:
-    """Per-layer mask shares with CIs. A layer whose CI is wider than 1 (its pooled total
-    is about 0, so the ratio is noise) is not estimable: marked at the bottom, not drawn.
+    """Per-layer mask shares with CIs. A layer whose share is not estimable (NaN: the
+    ablation's pooled L_total's interval reaches 0) or whose CI is wider than 1 (its pooled
+    total is about 0, so the ratio is noise) is marked at the bottom, not drawn.
     A share outside ``SHARE_AXIS`` is a triangle at that edge, its value and CI on hover."""
     layers = np.arange(record.n_layers)
     bottom, top = SHARE_AXIS
@@ -196,7 +197,7 @@ def _composition_lines(fig: go.Figure, record: AnalysisRecord, row=None, col=Non
         if (~ok).any():
             fig.add_scatter(x=layers[~ok], y=np.full((~ok).sum(), -0.15), mode="markers",
                             marker=dict(symbol="x-thin", size=9, color=color, line=dict(width=2, color=color)),
-                            name=f"not estimable (CI wider than 1): {name.split(':')[0]}",
+                            name=f"not estimable (pooled total about 0): {name.split(':')[0]}",
                             hovertemplate="layer %{x}: not estimable<extra></extra>", row=row, col=col)
 
     share = column("completed_mask_share")
