@@ -88,7 +88,7 @@ def test_sink_analysis_reuses_the_main_pass(tiny_model, tiny_tokens, monkeypatch
     monkeypatch.setattr(bos_module, "run_statistics", counting(bos_module.run_statistics))
     result = analyze_sinks(tiny_model, tiny_tokens[:8], statistics=analysis.statistics, bos_status=analysis.bos_status,
                            n_boot=10, early_queries=6)
-    assert len(calls) == 1 and calls[0][0] == (8, 6)
+    assert len(calls) == 1 and calls[0][0] == (8, 7)  # queries i < 6, and one the start cut leaves out
     assert all(name.endswith("/causal") for name in calls[0][1])
     np.testing.assert_array_equal(result.sink_scores, analysis.sink_scores())
     assert result.summary()["bos_status"] is analysis.bos_status
