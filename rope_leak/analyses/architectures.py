@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,7 +43,12 @@ from rope_leak.backends.bridge import is_bridge, layer_kinds, window_size
 from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.statistics import ConditionStatistics, RunStatistics, TargetStatistics
-from rope_leak.fits.decomposition import Decomposition
+from rope_leak.fits.decomposition import (
+    COMPONENTS,
+    Decomposition,
+    composition_weights,
+    layer_component_means,
+)
 from rope_leak.fits.depth import (
     CI_LEVEL,
     depth_slope,
@@ -208,17 +212,14 @@ class ModelComparison:
     extra: dict = field(default_factory=dict)
 
 
-COMPONENT_NAMES = ("L_total", "L_mask", "L_resid")
+COMPONENT_NAMES = COMPONENTS
 
 
 def _layer_components(shares: dict[str, np.ndarray], keep: np.ndarray) -> np.ndarray:
     """``{"causal", "bidirectional": [B, layer, head]}`` -> ``[B, 3, layer]``: per layer the
     means of ``L_total``, ``L_mask``, ``L_resid`` (order of :data:`COMPONENT_NAMES`) over the
     heads kept (``keep``: 1, or NaN for a degenerate head)."""
-    total, resid = shares["causal"] * keep, shares["bidirectional"] * keep
-    with warnings.catch_warnings():  # a layer of degenerate heads only: NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.stack([np.nanmean(total, 2), np.nanmean(total - resid, 2), np.nanmean(resid, 2)], axis=1)
+    return layer_component_means(shares["causal"], shares["bidirectional"], keep)
 
 
 def _kind_statistics(shares: dict[str, np.ndarray], keep: np.ndarray, local: np.ndarray) -> np.ndarray:
@@ -251,9 +252,10 @@ class _ModelFits:
 
     def __post_init__(self) -> None:
         cs, bs = self.shares_input["causal"], self.shares_input["bidirectional"]
-        self.crossfit = Decomposition.of(fit_shares(cs).share, fit_shares(bs).share, cs, bs)
-        self.debiased = Decomposition.of(BucketProjection.from_statistics(cs).debiased_share(None)[0],
-                                         BucketProjection.from_statistics(bs).debiased_share(None)[0], cs, bs)
+        weights = composition_weights(cs, bs)  # the same statistics: the same weights for both
+        self.crossfit = Decomposition(fit_shares(cs).share, fit_shares(bs).share, *weights)
+        self.debiased = Decomposition(BucketProjection.from_statistics(cs).debiased_share(None)[0],
+                                      BucketProjection.from_statistics(bs).debiased_share(None)[0], *weights)
 
     @property
     def keep(self) -> np.ndarray:
@@ -292,17 +294,21 @@ class _ModelFits:
 
 
 def ablation_columns(causal: ConditionStatistics, bidirectional: ConditionStatistics, target: str,
-                     n_boot: int, seed: int = 0, level: float = CI_LEVEL) -> dict:
+                     n_boot: int, seed: int = 0, level: float = CI_LEVEL,
+                     crossfit: Decomposition | None = None) -> dict:
     """The bidirectional ablation's components and composition exactly as ``analyze``
     reports them, under both estimators (:mod:`rope_leak.quantities`): ``L_total_debiased``,
     ``L_mask_debiased``, ``L_resid_debiased``, ``composition_debiased`` with their intervals
     (``*_ci_low`` / ``*_ci_high``; NaN without resamples), and the same four ``*_crossfit``.
-    Means over the non-degenerate heads; the composition pools their sums of squares."""
+    Means over the non-degenerate heads; the composition pools their sums of squares.
+    ``crossfit``: the cross-fitted decomposition of these statistics, when the caller has it."""
     inference = decomposition_inference(causal, bidirectional, target, n_boot=max(n_boot, 1),
                                         seed=seed, level=level)
     summary = inference.summary()
-    c, b = causal.targets[target], bidirectional.targets[target]
-    crossfit = Decomposition.of(fit_shares(c).share, fit_shares(b).share, c, b).summary()
+    if crossfit is None:
+        c, b = causal.targets[target], bidirectional.targets[target]
+        crossfit = Decomposition.of(fit_shares(c).share, fit_shares(b).share, c, b)
+    crossfit = crossfit.summary()
     row: dict = {}
     for name in (*COMPONENT_NAMES, "composition"):
         key = name if name == "composition" else f"{name}_mean"
@@ -465,7 +471,7 @@ def summarize_model(
                  "n_layers": fits.crossfit.total.shape[0], "n_heads": fits.crossfit.total.shape[1]}
     split = completed_split(fits.causal) if fits.causal.start_cut is not None else None
     row.update(_completed_columns(split))
-    row.update(ablation_columns(fits.causal, fits.bidirectional, target, n_boot, seed, level))
+    row.update(ablation_columns(fits.causal, fits.bidirectional, target, n_boot, seed, level, fits.crossfit))
     slope_columns, slopes = _depth_slope_columns(fits, bar)
     row.update(slope_columns)
     row.update(_sink_head_columns(fits, sink_threshold))

@@ -68,6 +68,19 @@ def pooled_composition(total: np.ndarray, resid: np.ndarray, w_total: np.ndarray
         return 1.0 - pooled_share(resid, w_resid, axis) / pooled_share(total, w_total, axis)
 
 
+COMPONENTS = ("L_total", "L_mask", "L_resid")
+
+
+def layer_component_means(total: np.ndarray, resid: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``[..., layer, head]`` shares -> ``[..., 3, layer]``: per layer the means of
+    :data:`COMPONENTS` over the heads kept (``keep``: 1, or NaN for a degenerate head); a
+    layer of degenerate heads only is NaN."""
+    total, resid = total * keep, resid * keep
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.stack([np.nanmean(total, -1), np.nanmean(total - resid, -1), np.nanmean(resid, -1)], axis=-2)
+
+
 @dataclass
 class Decomposition:
     """Per-head components, ``[layer, head]``, under one estimator, with the weights and
@@ -114,11 +127,9 @@ class Decomposition:
         return self.mask < 0
 
     def layer_means(self) -> dict[str, np.ndarray]:
-        """``{"L_total", "L_resid", "L_mask"}``: ``[layer]`` means over the heads kept."""
-        with warnings.catch_warnings():  # a layer of degenerate heads only: NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return {name: np.nanmean(self.kept(values), 1) for name, values in
-                    (("L_total", self.total), ("L_resid", self.resid), ("L_mask", self.mask))}
+        """``{"L_total", "L_mask", "L_resid"}``: ``[layer]`` means over the heads kept."""
+        means = layer_component_means(self.total, self.resid, np.where(self.degenerate, np.nan, 1.0))
+        return dict(zip(COMPONENTS, means))
 
     def layer_table(self) -> pd.DataFrame:
         return pd.DataFrame({
