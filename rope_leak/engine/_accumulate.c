@@ -8,6 +8,13 @@
  *   and the sink score sum_{i >= 1} A[i, 0] / (n - 1).
  * log_pattern = s - log Z and -log Z are not summed here: the caller derives their
  * statistics from the scores' sums and log Z (rope_leak.engine.accumulate).
+ * With `window` w > 0 the same pass also gives the start cut's rows
+ * (rope_leak.engine.start_cut): log rho_i = LSE over the window keys
+ * max(1, i - w + 1) <= j <= i minus log Z_i (-inf for row 0), the profile sums
+ * profile[i - j] += exp(s_ij - LSE_window_i) over rows i >= w and keys j >= 1, and the
+ * scores' diagonal, column and squared sums of rows sc_lo <= i < sc_hi (the start cut's
+ * queries, all scored) go to sc_diag / sc_col / sc_sq instead of the scores slot of
+ * diag / col / sumsq (the caller adds them back for the full pairs).
  * Keys after the last finite score (the causal mask's -inf) get exp = 0 without
  * being computed. With `unmasked` set, the scores are the ones before the causal mask:
  * keys j > i are left out of everything above, and the denominator over every key,
@@ -61,6 +68,47 @@ static inline float fast_expf(float x) {
     return p * scale * under;
 }
 
+/* The start cut's part of row i (see the header): e[j] = exp(s_j - m) as computed for
+ * log Z. The window's mass is read from e when it is not too small against the row's
+ * maximum; otherwise (a far stronger key outside the window, e.g. a sink) e has
+ * underflowed there and the window is worked out on its own maximum. */
+static inline void start_cut_row(const float *s, const float *e, float m, float lz, int64_t i,
+                                 int64_t window, double *log_rho, double *profile)
+{
+    if (i == 0) {
+        log_rho[0] = -INFINITY;
+        return;
+    }
+    int64_t lo = i - window + 1 > 1 ? i - window + 1 : 1;
+    double mass = 0.0;
+    for (int64_t j = lo; j <= i; j++) mass += (double)e[j];
+    double lse;
+    int direct = mass < 1e-20;
+    if (!direct) {
+        lse = (double)m + log(mass);
+    } else {
+        float mw = -INFINITY;
+        for (int64_t j = lo; j <= i; j++) mw = s[j] > mw ? s[j] : mw;
+        if (mw == -INFINITY) {  /* no finite key in the window */
+            log_rho[i] = -INFINITY;
+            return;
+        }
+        double sw = 0.0;
+        for (int64_t j = lo; j <= i; j++) sw += (double)fast_expf(s[j] - mw);
+        lse = (double)mw + log(sw);
+    }
+    log_rho[i] = lse - (double)lz;
+    if (i < window) return;
+    double *p = profile + i;  /* p[-j] is offset i - j */
+    if (!direct) {
+        float scale = (float)(1.0 / mass);
+        for (int64_t j = 1; j <= i; j++) p[-j] += (double)(e[j] * scale);
+    } else {
+        float shift = (float)lse;
+        for (int64_t j = 1; j <= i; j++) p[-j] += (double)fast_expf(s[j] - shift);
+    }
+}
+
 /* "arch=" in target_clones needs GCC 11 or Clang 14; older compilers build one version */
 #if defined(__x86_64__) && defined(__linux__) && \
     ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
@@ -79,7 +127,10 @@ RL_CLONES int rl_accumulate(
     int64_t unmasked, float *log_z_full,                    /* [B,H,n] if unmasked */
     double *cell_p, double *cell_s,                         /* [2, L, H, C] or NULL */
     int64_t layer, int64_t L, int64_t C, const int64_t *row_start,
-    int64_t *bad)
+    int64_t *bad,
+    int64_t window, int64_t sc_lo, int64_t sc_hi,            /* start cut: window 0 = off */
+    double *log_rho, double *profile,                        /* [B,H,n] [B,H,n] */
+    double *sc_diag, double *sc_col, double *sc_sq)          /* [B,H,n] [B,H,n] [B,H] */
 {
     float e[n];
     double y[2][n];
@@ -125,6 +176,8 @@ RL_CLONES int rl_accumulate(
                 }
                 float inv = (float)(1.0 / S);
                 if (i >= 1) sink[bh] += (double)(e[0] * inv) / (double)(n - 1);
+                if (window > 0) start_cut_row(s, e, m, lz, i, window, log_rho + bh * n,
+                                              profile + bh * n);
                 if (!scored) continue;
                 double *dg = diag + bh * 2 * n, *cl = col + bh * 2 * n, *rw = row + bh * 2 * n;
                 double *sq = sumsq + bh * 2;
@@ -138,7 +191,12 @@ RL_CLONES int rl_accumulate(
                         for (int64_t j = jlo; j <= i; j++) yt[j] = (double)(e[j] * inv);
                     else
                         for (int64_t j = jlo; j <= i; j++) yt[j] = (double)s[j];
-                    double *dt = dg + t * n + i, *ct = cl + t * n;
+                    double *dt = dg + t * n + i, *ct = cl + t * n, *qt = sq + t;
+                    if (t == 1 && i >= sc_lo && i < sc_hi) {
+                        dt = sc_diag + bh * n + i;
+                        ct = sc_col + bh * n;
+                        qt = sc_sq + bh;
+                    }
                     double *c = cells[t] ? cells[t] + base : ct;  /* no cells: a harmless dummy */
                     double r = 0.0, q = 0.0;
                     if (cells[t]) {
@@ -158,7 +216,7 @@ RL_CLONES int rl_accumulate(
                     }
                     for (int64_t j = jlo; j <= i; j++) dt[-j] += yt[j];
                     rw[t * n + i] += r;
-                    sq[t] += q;
+                    *qt += q;
                 }
             }
         }

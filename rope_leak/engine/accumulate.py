@@ -33,6 +33,7 @@ from torch import Tensor
 from rope_leak.engine.diagonals import lower_diagonal_sums
 from rope_leak.engine.kernel import load_kernel, thread_pool
 from rope_leak.engine.pairs import PairDesign
+from rope_leak.engine.start_cut import start_cut_rows_from_sums
 from rope_leak.engine.statistics import (
     TARGETS,
     RowPartXty,
@@ -62,8 +63,11 @@ class LayerAccumulator:
         targets: tuple[str, ...],
         device: torch.device | str = "cpu",
         cell_maps: bool = False,
+        start_cut: tuple[int, PairDesign] | None = None,
     ) -> None:
         self.design, self.targets = design, required_targets(targets)
+        #: the start cut's ``(window, pairs)``, whose rows the kernel makes in its pass
+        self.start_cut = start_cut
         self.dense = tuple(t for t in DENSE_TARGETS if t in self.targets)
         self.n_layers, self.n_heads, self.n_buckets = n_layers, n_heads, n_buckets
         self.cell_maps = cell_maps
@@ -99,6 +103,9 @@ class LayerAccumulator:
         self.use_kernel = True  # set False to force the pure-torch path
         #: the last layer's ``log Z_i`` ``[batch, head, q]`` (valid until the next add_layer)
         self.last_log_z: Tensor | None = None
+        #: the last layer's start-cut rows (:func:`start_cut_rows_from_sums`) when the
+        #: kernel made them, else None (valid until the next add_layer)
+        self.last_start_cut_rows: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     @staticmethod
     def _mask(design: PairDesign) -> np.ndarray:
@@ -132,6 +139,7 @@ class LayerAccumulator:
         """Add one layer's (causally masked) scores."""
         if scores.dtype != torch.float64:
             scores = scores.float()
+        self.last_start_cut_rows = None
         kernel = self._kernel_for(scores)
         if kernel is not None:
             self._add_layer_kernel(kernel, layer, scores, prompt_ids)
@@ -176,30 +184,41 @@ class LayerAccumulator:
         cells = [self.cell_sum[t].data_ptr() if t in self.cell_sum else None for t in DENSE_TARGETS]
         n_cells = self.design.n_cells
 
+        # the start cut needs the scores' sums (log A = s - log Z)
+        start_cut = self.start_cut if "scores" in self.dense else None
+        window, sc_rows = (0, (0, 0)) if start_cut is None else (start_cut[0], self._start_cut_rows())
         key = (B, H, n)
         if key not in self._buffers:  # reused: fresh large allocations cost page faults
+            per_task = lambda: (  # noqa: E731
+                torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, **f64),
+                torch.empty(B, H, **f64), torch.zeros(3, dtype=torch.long),
+                # the start cut's profile, and its rows' diagonal, column and squared score sums
+                *((torch.empty(B, H, n, **f64), torch.empty(B, H, n, **f64), torch.empty(B, H, n, **f64),
+                   torch.empty(B, H, **f64)) if start_cut else (None,) * 4))
             self._buffers = {key: (
                 torch.empty(B, H, 2, n, **f64), torch.empty(B, H, n, dtype=torch.float32),
                 torch.empty(B, H, n, dtype=torch.float32),
-                [(torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, n, **f64),
-                  torch.empty(B, H, 2, **f64), torch.empty(B, H, **f64), torch.zeros(3, dtype=torch.long))
-                 for _ in self._tasks],
+                torch.empty(B, H, n, **f64) if start_cut else None,
+                [per_task() for _ in self._tasks],
             )}
-        row, log_z, log_z_full, buffers = self._buffers[key]
+        row, log_z, log_z_full, log_rho, buffers = self._buffers[key]
         row.zero_()
         self.last_log_z = log_z  # filled by the kernel below (read by the start cut's hook)
+        pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
 
         def task(index: int):
             rows = self._tasks[index]
-            diag, col, sumsq, sink, bad = buffers[index]
-            for buffer in (diag, col, sumsq, sink):
-                buffer.zero_()
+            diag, col, sumsq, sink, bad, *sc = buffers[index]
+            for buffer in (diag, col, sumsq, sink, *sc):
+                if buffer is not None:
+                    buffer.zero_()
             rc = kernel(scores.data_ptr(), B, H, n, rows[0], rows[1], qlo, qhi, jlo, want,
                         folds.data_ptr(), diag.data_ptr(), col.data_ptr(), sumsq.data_ptr(),
                         sink.data_ptr(), row.data_ptr(), log_z.data_ptr(),
                         0, log_z_full.data_ptr(), *cells,
-                        layer, self.n_layers, n_cells, self._row_start.data_ptr(), bad.data_ptr())
-            return rc, bad, diag, col, sumsq, sink
+                        layer, self.n_layers, n_cells, self._row_start.data_ptr(), bad.data_ptr(),
+                        window, *sc_rows, pointer(log_rho), *(pointer(t) for t in sc))
+            return rc, bad, diag, col, sumsq, sink, *sc
 
         if len(self._tasks) == 1:
             results = [task(0)]
@@ -208,10 +227,19 @@ class LayerAccumulator:
         for rc, bad, *_ in results:
             if rc:
                 raise self._non_finite(layer, bad.tolist(), prompt_ids)
-        diag, col, sumsq, sink = (
+        diag, col, sumsq, sink, *sc_sums = (
             torch.stack([r[k] for r in results]).sum(0) if len(results) > 1 else results[0][k]
-            for k in range(2, 6)
+            for k in range(2, 10 if start_cut else 6)
         )
+        if start_cut:
+            k = DENSE_TARGETS.index("scores")
+            profile, sc_diag, sc_col, sc_sumsq = sc_sums
+            self.last_start_cut_rows = start_cut_rows_from_sums(
+                start_cut[1], log_rho, profile, sc_diag, row[:, :, k], sc_col, sc_sumsq, log_z)
+            # the kernel kept the start cut's rows apart: the full pairs' sums hold both
+            diag[:, :, k] += sc_diag
+            col[:, :, k] += sc_col
+            sumsq[:, :, k] += sc_sumsq
         buckets = (prompt_ids % self.n_buckets).cpu()
         for k, target in enumerate(DENSE_TARGETS):
             if target not in self.dense:
@@ -224,6 +252,19 @@ class LayerAccumulator:
         dense_scores = "scores" in self.dense
         self._add_row_parts(layer, log_z, row[:, :, k] if dense_scores else None,
                             sumsq[:, :, k] if dense_scores else None, buckets)
+
+    def _start_cut_rows(self) -> tuple[int, int]:
+        """The start cut's query rows ``[lo, hi)``: one range, all of them scored rows of
+        the run's own pairs with the same keys (the kernel relies on both)."""
+        rows = np.flatnonzero(self.start_cut[1].row_count)
+        if len(rows) == 0:
+            return 0, 0
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        ours = self.design
+        if (len(rows) != hi - lo or (ours.row_count[lo:hi] != self.start_cut[1].row_count[lo:hi]).any()
+                or (ours.key_start[lo:hi] != self.start_cut[1].key_start[lo:hi]).any()):
+            raise ValueError("the start cut's pairs must be a range of the run's query rows.")
+        return lo, hi
 
     def _add_layer_torch(self, layer: int, scores: Tensor, prompt_ids: Tensor) -> None:
         log_z = torch.logsumexp(scores, dim=-1)  # [batch, head, q]

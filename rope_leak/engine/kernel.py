@@ -85,7 +85,8 @@ def load_kernel():
     fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr,
                    _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr,
-                   _i64, _i64, _i64, _ptr, _ptr]
+                   _i64, _i64, _i64, _ptr, _ptr,
+                   _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr]
     return fn
 
 

@@ -19,12 +19,13 @@ What the estimate counts (bytes; ``E = batch x heads x n^2`` score elements of o
   the causally masked copy (``torch.where``), and, after ``hook_attn_scores``, the
   softmax, ``torch.zeros_like`` of it, a bool ``isnan`` mask and the ``torch.where`` that
   zeroes NaNs, while the masked scores are still alive: ``(4 e + 1) E`` at the peak. The
-  hooks work on the masked scores while they are alive: the start cut
-  (:func:`~rope_leak.engine.start_cut.start_cut_rows`) in chunks of ``K`` elements
+  hooks work on the masked scores while they are alive: off the CPU kernel, the start
+  cut (:func:`~rope_leak.engine.start_cut.start_cut_rows`) in chunks of ``K`` elements
   (``K = n^2 x min(batch x heads, max(1, 2^24 // n^2))``, a float64 ``log A`` and its
-  square: ``16 K``), the pure-torch accumulator (GPU, float64, no C compiler) a float32
-  pattern, a masked copy and per-prompt float64 copies (``8 E + 16 E / batch``), a
-  float32 upcast of float16/bfloat16 scores (``4 E``); the CPU kernel makes none.
+  square: ``16 K``) and the pure-torch accumulator (GPU, float64, no C compiler) a float32
+  pattern, a masked copy and per-prompt float64 copies (``8 E + 16 E / batch``); a
+  float32 upcast of float16/bfloat16 scores (``4 E``). The CPU kernel makes the start
+  cut's rows and every sum in its own pass, with no temporary of the scores' size.
   The largest of these phases counts, times 1.5 on the CPU when one layer's scores are
   small enough (< 32 MiB) for glibc to serve them from its heap, which they fragment;
 * **activations**: the rest of one forward pass (residual stream, q/k/v and their
@@ -236,7 +237,7 @@ def estimate_memory(
         if cell_maps:
             accumulator += (w + f64) * E // 2
     chunk = n2 * min(B * H, max(1, START_CUT_CHUNK // n2))
-    cut = 16 * chunk + n2
+    cut = 0 if kernel else 16 * chunk + n2
     attention = 0
     for name in conditions:
         hooks = e * E + max(accumulator, cut if name in start_cut else 0)

@@ -105,12 +105,13 @@ class ConditionRun:
         cell_maps: bool = False, start_cut_window: int | None = None,
     ) -> None:
         self.model = model
+        self.start_cut = None if start_cut_window is None else StartCutAccumulator(
+            design, model.cfg.n_layers, model.cfg.n_heads, n_buckets, start_cut_window, model.cfg.device)
         self.acc = LayerAccumulator(
             design, model.cfg.n_layers, model.cfg.n_heads, n_buckets, targets, model.cfg.device,
             cell_maps=cell_maps,
+            start_cut=None if self.start_cut is None else (self.start_cut.window, self.start_cut.design),
         )
-        self.start_cut = None if start_cut_window is None else StartCutAccumulator(
-            design, model.cfg.n_layers, model.cfg.n_heads, n_buckets, start_cut_window, model.cfg.device)
         self.position_zero = PositionZeroAccumulator()
         self._prompt_ids: Tensor | None = None
         # per batch: position 0's residual stream before each layer and after the last,
@@ -132,7 +133,8 @@ class ConditionRun:
             scores = scores.detach()
             self.acc.add_layer(layer, scores, self._prompt_ids)
             if self.start_cut is not None:
-                self.start_cut.add_layer(layer, scores, self._prompt_ids, self.acc.last_log_z)
+                self.start_cut.add_layer(layer, scores, self._prompt_ids, self.acc.last_log_z,
+                                         self.acc.last_start_cut_rows)
         return hook
 
     def _resid_hook(self, index: int) -> Callable:

@@ -22,8 +22,11 @@ count-free offset profile. Per head, from the scores the ``hook_attn_scores`` ho
   alone sees a key (key 0) beyond the longest offset the profile measures.
 
 A per-query shift of the scores moves both log-sum-exps by the same amount, so every
-number here is unchanged by it. The cost is two log-sum-exps and one pass over the
-scored cells per head and prompt, on the model's device.
+number here is unchanged by it. On CPU with float32 scores the fused kernel of
+:mod:`rope_leak.engine.accumulate` makes all of it in the pass that reads each score row
+for ``log Z`` (:func:`start_cut_rows_from_sums`); elsewhere :func:`start_cut_rows` costs
+two log-sum-exps and one pass over the scored cells per head and prompt, on the model's
+device.
 """
 
 from __future__ import annotations
@@ -126,6 +129,26 @@ def start_cut_rows(
     return shape(log_rho), shape(profile), shape(xty), shape(sumsq)
 
 
+def start_cut_rows_from_sums(
+    design: PairDesign, log_rho: Float[Tensor, "batch head n"], profile: Float[Tensor, "batch head n"],
+    diag: Float[Tensor, "batch head n"], row: Float[Tensor, "batch head n"],
+    col: Float[Tensor, "batch head n"], sumsq: Float[Tensor, "batch head"],
+    log_z: Float[Tensor, "batch head n"],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`start_cut_rows`' four outputs from per-prompt sums of the scores that the
+    fused kernel makes in its pass: the scores' diagonal, column and squared sums over
+    ``design``'s rows, their row sums (rows outside ``design`` are ignored) and ``log Z``."""
+    f64 = dict(dtype=torch.float64, device=row.device)
+    as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=row.device)  # noqa: E731
+    row_count = torch.as_tensor(design.row_count, **f64)
+    row = row * (row_count > 0)
+    neg_log_z = -log_z.double()
+    xty = torch.cat([diag[..., as_long(design.offsets)], row[..., as_long(design.queries)],
+                     col[..., as_long(design.keys)]], -1) + design.row_xty(neg_log_z)
+    sumsq = sumsq + 2 * (neg_log_z * row).sum(-1) + (neg_log_z * neg_log_z * row_count).sum(-1)
+    return log_rho, profile, xty, sumsq
+
+
 def profile_counts(n_tokens: int, window: int) -> np.ndarray:
     """``[n]``: queries ``i >= w`` that have a key ``j = i - d >= 1``, per offset ``d``
     (``n - max(w, d + 1)``, 0 from ``d = n - 1`` on)."""
@@ -159,9 +182,13 @@ class StartCutAccumulator:
                                  device=self.device)
 
     def add_layer(self, layer: int, scores: Float[Tensor, "batch head n n"],
-                  prompt_ids: Int[Tensor, " batch"], log_z: Float[Tensor, "batch head n"] | None = None) -> None:
-        """``log_z``: the rows' log-denominators, when the caller already has them."""
-        log_rho, profile, xty, sumsq = start_cut_rows(scores, self.window, self.design, log_z)
+                  prompt_ids: Int[Tensor, " batch"], log_z: Float[Tensor, "batch head n"] | None = None,
+                  rows: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> None:
+        """``log_z``: the rows' log-denominators, when the caller already has them;
+        ``rows``: :func:`start_cut_rows`' outputs, when the caller's pass made them."""
+        if rows is None:
+            rows = start_cut_rows(scores, self.window, self.design, log_z)
+        log_rho, profile, xty, sumsq = rows
         self._batch[:, layer] = log_rho
         buckets = prompt_ids.to(self.profile_sum.device) % self.n_buckets
         self.profile_sum[:, layer].index_add_(0, buckets, profile)

@@ -23,8 +23,9 @@ ABSOLUTE = ("key_effect", "temperature", "varying_sink")
 
 
 def engine_split(kinds, n, prompts=8, noise=0.0, shifts=0.0, window=32, seed=0, horizon=None,
-                 scores=None):
-    """The completed split of constructed heads ``kinds`` (one per head) at length ``n``."""
+                 scores=None, dtype=torch.float64):
+    """The completed split of constructed heads ``kinds`` (one per head) at length ``n``
+    (a float32 model takes the fused kernel's path on CPU)."""
     base = torch.stack([torch.from_numpy(constructed_scores(k, n)) for k in kinds]) if scores is None \
         else torch.as_tensor(scores)
     gen = torch.Generator().manual_seed(seed)
@@ -36,7 +37,7 @@ def engine_split(kinds, n, prompts=8, noise=0.0, shifts=0.0, window=32, seed=0, 
     above = torch.ones(n, n, dtype=torch.bool).triu(1)
     per_prompt = per_prompt.masked_fill(above, float("-inf"))
     model = tiny_rope_model(n_layers=1, n_heads=len(base), d_model=8 * len(base), d_head=8, n_ctx=n,
-                            dtype=torch.float64)
+                            dtype=dtype)
     calls = []
 
     def inject(s, hook):
@@ -89,6 +90,22 @@ def test_engine_equals_an_independent_per_cell_implementation(n):
         for name in ("mask_share", "mask_part", "scores_part", "cross"):
             assert per_head(split, name)[h] == pytest.approx(ref[name], abs=1e-6), (kind, name)
         assert split.imputed_past_mass[0, h] == pytest.approx(ref["imputed_past_mass_at_w"], rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_the_kernel_path_equals_an_independent_per_cell_implementation(n):
+    """Float32 scores on CPU: the fused kernel makes the start cut's rows in its pass."""
+    from rope_leak.engine.kernel import load_kernel
+
+    if load_kernel() is None:
+        pytest.skip("no C compiler: the kernel path is not available")
+    kinds = RELATIVE + ABSOLUTE + ("constant_sink", "broad")
+    split = engine_split(kinds, n, prompts=4, dtype=torch.float32)
+    for h, kind in enumerate(kinds):
+        ref = completed_split_reference(constructed_scores(kind, n).astype(np.float32).astype(float), w=32,
+                                        min_query=32, max_query=n - 1)
+        for name in ("mask_share", "mask_part", "scores_part", "cross"):
+            assert per_head(split, name)[h] == pytest.approx(ref[name], abs=2e-3), (kind, name)
 
 
 @pytest.mark.parametrize("n", [64, 256, 1024])
@@ -187,6 +204,44 @@ def test_kernel_and_torch_paths_give_the_same_start_cut_statistics():
     np.testing.assert_allclose(kernel.log_rho[:, :, :, 1:], plain.log_rho[:, :, :, 1:], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(kernel.profile_sum, plain.profile_sum, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(kernel.log_pattern.xty, plain.log_pattern.xty, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [dict(), dict(min_query=12), dict(max_query=30), dict(include_sink=True),
+                                  dict(min_query=3, max_query=40)], ids=str)
+def test_kernel_start_cut_rows_equal_the_torch_rows(spec):
+    """The kernel's rows against :func:`start_cut_rows`, on random scores with a sink far
+    above the window in some rows (the window's mass then underflows against the row's
+    maximum and is worked out on its own)."""
+    from rope_leak.engine.accumulate import LayerAccumulator
+    from rope_leak.engine.kernel import load_kernel
+    from rope_leak.engine.pairs import PairDesign, PairSpec, start_cut_spec
+    from rope_leak.engine.start_cut import start_cut_rows
+
+    if load_kernel() is None:
+        pytest.skip("no C compiler: the kernel path is not available")
+    B, H, n, w = 3, 4, 48, 8
+    gen = torch.Generator().manual_seed(5)
+    scores = 3 * torch.randn(B, H, n, n, generator=gen)
+    scores[:, 1, :, 0] += 100.0  # a sink: exp(s - max) underflows on every other key
+    scores[:, 2, 20:30, 0] += 60.0
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    design = PairDesign(PairSpec(**spec), n)
+    sc_design = PairDesign(start_cut_spec(design.spec, w, n), n)
+    acc = LayerAccumulator(design, 1, H, 4, ("log_pattern",), start_cut=(w, sc_design))
+    acc.add_layer(0, scores, torch.arange(B))
+    kernel = acc.last_start_cut_rows
+    assert kernel is not None
+    plain = start_cut_rows(scores, w, sc_design)
+    np.testing.assert_allclose(kernel[0][..., 1:].numpy(), plain[0][..., 1:].numpy(), rtol=1e-5, atol=1e-4)
+    assert torch.isneginf(kernel[0][..., 0]).all()
+    for got, want in zip(kernel[1:], plain[1:]):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=2e-3)
+    # and the full pairs' statistics are those of a run without the start cut
+    alone = LayerAccumulator(design, 1, H, 4, ("log_pattern",))
+    alone.add_layer(0, scores, torch.arange(B))
+    for name, value in alone.state().items():
+        np.testing.assert_allclose(acc.state()[name].numpy(), value.numpy(), rtol=1e-12, atol=1e-9,
+                                   err_msg=name)
 
 
 def test_the_start_cut_scores_queries_from_w_to_the_second_last():
