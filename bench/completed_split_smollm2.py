@@ -28,6 +28,7 @@ from rope_leak.engine.run import run_statistics
 from rope_leak.fits.start_cut import completed_split
 from rope_leak.heads import head_label
 from rope_leak.interventions.mask import causal
+from rope_leak.output.results import to_jsonable
 
 LARGE_CROSS = 0.5
 
@@ -108,7 +109,7 @@ def main() -> None:
         *details.get("lines", []),
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps(record, indent=1, default=float))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(to_jsonable(record), indent=1, allow_nan=False))
     print(f"wrote {args.out}")
 
 

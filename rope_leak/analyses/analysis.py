@@ -49,7 +49,7 @@ from rope_leak.engine.pairs import PairSpec
 from rope_leak.engine.run import run_statistics
 from rope_leak.engine.start_cut import DEFAULT_WINDOW
 from rope_leak.engine.statistics import TARGETS, RunStatistics
-from rope_leak.fits.decomposition import Decomposition
+from rope_leak.fits.decomposition import COMPONENTS, Decomposition, layer_component_means
 from rope_leak.fits.profiles import abs_profiles, gauged_coefficients, per_prompt_xty
 from rope_leak.fits.shares import ShareFit, cell_means, fit_shares
 from rope_leak.fits.start_cut import CompletedSplit, completed_split
@@ -326,11 +326,9 @@ class Analysis(Displayable):
             table["composition_estimable"] = inf.layer_composition_estimable  # the crossfit one too
             table["composition_crossfit"] = table["composition_crossfit"].where(inf.layer_composition_estimable)
             keep = np.where(inf.degenerate, np.nan, 1.0)  # degenerate heads left out
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a layer of degenerate heads: NaN
-                table["L_total_debiased"] = np.nanmean(inf.total.estimate * keep, 1)
-                table["L_resid_debiased"] = np.nanmean(inf.resid.estimate * keep, 1)
-                table["L_mask_debiased"] = np.nanmean(inf.mask.estimate * keep, 1)
+            means = layer_component_means(inf.total.estimate, inf.resid.estimate, keep)
+            for name, values in zip(COMPONENTS, means):
+                table[column(name, "debiased")] = values
             table["degenerate_heads"] = inf.degenerate.sum(1)
         split = self.completed_split()
         if split is not None:

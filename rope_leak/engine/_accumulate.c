@@ -16,10 +16,7 @@
  * queries, all scored) go to sc_diag / sc_col / sc_sq instead of the scores slot of
  * diag / col / sumsq (the caller adds them back for the full pairs).
  * Keys after the last finite score (the causal mask's -inf) get exp = 0 without
- * being computed. With `unmasked` set, the scores are the ones before the causal mask:
- * keys j > i are left out of everything above, and the denominator over every key,
- * log Z^full_i, is written to log_z_full (the same pass, instead of a second read of
- * the n x n scores). Every per-prompt value enters a double before it is summed with
+ * being computed. Every per-prompt value enters a double before it is summed with
  * anything. exp is a vectorisable polynomial (fast_expf, about 1 ulp), so values
  * differ from torch's by float32 rounding only. Built with -fassociative-math (sums
  * vectorise), so never rely on float tricks such as the 1.5 * 2^23 rounding constant
@@ -27,9 +24,9 @@
  * across the batch.
  *
  * Compiled at first use by rope_leak.engine.kernel (the system C compiler, no torch
- * headers) and called through ctypes, which releases the GIL: several row ranges run in
- * parallel threads, each with private diag/col/sumsq/sink buffers, writing disjoint rows
- * of row/log_z/cell.
+ * headers) and called through ctypes, which releases the GIL: head ranges [h0, h1) run
+ * in parallel threads; every output is indexed by head, so the threads write disjoint
+ * parts of the same buffers.
  *
  * On x86-64 Linux with GCC or Clang the function is also built for x86-64-v3 (AVX2,
  * FMA) and the loader picks that clone on CPUs that have it (target_clones): about
@@ -66,6 +63,23 @@ static inline float fast_expf(float x) {
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale * under;
+}
+
+/* The index of the last finite score of a row of n (0 when there is none, so that row
+ * fails the finite test of its log Z). A causal row is finite up to its query i and -inf
+ * after it: checked with a vectorised pass over the tail, never a scalar scan. */
+static inline int64_t last_finite(const float *s, int64_t i, int64_t n)
+{
+    if (s[n - 1] != -INFINITY) return n - 1;
+    if (i < n - 1 && s[i] != -INFINITY) {
+        int masked = 1;
+        for (int64_t j = i + 1; j < n; j++) masked &= s[j] == -INFINITY;
+        if (masked) return i;
+    }
+    int64_t last = 0;
+#pragma omp simd reduction(max:last)
+    for (int64_t j = 0; j < n; j++) last = s[j] != -INFINITY && j > last ? j : last;
+    return last;
 }
 
 /* The start cut's part of row i (see the header): e[j] = exp(s_j - m) as computed for
@@ -119,12 +133,11 @@ static inline void start_cut_row(const float *s, const float *e, float m, float 
 
 RL_CLONES int rl_accumulate(
     const float *scores, int64_t B, int64_t H, int64_t n,
-    int64_t i0, int64_t i1,
+    int64_t h0, int64_t h1,
     int64_t qlo, int64_t qhi, int64_t jlo, int64_t want,
     const int64_t *fold,
     double *diag, double *col, double *sumsq, double *sink, /* [B,H,2,n] [B,H,2,n] [B,H,2] [B,H] */
     double *row, float *log_z,                              /* [B,H,2,n] [B,H,n] */
-    int64_t unmasked, float *log_z_full,                    /* [B,H,n] if unmasked */
     double *cell_p, double *cell_s,                         /* [2, L, H, C] or NULL */
     int64_t layer, int64_t L, int64_t C, const int64_t *row_start,
     int64_t *bad,
@@ -135,15 +148,13 @@ RL_CLONES int rl_accumulate(
     float e[n];
     double y[2][n];
     double *cells[2] = {cell_p, cell_s};
-    for (int64_t h = 0; h < H; h++) {
-        for (int64_t i = i0; i < i1; i++) {
+    for (int64_t h = h0; h < h1; h++) {
+        for (int64_t i = 0; i < n; i++) {
             int scored = i >= qlo && i < qhi && jlo <= i;
             for (int64_t b = 0; b < B; b++) {
                 int64_t bh = b * H + h;
                 const float *s = scores + (bh * n + i) * n;
-                int64_t end = n;  /* keys >= end are masked (-inf): exp = 0 */
-                if (unmasked) end = i + 1;
-                else while (end > 1 && s[end - 1] == -INFINITY) end--;
+                int64_t end = last_finite(s, i, n) + 1;  /* keys >= end are masked (-inf): exp = 0 */
                 float m = -INFINITY;
                 int nan = 0;  /* tested apart, so the max may vectorise (-fopenmp-simd) */
 #pragma omp simd reduction(max:m)
@@ -159,21 +170,6 @@ RL_CLONES int rl_accumulate(
                     return 1;
                 }
                 log_z[bh * n + i] = lz;
-                if (unmasked) {  /* the keys after i, then both parts with a common max */
-                    float m2 = m;
-                    int nan2 = 0;
-#pragma omp simd reduction(max:m2)
-                    for (int64_t j = end; j < n; j++) m2 = s[j] > m2 ? s[j] : m2;
-                    for (int64_t j = end; j < n; j++) nan2 |= isnan(s[j]);
-                    double S2 = 0.0;
-                    for (int64_t j = end; j < n; j++) S2 += (double)fast_expf(s[j] - m2);
-                    float lzf = (float)((double)m2 + log(S * exp((double)m - (double)m2) + S2));
-                    if (nan2 || !finite_float(m2) || !finite_float(lzf)) {
-                        bad[0] = b; bad[1] = h; bad[2] = i;
-                        return 1;
-                    }
-                    log_z_full[bh * n + i] = lzf;
-                }
                 float inv = (float)(1.0 / S);
                 if (i >= 1) sink[bh] += (double)(e[0] * inv) / (double)(n - 1);
                 if (window > 0) start_cut_row(s, e, m, lz, i, window, log_rho + bh * n,

@@ -98,7 +98,6 @@ class LayerAccumulator:
                       0 if spec.include_sink else 1)
         self._row_start = torch.as_tensor(np.concatenate([[0], np.cumsum(design.row_count)[:-1]]),
                                           dtype=torch.long)
-        self._tasks: list[tuple[int, int]] | None = None
         self._buffers: dict = {}
         self.use_kernel = True  # set False to force the pure-torch path
         #: the last layer's ``log Z_i`` ``[batch, head, q]`` (valid until the next add_layer)
@@ -114,15 +113,11 @@ class LayerAccumulator:
         i = j[:, None]
         return (j[None, :] >= design.key_start[:, None]) & (j[None, :] <= i)
 
-    def _row_ranges(self, n: int, workers: int) -> list[tuple[int, int]]:
-        """Contiguous query-row ranges of about equal work (logsumexp + scored cells)."""
-        qlo, qhi, jlo = self._rows
-        i = np.arange(n)
-        scored = np.where((i >= qlo) & (i < qhi), np.clip(i - jlo + 1, 0, None), 0)
-        cost = np.cumsum(n + 4.0 * scored)
-        parts = max(1, min(n, 2 * workers))
-        bounds = np.searchsorted(cost, cost[-1] * np.arange(1, parts) / parts)
-        edges = np.unique(np.concatenate([[0], bounds, [n]]))
+    @staticmethod
+    def _head_ranges(n_heads: int, workers: int) -> list[tuple[int, int]]:
+        """Contiguous head ranges of as equal size as can be, one per thread: every output
+        of the kernel is indexed by head, so the threads share its buffers."""
+        edges = np.linspace(0, n_heads, min(n_heads, workers) + 1).round().astype(int)
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
     def add_prompts(self, prompt_ids: Int[Tensor, " batch"]) -> None:
@@ -171,66 +166,48 @@ class LayerAccumulator:
         )
 
     def _add_layer_kernel(self, kernel, layer: int, scores: Tensor, prompt_ids: Tensor) -> None:
-        """The fused C kernel's pass (its unmasked mode, flag 0 here, is not used)."""
+        """The fused C kernel's pass."""
         scores = scores.contiguous()
         B, H, n, _ = scores.shape
-        workers = max(1, torch.get_num_threads())
-        if self._tasks is None or self._tasks[-1][1] != n:
-            self._tasks, self._buffers = self._row_ranges(n, workers), {}
         f64 = dict(dtype=torch.float64)
         folds = (prompt_ids.cpu() % 2).long().contiguous()
         qlo, qhi, jlo = self._rows
         want = sum(1 << k for k, t in enumerate(DENSE_TARGETS) if t in self.dense)
         cells = [self.cell_sum[t].data_ptr() if t in self.cell_sum else None for t in DENSE_TARGETS]
-        n_cells = self.design.n_cells
-
         # the start cut needs the scores' sums (log A = s - log Z)
         start_cut = self.start_cut if "scores" in self.dense else None
         window, sc_rows = (0, (0, 0)) if start_cut is None else (start_cut[0], self._start_cut_rows())
-        key = (B, H, n)
+        key = (B, H, n, start_cut is not None)
         if key not in self._buffers:  # reused: fresh large allocations cost page faults
-            per_task = lambda: (  # noqa: E731
-                torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, **f64),
-                torch.empty(B, H, **f64), torch.zeros(3, dtype=torch.long),
-                # the start cut's profile, and its rows' diagonal, column and squared score sums
-                *((torch.empty(B, H, n, **f64), torch.empty(B, H, n, **f64), torch.empty(B, H, n, **f64),
-                   torch.empty(B, H, **f64)) if start_cut else (None,) * 4))
-            self._buffers = {key: (
-                torch.empty(B, H, 2, n, **f64), torch.empty(B, H, n, dtype=torch.float32),
-                torch.empty(B, H, n, dtype=torch.float32),
-                torch.empty(B, H, n, **f64) if start_cut else None,
-                [per_task() for _ in self._tasks],
-            )}
-        row, log_z, log_z_full, log_rho, buffers = self._buffers[key]
-        row.zero_()
+            zeroed = [torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, **f64),
+                      torch.empty(B, H, **f64), torch.empty(B, H, 2, n, **f64)]  # diag, col, sumsq, sink, row
+            if start_cut:  # its profile, and its rows' diagonal, column and squared score sums
+                zeroed += [torch.empty(B, H, n, **f64), torch.empty(B, H, n, **f64), torch.empty(B, H, n, **f64),
+                           torch.empty(B, H, **f64)]
+            self._buffers = {key: (zeroed, torch.empty(B, H, n, dtype=torch.float32),
+                                   torch.empty(B, H, n, **f64) if start_cut else None)}
+        zeroed, log_z, log_rho = self._buffers[key]
+        for buffer in zeroed:
+            buffer.zero_()
+        diag, col, sumsq, sink, row, *sc_sums = zeroed
         self.last_log_z = log_z  # filled by the kernel below (read by the start cut's hook)
         pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        sc_pointers = [pointer(log_rho)] + [t.data_ptr() for t in sc_sums] if start_cut else [None] * 5
 
-        def task(index: int):
-            rows = self._tasks[index]
-            diag, col, sumsq, sink, bad, *sc = buffers[index]
-            for buffer in (diag, col, sumsq, sink, *sc):
-                if buffer is not None:
-                    buffer.zero_()
-            rc = kernel(scores.data_ptr(), B, H, n, rows[0], rows[1], qlo, qhi, jlo, want,
+        def task(heads: tuple[int, int]):
+            bad = torch.zeros(3, dtype=torch.long)
+            rc = kernel(scores.data_ptr(), B, H, n, heads[0], heads[1], qlo, qhi, jlo, want,
                         folds.data_ptr(), diag.data_ptr(), col.data_ptr(), sumsq.data_ptr(),
-                        sink.data_ptr(), row.data_ptr(), log_z.data_ptr(),
-                        0, log_z_full.data_ptr(), *cells,
-                        layer, self.n_layers, n_cells, self._row_start.data_ptr(), bad.data_ptr(),
-                        window, *sc_rows, pointer(log_rho), *(pointer(t) for t in sc))
-            return rc, bad, diag, col, sumsq, sink, *sc
+                        sink.data_ptr(), row.data_ptr(), log_z.data_ptr(), *cells,
+                        layer, self.n_layers, self.design.n_cells, self._row_start.data_ptr(), bad.data_ptr(),
+                        window, *sc_rows, *sc_pointers)
+            return rc, bad
 
-        if len(self._tasks) == 1:
-            results = [task(0)]
-        else:
-            results = list(thread_pool(workers).map(task, range(len(self._tasks))))
-        for rc, bad, *_ in results:
+        tasks = self._head_ranges(H, max(1, torch.get_num_threads()))
+        results = [task(tasks[0])] if len(tasks) == 1 else list(thread_pool(len(tasks)).map(task, tasks))
+        for rc, bad in results:
             if rc:
                 raise self._non_finite(layer, bad.tolist(), prompt_ids)
-        diag, col, sumsq, sink, *sc_sums = (
-            torch.stack([r[k] for r in results]).sum(0) if len(results) > 1 else results[0][k]
-            for k in range(2, 10 if start_cut else 6)
-        )
         if start_cut:
             k = DENSE_TARGETS.index("scores")
             profile, sc_diag, sc_col, sc_sumsq = sc_sums

@@ -84,7 +84,7 @@ def load_kernel():
     fn = lib.rl_accumulate
     fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr,
-                   _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr,
+                   _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
                    _i64, _i64, _i64, _ptr, _ptr,
                    _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr]
     return fn

@@ -29,6 +29,23 @@ def _err(table: pd.DataFrame, name: str, stem: str | None = None) -> dict | None
                 arrayminus=(table[name] - table[lo]).to_numpy())
 
 
+def _share_bars(table: pd.DataFrame, x: pd.Series) -> list[go.Bar]:
+    """The completed split's mask share of ``log A`` (when the table has it) and the
+    ablation's composition, one bar each per row of ``table``; a composition that is not
+    estimable is said at its bar's place, not left blank."""
+    completed, composition = column("completed_mask_share"), column("composition")
+    bars = []
+    if completed in table:
+        bars.append(go.Bar(name="completed split (mask share of log A)", x=x, y=table[completed],
+                           error_y=_err(table, completed), marker_color="#2F4B7C", legendgroup="shares"))
+    missing = table[composition].isna()
+    bars.append(go.Bar(name="ablation composition (the paper's method)", x=x,
+                       y=table[composition].where(~missing, 0.0), error_y=_err(table, composition, "composition"),
+                       text=[NOT_ESTIMABLE if m else "" for m in missing], textposition="outside",
+                       textangle=-90, marker_color="#BAB0AC", legendgroup="shares"))
+    return bars
+
+
 def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
     """Three panels: per model, the completed split's mask share of ``log A`` beside the
     ablation's composition (95% CIs); the ablation's components (debiased means over heads,
@@ -40,16 +57,8 @@ def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
                                         "Ablation by depth (dashed: L_mask)"))
     colors = ["#4C78A8", "#F58518", "#72B7B2", "#9D755D", "#FF9DA6", "#EECA3B"]  # one per model
     component_colors = ["#54A24B", "#E45756", "#B279A2"]  # none of the models' colours
-    completed, composition = column("completed_mask_share"), column("composition")
-    if completed in table:
-        fig.add_trace(go.Bar(name="completed split (mask share of log A)", x=table["model"], y=table[completed],
-                             error_y=_err(table, completed), marker_color="#2F4B7C",
-                             legendgroup="shares"), row=1, col=1)
-    missing = table[composition].isna()  # not estimable: said at the bar's place, not left blank
-    fig.add_trace(go.Bar(name="ablation composition (the paper's method)", x=table["model"],
-                         y=table[composition].where(~missing, 0.0), error_y=_err(table, composition, "composition"),
-                         text=[NOT_ESTIMABLE if m else "" for m in missing], textposition="outside",
-                         textangle=-90, marker_color="#BAB0AC", legendgroup="shares"), row=1, col=1)
+    for trace in _share_bars(table, table["model"]):
+        fig.add_trace(trace, row=1, col=1)
     for k, comp in enumerate(COMPONENTS):
         fig.add_trace(go.Bar(name=comp, x=table["model"], y=table[column(comp)],
                              error_y=_err(table, column(comp), comp), marker_color=component_colors[k],
@@ -76,15 +85,12 @@ def comparison_figure(table: pd.DataFrame, layers: pd.DataFrame) -> go.Figure:
 
 
 def controls_figure(controls: pd.DataFrame) -> go.Figure:
-    """Composition of each RoPE control next to the real one."""
-    composition = column("composition")
-    fig = go.Figure(go.Bar(x=controls["control"], y=controls[composition],
-                           error_y=_err(controls, composition, "composition"),
-                           marker_color=["#4C78A8" if c == "real" else "#BAB0AC"
-                                         for c in controls["control"]]))
-    fig.update_layout(title="Additivity check: composition under RoPE controls",
-                      yaxis_title="L_mask / (L_mask + L_resid)", template="plotly_white",
-                      height=360)
+    """Per RoPE control (``real`` first): the completed split's mask share of ``log A``
+    beside the ablation's composition, with 95% CIs."""
+    fig = go.Figure(_share_bars(controls, controls["control"]))
+    fig.update_layout(title="RoPE controls: mask share under each control", barmode="group",
+                      yaxis_title="mask share", template="plotly_white", height=380, width=720,
+                      legend=dict(orientation="h", y=-0.2))
     return fig
 
 
@@ -100,13 +106,15 @@ def controls_section(controls: pd.DataFrame, include_plotlyjs: bool | str = "cdn
     unknown = controls.loc[agrees.isna(), "control"].tolist()
     off = controls.loc[agrees.notna() & (agrees == False), "control"].tolist()  # noqa: E712
     if unknown:
-        return (f"<section><h2>RoPE controls (additivity check)</h2><p>The composition of "
-                f"{html.escape(', '.join(unknown))} is not estimable (the pooled L_total's interval "
-                "reaches 0), so the check cannot be read.</p>" + _table_html(controls) + "</section>")
-    verdict = ("All controls agree with the real composition within "
-               f"{tol:.2f}: consistent with additivity." if not off else
-               f"Controls {', '.join(off)} differ from the real composition by more than "
-               f"{tol:.2f}: additivity is questionable; read L_mask / L_resid with care.")
+        verdict = (f"The ablation's composition of {', '.join(unknown)} is not estimable (the pooled "
+                   "L_total's interval reaches 0), so the additivity check cannot be read there.")
+        if off:
+            verdict += f" Controls {', '.join(off)} differ from the real composition by more than {tol:.2f}."
+    elif off:
+        verdict = (f"Controls {', '.join(off)} differ from the real composition by more than "
+                   f"{tol:.2f}: additivity is questionable; read L_mask / L_resid with care.")
+    else:
+        verdict = f"All controls agree with the real composition within {tol:.2f}: consistent with additivity."
     violated = controls.loc[controls["additivity_violated"], "control"].tolist()
     if violated:
         verdict += (f" Mean L_mask < 0 (additivity violated) under: {', '.join(violated)}.")

@@ -113,6 +113,32 @@ def test_kernel_and_torch_paths_agree_on_smollm2_sized_rows():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_kernel_and_torch_paths_agree_when_masked_keys_are_not_a_suffix():
+    """Rows whose -inf keys are scattered (a finite key after a masked one): the kernel
+    finds each row's last finite key without assuming a causal mask."""
+    if load_kernel() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(8)
+    n = 40
+    scores = 3 * torch.randn(3, 4, n, n, generator=gen)
+    # holes among the keys after the query only (a scored key must be finite)
+    holes = (torch.rand(3, 4, n, n, generator=gen) < 0.3) & torch.ones(n, n, dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(holes, float("-inf"))
+    scores[:, :2] = scores[:, :2].masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    ids = torch.tensor([0, 1, 2])
+    accs = []
+    for use_kernel in (True, False):
+        acc = LayerAccumulator(PairDesign(PairSpec(), n), 1, 4, 4, MASKED)
+        acc.use_kernel = use_kernel
+        acc.add_layer(0, scores, ids)
+        acc.add_prompts(ids)
+        accs.append(acc.to_statistics())
+    for t in MASKED:
+        np.testing.assert_allclose(accs[0][t].xty, accs[1][t].xty, rtol=1e-5, atol=1e-4, err_msg=t)
+        np.testing.assert_allclose(accs[0][t].sumsq, accs[1][t].sumsq, rtol=1e-5, atol=1e-4, err_msg=t)
+        assert np.isfinite(accs[0][t].sumsq).all()
+
+
 @pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_scores_raise_on_both_paths(path, bad):

@@ -18,6 +18,7 @@ from rope_leak.interventions.rope import (
     rotary_modules,
     scrambled_rope,
 )
+from rope_leak.quantities import NOT_ESTIMABLE
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +245,20 @@ def test_controls_report_section(tiny_model, tiny_tokens):
     assert (table["composition_ci_low"] <= table["composition_ci_high"]).all()
     html = controls_section(table, include_plotlyjs=False)
     assert html.startswith("<section>") and "additivity" in html.lower() and "scrambled" in html
+    assert "plotly-graph-div" in html
+    # a control whose composition is not estimable: said, and the figure is still drawn
+    unknown = table.copy()
+    unknown.loc[unknown["control"] == "scrambled", "composition_debiased"] = np.nan
+    unknown["agrees_with_real"] = [None if c == "scrambled" else a
+                                   for c, a in zip(unknown["control"], unknown["agrees_with_real"])]
+    html = controls_section(unknown, include_plotlyjs=False)
+    assert "scrambled is not estimable" in html and "plotly-graph-div" in html
+    from rope_leak.output.plots_architectures import controls_figure
+
+    bars = controls_figure(unknown).data
+    assert [b.name for b in bars] == ["completed split (mask share of log A)",
+                                      "ablation composition (the paper's method)"]
+    assert list(bars[1].text) == ["", "", NOT_ESTIMABLE]
 
 
 def test_rope_controls_carry_each_causal_conditions_completed_split(tiny_model):
