@@ -44,7 +44,7 @@ static int finite_float(float x) {
 
 
 /* exp for float32, vectorisable (Cephes polynomial, about 1 ulp); 0 below -87.3
- * (including -inf: masked keys), NaN in gives garbage out, so callers test NaN apart. */
+ * (including -inf: masked keys), NaN in gives NaN out (the clamps keep it), which the caller's finite test of log Z catches. */
 static inline float fast_expf(float x) {
     float under = x < -87.3f ? 0.0f : 1.0f;
     x = x < -87.3f ? -87.3f : x;
@@ -155,17 +155,17 @@ RL_CLONES int rl_accumulate(
                 int64_t bh = b * H + h;
                 const float *s = scores + (bh * n + i) * n;
                 int64_t end = last_finite(s, i, n) + 1;  /* keys >= end are masked (-inf): exp = 0 */
+                /* A NaN score is skipped by the max but makes its fast_expf, so S and
+                 * log Z, NaN: the finite test below catches it without a pass of its own. */
                 float m = -INFINITY;
-                int nan = 0;  /* tested apart, so the max may vectorise (-fopenmp-simd) */
 #pragma omp simd reduction(max:m)
                 for (int64_t j = 0; j < end; j++) m = s[j] > m ? s[j] : m;
-                for (int64_t j = 0; j < end; j++) nan |= isnan(s[j]);
                 for (int64_t j = 0; j < end; j++) e[j] = fast_expf(s[j] - m);
                 for (int64_t j = end; j < n; j++) e[j] = 0.0f;
                 double S = 0.0;
                 for (int64_t j = 0; j < end; j++) S += (double)e[j];
                 float lz = (float)((double)m + log(S));
-                if (nan || !finite_float(m) || !finite_float(lz)) {
+                if (!finite_float(m) || !finite_float(lz)) {
                     bad[0] = b; bad[1] = h; bad[2] = i;
                     return 1;
                 }

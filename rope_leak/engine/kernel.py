@@ -5,7 +5,7 @@ flags (``-O3``, no ``-march=native``: the library runs on any CPU of the same
 architecture, so a cache folder shared between machines is safe) into the rope_leak
 cache folder (``~/.cache/rope_leak/kernels``, or ``$ROPE_LEAK_CACHE``), keyed by the
 source's sha256, the flags, the platform and the compiler, and called through
-``ctypes`` (which releases the GIL, so row ranges run in parallel threads). No torch
+``ctypes`` (which releases the GIL, so head ranges run in parallel threads). No torch
 headers are needed, so the build takes about a second. ``ROPE_LEAK_KERNEL_FLAGS``
 replaces the flags (e.g. add ``-march=native`` for a build tuned to this CPU). When no
 compiler is available, the build fails, or ``ROPE_LEAK_KERNEL=0``, :func:`load_kernel`

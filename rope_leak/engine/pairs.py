@@ -206,6 +206,20 @@ class PairDesign:
         out[nq:, :nq] = cross.T
         return out
 
+    def index(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The design's columns (``offsets``, ``queries``, ``keys``), ``key_start`` (capped
+        at ``n``) and ``row_count`` (float64) as tensors on ``device``, made once per device
+        (the streaming pass reads them for every layer of every batch)."""
+        cache = self.__dict__.setdefault("_index", {})
+        key = str(device)
+        if key not in cache:
+            as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
+            cache[key] = {"offsets": as_long(self.offsets), "queries": as_long(self.queries),
+                          "keys": as_long(self.keys),
+                          "key_start": as_long(np.minimum(self.key_start, self.n_tokens)),
+                          "row_count": torch.as_tensor(self.row_count, dtype=torch.float64, device=device)}
+        return cache[key]
+
     def row_xty(self, row_sum: torch.Tensor) -> torch.Tensor:
         """``X^T y`` (``[..., column]``) of responses constant along each query row, from
         their row sums ``[..., n]`` (float64, on any device): row ``i`` adds ``r_i`` to
@@ -213,10 +227,8 @@ class PairDesign:
         (difference arrays, ``O(n)``)."""
         n = self.n_tokens
         device = row_sum.device
-        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
-        rows = as_long(self.queries)
-        row_count = torch.as_tensor(self.row_count, dtype=torch.float64, device=device)
-        key_start = as_long(np.minimum(self.key_start, n))
+        index = self.index(device)
+        rows, row_count, key_start = index["queries"], index["row_count"], index["key_start"]
         lead = row_sum.shape[:-1]
         r = row_sum[..., rows]
 
@@ -229,8 +241,8 @@ class PairDesign:
         counts = row_count[rows].long()
         by_offset = ranges(torch.zeros_like(rows), counts)
         by_key = ranges(key_start[rows], rows + 1)
-        return torch.cat([by_offset[..., as_long(self.offsets)], (row_sum * row_count)[..., rows],
-                          by_key[..., as_long(self.keys)]], -1)
+        return torch.cat([by_offset[..., index["offsets"]], (row_sum * row_count)[..., rows],
+                          by_key[..., index["keys"]]], -1)
 
     # -- per-cell arrays (O(n^2): maps, tests and references) ------------------------
     @cached_property

@@ -138,13 +138,12 @@ def start_cut_rows_from_sums(
     """:func:`start_cut_rows`' four outputs from per-prompt sums of the scores that the
     fused kernel makes in its pass: the scores' diagonal, column and squared sums over
     ``design``'s rows, their row sums (rows outside ``design`` are ignored) and ``log Z``."""
-    f64 = dict(dtype=torch.float64, device=row.device)
-    as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=row.device)  # noqa: E731
-    row_count = torch.as_tensor(design.row_count, **f64)
+    index = design.index(row.device)
+    row_count = index["row_count"]
     row = row * (row_count > 0)
     neg_log_z = -log_z.double()
-    xty = torch.cat([diag[..., as_long(design.offsets)], row[..., as_long(design.queries)],
-                     col[..., as_long(design.keys)]], -1) + design.row_xty(neg_log_z)
+    xty = torch.cat([diag[..., index["offsets"]], row[..., index["queries"]], col[..., index["keys"]]], -1) \
+        + design.row_xty(neg_log_z)
     sumsq = sumsq + 2 * (neg_log_z * row).sum(-1) + (neg_log_z * neg_log_z * row_count).sum(-1)
     return log_rho, profile, xty, sumsq
 

@@ -156,6 +156,19 @@ def test_non_finite_scores_raise_on_both_paths(path, bad):
         acc.check_finite()
 
 
+@pytest.mark.parametrize("key", [0, 3, 9, 16])
+def test_a_nan_anywhere_in_a_causal_row_is_caught_by_the_kernel(key):
+    """The kernel has no NaN pass of its own: a NaN must reach log Z from any key."""
+    if load_kernel() is None:
+        pytest.skip("no C compiler")
+    n = 17
+    scores = torch.randn(1, 2, n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    scores[0, 1, 16, key] = float("nan")
+    acc = LayerAccumulator(PairDesign(PairSpec(), n), 1, 2, 4, MASKED)
+    with pytest.raises(NonFiniteAttentionError, match="head 1 \\(query 16"):
+        acc.add_layer(0, scores, torch.tensor([0]))
+
+
 def test_lower_diagonal_sums_match_diagonal_sums():
     y = torch.randn(3, 2, 9, 9).tril()
     np.testing.assert_allclose(lower_diagonal_sums(y).numpy(), diagonal_sums(y).numpy(), atol=1e-5)
@@ -182,3 +195,48 @@ def test_log_pattern_sum_of_squares_keeps_precision_with_large_scores(path):
     np.testing.assert_allclose(got, ref["log_pattern"][1], rtol=2e-6)
 
 
+
+
+def test_kernel_threads_try_both_counts_then_keep_the_faster():
+    from rope_leak.engine.accumulate import KernelThreads
+
+    threads = KernelThreads()
+    seconds = {1: 0.010, 4: 0.004}
+    used = []
+    for _ in range(2 * KernelThreads.TRIALS + 3):
+        count = threads.choose(4)
+        used.append(count)
+        threads.record(count, seconds[count])
+    assert sorted(used[:2 * KernelThreads.TRIALS]) == [1] * KernelThreads.TRIALS + [4] * KernelThreads.TRIALS
+    assert used[2 * KernelThreads.TRIALS:] == [4, 4, 4]
+    seconds = {1: 0.002, 2: 0.004}
+    for _ in range(2 * KernelThreads.TRIALS):  # another thread count: tried afresh
+        count = threads.choose(2)
+        threads.record(count, seconds[count])
+    assert threads.choose(2) == 1
+    assert KernelThreads().choose(1) == 1
+
+
+def test_kernel_statistics_do_not_depend_on_the_thread_count():
+    """Each head is summed by one thread, so one thread and several give the same bits."""
+    if load_kernel() is None:
+        pytest.skip("no C compiler")
+    from rope_leak.engine.pairs import start_cut_spec
+
+    n = 48
+    scores = (3 * torch.randn(4, 5, n, n, generator=torch.Generator().manual_seed(9))).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    design = PairDesign(PairSpec(), n)
+    states = []
+    for count in (1, 3):
+        acc = LayerAccumulator(design, 1, 5, 4, MASKED, start_cut=(8, PairDesign(start_cut_spec(design.spec, 8, n), n)))
+        acc._threads.chosen, acc._threads._available = count, 3
+        previous = torch.get_num_threads()
+        torch.set_num_threads(3)
+        try:
+            acc.add_layer(0, scores, torch.arange(4))
+        finally:
+            torch.set_num_threads(previous)
+        states.append({**acc.state(), **{f"start_cut/{k}": v for k, v in zip("abcd", acc.last_start_cut_rows)}})
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
