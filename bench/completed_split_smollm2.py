@@ -8,7 +8,7 @@ sensitivity to the window (w = 16, 64), the cross term per layer, and for every 
 whose cross term exceeds 0.5 x SS(log A), the heads responsible and what drives them.
 Writes ``docs/completed_split_smollm2.md`` (and ``.json``).
 
-    python -m bench.completed_split_smollm2 --grid 64x256,16x128,16x512,16x1024,8x2048
+    python -m bench.completed_split_smollm2 --grid 64x256,16x128,16x512,16x1024,16x2048
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def driver(split, tail_split, sink_score: float, layer: int, head: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", default="64x256,16x128,16x512,16x1024,8x2048")
+    parser.add_argument("--grid", default="64x256,16x128,16x512,16x1024,16x2048")
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", default="docs/completed_split_smollm2.md")
