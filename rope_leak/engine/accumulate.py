@@ -209,8 +209,9 @@ class LayerAccumulator:
         qlo, qhi, jlo = self._rows
         want = sum(1 << k for k, t in enumerate(DENSE_TARGETS) if t in self.dense)
         cells = [self.cell_sum[t].data_ptr() if t in self.cell_sum else None for t in DENSE_TARGETS]
-        # the start cut needs the scores' sums (log A = s - log Z)
-        start_cut = self.start_cut if "scores" in self.dense else None
+        start_cut = self.start_cut
+        if start_cut:  # it needs the scores' sums (log A = s - log Z), a target or not
+            want |= 1 << DENSE_TARGETS.index("scores")
         window, sc_rows = (0, (0, 0)) if start_cut is None else (start_cut[0], self._start_cut_rows())
         key = (B, H, n, start_cut is not None)
         if key not in self._buffers:  # reused: fresh large allocations cost page faults

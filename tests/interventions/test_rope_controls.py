@@ -256,9 +256,14 @@ def test_controls_report_section(tiny_model, tiny_tokens):
     from rope_leak.output.plots_architectures import controls_figure
 
     bars = controls_figure(unknown).data
+    assert bars[-1].name == "ablation composition (the paper's method)"
+    assert list(bars[-1].text) == ["", "", NOT_ESTIMABLE]
+    # with the completed split (prompts long enough for its window), its bars come first
+    unknown["completed_mask_share"] = [0.4, 0.7, 0.1]
+    bars = controls_figure(unknown).data
     assert [b.name for b in bars] == ["completed split (mask share of log A)",
                                       "ablation composition (the paper's method)"]
-    assert list(bars[1].text) == ["", "", NOT_ESTIMABLE]
+    assert list(bars[0].y) == [0.4, 0.7, 0.1]
 
 
 def test_rope_controls_carry_each_causal_conditions_completed_split(tiny_model):
