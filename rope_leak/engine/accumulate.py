@@ -36,7 +36,7 @@ from torch import Tensor
 from rope_leak.engine.diagonals import lower_diagonal_sums
 from rope_leak.engine.kernel import load_kernel, thread_pool
 from rope_leak.engine.pairs import PairDesign
-from rope_leak.engine.start_cut import start_cut_rows_from_sums
+from rope_leak.engine.start_cut import log_pattern_sums
 from rope_leak.engine.statistics import (
     TARGETS,
     RowPartXty,
@@ -102,6 +102,7 @@ class LayerAccumulator:
         self.design, self.targets = design, required_targets(targets)
         #: the start cut's ``(window, pairs)``, whose rows the kernel makes in its pass
         self.start_cut = start_cut
+        self._start_cut_range = None if start_cut is None else self._start_cut_rows(design, start_cut[1])
         self.dense = tuple(t for t in DENSE_TARGETS if t in self.targets)
         self.n_layers, self.n_heads, self.n_buckets = n_layers, n_heads, n_buckets
         self.cell_maps = cell_maps
@@ -137,7 +138,7 @@ class LayerAccumulator:
         self.use_kernel = True  # set False to force the pure-torch path
         #: the last layer's ``log Z_i`` ``[batch, head, q]`` (valid until the next add_layer)
         self.last_log_z: Tensor | None = None
-        #: the last layer's start-cut rows (:func:`start_cut_rows_from_sums`) when the
+        #: the last layer's start-cut rows (log rho, profile and :func:`~rope_leak.engine.start_cut.log_pattern_sums`) when the
         #: kernel made them, else None (valid until the next add_layer)
         self.last_start_cut_rows: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
@@ -212,7 +213,7 @@ class LayerAccumulator:
         start_cut = self.start_cut
         if start_cut:  # it needs the scores' sums (log A = s - log Z), a target or not
             want |= 1 << DENSE_TARGETS.index("scores")
-        window, sc_rows = (0, (0, 0)) if start_cut is None else (start_cut[0], self._start_cut_rows())
+        window, sc_rows = (0, (0, 0)) if start_cut is None else (start_cut[0], self._start_cut_range)
         key = (B, H, n, start_cut is not None)
         if key not in self._buffers:  # reused: fresh large allocations cost page faults
             zeroed = [torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, **f64),
@@ -250,8 +251,8 @@ class LayerAccumulator:
         if start_cut:
             k = DENSE_TARGETS.index("scores")
             profile, sc_diag, sc_col, sc_sumsq = sc_sums
-            self.last_start_cut_rows = start_cut_rows_from_sums(
-                start_cut[1], log_rho, profile, sc_diag, row[:, :, k], sc_col, sc_sumsq, log_z)
+            self.last_start_cut_rows = (log_rho, profile, *log_pattern_sums(
+                start_cut[1], sc_diag, row[:, :, k], sc_col, sc_sumsq, log_z))
             # the kernel kept the start cut's rows apart: the full pairs' sums hold both
             diag[:, :, k] += sc_diag
             col[:, :, k] += sc_col
@@ -269,16 +270,16 @@ class LayerAccumulator:
         self._add_row_parts(layer, log_z, row[:, :, k] if dense_scores else None,
                             sumsq[:, :, k] if dense_scores else None, buckets)
 
-    def _start_cut_rows(self) -> tuple[int, int]:
+    @staticmethod
+    def _start_cut_rows(ours: PairDesign, cut: PairDesign) -> tuple[int, int]:
         """The start cut's query rows ``[lo, hi)``: one range, all of them scored rows of
         the run's own pairs with the same keys (the kernel relies on both)."""
-        rows = np.flatnonzero(self.start_cut[1].row_count)
+        rows = np.flatnonzero(cut.row_count)
         if len(rows) == 0:
             return 0, 0
         lo, hi = int(rows[0]), int(rows[-1]) + 1
-        ours = self.design
-        if (len(rows) != hi - lo or (ours.row_count[lo:hi] != self.start_cut[1].row_count[lo:hi]).any()
-                or (ours.key_start[lo:hi] != self.start_cut[1].key_start[lo:hi]).any()):
+        if (len(rows) != hi - lo or (ours.row_count[lo:hi] != cut.row_count[lo:hi]).any()
+                or (ours.key_start[lo:hi] != cut.key_start[lo:hi]).any()):
             raise ValueError("the start cut's pairs must be a range of the run's query rows.")
         return lo, hi
 

@@ -24,7 +24,7 @@ count-free offset profile. Per head, from the scores the ``hook_attn_scores`` ho
 A per-query shift of the scores moves both log-sum-exps by the same amount, so every
 number here is unchanged by it. On CPU with float32 scores the fused kernel of
 :mod:`rope_leak.engine.accumulate` makes all of it in the pass that reads each score row
-for ``log Z`` (:func:`start_cut_rows_from_sums`); elsewhere :func:`start_cut_rows` costs
+for ``log Z`` (:func:`log_pattern_sums`); elsewhere :func:`start_cut_rows` costs
 two log-sum-exps and one pass over the scored cells per head and prompt, on the model's
 device.
 """
@@ -99,8 +99,6 @@ def start_cut_rows(
         j = np.arange(n)
         cells = torch.as_tensor((j[None, :] >= design.key_start[:, None]) & (j[None, :] <= j[:, None]),
                                 device=scores.device)
-        index = [torch.as_tensor(a, device=scores.device) for a in (design.offsets, design.queries, design.keys)]
-        row_count = torch.as_tensor(design.row_count, **f64)
     flat = scores.reshape(B * H, n, n)
     flat_log_z = None if log_z is None else log_z.reshape(B * H, n).to(scores.dtype)
     step = max(1, CHUNK_ELEMENTS // (n * n))
@@ -118,34 +116,28 @@ def start_cut_rows(
         del count_free
         if design is not None:
             masked = torch.where(cells, chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))
-            row_sum = masked.sum(-1).double()
-            neg_log_z = -log_z.double()
-            xty[rows] = torch.cat([lower_diagonal_sums(masked)[..., index[0]].double(), row_sum[..., index[1]],
-                                   masked.sum(-2)[..., index[2]].double()], -1) + design.row_xty(neg_log_z)
-            sumsq[rows] = ((masked * masked).sum((-2, -1)).double() + 2 * (neg_log_z * row_sum).sum(-1)
-                           + (neg_log_z * neg_log_z * row_count).sum(-1))
+            xty[rows], sumsq[rows] = log_pattern_sums(
+                design, lower_diagonal_sums(masked).double(), masked.sum(-1).double(), masked.sum(-2).double(),
+                (masked * masked).sum((-2, -1)).double(), log_z)
     log_rho[:, 0] = float("-inf")  # row 0 has no non-sink key
     shape = lambda t: None if t is None else t.reshape(B, H, *t.shape[1:])  # noqa: E731
     return shape(log_rho), shape(profile), shape(xty), shape(sumsq)
 
 
-def start_cut_rows_from_sums(
-    design: PairDesign, log_rho: Float[Tensor, "batch head n"], profile: Float[Tensor, "batch head n"],
-    diag: Float[Tensor, "batch head n"], row: Float[Tensor, "batch head n"],
-    col: Float[Tensor, "batch head n"], sumsq: Float[Tensor, "batch head"],
-    log_z: Float[Tensor, "batch head n"],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`start_cut_rows`' four outputs from per-prompt sums of the scores that the
-    fused kernel makes in its pass: the scores' diagonal, column and squared sums over
-    ``design``'s rows, their row sums (rows outside ``design`` are ignored) and ``log Z``."""
+def log_pattern_sums(
+    design: PairDesign, diag: Float[Tensor, "... n"], row: Float[Tensor, "... n"], col: Float[Tensor, "... n"],
+    sumsq: Float[Tensor, "..."], log_z: Float[Tensor, "... n"],
+) -> tuple[Float[Tensor, "... column"], Float[Tensor, "..."]]:
+    """``(X^T log A, sum of (log A)^2)`` over ``design``'s cells, from the scores' diagonal,
+    column and squared sums over its rows, their row sums (rows outside ``design`` are
+    ignored) and ``log Z``: ``log A = s - log Z_i`` is the scores plus a row part."""
     index = design.index(row.device)
     row_count = index["row_count"]
     row = row * (row_count > 0)
     neg_log_z = -log_z.double()
     xty = torch.cat([diag[..., index["offsets"]], row[..., index["queries"]], col[..., index["keys"]]], -1) \
         + design.row_xty(neg_log_z)
-    sumsq = sumsq + 2 * (neg_log_z * row).sum(-1) + (neg_log_z * neg_log_z * row_count).sum(-1)
-    return log_rho, profile, xty, sumsq
+    return xty, sumsq + 2 * (neg_log_z * row).sum(-1) + (neg_log_z * neg_log_z * row_count).sum(-1)
 
 
 def profile_counts(n_tokens: int, window: int) -> np.ndarray:
