@@ -11,28 +11,31 @@
  * With `window` w > 0 the same pass also gives the start cut's rows
  * (rope_leak.engine.start_cut): log rho_i = LSE over the window keys
  * max(1, i - w + 1) <= j <= i minus log Z_i (-inf for row 0), the profile sums
- * profile[i - j] += exp(s_ij - LSE_window_i) over rows i >= w and keys j >= 1, and the
- * scores' diagonal, column and squared sums of rows sc_lo <= i < sc_hi (the start cut's
- * queries, all scored) go to sc_diag / sc_col / sc_sq instead of the scores slot of
- * diag / col / sumsq (the caller adds them back for the full pairs).
+ * profile[i - j] += exp(s_ij - LSE_window_i) over rows i >= w and keys j >= 1, and
+ * log A = s - log Z_i's diagonal, column, row and squared sums over the start cut's rows
+ * sc_lo <= i < sc_hi (all scored, keys jlo..i) in sc_diag / sc_col / sc_row / sc_sq.
+ * Sums by offset are kept in reversed order while rows are added (every inner loop then
+ * runs forward) and put in offset order once a prompt-head is done.
  * Keys after the last finite score (the causal mask's -inf) get exp = 0 without
  * being computed. Every per-prompt value enters a double before it is summed with
  * anything. exp is a vectorisable polynomial (fast_expf, about 1 ulp), so values
  * differ from torch's by float32 rounding only. Built with -fassociative-math (sums
  * vectorise), so never rely on float tricks such as the 1.5 * 2^23 rounding constant
- * here. Loops run head, row, prompt (innermost), so a row of cell sums stays in cache
- * across the batch.
+ * here.
  *
  * Compiled at first use by rope_leak.engine.kernel (the system C compiler, no torch
- * headers) and called through ctypes, which releases the GIL: head ranges [h0, h1) run
- * in parallel threads; every output is indexed by head, so the threads write disjoint
- * parts of the same buffers.
+ * headers) and called through ctypes. Built with OpenMP where the compiler has it: the
+ * work units (heads, or head-prompt pairs) run in an OpenMP team, which in a torch
+ * process built on OpenMP is torch's own thread pool (one libgomp is loaded), so its
+ * threads, still spinning after the attention's last operation, take the work at once
+ * instead of competing with it for the cores.
  *
  * On x86-64 Linux with GCC or Clang the function is also built for x86-64-v3 (AVX2,
  * FMA) and the loader picks that clone on CPUs that have it (target_clones): about
  * twice as fast, and the library stays portable to any x86-64 CPU.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -87,7 +90,7 @@ static inline int64_t last_finite(const float *s, int64_t i, int64_t n)
  * maximum; otherwise (a far stronger key outside the window, e.g. a sink) e has
  * underflowed there and the window is worked out on its own maximum. */
 static inline void start_cut_row(const float *s, const float *e, float m, float lz, int64_t i,
-                                 int64_t window, double *log_rho, double *profile)
+                                 int64_t n, int64_t window, double *log_rho, double *profile)
 {
     if (i == 0) {
         log_rho[0] = -INFINITY;
@@ -113,15 +116,16 @@ static inline void start_cut_row(const float *s, const float *e, float m, float 
     }
     log_rho[i] = lse - (double)lz;
     if (i < window) return;
-    double *p = profile + i;  /* p[-j] is offset i - j */
+    double *restrict p = profile + (n - 1 - i);  /* reversed: p[j] is offset i - j */
     if (!direct) {
         float scale = (float)(1.0 / mass);
-        for (int64_t j = 1; j <= i; j++) p[-j] += (double)(e[j] * scale);
+        for (int64_t j = 1; j <= i; j++) p[j] += (double)(e[j] * scale);
     } else {
         float shift = (float)lse;
-        for (int64_t j = 1; j <= i; j++) p[-j] += (double)fast_expf(s[j] - shift);
+        for (int64_t j = 1; j <= i; j++) p[j] += (double)fast_expf(s[j] - shift);
     }
 }
+
 
 /* "arch=" in target_clones needs GCC 11 or Clang 14; older compilers build one version */
 #if defined(__x86_64__) && defined(__linux__) && \
@@ -131,9 +135,202 @@ static inline void start_cut_row(const float *s, const float *e, float m, float 
 #define RL_CLONES
 #endif
 
-RL_CLONES int rl_accumulate(
+/* Everything one call reads and writes (see rl_accumulate). */
+typedef struct {
+    const float *scores;
+    int64_t B, H, n, qlo, qhi, jlo, want;
+    const int64_t *fold;
+    double *diag, *col, *sumsq, *sink, *row;
+    float *log_z;
+    double *cells[2];
+    int64_t layer, L, C;
+    const int64_t *row_start;
+    int64_t window, sc_lo, sc_hi;
+    double *log_rho, *profile, *sc_diag, *sc_col, *sc_sq, *sc_row;
+} Call;
+
+/* Both dense targets of one scored row in one pass, the common case (no cell sums):
+ * y = pattern e[j] * inv and scores s[j] as doubles, their row sums and squares (out[0..3])
+ * and their column and (reversed) diagonal sums. */
+static inline void both_targets_row(const float *restrict e, float inv, const float *restrict s,
+                                    int64_t lo, int64_t hi,
+                                    double *restrict col_p, double *restrict diag_p,
+                                    double *restrict col_s, double *restrict diag_s, double *out)
+{
+    double rp = 0.0, qp = 0.0, rs = 0.0, qs = 0.0;
+    for (int64_t j = lo; j <= hi; j++) {
+        double p = (double)(e[j] * inv), v = (double)s[j];
+        rp += p;
+        qp += p * p;
+        rs += v;
+        qs += v * v;
+        col_p[j] += p;
+        diag_p[j] += p;
+        col_s[j] += v;
+        diag_s[j] += v;
+    }
+    out[0] = rp; out[1] = qp; out[2] = rs; out[3] = qs;
+}
+
+static void reverse(double *x, int64_t n)
+{
+    for (int64_t k = 0; k < n / 2; k++) {
+        double t = x[k];
+        x[k] = x[n - 1 - k];
+        x[n - 1 - k] = t;
+    }
+}
+
+/* After all rows of prompt-head bh: the diagonal-like sums, kept reversed while rows were
+ * added (so that every inner loop runs forward), are put in offset order; the start
+ * cut's score sums are added back to the full pairs' and turned into log A = s - log Z's
+ * sums (a part -log Z_i constant along row i: O(1) per row with difference arrays). */
+static void finish_prompt_head(const Call *a, int64_t bh, double *scratch)
+{
+    const int64_t n = a->n, jlo = a->jlo;
+    for (int t = 0; t < 2; t++)
+        if (a->want & (1 << t)) reverse(a->diag + (bh * 2 + t) * n, n);
+    if (a->window <= 0) return;
+    reverse(a->profile + bh * n, n);
+    double *sd = a->sc_diag + bh * n, *sc = a->sc_col + bh * n, *sr = a->sc_row + bh * n;
+    reverse(sd, n);
+    double *dg = a->diag + (bh * 2 + 1) * n, *cl = a->col + (bh * 2 + 1) * n;
+    const double *rw = a->row + (bh * 2 + 1) * n;
+    const float *lz = a->log_z + bh * n;
+    for (int64_t k = 0; k < n; k++) {
+        dg[k] += sd[k];
+        cl[k] += sc[k];
+    }
+    a->sumsq[bh * 2 + 1] += a->sc_sq[bh];
+    double *by_offset = scratch, *by_key = scratch + n + 1;
+    memset(scratch, 0, 2 * (n + 1) * sizeof *scratch);
+    double sq = 0.0;
+    for (int64_t i = a->sc_lo; i < a->sc_hi; i++) {  /* keys jlo..i, all scored */
+        double r = -(double)lz[i], count = (double)(i - jlo + 1);
+        by_offset[0] += r;
+        by_offset[i - jlo + 1] -= r;
+        by_key[jlo] += r;
+        by_key[i + 1] -= r;
+        sq += 2.0 * r * rw[i] + count * r * r;
+        sr[i] = rw[i] + count * r;
+    }
+    a->sc_sq[bh] += sq;
+    double run_offset = 0.0, run_key = 0.0;
+    for (int64_t k = 0; k < n; k++) {
+        run_offset += by_offset[k];
+        run_key += by_key[k];
+        sd[k] += run_offset;
+        sc[k] += run_key;
+    }
+}
+
+/* Rows i = 0..n-1 of head h for prompts b0 <= b < b1 (prompt innermost, so a row of cell
+ * sums stays in cache across the batch). e and y: scratch of n floats and 2 n + 2 doubles.
+ * Returns 0, or 1 with bad = (b, h, i) of the first row whose scores are not finite. */
+RL_CLONES static int head_rows(const Call *a, int64_t h, int64_t b0, int64_t b1, float *e, double *y0,
+                               int64_t *bad)
+{
+    const int64_t H = a->H, n = a->n, jlo = a->jlo;
+    double *y[2] = {y0, y0 + n};
+    const int fused = a->want == 3 && a->cells[0] == NULL && a->cells[1] == NULL;
+    for (int64_t i = 0; i < n; i++) {
+        int scored = i >= a->qlo && i < a->qhi && jlo <= i;
+        int in_cut = i >= a->sc_lo && i < a->sc_hi;
+        for (int64_t b = b0; b < b1; b++) {
+            int64_t bh = b * H + h;
+            const float *s = a->scores + (bh * n + i) * n;
+            int64_t end = last_finite(s, i, n) + 1;  /* keys >= end are masked (-inf): exp = 0 */
+            /* A NaN score is skipped by the max but makes its fast_expf, so S and
+             * log Z, NaN: the finite test below catches it without a pass of its own. */
+            float m = -INFINITY;
+#pragma omp simd reduction(max:m)
+            for (int64_t j = 0; j < end; j++) m = s[j] > m ? s[j] : m;
+            double S = 0.0;
+            for (int64_t j = 0; j < end; j++) {
+                e[j] = fast_expf(s[j] - m);
+                S += (double)e[j];
+            }
+            for (int64_t j = end; j <= i; j++) e[j] = 0.0f;  /* masked keys read below */
+            float lz = (float)((double)m + log(S));
+            if (!finite_float(m) || !finite_float(lz)) {
+                bad[0] = b; bad[1] = h; bad[2] = i;
+                return 1;
+            }
+            a->log_z[bh * n + i] = lz;
+            float inv = (float)(1.0 / S);
+            if (i >= 1) a->sink[bh] += (double)(e[0] * inv) / (double)(n - 1);
+            if (a->window > 0) start_cut_row(s, e, m, lz, i, n, a->window, a->log_rho + bh * n,
+                                             a->profile + bh * n);
+            if (!scored) continue;
+            /* target t's sums: diagonal (reversed: [j] is offset i - j), column, row, square;
+             * the start cut's rows keep their score sums apart */
+            double *dg[2], *cl[2], *qt[2];
+            double *rw = a->row + bh * 2 * n;
+            for (int t = 0; t < 2; t++) {
+                dg[t] = a->diag + (bh * 2 + t) * n + (n - 1 - i);
+                cl[t] = a->col + (bh * 2 + t) * n;
+                qt[t] = a->sumsq + bh * 2 + t;
+            }
+            if (in_cut) {
+                dg[1] = a->sc_diag + bh * n + (n - 1 - i);
+                cl[1] = a->sc_col + bh * n;
+                qt[1] = a->sc_sq + bh;
+            }
+            if (fused) {
+                double sums[4];
+                both_targets_row(e, inv, s, jlo, i, cl[0], dg[0], cl[1], dg[1], sums);
+                rw[i] += sums[0];
+                *qt[0] += sums[1];
+                rw[n + i] += sums[2];
+                *qt[1] += sums[3];
+                continue;
+            }
+            int64_t base = ((a->fold[b] * a->L + a->layer) * H + h) * a->C + a->row_start[i] - jlo;
+            /* per target: y once as doubles, then one pass for the row, column, diagonal
+             * and cell sums */
+            for (int t = 0; t < 2; t++) {
+                if (!(a->want & (1 << t))) continue;
+                double *yt = y[t];
+                if (t == 0)
+                    for (int64_t j = jlo; j <= i; j++) yt[j] = (double)(e[j] * inv);
+                else
+                    for (int64_t j = jlo; j <= i; j++) yt[j] = (double)s[j];
+                double *ct = cl[t], *dt = dg[t];
+                double *cells = a->cells[t];
+                double *c = cells ? cells + base : ct;  /* no cells: a harmless dummy */
+                double r = 0.0, q = 0.0;
+                if (cells) {
+#pragma GCC ivdep
+                    for (int64_t j = jlo; j <= i; j++) {
+                        r += yt[j];
+                        q += yt[j] * yt[j];
+                        ct[j] += yt[j];
+                        dt[j] += yt[j];
+                        c[j] += yt[j];
+                    }
+                } else {
+#pragma GCC ivdep
+                    for (int64_t j = jlo; j <= i; j++) {
+                        r += yt[j];
+                        q += yt[j] * yt[j];
+                        ct[j] += yt[j];
+                        dt[j] += yt[j];
+                    }
+                }
+                rw[t * n + i] += r;
+                *qt[t] += q;
+            }
+        }
+    }
+    for (int64_t b = b0; b < b1; b++) finish_prompt_head(a, b * H + h, y0);
+    return 0;
+}
+
+/* Returns 0; 1 when a row's scores are not finite (bad = its b, h, i: of the first such
+ * work unit); 2 when scratch memory could not be allocated. */
+int rl_accumulate(
     const float *scores, int64_t B, int64_t H, int64_t n,
-    int64_t h0, int64_t h1,
+    int64_t threads,
     int64_t qlo, int64_t qhi, int64_t jlo, int64_t want,
     const int64_t *fold,
     double *diag, double *col, double *sumsq, double *sink, /* [B,H,2,n] [B,H,2,n] [B,H,2] [B,H] */
@@ -143,79 +340,45 @@ RL_CLONES int rl_accumulate(
     int64_t *bad,
     int64_t window, int64_t sc_lo, int64_t sc_hi,            /* start cut: window 0 = off */
     double *log_rho, double *profile,                        /* [B,H,n] [B,H,n] */
-    double *sc_diag, double *sc_col, double *sc_sq)          /* [B,H,n] [B,H,n] [B,H] */
+    double *sc_diag, double *sc_col, double *sc_sq,          /* [B,H,n] [B,H,n] [B,H] */
+    double *sc_row)                                          /* [B,H,n] */
 {
-    float e[n];
-    double y[2][n];
-    double *cells[2] = {cell_p, cell_s};
-    for (int64_t h = h0; h < h1; h++) {
-        for (int64_t i = 0; i < n; i++) {
-            int scored = i >= qlo && i < qhi && jlo <= i;
-            for (int64_t b = 0; b < B; b++) {
-                int64_t bh = b * H + h;
-                const float *s = scores + (bh * n + i) * n;
-                int64_t end = last_finite(s, i, n) + 1;  /* keys >= end are masked (-inf): exp = 0 */
-                /* A NaN score is skipped by the max but makes its fast_expf, so S and
-                 * log Z, NaN: the finite test below catches it without a pass of its own. */
-                float m = -INFINITY;
-#pragma omp simd reduction(max:m)
-                for (int64_t j = 0; j < end; j++) m = s[j] > m ? s[j] : m;
-                for (int64_t j = 0; j < end; j++) e[j] = fast_expf(s[j] - m);
-                for (int64_t j = end; j < n; j++) e[j] = 0.0f;
-                double S = 0.0;
-                for (int64_t j = 0; j < end; j++) S += (double)e[j];
-                float lz = (float)((double)m + log(S));
-                if (!finite_float(m) || !finite_float(lz)) {
-                    bad[0] = b; bad[1] = h; bad[2] = i;
-                    return 1;
-                }
-                log_z[bh * n + i] = lz;
-                float inv = (float)(1.0 / S);
-                if (i >= 1) sink[bh] += (double)(e[0] * inv) / (double)(n - 1);
-                if (window > 0) start_cut_row(s, e, m, lz, i, window, log_rho + bh * n,
-                                              profile + bh * n);
-                if (!scored) continue;
-                double *dg = diag + bh * 2 * n, *cl = col + bh * 2 * n, *rw = row + bh * 2 * n;
-                double *sq = sumsq + bh * 2;
-                int64_t base = ((fold[b] * L + layer) * H + h) * C + row_start[i] - jlo;
-                /* per target: y once as doubles, then one pass for the row, column and
-                 * cell sums and one for the diagonal sums (a reversed index) */
-                for (int t = 0; t < 2; t++) {
-                    if (!(want & (1 << t))) continue;
-                    double *yt = y[t];
-                    if (t == 0)
-                        for (int64_t j = jlo; j <= i; j++) yt[j] = (double)(e[j] * inv);
-                    else
-                        for (int64_t j = jlo; j <= i; j++) yt[j] = (double)s[j];
-                    double *dt = dg + t * n + i, *ct = cl + t * n, *qt = sq + t;
-                    if (t == 1 && i >= sc_lo && i < sc_hi) {
-                        dt = sc_diag + bh * n + i;
-                        ct = sc_col + bh * n;
-                        qt = sc_sq + bh;
-                    }
-                    double *c = cells[t] ? cells[t] + base : ct;  /* no cells: a harmless dummy */
-                    double r = 0.0, q = 0.0;
-                    if (cells[t]) {
-#pragma GCC ivdep
-                        for (int64_t j = jlo; j <= i; j++) {
-                            r += yt[j];
-                            q += yt[j] * yt[j];
-                            ct[j] += yt[j];
-                            c[j] += yt[j];
-                        }
-                    } else {
-                        for (int64_t j = jlo; j <= i; j++) {
-                            r += yt[j];
-                            q += yt[j] * yt[j];
-                            ct[j] += yt[j];
-                        }
-                    }
-                    for (int64_t j = jlo; j <= i; j++) dt[-j] += yt[j];
-                    rw[t * n + i] += r;
-                    *qt += q;
+    const Call a = {scores, B, H, n, qlo, qhi, jlo, want, fold, diag, col, sumsq, sink, row, log_z,
+                    {cell_p, cell_s}, layer, L, C, row_start, window, sc_lo, sc_hi,
+                    log_rho, profile, sc_diag, sc_col, sc_sq, sc_row};
+    /* Work units whose outputs are disjoint: (head, prompt) pairs, or whole heads when
+     * the cell sums (indexed by fold, not prompt) are kept. Each unit's sums are made in
+     * one fixed order, so the results do not depend on the thread count. */
+    const int per_head = cell_p != NULL || cell_s != NULL;
+    const int64_t units = H * (per_head ? 1 : B);
+    int64_t failed = -1;  /* the first failed unit */
+    int out_of_memory = 0;
+    (void)threads;  /* without OpenMP: one thread */
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        float *e = malloc(n * sizeof *e);
+        double *y = malloc((2 * n + 2) * sizeof *y);
+        int64_t mine[3];
+        if (e == NULL || y == NULL) {
+#pragma omp atomic write
+            out_of_memory = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            if (e == NULL || y == NULL) continue;
+            int64_t h = per_head ? u : u / B, b0 = per_head ? 0 : u % B;
+            int64_t b1 = per_head ? B : b0 + 1;
+            if (head_rows(&a, h, b0, b1, e, y, mine)) {
+#pragma omp critical(rl_bad)
+                if (failed < 0 || u < failed) {
+                    failed = u;
+                    bad[0] = mine[0]; bad[1] = mine[1]; bad[2] = mine[2];
                 }
             }
         }
+        free(e);
+        free(y);
     }
-    return 0;
+    if (out_of_memory) return 2;
+    return failed >= 0;
 }

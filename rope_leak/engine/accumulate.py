@@ -25,18 +25,14 @@ values; tests compare both with a float64 reference):
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from rope_leak.engine.diagonals import lower_diagonal_sums
-from rope_leak.engine.kernel import load_kernel, thread_pool
+from rope_leak.engine.kernel import load_kernel
 from rope_leak.engine.pairs import PairDesign
-from rope_leak.engine.start_cut import log_pattern_sums
 from rope_leak.engine.statistics import (
     TARGETS,
     RowPartXty,
@@ -52,37 +48,6 @@ MASKED_ROW_TARGETS = ("log_pattern", "neg_log_z")
 
 class NonFiniteAttentionError(FloatingPointError):
     """NaN or inf in the attention scores (e.g. float16 overflow)."""
-
-
-class KernelThreads:
-    """How many threads the kernel's calls use: one, or every torch thread, whichever is
-    faster on this machine. The first calls try both in turn (:data:`TRIALS` each) and
-    the faster median wins. Where torch's own threads still hold the cores after the
-    attention's last operation, one thread is faster; on an idle many-core machine, all.
-    The statistics do not depend on it: each head is summed by one thread either way."""
-
-    TRIALS = 3
-
-    def __init__(self) -> None:
-        self.times: dict[int, list[float]] = {}
-        self.chosen: int | None = None
-        self._available = 1
-
-    def choose(self, available: int) -> int:
-        if available != self._available:  # another thread setting: try again
-            self.times, self.chosen, self._available = {}, None, available
-        if available == 1 or self.chosen is not None:
-            return self.chosen or 1
-        candidates = (1, available)
-        tried = [len(self.times.get(c, [])) for c in candidates]
-        if min(tried) >= self.TRIALS:
-            self.chosen = min(candidates, key=lambda c: statistics.median(self.times[c]))
-            return self.chosen
-        return candidates[tried.index(min(tried))]
-
-    def record(self, threads: int, seconds: float) -> None:
-        if self.chosen is None:
-            self.times.setdefault(threads, []).append(seconds)
 
 
 class LayerAccumulator:
@@ -109,10 +74,6 @@ class LayerAccumulator:
         n = design.n_tokens
         as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
         self.mask = torch.as_tensor(design.cell_mask if cell_maps else self._mask(design), device=device)
-        self.offsets, self.queries, self.keys = (
-            as_long(design.offsets), as_long(design.queries), as_long(design.keys)
-        )
-        self.key_start = as_long(np.minimum(design.key_start, n))
         self.row_count = torch.as_tensor(design.row_count, dtype=torch.float64, device=device)
         shape = (n_buckets, n_layers, n_heads)
         f64 = dict(dtype=torch.float64, device=device)
@@ -134,7 +95,6 @@ class LayerAccumulator:
         self._row_start = torch.as_tensor(np.concatenate([[0], np.cumsum(design.row_count)[:-1]]),
                                           dtype=torch.long)
         self._buffers: dict = {}
-        self._threads = KernelThreads()
         self.use_kernel = True  # set False to force the pure-torch path
         #: the last layer's ``log Z_i`` ``[batch, head, q]`` (valid until the next add_layer)
         self.last_log_z: Tensor | None = None
@@ -148,13 +108,6 @@ class LayerAccumulator:
         j = np.arange(design.n_tokens)
         i = j[:, None]
         return (j[None, :] >= design.key_start[:, None]) & (j[None, :] <= i)
-
-    @staticmethod
-    def _head_ranges(n_heads: int, workers: int) -> list[tuple[int, int]]:
-        """Contiguous head ranges of as equal size as can be, one per thread: every output
-        of the kernel is indexed by head, so the threads share its buffers."""
-        edges = np.linspace(0, n_heads, min(n_heads, workers) + 1).round().astype(int)
-        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
     def add_prompts(self, prompt_ids: Int[Tensor, " batch"]) -> None:
         buckets = prompt_ids.to(self.count.device) % self.n_buckets
@@ -218,9 +171,9 @@ class LayerAccumulator:
         if key not in self._buffers:  # reused: fresh large allocations cost page faults
             zeroed = [torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, n, **f64), torch.empty(B, H, 2, **f64),
                       torch.empty(B, H, **f64), torch.empty(B, H, 2, n, **f64)]  # diag, col, sumsq, sink, row
-            if start_cut:  # its profile, and its rows' diagonal, column and squared score sums
+            if start_cut:  # its profile, and its rows' diagonal, column, squared and row sums of log A
                 zeroed += [torch.empty(B, H, n, **f64), torch.empty(B, H, n, **f64), torch.empty(B, H, n, **f64),
-                           torch.empty(B, H, **f64)]
+                           torch.empty(B, H, **f64), torch.empty(B, H, n, **f64)]
             self._buffers = {key: (zeroed, torch.empty(B, H, n, dtype=torch.float32),
                                    torch.empty(B, H, n, **f64) if start_cut else None)}
         zeroed, log_z, log_rho = self._buffers[key]
@@ -229,40 +182,27 @@ class LayerAccumulator:
         diag, col, sumsq, sink, row, *sc_sums = zeroed
         self.last_log_z = log_z  # filled by the kernel below (read by the start cut's hook)
         pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        sc_pointers = [pointer(log_rho)] + [t.data_ptr() for t in sc_sums] if start_cut else [None] * 5
+        sc_pointers = [pointer(log_rho)] + [t.data_ptr() for t in sc_sums] if start_cut else [None] * 6
 
-        def task(heads: tuple[int, int]):
-            bad = torch.zeros(3, dtype=torch.long)
-            rc = kernel(scores.data_ptr(), B, H, n, heads[0], heads[1], qlo, qhi, jlo, want,
-                        folds.data_ptr(), diag.data_ptr(), col.data_ptr(), sumsq.data_ptr(),
-                        sink.data_ptr(), row.data_ptr(), log_z.data_ptr(), *cells,
-                        layer, self.n_layers, self.design.n_cells, self._row_start.data_ptr(), bad.data_ptr(),
-                        window, *sc_rows, *sc_pointers)
-            return rc, bad
-
-        threads = self._threads.choose(min(H, max(1, torch.get_num_threads())))
-        tasks = self._head_ranges(H, threads)
-        started = time.perf_counter()
-        results = [task(tasks[0])] if len(tasks) == 1 else list(thread_pool(len(tasks)).map(task, tasks))
-        self._threads.record(threads, time.perf_counter() - started)
-        for rc, bad in results:
-            if rc:
-                raise self._non_finite(layer, bad.tolist(), prompt_ids)
-        if start_cut:
-            k = DENSE_TARGETS.index("scores")
-            profile, sc_diag, sc_col, sc_sumsq = sc_sums
-            self.last_start_cut_rows = (log_rho, profile, *log_pattern_sums(
-                start_cut[1], sc_diag, row[:, :, k], sc_col, sc_sumsq, log_z))
-            # the kernel kept the start cut's rows apart: the full pairs' sums hold both
-            diag[:, :, k] += sc_diag
-            col[:, :, k] += sc_col
-            sumsq[:, :, k] += sc_sumsq
+        bad = torch.zeros(3, dtype=torch.long)
+        rc = kernel(scores.data_ptr(), B, H, n, torch.get_num_threads(), qlo, qhi, jlo, want,
+                    folds.data_ptr(), diag.data_ptr(), col.data_ptr(), sumsq.data_ptr(),
+                    sink.data_ptr(), row.data_ptr(), log_z.data_ptr(), *cells,
+                    layer, self.n_layers, self.design.n_cells, self._row_start.data_ptr(), bad.data_ptr(),
+                    window, *sc_rows, *sc_pointers)
+        if rc == 2:
+            raise MemoryError(f"the accumulation kernel could not allocate its scratch rows of {n} keys.")
+        if rc:
+            raise self._non_finite(layer, bad.tolist(), prompt_ids)
+        if start_cut:  # the kernel made log A's sums over the start cut's cells
+            profile, sc_diag, sc_col, sc_sumsq, sc_row = sc_sums
+            self.last_start_cut_rows = (log_rho, profile, start_cut[1].columns(sc_diag, sc_row, sc_col), sc_sumsq)
         buckets = (prompt_ids % self.n_buckets).cpu()
         for k, target in enumerate(DENSE_TARGETS):
             if target not in self.dense:
                 continue
-            parts = (diag[:, :, k, self.offsets], row[:, :, k, self.queries], col[:, :, k, self.keys])
-            self._scatter(self.xty[target], layer, torch.cat(parts, -1), buckets)
+            self._scatter(self.xty[target], layer, self.design.columns(diag[:, :, k], row[:, :, k], col[:, :, k]),
+                          buckets)
             self._scatter(self.sumsq[target], layer, sumsq[:, :, k], buckets)
         self._scatter(self.sink_sum, layer, sink, buckets)
         k = DENSE_TARGETS.index("scores")
@@ -338,12 +278,9 @@ class LayerAccumulator:
             prompt = y[b].double()
             row[b] = prompt.sum(-1)
             sumsq[b] = (prompt * prompt).sum((-2, -1))
-        parts = (
-            lower_diagonal_sums(y)[..., self.offsets],  # cells lie on or below the diagonal
-            row[..., self.queries],
-            y.sum(-2)[..., self.keys],
-        )
-        self._scatter(self.xty[target], layer, torch.cat(parts, -1), buckets)
+        # cells lie on or below the diagonal
+        xty = self.design.columns(lower_diagonal_sums(y), row, y.sum(-2))
+        self._scatter(self.xty[target], layer, xty, buckets)
         self._scatter(self.sumsq[target], layer, sumsq, buckets)
         if self.cell_maps:
             # Per-prompt values enter float64 before any sum over prompts, so the statistics

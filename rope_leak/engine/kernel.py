@@ -5,8 +5,11 @@ flags (``-O3``, no ``-march=native``: the library runs on any CPU of the same
 architecture, so a cache folder shared between machines is safe) into the rope_leak
 cache folder (``~/.cache/rope_leak/kernels``, or ``$ROPE_LEAK_CACHE``), keyed by the
 source's sha256, the flags, the platform and the compiler, and called through
-``ctypes`` (which releases the GIL, so head ranges run in parallel threads). No torch
-headers are needed, so the build takes about a second. ``ROPE_LEAK_KERNEL_FLAGS``
+``ctypes``. No torch headers are needed, so the build takes about a second. It is built
+with OpenMP (``-fopenmp``) where the compiler has it, and runs its work units on
+``torch.get_num_threads()`` threads: in a torch built on OpenMP the process has one
+libgomp, so these are torch's own pool threads. A compiler without OpenMP gives a
+one-thread build. ``ROPE_LEAK_KERNEL_FLAGS``
 replaces the flags (e.g. add ``-march=native`` for a build tuned to this CPU). When no
 compiler is available, the build fails, or ``ROPE_LEAK_KERNEL=0``, :func:`load_kernel`
 returns None and the engine falls back to its pure-torch path (same statistics, slower
@@ -23,9 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,6 +38,7 @@ PORTABLE_FLAGS = (
     "-O3 -fopenmp-simd -fno-math-errno -fno-trapping-math -fassociative-math -fno-signed-zeros "
     "-fPIC -shared -std=gnu99"
 )
+OPENMP_FLAGS = ("-fopenmp",)
 FLAGS = tuple(os.environ.get("ROPE_LEAK_KERNEL_FLAGS", PORTABLE_FLAGS).split())
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -50,11 +52,18 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str, target: Path) -> None:
+    """Build with OpenMP, or without it when the compiler cannot (one thread)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE), "-lm"],
-                       check=True, capture_output=True, text=True, timeout=300)
+        for extra in (OPENMP_FLAGS, ()):
+            try:
+                subprocess.run([compiler, *FLAGS, *extra, "-o", str(out), str(SOURCE), "-lm"],
+                               check=True, capture_output=True, text=True, timeout=300)
+                break
+            except subprocess.CalledProcessError:
+                if not extra:
+                    raise
         os.replace(out, target)
 
 
@@ -67,7 +76,7 @@ def load_kernel():
     if compiler is None:
         return None
     key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((FLAGS, platform.machine(), sys.platform, compiler)).encode()
+        SOURCE.read_bytes() + repr((FLAGS, OPENMP_FLAGS, platform.machine(), sys.platform, compiler)).encode()
     ).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"rl_accumulate_{key}.so"
     try:
@@ -83,20 +92,8 @@ def load_kernel():
         return None
     fn = lib.rl_accumulate
     fn.restype = ctypes.c_int
-    fn.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr,
+    fn.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr,
                    _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
                    _i64, _i64, _i64, _ptr, _ptr,
-                   _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr]
+                   _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]
     return fn
-
-
-_pool_lock = threading.Lock()
-_pools: dict[int, object] = {}
-
-
-def thread_pool(workers: int):
-    """A shared executor with ``workers`` threads (created once per size)."""
-    with _pool_lock:
-        if workers not in _pools:
-            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="rope_leak")
-        return _pools[workers]

@@ -220,6 +220,31 @@ class PairDesign:
                           "row_count": torch.as_tensor(self.row_count, dtype=torch.float64, device=device)}
         return cache[key]
 
+    @cached_property
+    def _column_selectors(self) -> tuple[slice | np.ndarray, ...]:
+        """``offsets``, ``queries`` and ``keys`` as slices where they are ranges (the usual
+        case: a slice is a view, an index a gathered copy), else as index arrays."""
+        def selector(index: np.ndarray) -> slice | np.ndarray:
+            if len(index) and (np.diff(index) == 1).all():
+                return slice(int(index[0]), int(index[-1]) + 1)
+            return index
+        return tuple(selector(a) for a in (self.offsets, self.queries, self.keys))
+
+    def columns(self, by_offset: torch.Tensor, by_query: torch.Tensor, by_key: torch.Tensor) -> torch.Tensor:
+        """``X^T y`` (``[..., column]``) from a response's sums over the scored cells by
+        offset ``i - j``, by query ``i`` and by key ``j`` (each ``[..., n]``).
+
+        >>> design = PairDesign(PairSpec(), 4)
+        >>> sums = torch.arange(4.0)
+        >>> design.columns(sums, sums, sums).tolist() == [0.0, 1.0, 2.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+        True
+        """
+        parts = []
+        for name, sums, select in zip(("offsets", "queries", "keys"), (by_offset, by_query, by_key),
+                                      self._column_selectors):
+            parts.append(sums[..., select if isinstance(select, slice) else self.index(sums.device)[name]])
+        return torch.cat(parts, -1)
+
     def row_xty(self, row_sum: torch.Tensor) -> torch.Tensor:
         """``X^T y`` (``[..., column]``) of responses constant along each query row, from
         their row sums ``[..., n]`` (float64, on any device): row ``i`` adds ``r_i`` to
@@ -241,8 +266,7 @@ class PairDesign:
         counts = row_count[rows].long()
         by_offset = ranges(torch.zeros_like(rows), counts)
         by_key = ranges(key_start[rows], rows + 1)
-        return torch.cat([by_offset[..., index["offsets"]], (row_sum * row_count)[..., rows],
-                          by_key[..., index["keys"]]], -1)
+        return self.columns(by_offset, row_sum * row_count, by_key)
 
     # -- per-cell arrays (O(n^2): maps, tests and references) ------------------------
     @cached_property

@@ -135,8 +135,7 @@ def log_pattern_sums(
     row_count = index["row_count"]
     row = row * (row_count > 0)
     neg_log_z = -log_z.double()
-    xty = torch.cat([diag[..., index["offsets"]], row[..., index["queries"]], col[..., index["keys"]]], -1) \
-        + design.row_xty(neg_log_z)
+    xty = design.columns(diag, row, col) + design.row_xty(neg_log_z)
     return xty, sumsq + 2 * (neg_log_z * row).sum(-1) + (neg_log_z * neg_log_z * row_count).sum(-1)
 
 
