@@ -8,9 +8,11 @@ source's sha256, the flags, the platform and the compiler, and called through
 ``ctypes``. No torch headers are needed, so the build takes about a second. It is built
 with OpenMP (``-fopenmp``) where the compiler has it, and runs its work units on
 ``torch.get_num_threads()`` threads: in a torch built on OpenMP the process has one
-libgomp, so these are torch's own pool threads. A compiler without OpenMP gives a
-one-thread build. ``ROPE_LEAK_KERNEL_FLAGS``
-replaces the flags (e.g. add ``-march=native`` for a build tuned to this CPU). When no
+libgomp, so these are torch's own pool threads, which are still spinning when the hook
+runs and take the work at once (threads of its own would compete with them for the
+cores). A compiler without OpenMP gives a one-thread build. ``ROPE_LEAK_KERNEL_FLAGS``
+replaces the portable flags, ``-fopenmp`` still being tried on top (e.g. add
+``-march=native`` for a build tuned to this CPU). When no
 compiler is available, the build fails, or ``ROPE_LEAK_KERNEL=0``, :func:`load_kernel`
 returns None and the engine falls back to its pure-torch path (same statistics, slower
 on CPU).

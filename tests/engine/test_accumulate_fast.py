@@ -225,3 +225,30 @@ def test_kernel_statistics_do_not_depend_on_the_thread_count():
     for one, several in ((0, 1), (2, 3)):
         for name, value in states[one].items():
             assert torch.equal(value, states[several][name]), name
+
+
+def test_kernel_built_without_openmp_gives_the_same_statistics(tmp_path, monkeypatch):
+    """A compiler that rejects -fopenmp gets a one-thread build, whose statistics are the
+    OpenMP build's bit for bit (each work unit is summed in the same order)."""
+    if load_kernel() is None:
+        pytest.skip("no C compiler")
+    import rope_leak.engine.accumulate as accumulate
+    import rope_leak.engine.kernel as kernel
+    from rope_leak.engine.pairs import start_cut_spec
+
+    monkeypatch.setenv("ROPE_LEAK_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel, "OPENMP_FLAGS", ("-fno-such-option-anywhere",))
+    single = kernel.load_kernel.__wrapped__()
+    assert single is not None and list((tmp_path / "kernels").glob("*.so"))
+    n = 40
+    scores = (3 * torch.randn(3, 4, n, n, generator=torch.Generator().manual_seed(4))).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    design = PairDesign(PairSpec(), n)
+    states = []
+    for fn in (load_kernel(), single):
+        monkeypatch.setattr(accumulate, "load_kernel", lambda fn=fn: fn)
+        acc = LayerAccumulator(design, 1, 4, 4, MASKED, start_cut=(8, PairDesign(start_cut_spec(design.spec, 8, n), n)))
+        acc.add_layer(0, scores, torch.arange(3))
+        states.append({**acc.state(), **{f"start_cut/{k}": v for k, v in zip("abcd", acc.last_start_cut_rows)}})
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
