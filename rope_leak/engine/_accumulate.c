@@ -225,13 +225,13 @@ static void finish_prompt_head(const Call *a, int64_t bh, double *scratch)
 }
 
 /* Rows i = 0..n-1 of head h for prompts b0 <= b < b1 (prompt innermost, so a row of cell
- * sums stays in cache across the batch). e and y: scratch of n floats and 2 n + 2 doubles.
+ * sums stays in cache across the batch). e and y: scratch of n floats and 3 n doubles.
  * Returns 0, or 1 with bad = (b, h, i) of the first row whose scores are not finite. */
 RL_CLONES static int head_rows(const Call *a, int64_t h, int64_t b0, int64_t b1, float *e, double *y0,
                                int64_t *bad)
 {
     const int64_t H = a->H, n = a->n, jlo = a->jlo;
-    double *y[2] = {y0, y0 + n};
+    double *y[2] = {y0, y0 + n}, *discard = y0 + 2 * n;
     const int fused = a->want == 3 && a->cells[0] == NULL && a->cells[1] == NULL;
     for (int64_t i = 0; i < n; i++) {
         int scored = i >= a->qlo && i < a->qhi && jlo <= i;
@@ -297,25 +297,15 @@ RL_CLONES static int head_rows(const Call *a, int64_t h, int64_t b0, int64_t b1,
                     for (int64_t j = jlo; j <= i; j++) yt[j] = (double)s[j];
                 double *ct = cl[t], *dt = dg[t];
                 double *cells = a->cells[t];
-                double *c = cells ? cells + base : ct;  /* no cells: a harmless dummy */
+                double *c = cells ? cells + base : discard;  /* no cells: summed, never read */
                 double r = 0.0, q = 0.0;
-                if (cells) {
 #pragma GCC ivdep
-                    for (int64_t j = jlo; j <= i; j++) {
-                        r += yt[j];
-                        q += yt[j] * yt[j];
-                        ct[j] += yt[j];
-                        dt[j] += yt[j];
-                        c[j] += yt[j];
-                    }
-                } else {
-#pragma GCC ivdep
-                    for (int64_t j = jlo; j <= i; j++) {
-                        r += yt[j];
-                        q += yt[j] * yt[j];
-                        ct[j] += yt[j];
-                        dt[j] += yt[j];
-                    }
+                for (int64_t j = jlo; j <= i; j++) {
+                    r += yt[j];
+                    q += yt[j] * yt[j];
+                    ct[j] += yt[j];
+                    dt[j] += yt[j];
+                    c[j] += yt[j];
                 }
                 rw[t * n + i] += r;
                 *qt[t] += q;
@@ -357,7 +347,7 @@ int rl_accumulate(
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         float *e = malloc(n * sizeof *e);
-        double *y = malloc((2 * n + 2) * sizeof *y);
+        double *y = malloc(3 * n * sizeof *y);
         int64_t mine[3];
         if (e == NULL || y == NULL) {
 #pragma omp atomic write
