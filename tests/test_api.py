@@ -286,7 +286,8 @@ def test_mask_hook_comes_before_user_hooks(model, corpus):
 
 # -- names of the estimators, Corpus input ---------------------------------------------------
 def test_estimator_names_and_corpus_input(model, corpus, analysis):
-    same = rl.analyze(model, corpus.tokens, n_boot=40, progress=False)
+    # the fixture's settings with the tokens instead of the Corpus: the same bits
+    same = rl.analyze(model, corpus.tokens, n_boot=40, progress=False, cell_maps=True)
     np.testing.assert_array_equal(same.heads()["pattern_L_total_crossfit"],
                                   analysis.heads()["pattern_L_total_crossfit"])
     summary, heads, layers = analysis.summary(), analysis.heads(), analysis.layers()
