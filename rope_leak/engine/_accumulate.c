@@ -30,9 +30,10 @@
  * threads, still spinning after the attention's last operation, take the work at once
  * instead of competing with it for the cores.
  *
- * On x86-64 Linux with GCC or Clang the function is also built for x86-64-v3 (AVX2,
- * FMA) and the loader picks that clone on CPUs that have it (target_clones): about
- * twice as fast, and the library stays portable to any x86-64 CPU.
+ * On x86-64 Linux with GCC or Clang the row loop (head_rows, where the OpenMP team's
+ * work is done) is also built for x86-64-v3 (AVX2, FMA) and the loader picks that clone
+ * on CPUs that have it (target_clones): about twice as fast, and the library stays
+ * portable to any x86-64 CPU.
  */
 #include <math.h>
 #include <stdlib.h>
