@@ -127,7 +127,6 @@ static inline void start_cut_row(const float *s, const float *e, float m, float 
     }
 }
 
-
 /* "arch=" in target_clones needs GCC 11 or Clang 14; older compilers build one version */
 #if defined(__x86_64__) && defined(__linux__) && \
     ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
@@ -185,7 +184,8 @@ static void reverse(double *x, int64_t n)
 /* After all rows of prompt-head bh: the diagonal-like sums, kept reversed while rows were
  * added (so that every inner loop runs forward), are put in offset order; the start
  * cut's score sums are added back to the full pairs' and turned into log A = s - log Z's
- * sums (a part -log Z_i constant along row i: O(1) per row with difference arrays). */
+ * sums (a part -log Z_i constant along row i: O(1) per row with difference arrays; the
+ * torch path's formula, rope_leak.engine.start_cut.log_pattern_sums). */
 static void finish_prompt_head(const Call *a, int64_t bh, double *scratch)
 {
     const int64_t n = a->n, jlo = a->jlo;

@@ -98,8 +98,8 @@ class LayerAccumulator:
         self.use_kernel = True  # set False to force the pure-torch path
         #: the last layer's ``log Z_i`` ``[batch, head, q]`` (valid until the next add_layer)
         self.last_log_z: Tensor | None = None
-        #: the last layer's start-cut rows (log rho, profile and :func:`~rope_leak.engine.start_cut.log_pattern_sums`) when the
-        #: kernel made them, else None (valid until the next add_layer)
+        #: the last layer's start-cut rows, as :func:`~rope_leak.engine.start_cut.start_cut_rows`
+        #: returns them, when the kernel made them, else None (valid until the next add_layer)
         self.last_start_cut_rows: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     @staticmethod

@@ -24,7 +24,8 @@ count-free offset profile. Per head, from the scores the ``hook_attn_scores`` ho
 A per-query shift of the scores moves both log-sum-exps by the same amount, so every
 number here is unchanged by it. On CPU with float32 scores the fused kernel of
 :mod:`rope_leak.engine.accumulate` makes all of it in the pass that reads each score row
-for ``log Z`` (:func:`log_pattern_sums`); elsewhere :func:`start_cut_rows` costs
+for ``log Z`` (the same rows as :func:`start_cut_rows`, its log-pattern sums by the formula
+of :func:`log_pattern_sums`); elsewhere :func:`start_cut_rows` costs
 two log-sum-exps and one pass over the scored cells per head and prompt, on the model's
 device.
 """
